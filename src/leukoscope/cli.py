@@ -1,0 +1,150 @@
+"""``leukoscope`` command line: each subcommand is a thin wrapper over library code."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import LeukoscopeError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated fractions like 0.7,0.15,0.15, got {text!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides = {"arch": args.arch, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
+                 "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
+                 "precision": args.precision, "patience": args.patience}
+    config = load_config(args.config, overrides)
+    command = "leukoscope " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    metrics = train(args.data, args.out, config, command=command)
+    _print_summary(metrics)
+    print(f"run written to {args.out} (report: {Path(args.out) / 'report.html'})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_command
+
+    metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta)
+    _print_summary(metrics)
+    print(f"report written to {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .inference import iter_inputs, load_model
+    from .io import atomic_write
+
+    predictor = load_model(args.model)
+    paths = iter_inputs(args.inputs)
+    if not paths:
+        raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
+    failures = 0
+    with atomic_write(args.out, newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "error"])
+        for pred in tqdm(predictor.predict_iter(paths, batch_size=args.batch_size, tta=args.tta), total=len(paths), desc="predict", unit="img"):
+            probs = [f"{pred.probabilities[c]:.6f}" if pred.probabilities else "" for c in predictor.class_names]
+            confidence = f"{pred.confidence:.6f}" if not pred.error else ""
+            writer.writerow([pred.source, pred.label, confidence, *probs, pred.error])
+            failures += bool(pred.error)
+    print(f"{len(paths) - failures} predicted, {failures} failed; written to {args.out}")
+    return 1 if failures else 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .inference import bundled_models
+    from .models import list_models
+
+    print("architectures: " + ", ".join(list_models()))
+    bundled = bundled_models()
+    if not bundled:
+        print("bundled models: none")
+    for name, path in sorted(bundled.items()):
+        ckpt = load_checkpoint(path)
+        test = ckpt.get("metrics", {}).get("test", {})
+        scores = ", ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "macro_f1") if k in test)
+        print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px, classes {', '.join(ckpt['class_names'])}; test {scores}")
+    return 0
+
+
+def _print_summary(metrics: dict) -> None:
+    for split, m in metrics.items():
+        print(f"{split:5s} n={m['n']:5d} loss={m['loss']:.4f} acc={m['accuracy']:.4f} bal_acc={m['balanced_accuracy']:.4f} "
+              f"macro_f1={m['macro_f1']:.4f} weighted_f1={m['weighted_f1']:.4f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leukoscope", description="Blood-cell image classification with honest evaluation.")
+    parser.add_argument("--version", action="version", version=f"leukoscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model on a dataset folder", description="Train a model; writes splits, checkpoint and report into --out.")
+    p.add_argument("data", help="dataset folder (image folder or C-NMC 2019 layout)")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
+    p.add_argument("--arch", help="model architecture (see `leukoscope models`)")
+    p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs")
+    p.add_argument("--split-by", choices=["patient", "image"], help="group splits by patient (default) or split by image")
+    p.add_argument("--fractions", type=_fractions, help="train,val,test fractions, e.g. 0.7,0.15,0.15")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a model on a dataset and write the report")
+    p.add_argument("model", help="run folder, checkpoint file or bundled model name")
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
+    p.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict image files and folders into a CSV")
+    p.add_argument("model", help="run folder, checkpoint file or bundled model name")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list architectures and bundled models")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LeukoscopeError as err:
+        print(f"leukoscope: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leukoscope: interrupted", file=sys.stderr)
+        return 130

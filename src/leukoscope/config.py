@@ -1,0 +1,94 @@
+"""Training configuration: a dataclass, loadable from YAML and overridable from the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LeukoscopeError, did_you_mean
+from .transforms import AugmentConfig
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "cellnet"
+    arch_kwargs: dict = field(default_factory=dict)
+    image_size: int = 128
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.05
+    class_balance: bool = True
+    patience: int = 10
+    seed: int = 0
+    split_by: str = "patient"
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    precision: str = "auto"
+    device: str = "auto"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fractions"] = list(self.fractions)
+        out["augment"] = self.augment.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise LeukoscopeError(f"{source}: unknown option {key!r}{did_you_mean(key, known)}; valid: {', '.join(sorted(known))}")
+        values = dict(values)
+        if "augment" in values:
+            try:
+                values["augment"] = AugmentConfig.from_dict(values["augment"])
+            except TypeError as err:
+                raise LeukoscopeError(f"{source}: bad augment options ({err})") from None
+        if "fractions" in values:
+            values["fractions"] = tuple(float(v) for v in values["fractions"])
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        checks = [
+            (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.split_by in ("patient", "image"), f"split_by must be 'patient' or 'image', got {self.split_by!r}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (len(self.fractions) == 3 and abs(sum(self.fractions) - 1) < 1e-6 and min(self.fractions) >= 0,
+             f"fractions must be three numbers >= 0 summing to 1, got {list(self.fractions)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LeukoscopeError(f"{source}: {message}")
+
+
+def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults, then the YAML file, then command-line overrides (None means 'not given')."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LeukoscopeError(f"config file {str(path)!r} not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise LeukoscopeError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise LeukoscopeError(f"{path}: expected a mapping of options, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values, source=str(path) if path else "options")
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

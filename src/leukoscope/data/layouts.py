@@ -1,0 +1,164 @@
+"""Recognise dataset layouts on disk and list their labelled images.
+
+Two layouts are detected automatically:
+- an image folder: ``DATA/.../<class>/<image>``, the class being the image's parent folder,
+  with an optional ``DATA/manifest.csv`` that may give labels and patient ids;
+- C-NMC 2019 as distributed on Kaggle (``C-NMC_Leukemia/training_data/fold_k/{all,hem}``,
+  ``validation_data/C-NMC_test_prelim_phase_data`` + labels CSV, ``testing_data/...``) or by TCIA
+  (``C-NMC_training_data/fold_k/...``). Patient ids come from the ``UID_<P>_...`` file names.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import LeukoscopeError
+from ..io import is_image_file
+
+UID_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(all|hem)\.bmp$", re.IGNORECASE)
+CNMC_PRELIM_DIR = "C-NMC_test_prelim_phase_data"
+CNMC_PRELIM_LABELS = "C-NMC_test_prelim_phase_data_labels.csv"
+CNMC_FINAL_DIR = "C-NMC_test_final_phase_data"
+CNMC_CLASSES = ("all", "hem")
+EXPECTED = (
+    "an image folder (DATA/<class>/<image>.{bmp,jpg,jpeg,png,tif,tiff}, at any depth) or the "
+    "C-NMC 2019 layout (C-NMC_Leukemia/training_data/fold_0/all/UID_*.bmp, or TCIA's C-NMC_training_data/...)"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # relative to the dataset root, POSIX separators
+    label: str
+    patient: str = ""
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: str
+    samples: list[Sample]
+    classes: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def abspath(self, sample: Sample) -> Path:
+        return self.root / sample.path
+
+    @property
+    def has_patients(self) -> bool:
+        return bool(self.samples) and all(s.patient for s in self.samples)
+
+
+def parse_uid(name: str) -> tuple[str, str] | None:
+    """``UID_H12_3_1_hem.bmp`` -> ("H12", "hem"); None if the name is not a C-NMC cell name."""
+    match = UID_PATTERN.match(name)
+    if not match:
+        return None
+    return match.group(1).upper(), match.group(2).lower()
+
+
+def detect_layout(root: str | os.PathLike) -> Dataset:
+    """Return the labelled samples under ``root``; a one-line LeukoscopeError if none match."""
+    root = Path(root)
+    if not root.exists():
+        raise LeukoscopeError(f"data path {str(root)!r} does not exist; expected {EXPECTED}")
+    if not root.is_dir():
+        raise LeukoscopeError(f"data path {str(root)!r} is not a folder; expected {EXPECTED}")
+    files = _walk(root)
+    dataset = _detect_cnmc(root, files) or _detect_image_folder(root, files)
+    if dataset is None:
+        raise LeukoscopeError(f"no dataset layout recognised in {str(root)!r}: expected {EXPECTED}")
+    return dataset
+
+
+def _walk(root: Path) -> list[Path]:
+    """All non-hidden files under root, relative to it, in sorted order."""
+    out = []
+    for current, dirs, names in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        base = Path(current).relative_to(root)
+        out.extend(base / n for n in sorted(names) if not n.startswith("."))
+    return out
+
+
+def _detect_cnmc(root: Path, files: list[Path]) -> Dataset | None:
+    samples: list[Sample] = []
+    for rel in files:
+        parts = rel.parts
+        if len(parts) >= 3 and parts[-3].lower().startswith("fold_") and parts[-2].lower() in CNMC_CLASSES:
+            parsed = parse_uid(parts[-1])
+            if parsed and is_image_file(rel):
+                samples.append(Sample(rel.as_posix(), parts[-2].lower(), parsed[0]))
+    if not samples:
+        return None
+    notes = [f"C-NMC training folds: {len(samples)} cells"]
+    samples += _cnmc_prelim(root, files, notes)
+    final = [f for f in files if len(f.parts) >= 2 and f.parts[-2] == CNMC_FINAL_DIR and is_image_file(f)]
+    if final:
+        notes.append(f"C-NMC final-phase test: {len(final)} unlabelled cells, not used")
+    return Dataset(root, "cnmc2019", samples, list(CNMC_CLASSES), notes)
+
+
+def _cnmc_prelim(root: Path, files: list[Path], notes: list[str]) -> list[Sample]:
+    prelim = {f.name: f for f in files if len(f.parts) >= 2 and f.parts[-2] == CNMC_PRELIM_DIR and is_image_file(f)}
+    if not prelim:
+        return []
+    label_files = [f for f in files if f.name == CNMC_PRELIM_LABELS]
+    if not label_files:
+        notes.append(f"C-NMC preliminary test: {len(prelim)} cells skipped, {CNMC_PRELIM_LABELS} not found")
+        return []
+    samples = []
+    with open(root / label_files[0], newline="") as handle:
+        for row in csv.DictReader(handle):
+            rel = prelim.get(row["new_names"].strip())
+            parsed = parse_uid(row["Patient_ID"].strip())
+            if rel is None or parsed is None:
+                continue
+            label = "all" if row["labels"].strip() == "1" else "hem"
+            samples.append(Sample(rel.as_posix(), label, parsed[0]))
+    notes.append(f"C-NMC preliminary test: {len(samples)} cells labelled from {label_files[0].as_posix()}")
+    return samples
+
+
+def _detect_image_folder(root: Path, files: list[Path]) -> Dataset | None:
+    images = [f for f in files if is_image_file(f) and len(f.parts) >= 2]
+    if not images:
+        return None
+    manifest = _read_manifest(root / "manifest.csv")
+    samples = []
+    for rel in images:
+        key = rel.as_posix()
+        label, patient = manifest.get(key, (None, ""))
+        label = label or rel.parts[-2]
+        if not patient and (parsed := parse_uid(rel.name)):
+            patient = parsed[0]
+        samples.append(Sample(key, label, patient))
+    classes = sorted({s.label for s in samples})
+    notes = [f"image folder: {len(samples)} images in {len(classes)} classes"]
+    if manifest:
+        notes.append("labels and patient ids read from manifest.csv where given")
+    return Dataset(root, "image-folder", samples, classes, notes)
+
+
+def _read_manifest(path: Path) -> dict[str, tuple[str | None, str]]:
+    """Map relative path -> (label or None, patient or '') from an optional manifest.csv."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        fields = {name.lower(): name for name in reader.fieldnames or []}
+        path_col = next((fields[c] for c in ("path", "file", "filename") if c in fields), None)
+        if path_col is None:
+            raise LeukoscopeError(f"{path}: manifest.csv needs a 'path' or 'file' column, found {list(fields.values())}")
+        label_col = next((fields[c] for c in ("label", "cls", "class") if c in fields), None)
+        patient_col = next((fields[c] for c in ("patient", "patient_id") if c in fields), None)
+        out = {}
+        for row in reader:
+            label = row[label_col].strip() if label_col and row.get(label_col) else None
+            patient = row[patient_col].strip() if patient_col and row.get(patient_col) else ""
+            out[Path(row[path_col].strip()).as_posix()] = (label, patient)
+    return out

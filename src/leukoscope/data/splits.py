@@ -1,0 +1,137 @@
+"""Seeded, class-stratified train/val/test splits that never separate a patient or identical bytes.
+
+Images are grouped with a union-find over (a) the patient id when splitting by patient and
+(b) the file's sha256, so byte-identical copies always land in the same split. Groups are then
+dealt to splits class by class, each going to the split furthest below its target share.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LeukoscopeError
+from ..io import atomic_write, sha256_file
+from .layouts import Dataset, Sample
+
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ["path", "label", "patient", "split"]
+
+
+class _UnionFind:
+    def __init__(self, n: int):
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def duplicate_groups(paths: list[Path]) -> list[list[int]]:
+    """Indices of byte-identical files (only same-size files are hashed)."""
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for i, path in enumerate(paths):
+        by_size[os.path.getsize(path)].append(i)
+    groups = []
+    for same_size in by_size.values():
+        if len(same_size) < 2:
+            continue
+        by_hash: dict[str, list[int]] = defaultdict(list)
+        for i in same_size:
+            by_hash[sha256_file(paths[i])].append(i)
+        groups.extend(g for g in by_hash.values() if len(g) > 1)
+    return groups
+
+
+def make_splits(
+    dataset: Dataset,
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    by: str = "patient",
+) -> tuple[list[str], str]:
+    """Assign each sample of ``dataset`` to train/val/test; returns (splits, split kind).
+
+    ``by='patient'`` groups by patient when every sample has a patient id, else falls back to
+    image-level splitting and says so in the returned kind.
+    """
+    if by not in ("patient", "image"):
+        raise LeukoscopeError(f"--split-by must be 'patient' or 'image', got {by!r}")
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise LeukoscopeError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    samples = dataset.samples
+    uf = _UnionFind(len(samples))
+    use_patients = by == "patient" and dataset.has_patients
+    if use_patients:
+        first: dict[str, int] = {}
+        for i, s in enumerate(samples):
+            uf.union(i, first.setdefault(s.patient, i))
+    for group in duplicate_groups([dataset.abspath(s) for s in samples]):
+        for i in group[1:]:
+            uf.union(i, group[0])
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(samples)):
+        members[uf.find(i)].append(i)
+    assignment = _deal_groups(list(members.values()), samples, fractions, np.random.default_rng(seed))
+    kind = "patient" if use_patients else ("image" if by == "image" else "image (no patient ids known)")
+    return assignment, kind
+
+
+def _deal_groups(groups, samples: list[Sample], fractions, rng) -> list[str]:
+    by_class: dict[str, list[list[int]]] = defaultdict(list)
+    for group in groups:
+        label = Counter(samples[i].label for i in group).most_common(1)[0][0]
+        by_class[label].append(group)
+    out = [""] * len(samples)
+    active = [k for k in range(3) if fractions[k] > 0]
+    for label in sorted(by_class):
+        class_groups = [by_class[label][i] for i in rng.permutation(len(by_class[label]))]
+        total = sum(len(g) for g in class_groups)
+        counts = np.zeros(3)
+        # Smallest groups first seed the smaller splits, so each split sees every class if it can.
+        seeding = sorted(range(len(class_groups)), key=lambda i: len(class_groups[i]))
+        seed_order = sorted(active, key=lambda k: fractions[k])
+        chosen = {}
+        if len(class_groups) >= len(active):
+            chosen = {gi: k for gi, k in zip(seeding, seed_order)}
+        for gi, group in enumerate(class_groups):
+            if gi in chosen:
+                k = chosen[gi]
+            else:
+                deficit = [(fractions[k] * total - counts[k]) / fractions[k] for k in active]
+                k = active[int(np.argmax(deficit))]
+            counts[k] += len(group)
+            for i in group:
+                out[i] = SPLITS[k]
+    return out
+
+
+def write_splits(path: str | os.PathLike, samples: list[Sample], splits: list[str]) -> None:
+    with atomic_write(path, newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SPLIT_COLUMNS)
+        for s, split in zip(samples, splits, strict=True):
+            writer.writerow([s.path, s.label, s.patient, split])
+
+
+def read_splits(path: str | os.PathLike) -> tuple[list[Sample], list[str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise LeukoscopeError(f"split file {str(path)!r} not found")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames != SPLIT_COLUMNS:
+            raise LeukoscopeError(f"{path}: expected columns {','.join(SPLIT_COLUMNS)}, found {reader.fieldnames}")
+        rows = list(reader)
+    bad = sorted({r["split"] for r in rows} - set(SPLITS))
+    if bad:
+        raise LeukoscopeError(f"{path}: unknown split names {bad}; expected {list(SPLITS)}")
+    return [Sample(r["path"], r["label"], r["patient"]) for r in rows], [r["split"] for r in rows]

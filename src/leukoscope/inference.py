@@ -1,0 +1,158 @@
+"""Load a model (run folder, checkpoint file or bundled name) and predict images.
+
+``Predictor`` is the one classifier interface that evaluate, predict and later export/serve
+use: it owns the preprocessing recorded in the checkpoint, so callers never restate it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_checkpoint, model_from_checkpoint
+from .errors import LeukoscopeError, did_you_mean
+from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
+from .transforms import eval_transform
+
+CHECKPOINT_NAME = "model.pt"
+
+
+def bundled_models() -> dict[str, Path]:
+    """Models shipped inside the package, by name (file stem under leukoscope/weights)."""
+    folder = resources.files("leukoscope") / "weights"
+    if not folder.is_dir():
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".pt")}
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A run folder (its model.pt), a checkpoint file, or a bundled model name."""
+    path = Path(model)
+    if path.is_dir():
+        candidate = path / CHECKPOINT_NAME
+        if not candidate.is_file():
+            raise LeukoscopeError(f"run folder {str(path)!r} has no {CHECKPOINT_NAME}; train into it first")
+        return candidate
+    if path.is_file():
+        return path
+    bundled = bundled_models()
+    if str(model) in bundled:
+        return bundled[str(model)]
+    names = ", ".join(sorted(bundled)) or "none installed"
+    raise LeukoscopeError(
+        f"model {str(model)!r} is neither a run folder, a checkpoint file nor a bundled model"
+        f"{did_you_mean(str(model), bundled)}; bundled models: {names}"
+    )
+
+
+@dataclass
+class Prediction:
+    source: str
+    label: str = ""
+    confidence: float = float("nan")
+    probabilities: dict[str, float] = field(default_factory=dict)
+    error: str = ""
+
+
+class Predictor:
+    """A trained classifier with its preprocessing; ``predict`` takes paths, arrays or PIL images."""
+
+    def __init__(self, checkpoint: dict[str, Any], source: str = ""):
+        self.checkpoint = checkpoint
+        self.source = source
+        self.class_names: list[str] = list(checkpoint["class_names"])
+        self.image_size: int = int(checkpoint["image_size"])
+        self.mean, self.std = list(checkpoint["mean"]), list(checkpoint["std"])
+        self.temperature = float(checkpoint.get("temperature", 1.0))
+        self.model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {k: v for k, v in self.checkpoint.items() if k != "state_dict"}
+
+    @torch.inference_mode()
+    def logits(self, batch_uint8: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Raw logits for (N, 3, S, S) uint8 images; with ``tta`` the mean over 8 dihedral views."""
+        x = eval_transform(batch_uint8, self.mean, self.std)
+        if not tta:
+            return self.model(x).float()
+        views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+        return torch.stack([self.model(v.contiguous(memory_format=torch.channels_last)).float() for v in views]).mean(0)
+
+    def predict_proba(self, batch_uint8: torch.Tensor, tta: bool = False) -> np.ndarray:
+        return torch.softmax(self.logits(batch_uint8, tta) / self.temperature, dim=1).numpy()
+
+    def predict(self, images: Any, batch_size: int = 64, tta: bool = False) -> list[Prediction]:
+        """Predict one or many images given as paths, PIL images or HxWx3 uint8 arrays."""
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+            images = [images]
+        return list(self.predict_iter(list(images), batch_size=batch_size, tta=tta))
+
+    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool = False, workers: int = 4) -> Iterator[Prediction]:
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                decoded = list(pool.map(self._decode, chunk))
+                good = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
+                probs = np.zeros((0, len(self.class_names)))
+                if good:
+                    batch = torch.from_numpy(np.stack([decoded[i][0] for i in good])).permute(0, 3, 1, 2)
+                    probs = self.predict_proba(batch, tta)
+                row = dict(zip(good, probs))
+                for i, item in enumerate(chunk):
+                    yield self._prediction(item, start + i, row.get(i), decoded[i][1])
+
+    def _decode(self, item: Any) -> tuple[np.ndarray | None, str]:
+        try:
+            if isinstance(item, Image.Image):
+                return resize_center_crop(to_rgb(item), self.image_size), ""
+            if isinstance(item, np.ndarray):
+                return resize_center_crop(_array_to_rgb(item), self.image_size), ""
+            return load_rgb(item, self.image_size), ""
+        except (ImageReadError, ValueError) as err:
+            return None, str(err)
+
+    def _prediction(self, item: Any, index: int, probs: np.ndarray | None, error: str) -> Prediction:
+        source = str(item) if isinstance(item, (str, os.PathLike)) else f"<image {index}>"
+        if probs is None:
+            return Prediction(source, error=error or "unreadable image")
+        top = int(np.argmax(probs))
+        return Prediction(
+            source,
+            label=self.class_names[top],
+            confidence=float(probs[top]),
+            probabilities={c: float(p) for c, p in zip(self.class_names, probs)},
+        )
+
+
+def _array_to_rgb(array: np.ndarray) -> Image.Image:
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 image array, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image array, got {array.dtype}")
+    return to_rgb(Image.fromarray(array))
+
+
+def load_model(model: str | os.PathLike) -> Predictor:
+    """Load a run folder, a checkpoint file or a bundled model name into a Predictor."""
+    path = resolve_model_path(model)
+    return Predictor(load_checkpoint(path), source=str(path))
+
+
+def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively) into a list of paths, failing on missing inputs."""
+    missing = [str(p) for p in inputs if not Path(p).exists() and not Path(p).is_symlink()]
+    if missing:
+        raise LeukoscopeError(f"input {missing[0]!r} does not exist")
+    return list(iter_image_files(inputs))

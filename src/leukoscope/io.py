@@ -1,0 +1,130 @@
+"""Reading images and writing files safely. Bottom layer: no torch, no project imports."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+class ImageReadError(Exception):
+    """A single file could not be turned into an RGB image; the message is short."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
+    """Yield files given directly, and image files found recursively in folders (sorted)."""
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    candidate = Path(root) / name
+                    if is_image_file(candidate):
+                        yield candidate
+        else:
+            yield path
+
+
+def load_rgb(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """Decode an image file to an RGB uint8 array (H, W, 3).
+
+    With ``size``, the image is resized so that its shorter side is ``size`` and centre-cropped
+    to ``size x size``; JPEGs are decoded at reduced scale first (``draft``) when that is enough.
+    Raises ImageReadError with a short reason for anything that is not a readable image.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageReadError("is a directory")
+    if not path.exists():
+        raise ImageReadError("file not found" if not path.is_symlink() else "broken symlink")
+    try:
+        with Image.open(path) as im:
+            if size is not None and im.format == "JPEG":
+                im.draft("RGB", (size, size))
+            im = ImageOps.exif_transpose(im)
+            rgb = to_rgb(im)
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise ImageReadError(_short(err, path)) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageReadError(_short(err, path)) from None
+    if size is not None:
+        rgb = resize_center_crop(rgb, size)
+    else:
+        rgb = np.asarray(rgb)
+    return rgb
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode (16-bit, palette, RGBA, CMYK, grayscale) to 8-bit RGB."""
+    if im.width < 1 or im.height < 1:
+        raise ValueError("empty image")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = arr.max() or 1.0
+        im = Image.fromarray((arr / top * 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im)
+    im = im.convert("RGB")
+    im.load()
+    return im
+
+
+def resize_center_crop(im: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` (bilinear, antialiased) and centre-crop a square."""
+    if isinstance(im, np.ndarray):
+        im = Image.fromarray(im)
+    w, h = im.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+def _short(err: BaseException, path: Path) -> str:
+    if path.stat().st_size == 0:
+        return "empty file"
+    text = str(err).replace(str(path), "").strip(" :'\"") or type(err).__name__
+    return f"unreadable image: {text}"[:160]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
+    """Write to a temporary file beside ``path`` and rename it into place on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **kwargs) as handle:
+            yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

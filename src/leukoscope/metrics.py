@@ -1,0 +1,179 @@
+"""Pure classification metrics on integer labels and probability arrays (numpy only).
+
+Every function takes ``y_true`` (n,) ints in [0, k) and either ``y_pred`` (n,) ints or
+``probs`` (n, k). Undefined ratios (0/0) are reported as 0.0, as scikit-learn does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def per_class_prf(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support for each class of a confusion matrix."""
+    tp = np.diag(cm).astype(float)
+    precision = _safe_div(tp, cm.sum(axis=0))
+    recall = _safe_div(tp, cm.sum(axis=1))
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(axis=1)}
+
+
+def accuracy(cm: np.ndarray) -> float:
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else 0.0
+
+
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean recall over the classes present in y_true."""
+    support = cm.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return 0.0
+    return float((np.diag(cm)[present] / support[present]).mean())
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Unweighted mean F1 over classes that occur in y_true or y_pred."""
+    prf = per_class_prf(cm)
+    seen = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+    return float(prf["f1"][seen].mean()) if seen.any() else 0.0
+
+
+def weighted_f1(cm: np.ndarray) -> float:
+    """F1 averaged with class support as weights (the C-NMC 2019 challenge metric)."""
+    prf = per_class_prf(cm)
+    total = prf["support"].sum()
+    return float((prf["f1"] * prf["support"]).sum() / total) if total else 0.0
+
+
+def binary_auc(y_true, scores) -> float:
+    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half).
+
+    Returns NaN when only one class is present, since the AUC is then undefined.
+    """
+    y_true, scores = np.asarray(y_true, bool), np.asarray(scores, float)
+    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=float)
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[y_true].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def roc_auc(y_true, probs: np.ndarray) -> float:
+    """Binary AUC on the positive class (index 1), or macro one-vs-rest AUC for k > 2.
+
+    Classes absent from y_true are skipped in the macro average.
+    """
+    y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
+    if probs.shape[1] == 2:
+        return binary_auc(y_true == 1, probs[:, 1])
+    aucs = [binary_auc(y_true == c, probs[:, c]) for c in range(probs.shape[1])]
+    aucs = [a for a in aucs if not np.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
+    y_true, scores = np.asarray(y_true, bool), np.asarray(scores, float)
+    order = np.argsort(-scores, kind="mergesort")
+    y_sorted, s_sorted = y_true[order], scores[order]
+    cut = np.r_[np.nonzero(np.diff(s_sorted))[0], len(s_sorted) - 1]
+    tps = np.cumsum(y_sorted)[cut]
+    fps = (cut + 1) - tps
+    tpr = np.r_[0.0, tps / max(tps[-1], 1)]
+    fpr = np.r_[0.0, fps / max(fps[-1], 1)]
+    return fpr, tpr
+
+
+def log_loss(y_true, probs: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean negative log-likelihood of the true class."""
+    y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
+    if len(y_true) == 0:
+        return float("nan")
+    picked = np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0)
+    return float(-np.log(picked).mean())
+
+
+def per_group_accuracy(y_true, y_pred, groups: Sequence[str]) -> dict[str, dict]:
+    """Accuracy and count per group (e.g. per patient), for groups that are not empty strings."""
+    out: dict[str, dict] = {}
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    groups = np.asarray(groups, dtype=object)
+    for group in sorted({g for g in groups if g}):
+        mask = groups == group
+        out[str(group)] = {"n": int(mask.sum()), "accuracy": float((y_true[mask] == y_pred[mask]).mean())}
+    return out
+
+
+def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: Sequence[str] | None = None) -> dict:
+    """All report metrics for one split, as plain JSON-ready Python values."""
+    y_true = np.asarray(y_true, int)
+    probs = np.asarray(probs, float)
+    k = len(class_names)
+    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
+    cm = confusion_matrix(y_true, y_pred, k)
+    prf = per_class_prf(cm)
+    result = {
+        "n": int(len(y_true)),
+        "loss": log_loss(y_true, probs),
+        "accuracy": accuracy(cm),
+        "balanced_accuracy": balanced_accuracy(cm),
+        "macro_f1": macro_f1(cm),
+        "weighted_f1": weighted_f1(cm),
+        "roc_auc": roc_auc(y_true, probs) if len(y_true) else float("nan"),
+        "confusion_matrix": cm.tolist(),
+        "per_class": {
+            name: {key: (int(prf[key][i]) if key == "support" else float(prf[key][i])) for key in prf}
+            for i, name in enumerate(class_names)
+        },
+    }
+    if patients is not None and any(patients):
+        result["per_patient"] = per_group_accuracy(y_true, y_pred, patients)
+    return result
+
+
+def classification_report(summary: dict, class_names: Sequence[str], digits: int = 4) -> str:
+    """Text table in the layout of scikit-learn's classification_report."""
+    width = max(len("weighted avg"), *(len(c) for c in class_names))
+    head = f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}\n\n"
+    rows = []
+    for name in class_names:
+        r = summary["per_class"][name]
+        rows.append(f"{name:>{width}} {r['precision']:9.{digits}f} {r['recall']:9.{digits}f} {r['f1']:9.{digits}f} {r['support']:9d}")
+    n = summary["n"]
+    per = [summary["per_class"][c] for c in class_names]
+    macro = [np.mean([r[k] for r in per]) for k in ("precision", "recall", "f1")]
+    weights = np.array([r["support"] for r in per], float)
+    weighted = [float(np.dot([r[k] for r in per], weights) / max(weights.sum(), 1)) for k in ("precision", "recall", "f1")]
+    tail = [
+        "",
+        f"{'accuracy':>{width}} {'':>9} {'':>9} {summary['accuracy']:9.{digits}f} {n:9d}",
+        f"{'macro avg':>{width}} {macro[0]:9.{digits}f} {macro[1]:9.{digits}f} {macro[2]:9.{digits}f} {n:9d}",
+        f"{'weighted avg':>{width}} {weighted[0]:9.{digits}f} {weighted[1]:9.{digits}f} {weighted[2]:9.{digits}f} {n:9d}",
+    ]
+    return head + "\n".join(rows + tail) + "\n"

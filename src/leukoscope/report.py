@@ -1,0 +1,134 @@
+"""Figures and the self-contained HTML report of a run (matplotlib, no network, no templates)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .metrics import roc_curve  # noqa: E402
+
+
+def plot_confusion_matrices(metrics: dict, class_names: Sequence[str], path: Path) -> None:
+    """One panel per split, counts with row-normalised colour."""
+    splits = [s for s in ("train", "val", "test") if s in metrics and metrics[s]["n"]]
+    size = max(3.2, 0.55 * len(class_names) + 2)
+    fig, axes = plt.subplots(1, len(splits), figsize=(size * len(splits), size), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        cm = np.array(metrics[split]["confusion_matrix"])
+        rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if rates[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{split} (acc {metrics[split]['accuracy']:.4f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training_curves(history: list[dict], path: Path) -> None:
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, style in (("train", "-o"), ("val", "-s")):
+        ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, ms=3, label=key)
+        ax_acc.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, ms=3, label=key)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc(y_true, probs: np.ndarray, class_names: Sequence[str], path: Path) -> None:
+    """ROC of the positive class (binary) or one curve per class, one-vs-rest."""
+    y_true = np.asarray(y_true)
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    indices = [1] if len(class_names) == 2 else range(len(class_names))
+    for c in indices:
+        positives = y_true == c
+        if positives.all() or not positives.any():
+            continue
+        fpr, tpr = roc_curve(positives, probs[:, c])
+        ax.plot(fpr, tpr, label=class_names[c])
+    ax.plot([0, 1], [0, 1], ":", color="gray")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC (test)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _img(path: Path) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{path.stem}" src="data:image/png;base64,{data}"><figcaption>{path.name}</figcaption></figure>'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence], ) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if np.isnan(value) else f"{value:.4f}"
+    return html.escape(str(value))
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}pre{background:#f7f7f7;padding:1em;overflow:auto}
+.note{color:#555}"""
+
+
+def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], info: dict) -> Path:
+    """One self-contained report.html (figures inlined) from the files in ``out_dir``."""
+    splits = [s for s in ("train", "val", "test") if s in metrics]
+    summary = _table(
+        ["split", "n", "loss", "accuracy", "balanced acc.", "macro-F1", "weighted F1", "ROC AUC"],
+        [[s, metrics[s]["n"], metrics[s]["loss"], metrics[s]["accuracy"], metrics[s]["balanced_accuracy"],
+          metrics[s]["macro_f1"], metrics[s]["weighted_f1"], metrics[s]["roc_auc"]] for s in splits],
+    )
+    per_class = ""
+    for s in splits:
+        rows = [[c, *(metrics[s]["per_class"][c][k] for k in ("precision", "recall", "f1", "support"))] for c in class_names]
+        per_class += f"<h3>{s}</h3>" + _table(["class", "precision", "recall", "F1", "support"], rows)
+    patients = ""
+    for s in splits:
+        if "per_patient" in metrics[s]:
+            rows = [[p, v["n"], v["accuracy"]] for p, v in metrics[s]["per_patient"].items()]
+            patients += f"<h3>{s}</h3>" + _table(["patient", "images", "accuracy"], rows)
+    figures = "".join(_img(out_dir / name) for name in ("training_curves.png", "confusion_matrix.png", "roc.png"))
+    body = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Leukoscope report</title>
+<style>{STYLE}</style></head><body>
+<h1>Leukoscope evaluation report</h1>
+<p class="note">model <code>{html.escape(str(info.get('model', '')))}</code>, architecture <b>{html.escape(str(info.get('arch', '')))}</b>,
+data <code>{html.escape(str(info.get('data', '')))}</code> ({html.escape(str(info.get('layout', '')))}),
+split by <b>{html.escape(str(info.get('split_kind', '')))}</b>, classes: {html.escape(', '.join(class_names))}.</p>
+<h2>Summary</h2>{summary}
+<h2>Figures</h2>{figures}
+<h2>Per class</h2>{per_class}
+{'<h2>Per patient</h2>' + patients if patients else ''}
+<h2>Configuration</h2><pre>{html.escape(json.dumps(info.get('config', {}), indent=2, default=str))}</pre>
+</body></html>"""
+    path = out_dir / "report.html"
+    path.write_text(body, encoding="utf-8")
+    return path

@@ -1,0 +1,126 @@
+"""Train and eval transform presets on batches of uint8 images already resized to a square.
+
+Augmentation runs on whole batches as tensor ops (one affine grid sample per batch), which is
+several times faster on 2 CPU cores than per-image PIL transforms. The train preset draws,
+per image: a rotation by any angle, horizontal/vertical flips, a scale and shift jitter, mild
+brightness/contrast/saturation/stain (per-channel gain) jitter, and occasional Gaussian blur.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AugmentConfig:
+    rotate: bool = True
+    flip: bool = True
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05
+    brightness: float = 0.15
+    contrast: float = 0.15
+    saturation: float = 0.15
+    stain: float = 0.05
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.3, 1.2)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> AugmentConfig:
+        values = dict(values or {})
+        for key in ("scale", "blur_sigma"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+def to_float(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, 3) or (N, 3, H, W) uint8 -> (N, 3, H, W) float in [0, 1]."""
+    if batch_uint8.shape[-1] == 3 and batch_uint8.shape[1] != 3:
+        batch_uint8 = batch_uint8.permute(0, 3, 1, 2)
+    return batch_uint8.float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.as_tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def eval_transform(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """The eval preset: scale to [0, 1] and normalise; geometry was fixed at decode time."""
+    return normalize(to_float(batch_uint8), mean, std).contiguous(memory_format=torch.channels_last)
+
+
+def train_transform(
+    batch_uint8: torch.Tensor, mean, std, config: AugmentConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """The train preset: random geometry and colour per image, then normalise."""
+    x = to_float(batch_uint8)
+    x = _random_affine(x, config, generator)
+    x = _random_colour(x, config, generator)
+    x = _random_blur(x, config, generator)
+    return normalize(x.clamp_(0, 1), mean, std).contiguous(memory_format=torch.channels_last)
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=generator) * (high - low) + low
+
+
+def _random_affine(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    angle = _uniform(n, 0, 2 * math.pi, g) if config.rotate else torch.zeros(n)
+    scale = _uniform(n, *config.scale, g)
+    flip_x = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if config.flip else torch.ones(n)
+    flip_y = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if config.flip else torch.ones(n)
+    shift = _uniform(2 * n, -config.translate, config.translate, g).view(n, 2) * 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], dim=1),
+            torch.stack([sin * flip_x, cos * flip_y, shift[:, 1]], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _random_colour(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    view = (n, 1, 1, 1)
+    brightness = _uniform(n, 1 - config.brightness, 1 + config.brightness, g).view(view)
+    contrast = _uniform(n, 1 - config.contrast, 1 + config.contrast, g).view(view)
+    saturation = _uniform(n, 1 - config.saturation, 1 + config.saturation, g).view(view)
+    stain = _uniform(3 * n, 1 - config.stain, 1 + config.stain, g).view(n, 3, 1, 1)
+    x = x * brightness * stain
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return (x - gray) * saturation + gray
+
+
+def _random_blur(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    if config.blur_p <= 0:
+        return x
+    chosen = torch.nonzero(torch.rand(x.shape[0], generator=g) < config.blur_p).flatten()
+    if len(chosen) == 0:
+        return x
+    sigma = float(_uniform(1, *config.blur_sigma, g))
+    radius = max(1, math.ceil(2 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    sub = x[chosen]
+    sub = F.pad(sub, (radius, radius, radius, radius), mode="reflect")
+    sub = F.conv2d(sub, kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
+    sub = F.conv2d(sub, kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
+    x = x.clone()
+    x[chosen] = sub
+    return x
