@@ -8,6 +8,7 @@ resolved training ``config``, ``metrics``, library versions and the ``state_dict
 from __future__ import annotations
 
 import os
+import pickle
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ def build_checkpoint(model: nn.Module, meta: dict[str, Any], half: bool = False)
     return {
         "format_version": FORMAT_VERSION,
         "leukoscope_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "temperature": 1.0,
         "arch_kwargs": {},
@@ -52,7 +53,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LeukoscopeError(f"checkpoint {str(path)!r} not found") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise LeukoscopeError(f"{path}: not a readable leukoscope checkpoint ({str(err).splitlines()[0][:120]})") from None
     missing = [k for k in REQUIRED if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:

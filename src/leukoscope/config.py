@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from .errors import LeukoscopeError, did_you_mean
+from .models import check_model_name
 from .transforms import AugmentConfig
 
 
@@ -70,6 +71,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise LeukoscopeError(f"{source}: {message}")
+        check_model_name(self.arch)
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:

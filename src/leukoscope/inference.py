@@ -98,18 +98,24 @@ class Predictor:
         return list(self.predict_iter(list(images), batch_size=batch_size, tta=tta))
 
     def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool = False, workers: int = 4) -> Iterator[Prediction]:
+        """Yield one Prediction per item, in order; the next batch decodes while this one runs."""
+        starts = list(range(0, len(items), batch_size))
         with ThreadPoolExecutor(workers) as pool:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                decoded = list(pool.map(self._decode, chunk))
-                good = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
-                probs = np.zeros((0, len(self.class_names)))
-                if good:
-                    batch = torch.from_numpy(np.stack([decoded[i][0] for i in good])).permute(0, 3, 1, 2)
-                    probs = self.predict_proba(batch, tta)
-                row = dict(zip(good, probs))
-                for i, item in enumerate(chunk):
-                    yield self._prediction(item, start + i, row.get(i), decoded[i][1])
+            submit = lambda start: [pool.submit(self._decode, item) for item in items[start : start + batch_size]]  # noqa: E731
+            pending = submit(starts[0]) if starts else []
+            for n, start in enumerate(starts):
+                decoded = [f.result() for f in pending]
+                pending = submit(starts[n + 1]) if n + 1 < len(starts) else []
+                yield from self._predict_decoded(items[start : start + batch_size], start, decoded, tta)
+
+    def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool) -> Iterator[Prediction]:
+        good = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
+        row: dict[int, np.ndarray] = {}
+        if good:
+            batch = torch.from_numpy(np.stack([decoded[i][0] for i in good])).permute(0, 3, 1, 2)
+            row = dict(zip(good, self.predict_proba(batch, tta)))
+        for i, item in enumerate(chunk):
+            yield self._prediction(item, start + i, row.get(i), decoded[i][1])
 
     def _decode(self, item: Any) -> tuple[np.ndarray | None, str]:
         try:

@@ -29,7 +29,7 @@ def decode_many(
 
     def work(i: int) -> None:
         try:
-            out[i] = torch.from_numpy(np.ascontiguousarray(load_rgb(paths[i], size))).permute(2, 0, 1)
+            out[i] = torch.from_numpy(np.array(load_rgb(paths[i], size))).permute(2, 0, 1)
         except ImageReadError as err:
             errors[i] = str(err)
 

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import LeukoscopeError, did_you_mean
 from .cellnet import CellNet, CellNetConfig
 
-__all__ = ["create_model", "list_models", "CellNet", "CellNetConfig"]
+__all__ = ["create_model", "check_model_name", "list_models", "CellNet", "CellNetConfig"]
 
 
 def _cellnet(**overrides) -> Callable[..., nn.Module]:
@@ -60,17 +60,25 @@ def list_models() -> list[str]:
     return sorted(MODELS) + ["timm/<any timm model name>"]
 
 
-def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    """Build an untrained model by registry name; unknown names list the valid ones."""
+def check_model_name(name: str) -> None:
+    """Raise a LeukoscopeError naming the valid choices when ``name`` is not a known model."""
     if name.startswith("timm/"):
         import timm
 
         timm_name = name.removeprefix("timm/")
         if not timm.is_model(timm_name):
             raise LeukoscopeError(f"unknown timm model {timm_name!r}{did_you_mean(timm_name, timm.list_models())}")
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs)
-    if name not in MODELS:
+    elif name not in MODELS:
         raise LeukoscopeError(
             f"unknown model {name!r}{did_you_mean(name, MODELS)}; choose one of: {', '.join(list_models())}"
         )
+
+
+def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Build an untrained model by registry name; unknown names list the valid ones."""
+    check_model_name(name)
+    if name.startswith("timm/"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm/"), pretrained=False, num_classes=num_classes, **kwargs)
     return MODELS[name](num_classes, **kwargs)

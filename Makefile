@@ -1,0 +1,31 @@
+# Leukoscope: `make demo` (set up + train/evaluate/predict on real data), `make test` (set up + tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/data/aria_all
+RUN ?= runs/demo
+EPOCHS ?= 20
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: setup
+	@test -d "$(DATA)" || { echo "demo: data folder $(DATA) not found; set DATA=/path/to/images"; exit 2; }
+	$(BIN)/leukoscope train "$(DATA)" --out "$(RUN)" --epochs $(EPOCHS)
+	$(BIN)/leukoscope evaluate "$(RUN)" "$(DATA)" --out "$(RUN)/evaluate"
+	find "$(DATA)" -type f \( -iname '*.jpg' -o -iname '*.png' -o -iname '*.bmp' \) | sort | awk 'NR % 400 == 1' > "$(RUN)/demo_images.txt"
+	tr '\n' '\0' < "$(RUN)/demo_images.txt" | xargs -0 $(BIN)/leukoscope predict "$(RUN)" --out "$(RUN)/demo_predictions.csv"
+	@column -s, -t < "$(RUN)/demo_predictions.csv" | cut -c1-160
+	@echo "report: $(RUN)/report.html"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

@@ -1,0 +1,153 @@
+"""Reproduce the speed, memory, efficiency and accuracy figures and write docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/benchmark.py [--model pbc] [--small 64] [--large 1024]
+
+Throughput is end to end (`leukoscope predict MODEL FOLDER --out preds.csv` in a fresh process,
+decoding and CSV writing included) and marginal: (large - small) / (t_large - t_small), so that
+start-up is excluded. The reference recipe (benchmarks/reference_predict.py) is measured in the
+same run on the same JPEG folders. Not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- BENCHMARK:START -->", "<!-- BENCHMARK:END -->"
+
+
+def run_timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one command run in a fresh child process."""
+    wrapper = ("import resource,subprocess,sys,time;t=time.perf_counter();r=subprocess.run(sys.argv[1:]);"
+               "print(time.perf_counter()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);sys.exit(r.returncode>1)")
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True)
+    seconds, rss_kb = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(rss_kb) / 1024
+
+
+def make_folder(images: list[Path], n: int, dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    for i in range(n):
+        src = images[i % len(images)]
+        shutil.copyfile(src, dest / f"{i:05d}{src.suffix}")
+    return dest
+
+
+def throughput(model: str, small: int, large: int, repeats: int) -> dict:
+    images = sorted((DATA / "pbc").rglob("*.jpg"))
+    if not images:
+        sys.exit(f"no JPEGs under {DATA / 'pbc'}")
+    leuko = [str(ROOT / ".venv" / "bin" / "leukoscope"), "predict", model]
+    ref = [sys.executable, str(ROOT / "benchmarks" / "reference_predict.py")]
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {n: make_folder(images, n, Path(tmp) / f"f{n}") for n in (small, large)}
+        for name, base in (("leukoscope", leuko), ("reference", ref)):
+            times, rss = {}, 0.0
+            for n, folder in folders.items():
+                runs = [run_timed([*base, str(folder), "--out", str(Path(tmp) / "p.csv")]) for _ in range(repeats)]
+                times[n] = min(t for t, _ in runs)
+                rss = max(rss, *(r for _, r in runs))
+            marginal = (large - small) / max(times[large] - times[small], 1e-9)
+            result[name] = {"t_small": times[small], "t_large": times[large], "images_per_s": marginal, "peak_rss_mb": rss}
+    result["ratio"] = result["leukoscope"]["images_per_s"] / result["reference"]["images_per_s"]
+    return result
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch.matmul(a, b)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def model_flops(model: str) -> tuple[float, int]:
+    sys.path.insert(0, str(ROOT / "src"))
+    from leukoscope import load_model
+
+    predictor = load_model(model)
+    x = torch.zeros(1, 3, predictor.image_size, predictor.image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        predictor.model(x)
+    return counter.get_total_flops() / 1e9, predictor.image_size
+
+
+def bundled_accuracy() -> list[dict]:
+    sys.path.insert(0, str(ROOT / "src"))
+    from leukoscope.checkpoint import load_checkpoint
+    from leukoscope.inference import bundled_models
+
+    rows = []
+    for name, path in sorted(bundled_models().items()):
+        ckpt = load_checkpoint(path)
+        rows.append({"name": name, "arch": ckpt["arch"], "size": ckpt["image_size"], "test": ckpt["metrics"].get("test", {}),
+                     "extra": ckpt.get("extra_metrics", {}), "train_seconds": ckpt.get("train_seconds"),
+                     "command": ckpt.get("train_command", ""), "mb": path.stat().st_size / 1e6})
+    return rows
+
+
+def render(tp: dict, flops: float, size: int, peaks: dict, acc: list[dict], model: str, small: int, large: int) -> str:
+    lk, rf = tp["leukoscope"], tp["reference"]
+    achieved = flops * lk["images_per_s"]
+    lines = [START, f"_Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by `benchmarks/benchmark.py --model {model} --small {small} --large {large}`._", "",
+             "### Prediction throughput (end to end, marginal images/s, PBC JPEGs)", "",
+             "| pipeline | t small (s) | t large (s) | images/s | peak RSS (MB) |", "|---|---|---|---|---|",
+             f"| `leukoscope predict {model}` | {lk['t_small']:.2f} | {lk['t_large']:.2f} | {lk['images_per_s']:.0f} | {lk['peak_rss_mb']:.0f} |",
+             f"| reference: ResNet-18 224 px fp32 eager, PIL, batch 64 | {rf['t_small']:.2f} | {rf['t_large']:.2f} | {rf['images_per_s']:.1f} | {rf['peak_rss_mb']:.0f} |",
+             "", f"**Speed-up over the reference: {tp['ratio']:.1f}x.**", "",
+             "### Efficiency", "",
+             f"Model: {flops:.3f} GFLOP per image at {size} px (forward, FlopCounterMode). Achieved {achieved:.1f} GFLOP/s end to end; "
+             f"measured matmul peak {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} GFLOP/s bf16 "
+             f"(fraction: {achieved / peaks['fp32']:.1%} of fp32 peak, {achieved / peaks['bf16']:.1%} of bf16 peak).", "",
+             "### Bundled models", "", "| model | arch | px | test accuracy | test macro-F1 | extra | train time (s) | size (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in acc:
+        extra = "; ".join(f"{k} {v:.4f}" for k, v in r["extra"].items())
+        lines.append(f"| {r['name']} | {r['arch']} | {r['size']} | {r['test'].get('accuracy', float('nan')):.4f} | "
+                     f"{r['test'].get('macro_f1', float('nan')):.4f} | {extra} | {r['train_seconds']} | {r['mb']:.1f} |")
+    lines += ["", *[f"- `{r['name']}`: `{r['command']}`" for r in acc], END]
+    return "\n".join(lines)
+
+
+def write_doc(block: str) -> None:
+    DOC.parent.mkdir(exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n" + START + "\n" + END + "\n"
+    if START not in text:
+        text += "\n" + START + "\n" + END + "\n"
+    DOC.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="pbc")
+    parser.add_argument("--small", type=int, default=64)
+    parser.add_argument("--large", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    tp = throughput(args.model, args.small, args.large, args.repeats)
+    flops, size = model_flops(args.model)
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, reps=2)}
+    block = render(tp, flops, size, peaks, bundled_accuracy(), args.model, args.small, args.large)
+    print(block)
+    print(json.dumps(tp, indent=2))
+    write_doc(block)
+
+
+if __name__ == "__main__":
+    main()

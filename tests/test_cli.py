@@ -1,0 +1,121 @@
+import csv
+import json
+import shutil
+from collections import defaultdict
+
+import pytest
+
+from conftest import CNMC, link_real_cnmc_tree, make_image_folder, require
+from leukoscope import load_model
+from leukoscope.cli import main
+
+TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
+REPORT_FILES = ["metrics.json", "classification_report.txt", "confusion_matrix.png", "training_curves.png",
+                "history.csv", "report.html", "splits.csv", "config.yaml", "model.pt"]
+
+
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    data = make_image_folder(root / "data", n_per_class=16)
+    assert main(["train", str(data), "--out", str(root / "run"), *TINY]) == 0
+    return data, root / "run"
+
+
+def test_train_writes_every_report_file(synthetic_run):
+    _, run = synthetic_run
+    for name in REPORT_FILES:
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        for key in ("loss", "accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "confusion_matrix", "per_class"):
+            assert key in metrics[split]
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 3 and "split by" in html
+
+
+def test_evaluate_and_predict_round_trip(synthetic_run, tmp_path, capsys):
+    data, run = synthetic_run
+    assert main(["evaluate", str(run), str(data), "--out", str(tmp_path / "eval")]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    trained = json.loads((run / "metrics.json").read_text())
+    assert evaluated["test"]["n"] == trained["test"]["n"]  # the run's splits.csv was reused
+    assert abs(evaluated["test"]["accuracy"] - trained["test"]["accuracy"]) < 1e-9
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run / "model.pt"), str(data), "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert len(rows) == 32
+    assert list(rows[0]) == ["path", "label", "confidence", "p_blast", "p_normal", "error"]
+    for row in rows:
+        assert row["label"] in ("blast", "normal") and not row["error"]
+        assert abs(float(row["p_blast"]) + float(row["p_normal"]) - 1) < 1e-4
+
+
+def test_python_api(synthetic_run):
+    data, run = synthetic_run
+    predictor = load_model(run)
+    preds = predictor.predict([data / "blast" / "blast_000.png", data / "nope.png"])
+    assert preds[0].label in ("blast", "normal") and 0.5 <= preds[0].confidence <= 1
+    assert preds[1].error == "file not found"
+
+
+@pytest.fixture(scope="module")
+def cnmc_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cnmc")
+    data = link_real_cnmc_tree(root / "data")
+    assert main(["train", str(data), "--out", str(root / "run"), "--arch", "cellnet_tiny", "--image-size", "64",
+                 "--epochs", "2", "--batch-size", "4", "--fractions", "0.5,0.25,0.25"]) == 0
+    return data, root / "run"
+
+
+def test_real_cnmc_tree_trains_with_patient_split(cnmc_run):
+    _, run = cnmc_run
+    rows = _rows(run / "splits.csv")
+    assert len(rows) == 15 and all(r["patient"] for r in rows)
+    where = defaultdict(set)
+    for r in rows:
+        where[r["patient"]].add(r["split"])
+    assert all(len(s) == 1 for s in where.values())
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    assert json.loads((run / "run.json").read_text())["split_kind"] == "patient"
+    assert "per_patient" in json.loads((run / "metrics.json").read_text())["test"]
+    assert "<b>patient</b>" in (run / "report.html").read_text()
+
+
+def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
+    _, run = cnmc_run
+    folder = tmp_path / "cells"
+    shutil.copytree(require(CNMC), folder, ignore=shutil.ignore_patterns("*.csv", "*.tsv"))
+    (folder / "broken.bmp").write_bytes(b"BM\x00\x01 truncated")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run), str(folder), "--out", str(out)]) == 1
+    rows = _rows(out)
+    assert len(rows) == 16
+    errors = [r for r in rows if r["error"]]
+    assert len(errors) == 1 and errors[0]["path"].endswith("broken.bmp") and "\n" not in errors[0]["error"]
+    assert sum(r["label"] in ("all", "hem") for r in rows) == 15
+    assert "15 predicted, 1 failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "{tmp}/nowhere", "--out", "{tmp}/run"], "does not exist"),
+        (["train", "{data}", "--out", "{tmp}/run", "--arch", "resnet19"], "did you mean 'resnet18'"),
+        (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/bad.yaml"], "did you mean 'epochs'"),
+        (["predict", "{tmp}/no_model", "{data}", "--out", "{tmp}/p.csv"], "neither a run folder"),
+        (["evaluate", "{tmp}/no_model", "{data}", "--out", "{tmp}/e"], "neither a run folder"),
+    ],
+)
+def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
+    data = make_image_folder(tmp_path / "data", n_per_class=2)
+    (tmp_path / "bad.yaml").write_text("epoch: 3\n")
+    argv = [a.format(tmp=tmp_path, data=data) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("leukoscope: error:") and "\n" not in err

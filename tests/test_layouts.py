@@ -1,0 +1,109 @@
+import csv
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import CNMC, link_real_cnmc_tree, require
+from leukoscope.data import detect_layout
+from leukoscope.data.layouts import parse_uid
+from leukoscope.errors import LeukoscopeError
+
+
+def _tiny(path: Path, ext_format: str = "BMP") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (2, 2)).save(path, format=ext_format)
+
+
+def test_image_folder_any_depth_any_extension_case(tmp_path):
+    for rel in ["a/b/Early/x1.JPG", "a/b/Early/x2.jpeg", "a/c/Pro/y.TIFF", "a/c/Pro/z.Png", "a/c/Pro/w.bmp"]:
+        fmt = {"jpg": "JPEG", "jpeg": "JPEG", "tiff": "TIFF", "png": "PNG", "bmp": "BMP"}[rel.rsplit(".", 1)[1].lower()]
+        _tiny(tmp_path / rel, fmt)
+    (tmp_path / "a/c/Pro/notes.txt").write_text("not an image")
+    ds = detect_layout(tmp_path)
+    assert ds.layout == "image-folder"
+    assert ds.classes == ["Early", "Pro"]
+    assert Counter(s.label for s in ds.samples) == {"Early": 2, "Pro": 3}
+    assert not ds.has_patients
+
+
+def test_image_folder_manifest_gives_patients(tmp_path):
+    _tiny(tmp_path / "pos/a.png", "PNG")
+    _tiny(tmp_path / "neg/b.png", "PNG")
+    (tmp_path / "manifest.csv").write_text("file,cls,patient_id\npos/a.png,pos,P1\nneg/b.png,neg,P2\n")
+    ds = detect_layout(tmp_path)
+    assert {s.path: s.patient for s in ds.samples} == {"pos/a.png": "P1", "neg/b.png": "P2"}
+    assert ds.has_patients
+
+
+def test_uid_names():
+    assert parse_uid("UID_12_3_1_all.bmp") == ("12", "all")
+    assert parse_uid("UID_h3_6_1_hem.bmp") == ("H3", "hem")
+    assert parse_uid("1005.bmp") is None
+
+
+def test_cnmc_layout_from_official_manifest(tmp_path):
+    """Every path of the real 15,115-file Kaggle copy, as empty files: names alone drive detection."""
+    manifest = require(CNMC / "official_sha256_manifest_from_lfs_pointers.tsv")
+    with open(manifest) as handle:
+        paths = [line.rstrip("\n").split("\t")[2] for line in handle if line.strip()]
+    for rel in paths:
+        target = tmp_path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.touch()
+    (tmp_path / "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data_labels.csv").write_bytes(
+        (CNMC / "C-NMC_test_prelim_phase_data_labels.csv").read_bytes())
+    for root in (tmp_path, tmp_path / "C-NMC_Leukemia"):
+        ds = detect_layout(root)
+        assert ds.layout == "cnmc2019"
+        train = [s for s in ds.samples if "training_data" in s.path]
+        assert len(train) == 10661
+        assert len({s.patient for s in train if s.label == "all"}) == 47
+        assert len({s.patient for s in train if s.label == "hem"}) == 26
+        prelim = [s for s in ds.samples if "prelim" in s.path]
+        assert len(prelim) == 1867 and all(s.patient for s in prelim)
+        assert len(ds.samples) == 10661 + 1867  # final-phase test images carry no labels
+        assert any("2586 unlabelled" in note for note in ds.notes)
+
+
+def test_cnmc_tcia_layout(tmp_path):
+    _tiny(tmp_path / "C-NMC_training_data/fold_0/all/UID_1_1_1_all.bmp")
+    _tiny(tmp_path / "C-NMC_training_data/fold_1/hem/UID_H2_1_1_hem.bmp")
+    ds = detect_layout(tmp_path)
+    assert ds.layout == "cnmc2019"
+    assert sorted((s.label, s.patient) for s in ds.samples) == [("all", "1"), ("hem", "H2")]
+
+
+def test_real_cells_as_shared(tmp_path):
+    ds = detect_layout(require(CNMC))
+    assert ds.layout == "image-folder" and ds.classes == ["all", "hem"]
+    assert len(ds.samples) == 15 and ds.has_patients
+    with open(CNMC / "manifest.csv", newline="") as handle:
+        expected = {row["file"]: row["patient_id"] for row in csv.DictReader(handle)}
+    assert {s.path: s.patient for s in ds.samples} == expected
+
+
+def test_real_cells_in_kaggle_layout(tmp_path):
+    ds = detect_layout(link_real_cnmc_tree(tmp_path))
+    assert ds.layout == "cnmc2019"
+    assert len(ds.samples) == 15
+    by_path = {Path(s.path).name: (s.label, s.patient) for s in ds.samples}
+    assert by_path["1005.bmp"] == ("all", "57")  # label and patient recovered from the prelim CSV
+    assert by_path["1002.bmp"] == ("hem", "H49")
+
+
+@pytest.mark.parametrize("make", ["missing", "file", "empty", "flat"])
+def test_nothing_matches_is_one_line_error(tmp_path, make):
+    target = tmp_path / "data"
+    if make == "file":
+        target.write_text("x")
+    elif make == "empty":
+        target.mkdir()
+    elif make == "flat":
+        target.mkdir()
+        (target / "readme.txt").write_text("no images")
+    with pytest.raises(LeukoscopeError) as info:
+        detect_layout(target)
+    message = str(info.value)
+    assert str(target) in message and "C-NMC" in message and "\n" not in message

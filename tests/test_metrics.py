@@ -1,0 +1,71 @@
+import math
+
+import numpy as np
+import pytest
+
+from leukoscope import metrics as M
+
+
+def test_confusion_matrix_and_scores_hand_computed():
+    # true: 0 0 0 1 1 2 ; pred: 0 0 1 1 2 2
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 1, 2, 2]
+    cm = M.confusion_matrix(y_true, y_pred, 3)
+    assert cm.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert M.accuracy(cm) == pytest.approx(4 / 6)
+    # recalls: 2/3, 1/2, 1 -> balanced accuracy 13/18
+    assert M.balanced_accuracy(cm) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    prf = M.per_class_prf(cm)
+    # precisions: 2/2, 1/2, 1/2
+    assert prf["precision"].tolist() == pytest.approx([1.0, 0.5, 0.5])
+    f1 = [2 * 1 * (2 / 3) / (1 + 2 / 3), 0.5, 2 * 0.5 / 1.5]
+    assert prf["f1"].tolist() == pytest.approx(f1)
+    assert M.macro_f1(cm) == pytest.approx(np.mean(f1))
+    assert M.weighted_f1(cm) == pytest.approx((3 * f1[0] + 2 * f1[1] + 1 * f1[2]) / 6)
+
+
+def test_zero_division_is_zero_not_nan():
+    cm = M.confusion_matrix([0, 0], [0, 0], 2)
+    prf = M.per_class_prf(cm)
+    assert prf["precision"][1] == 0.0 and prf["recall"][1] == 0.0
+    assert M.balanced_accuracy(cm) == 1.0  # class 1 absent from y_true is skipped
+    assert M.macro_f1(cm) == 1.0  # class 1 neither true nor predicted
+
+
+def test_binary_auc_hand_computed_with_ties():
+    # positives scores 0.8, 0.4 ; negatives 0.4, 0.1 -> pairs: (0.8>0.4)=1, (0.8>0.1)=1, (0.4=0.4)=0.5, (0.4>0.1)=1
+    assert M.binary_auc([1, 1, 0, 0], [0.8, 0.4, 0.4, 0.1]) == pytest.approx(3.5 / 4)
+    assert M.binary_auc([1, 0], [0.1, 0.9]) == 0.0
+    assert math.isnan(M.binary_auc([1, 1], [0.2, 0.3]))
+
+
+def test_roc_auc_multiclass_is_macro_one_vs_rest():
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.5, 0.4, 0.1]])
+    y = [0, 1, 2, 1]
+    expected = np.mean([M.binary_auc(np.array(y) == c, probs[:, c]) for c in range(3)])
+    assert M.roc_auc(y, probs) == pytest.approx(expected)
+    # class 0: pos 0.8 vs neg 0.2,0.3,0.5 -> 1.0 ; class 2: pos 0.4 vs 0.1,0.1,0.1 -> 1.0
+    # class 1: pos 0.7,0.4 vs neg 0.1,0.3 -> 1.0
+    assert M.roc_auc(y, probs) == pytest.approx(1.0)
+
+
+def test_roc_curve_endpoints_and_steps():
+    fpr, tpr = M.roc_curve([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1])
+    assert fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
+    assert tpr.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]
+
+
+def test_log_loss_and_summary():
+    probs = np.array([[0.5, 0.5], [0.9, 0.1]])
+    assert M.log_loss([0, 1], probs) == pytest.approx(-(np.log(0.5) + np.log(0.1)) / 2)
+    summary = M.summarize([0, 1], probs, ["a", "b"], patients=["p1", "p2"])
+    assert summary["accuracy"] == 0.5
+    assert summary["per_class"]["a"]["support"] == 1
+    assert summary["per_patient"] == {"p1": {"n": 1, "accuracy": 1.0}, "p2": {"n": 1, "accuracy": 0.0}}
+    text = M.classification_report(summary, ["a", "b"])
+    assert "weighted avg" in text and "0.5000" in text
+
+
+def test_per_group_accuracy_ignores_unknown_groups():
+    result = M.per_group_accuracy([0, 1, 1], [0, 0, 1], ["A", "A", ""])
+    assert result == {"A": {"n": 2, "accuracy": 0.5}}
