@@ -6,7 +6,9 @@ DATA ?= ../shared/data/aria_all
 RUN ?= runs/demo
 EPOCHS ?= 20
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test models benchmark clean
+
+SHARED ?= ../shared/data
 
 setup: $(VENV)/.installed
 
@@ -26,6 +28,16 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Train and bundle the shipped models (about 35 minutes on 2 CPU cores), then measure them.
+models: setup
+	$(BIN)/leukoscope train $(SHARED)/aria_all --out runs/aria-all --config configs/aria-all.yaml
+	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all
+	$(BIN)/leukoscope train $(SHARED)/pbc --out runs/pbc --config configs/pbc.yaml
+	$(BIN)/python tools/bundle_model.py runs/pbc --name pbc --data $(SHARED)/pbc
+
+benchmark: setup
+	$(BIN)/python benchmarks/benchmark.py --model pbc
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

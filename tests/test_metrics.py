@@ -69,3 +69,26 @@ def test_log_loss_and_summary():
 def test_per_group_accuracy_ignores_unknown_groups():
     result = M.per_group_accuracy([0, 1, 1], [0, 0, 1], ["A", "A", ""])
     assert result == {"A": {"n": 2, "accuracy": 0.5}}
+
+
+def test_ece_hand_computed():
+    # two predictions at confidence 0.9 (one right, one wrong) -> |0.5 - 0.9| = 0.4
+    probs = np.array([[0.9, 0.1], [0.9, 0.1]])
+    assert M.expected_calibration_error(probs, np.array([0, 1]), bins=10) == pytest.approx(0.4)
+    # perfectly confident and right -> 0
+    assert M.expected_calibration_error(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0)
+
+
+def test_temperature_scaling_softens_overconfident_logits():
+    import torch
+
+    from leukoscope.calibration import fit_temperature
+
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (400,))
+    correct = torch.rand(400) < 0.8  # 80% right but with logit gap 10 (~100% confident)
+    predicted = torch.where(correct, labels, 1 - labels)
+    logits = torch.nn.functional.one_hot(predicted, 2).float() * 10
+    t = fit_temperature(logits, labels)
+    # the optimum makes the confidence ~0.8: sigmoid(10 / T) = 0.8 -> T = 10 / ln 4 ~ 7.2
+    assert t == pytest.approx(10 / np.log(4), rel=0.1)

@@ -86,8 +86,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, path in sorted(bundled.items()):
         ckpt = load_checkpoint(path)
         test = ckpt.get("metrics", {}).get("test", {})
-        scores = ", ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "macro_f1") if k in test)
-        print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px, classes {', '.join(ckpt['class_names'])}; test {scores}")
+        scores = [f"{k} {test[k]:.4f}" for k in ("accuracy", "macro_f1") if k in test]
+        scores += [f"{k} {v:.4f}" for k, v in ckpt.get("extra_metrics", {}).items()]
+        print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px, classes {', '.join(ckpt['class_names'])}")
+        print(f"    test: {', '.join(scores)}")
+        print(f"    trained by: {ckpt.get('train_command', '?')} (data manifest sha256 {ckpt.get('data_manifest_sha256', '?')[:16]}...)")
     return 0
 
 

@@ -119,6 +119,23 @@ def log_loss(y_true, probs: np.ndarray, eps: float = 1e-12) -> float:
     return float(-np.log(picked).mean())
 
 
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by count."""
+    probs, labels = np.asarray(probs, float), np.asarray(labels, int)
+    if len(labels) == 0:
+        return float("nan")
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.sum() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total / len(labels))
+
+
 def per_group_accuracy(y_true, y_pred, groups: Sequence[str]) -> dict[str, dict]:
     """Accuracy and count per group (e.g. per patient), for groups that are not empty strings."""
     out: dict[str, dict] = {}
@@ -146,6 +163,7 @@ def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: S
         "macro_f1": macro_f1(cm),
         "weighted_f1": weighted_f1(cm),
         "roc_auc": roc_auc(y_true, probs) if len(y_true) else float("nan"),
+        "ece": expected_calibration_error(probs, y_true),
         "confusion_matrix": cm.tolist(),
         "per_class": {
             name: {key: (int(prf[key][i]) if key == "support" else float(prf[key][i])) for key in prf}

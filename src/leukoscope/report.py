@@ -103,9 +103,9 @@ def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], 
     """One self-contained report.html (figures inlined) from the files in ``out_dir``."""
     splits = [s for s in ("train", "val", "test") if s in metrics]
     summary = _table(
-        ["split", "n", "loss", "accuracy", "balanced acc.", "macro-F1", "weighted F1", "ROC AUC"],
+        ["split", "n", "loss", "accuracy", "balanced acc.", "macro-F1", "weighted F1", "ROC AUC", "ECE"],
         [[s, metrics[s]["n"], metrics[s]["loss"], metrics[s]["accuracy"], metrics[s]["balanced_accuracy"],
-          metrics[s]["macro_f1"], metrics[s]["weighted_f1"], metrics[s]["roc_auc"]] for s in splits],
+          metrics[s]["macro_f1"], metrics[s]["weighted_f1"], metrics[s]["roc_auc"], metrics[s]["ece"]] for s in splits],
     )
     per_class = ""
     for s in splits:
@@ -122,7 +122,8 @@ def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], 
 <h1>Leukoscope evaluation report</h1>
 <p class="note">model <code>{html.escape(str(info.get('model', '')))}</code>, architecture <b>{html.escape(str(info.get('arch', '')))}</b>,
 data <code>{html.escape(str(info.get('data', '')))}</code> ({html.escape(str(info.get('layout', '')))}),
-split by <b>{html.escape(str(info.get('split_kind', '')))}</b>, classes: {html.escape(', '.join(class_names))}.</p>
+split by <b>{html.escape(str(info.get('split_kind', '')))}</b>, classes: {html.escape(', '.join(class_names))}.
+Probabilities are temperature-scaled (T = {html.escape(str(info.get('temperature', 'n/a')))}, fitted on the validation split).</p>
 <h2>Summary</h2>{summary}
 <h2>Figures</h2>{figures}
 <h2>Per class</h2>{per_class}

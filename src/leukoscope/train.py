@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .calibration import fit_temperature
 from .checkpoint import build_checkpoint, save_checkpoint
 from .config import TrainConfig, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, write_splits
@@ -211,10 +212,13 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
     train_seconds = time.perf_counter() - started
     checkpoint = build_checkpoint(model.cpu(), {**meta, "epoch": int(np.argmax([h["val_balanced_accuracy"] for h in history])) + 1})
     predictor = Predictor(checkpoint, source=str(out / "model.pt"))
+    val_logits = torch.cat([predictor.logits(tensors["val"][i : i + 256]) for i in range(0, len(tensors["val"]), 256)]) if len(tensors["val"]) else torch.zeros(0, num_classes)
+    predictor.temperature = checkpoint["temperature"] = fit_temperature(val_logits, torch.from_numpy(labels["val"]))
     info = {"model": str(out / "model.pt"), "arch": config.arch, "data": str(data), "layout": dataset.layout,
-            "split_kind": split_kind, "config": config.to_dict(), "train_seconds": round(train_seconds, 1)}
+            "split_kind": split_kind, "config": config.to_dict(), "train_seconds": round(train_seconds, 1),
+            "temperature": round(checkpoint["temperature"], 4)}
     metrics = evaluate(predictor, dataset, splits, out, info=info, history=history, images=tensors)
-    checkpoint["metrics"] = {s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "n")} for s, m in metrics.items()}
+    checkpoint["metrics"] = {s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")} for s, m in metrics.items()}
     checkpoint["train_seconds"] = round(train_seconds, 1)
     save_checkpoint(out / "model.pt", checkpoint)
     (out / "run.json").write_text(json.dumps({**info, "layout_notes": dataset.notes, "epochs_run": len(history),

@@ -1,0 +1,85 @@
+"""Turn a finished run into a bundled model shipped in src/leukoscope/weights/NAME.pt.
+
+    .venv/bin/python tools/bundle_model.py runs/aria-all --name aria-all --data ../shared/data/aria_all
+
+Weights are stored in fp16 (half the size; outputs checked against fp32 below). The metadata
+gains the data manifest's sha256, the split file's sha256 and task-specific test metrics:
+benign-vs-malignant sensitivity/specificity for aria-all, and the 5 common WBC types (argmax
+over those classes only) for pbc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leukoscope.checkpoint import load_checkpoint, save_checkpoint
+from leukoscope.data import read_splits
+from leukoscope.data.dataset import decode_many
+from leukoscope.evaluate import predict_tensor
+from leukoscope.inference import Predictor
+from leukoscope.metrics import confusion_matrix, macro_f1
+
+WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "leukoscope" / "weights"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def extra_metrics(predictor: Predictor, data: Path, run: Path) -> dict[str, float]:
+    samples, splits = read_splits(run / "splits.csv")
+    test = [s for s, k in zip(samples, splits) if k == "test"]
+    images, errors = decode_many([data / s.path for s in test], predictor.image_size)
+    probs = predict_tensor(predictor, images)
+    names = predictor.class_names
+    labels = np.array([names.index(s.label) for s in test])
+    out: dict[str, float] = {}
+    if "Benign" in names:
+        benign = names.index("Benign")
+        malignant_true, malignant_pred = labels != benign, probs.argmax(1) != benign
+        out["malignant_sensitivity"] = float((malignant_pred & malignant_true).sum() / malignant_true.sum())
+        out["benign_specificity"] = float((~malignant_pred & ~malignant_true).sum() / (~malignant_true).sum())
+    if all(c in names for c in WBC5):
+        idx = [names.index(c) for c in WBC5]
+        keep = np.isin(labels, idx)
+        y = np.array([idx.index(v) for v in labels[keep]])
+        pred = probs[keep][:, idx].argmax(1)
+        cm = confusion_matrix(y, pred, 5)
+        out["wbc5_accuracy"] = float(np.trace(cm) / cm.sum())
+        out["wbc5_macro_f1"] = macro_f1(cm)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    args = parser.parse_args()
+    checkpoint = load_checkpoint(args.run / "model.pt")
+    full = Predictor(checkpoint)
+    checkpoint["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
+    half = Predictor(checkpoint)
+    probe = torch.randint(0, 256, (8, 3, full.image_size, full.image_size), dtype=torch.uint8)
+    diff = float(np.abs(full.predict_proba(probe) - half.predict_proba(probe)).max())
+    if diff > 1e-2:
+        raise SystemExit(f"fp16 weights change probabilities by {diff:.4f} > 0.01; not bundling")
+    manifest = args.data / "manifest.csv"
+    checkpoint["data_manifest_sha256"] = sha256(manifest) if manifest.is_file() else ""
+    checkpoint["splits_sha256"] = sha256(args.run / "splits.csv")
+    checkpoint["extra_metrics"] = extra_metrics(half, args.data, args.run)
+    checkpoint["bundled_name"] = args.name
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(WEIGHTS / f"{args.name}.pt", checkpoint)
+    size = (WEIGHTS / f"{args.name}.pt").stat().st_size / 1e6
+    print(f"bundled {args.name}: {size:.1f} MB, fp16 max prob diff {diff:.2e}, test {checkpoint['metrics'].get('test')}, extra {checkpoint['extra_metrics']}")
+
+
+if __name__ == "__main__":
+    main()
