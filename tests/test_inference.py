@@ -1,5 +1,8 @@
-"""The fast inference path (reduced-size JPEG decoding, threaded decode, channels_last, fp16
-weights) against the plain reference path (full decode, fp32 contiguous), on real images."""
+"""The fast inference path (threaded, pipelined decoding, channels_last, fp16-stored weights,
+batching) against a plain reference path (one decode at a time, contiguous fp32), on real images.
+
+Both decode JPEGs at reduced scale (``draft``), because training does too: it is the models'
+preprocessing. Its effect against full decoding is checked separately, on labels."""
 
 from pathlib import Path
 
@@ -14,12 +17,12 @@ from leukoscope.inference import bundled_models
 from leukoscope.io import load_rgb
 from leukoscope.transforms import normalize, to_float
 
-TOLERANCE = 0.03  # max absolute difference of any class probability
+TOLERANCE = 1e-3  # max absolute difference of any class probability
 
 
-def _reference_probs(predictor, paths):
+def _reference_probs(predictor, paths, draft=True):
     model = model_from_checkpoint(predictor.checkpoint).float()
-    arrays = np.stack([load_rgb(p, predictor.image_size, draft=False) for p in paths])
+    arrays = np.stack([load_rgb(p, predictor.image_size, draft=draft) for p in paths])
     x = normalize(to_float(torch.from_numpy(arrays)), predictor.mean, predictor.std).contiguous()
     with torch.no_grad():
         return torch.softmax(model(x) / predictor.temperature, dim=1).numpy()
@@ -34,7 +37,9 @@ def test_fast_path_matches_reference(name, folder):
     fast = np.array([[p.probabilities[c] for c in predictor.class_names] for p in predictor.predict(paths, batch_size=16)])
     reference = _reference_probs(predictor, paths)
     assert np.abs(fast - reference).max() <= TOLERANCE
-    assert (fast.argmax(1) == reference.argmax(1)).mean() >= 0.95
+    assert (fast.argmax(1) == reference.argmax(1)).all()
+    full_decode = _reference_probs(predictor, paths, draft=False)
+    assert (fast.argmax(1) == full_decode.argmax(1)).mean() >= 0.95
 
 
 def test_bundled_models_describe_themselves():
