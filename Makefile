@@ -37,7 +37,7 @@ models: setup
 	$(BIN)/python tools/bundle_model.py runs/pbc --name pbc --data $(SHARED)/pbc
 
 benchmark: setup
-	$(BIN)/python benchmarks/benchmark.py --model pbc
+	$(BIN)/python benchmarks/benchmark.py --model pbc --small 64 --large 768 --repeats 2
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

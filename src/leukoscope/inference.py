@@ -21,6 +21,7 @@ from PIL import Image
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import LeukoscopeError, did_you_mean
 from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
+from .models import CellNet
 from .transforms import eval_transform
 
 CHECKPOINT_NAME = "model.pt"
@@ -73,7 +74,7 @@ class Predictor:
         self.image_size: int = int(checkpoint["image_size"])
         self.mean, self.std = list(checkpoint["mean"]), list(checkpoint["std"])
         self.temperature = float(checkpoint.get("temperature", 1.0))
-        self.model = model_from_checkpoint(checkpoint).to(memory_format=torch.channels_last)
+        self.model = fold_batchnorm(model_from_checkpoint(checkpoint)).to(memory_format=torch.channels_last)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -138,6 +139,18 @@ class Predictor:
             confidence=float(probs[top]),
             probabilities={c: float(p) for c, p in zip(self.class_names, probs)},
         )
+
+
+def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold each BatchNorm into the convolution before it (exact for inference, ~fewer passes).
+
+    Applied to our CellNet only, whose graph is known to trace; other architectures run as built.
+    """
+    if isinstance(model, CellNet):
+        from torch.fx.experimental.optimization import fuse
+
+        return fuse(model.eval())
+    return model
 
 
 def _array_to_rgb(array: np.ndarray) -> Image.Image:
