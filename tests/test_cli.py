@@ -37,6 +37,19 @@ def test_train_writes_every_report_file(synthetic_run):
             assert key in metrics[split]
     html = (run / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 3 and "split by" in html
+    checkpoint = load_model(run).meta
+    assert checkpoint["train_command"].startswith("leukoscope train ") and "--arch cellnet_tiny" in checkpoint["train_command"]
+    assert 1 <= checkpoint["epoch"] <= 2
+
+
+def test_training_into_a_run_of_other_images_is_refused(synthetic_run, tmp_path, capsys):
+    _, run = synthetic_run
+    other = make_image_folder(tmp_path / "other", n_per_class=3, seed=1)
+    (other / "normal" / "extra.png").write_bytes((other / "normal" / "normal_000.png").read_bytes())
+    (tmp_path / "run").mkdir()
+    shutil.copy(run / "splits.csv", tmp_path / "run" / "splits.csv")
+    assert main(["train", str(other), "--out", str(tmp_path / "run"), *TINY]) == 2
+    assert "lists other images" in capsys.readouterr().err
 
 
 def test_evaluate_and_predict_round_trip(synthetic_run, tmp_path, capsys):

@@ -25,8 +25,8 @@ FORMAT_VERSION = 1
 REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "state_dict")
 
 
-def build_checkpoint(model: nn.Module, meta: dict[str, Any], half: bool = False) -> dict[str, Any]:
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().clone() for k, v in model.state_dict().items()}
+def build_checkpoint(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return {
         "format_version": FORMAT_VERSION,
         "leukoscope_version": __version__,

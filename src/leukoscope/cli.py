@@ -35,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
                  "precision": args.precision, "patience": args.patience}
     config = load_config(args.config, overrides)
-    command = "leukoscope " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command)
     _print_summary(metrics)
     print(f"run written to {args.out} (report: {Path(args.out) / 'report.html'})")
@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except LeukoscopeError as err:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import SPLITS, Dataset, detect_layout, read_splits
+from .data import SPLITS, Dataset, detect_layout, run_splits
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model, resolve_model_path
@@ -34,15 +34,8 @@ def predict_tensor(predictor: Predictor, images: torch.Tensor, batch_size: int =
 
 def assign_splits(dataset: Dataset, model: str | os.PathLike) -> tuple[list[str], str]:
     """Use the run's splits.csv when DATA is the run's dataset, else evaluate everything as test."""
-    path = resolve_model_path(model)
-    split_file = path.parent / "splits.csv"
-    if split_file.is_file():
-        samples, splits = read_splits(split_file)
-        lookup = {s.path: split for s, split in zip(samples, splits)}
-        if all(s.path in lookup for s in dataset.samples):
-            kind = json.loads((path.parent / "run.json").read_text()).get("split_kind", "") if (path.parent / "run.json").is_file() else ""
-            return [lookup[s.path] for s in dataset.samples], kind or "from splits.csv"
-    return ["test"] * len(dataset.samples), "none (whole dataset evaluated as test)"
+    recorded = run_splits(resolve_model_path(model).parent, dataset.samples)
+    return recorded or (["test"] * len(dataset.samples), "none (whole dataset evaluated as test)")
 
 
 def evaluate(

@@ -100,13 +100,15 @@ class Predictor:
 
     def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool = False, workers: int = 4) -> Iterator[Prediction]:
         """Yield one Prediction per item, in order; the next batch decodes while this one runs."""
-        starts = list(range(0, len(items), batch_size))
         with ThreadPoolExecutor(workers) as pool:
-            submit = lambda start: [pool.submit(self._decode, item) for item in items[start : start + batch_size]]  # noqa: E731
-            pending = submit(starts[0]) if starts else []
-            for n, start in enumerate(starts):
+
+            def submit(start: int) -> list:
+                return [pool.submit(self._decode, item) for item in items[start : start + batch_size]]
+
+            pending = submit(0)
+            for start in range(0, len(items), batch_size):
                 decoded = [f.result() for f in pending]
-                pending = submit(starts[n + 1]) if n + 1 < len(starts) else []
+                pending = submit(start + batch_size)  # empty past the end
                 yield from self._predict_decoded(items[start : start + batch_size], start, decoded, tta)
 
     def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool) -> Iterator[Prediction]:

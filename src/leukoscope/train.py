@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from .calibration import fit_temperature
 from .checkpoint import build_checkpoint, save_checkpoint
 from .config import TrainConfig, save_config
-from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, write_splits
+from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
-from .evaluate import evaluate, predict_tensor
+from .evaluate import evaluate
 from .inference import Predictor
 from .metrics import balanced_accuracy, confusion_matrix
 from .models import create_model
@@ -59,17 +59,13 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> bool:
 
 def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig) -> tuple[list[str], str]:
     """Reuse ``out/splits.csv`` when present (same images required), else make and write it."""
-    split_file = out / "splits.csv"
-    if split_file.is_file():
-        samples, splits = read_splits(split_file)
-        if sorted(s.path for s in samples) != sorted(s.path for s in dataset.samples):
-            raise LeukoscopeError(f"{split_file} lists other images than {dataset.root}; use a new --out folder")
-        lookup = {s.path: k for s, k in zip(samples, splits)}
-        run_json = out / "run.json"
-        kind = json.loads(run_json.read_text()).get("split_kind", "from splits.csv") if run_json.is_file() else "from splits.csv"
-        return [lookup[s.path] for s in dataset.samples], kind
+    if (out / "splits.csv").is_file():
+        recorded = run_splits(out, dataset.samples)
+        if recorded is None or len(read_splits(out / "splits.csv")[0]) != len(dataset.samples):
+            raise LeukoscopeError(f"{out / 'splits.csv'} lists other images than {dataset.root}; use a new --out folder")
+        return recorded
     splits, kind = make_splits(dataset, config.fractions, config.seed, config.split_by)
-    write_splits(split_file, dataset.samples, splits)
+    write_splits(out / "splits.csv", dataset.samples, splits)
     return splits, kind
 
 
@@ -164,6 +160,52 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, out: Path, generator, device, bf16: bool) -> tuple[list[dict], int]:
+    """Train with early stopping; leaves the best epoch's weights in ``model``.
+
+    model.pt holds the best epoch so far and last.pt the latest, both rewritten atomically
+    every epoch. Returns the per-epoch history and the best epoch's number.
+    """
+    num_classes = len(meta["class_names"])
+    optimizer = build_optimizer(model, config)
+    steps = max(1, len(tensors["train"]) // config.batch_size) * config.epochs
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps + config.epochs, pct_start=0.15)
+    weights = class_weights(labels["train"], num_classes, config.class_balance)
+    history: list[dict] = []
+    best_key, best_state, best_epoch, stale = None, None, 0, 0
+    epochs = tqdm(range(1, config.epochs + 1), desc=f"train {config.arch}")
+    for epoch in epochs:
+        t0 = time.perf_counter()
+        train_loss, train_acc = train_epoch(model, tensors["train"], labels["train"], optimizer, scheduler, config, stats, weights, generator, device, bf16)
+        val = validate(model, tensors["val"], labels["val"], stats, num_classes, device)
+        history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
+                        "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+                        "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+        epochs.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val['loss']:.3f}", val_bacc=f"{val['balanced_accuracy']:.4f}")
+        key = (val["balanced_accuracy"], -val["loss"]) if not np.isnan(val["loss"]) else (train_acc, -train_loss)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, stale = key, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            save_checkpoint(out / "model.pt", build_checkpoint(model, {**meta, "epoch": epoch}))
+        else:
+            stale += 1
+        save_checkpoint(out / "last.pt", build_checkpoint(model, {**meta, "epoch": epoch}))
+        write_history(out / "history.csv", history)
+        if stale >= config.patience:
+            tqdm.write(f"early stopping at epoch {epoch}: no validation improvement for {config.patience} epochs")
+            break
+    model.load_state_dict(best_state)
+    return history, best_epoch
+
+
+def calibrate(predictor: Predictor, images: torch.Tensor, labels: np.ndarray, batch_size: int = 256) -> float:
+    """Temperature fitted on the validation split (1.0 when it is empty)."""
+    if len(images) == 0:
+        return 1.0
+    logits = torch.cat([predictor.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    return fit_temperature(logits, torch.from_numpy(labels))
+
+
 def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, command: str = "") -> dict[str, Any]:
     """Run a full training job into ``out`` and return the evaluation metrics."""
     started = time.perf_counter()
@@ -178,42 +220,14 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
     save_config(config, out / "config.yaml")
     tensors, labels, dataset, splits = load_split_images(dataset, splits, config.image_size)
     stats = channel_stats(tensors["train"])
-    num_classes = len(dataset.classes)
-    model = create_model(config.arch, num_classes, **config.arch_kwargs).to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config)
-    steps = max(1, len(tensors["train"]) // config.batch_size) * config.epochs
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps + config.epochs, pct_start=0.15)
-    weights = class_weights(labels["train"], num_classes, config.class_balance)
+    model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs).to(device, memory_format=torch.channels_last)
     meta = {"arch": config.arch, "arch_kwargs": config.arch_kwargs, "class_names": dataset.classes, "image_size": config.image_size,
             "mean": stats[0], "std": stats[1], "config": config.to_dict(), "train_command": command, "split_kind": split_kind}
-    history: list[dict] = []
-    best_key, best_state, stale = None, None, 0
-    epochs = tqdm(range(1, config.epochs + 1), desc=f"train {config.arch}")
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        train_loss, train_acc = train_epoch(model, tensors["train"], labels["train"], optimizer, scheduler, config, stats, weights, generator, device, bf16)
-        val = validate(model, tensors["val"], labels["val"], stats, num_classes, device)
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
-                        "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-                        "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
-        epochs.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val['loss']:.3f}", val_bacc=f"{val['balanced_accuracy']:.4f}")
-        key = (val["balanced_accuracy"], -val["loss"]) if not np.isnan(val["loss"]) else (train_acc, -train_loss)
-        if best_key is None or key > best_key:
-            best_key, best_state, stale = key, {k: v.detach().clone() for k, v in model.state_dict().items()}, 0
-            save_checkpoint(out / "model.pt", build_checkpoint(model, {**meta, "epoch": epoch}))
-        else:
-            stale += 1
-        save_checkpoint(out / "last.pt", build_checkpoint(model, {**meta, "epoch": epoch}))
-        write_history(out / "history.csv", history)
-        if stale >= config.patience:
-            tqdm.write(f"early stopping at epoch {epoch}: no validation improvement for {config.patience} epochs")
-            break
-    model.load_state_dict(best_state)
+    history, best_epoch = run_epochs(model, tensors, labels, stats, config, meta, out, generator, device, bf16)
     train_seconds = time.perf_counter() - started
-    checkpoint = build_checkpoint(model.cpu(), {**meta, "epoch": int(np.argmax([h["val_balanced_accuracy"] for h in history])) + 1})
+    checkpoint = build_checkpoint(model.cpu(), {**meta, "epoch": best_epoch})
     predictor = Predictor(checkpoint, source=str(out / "model.pt"))
-    val_logits = torch.cat([predictor.logits(tensors["val"][i : i + 256]) for i in range(0, len(tensors["val"]), 256)]) if len(tensors["val"]) else torch.zeros(0, num_classes)
-    predictor.temperature = checkpoint["temperature"] = fit_temperature(val_logits, torch.from_numpy(labels["val"]))
+    predictor.temperature = checkpoint["temperature"] = calibrate(predictor, tensors["val"], labels["val"])
     info = {"model": str(out / "model.pt"), "arch": config.arch, "data": str(data), "layout": dataset.layout,
             "split_kind": split_kind, "config": config.to_dict(), "train_seconds": round(train_seconds, 1),
             "temperature": round(checkpoint["temperature"], 4)}

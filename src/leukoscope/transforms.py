@@ -41,9 +41,7 @@ class AugmentConfig:
 
 
 def to_float(batch_uint8: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) or (N, 3, H, W) uint8 -> (N, 3, H, W) float in [0, 1]."""
-    if batch_uint8.shape[-1] == 3 and batch_uint8.shape[1] != 3:
-        batch_uint8 = batch_uint8.permute(0, 3, 1, 2)
+    """(N, 3, H, W) uint8 -> (N, 3, H, W) float in [0, 1]."""
     return batch_uint8.float().div_(255.0)
 
 

@@ -8,6 +8,7 @@ dealt to splits class by class, each going to the split furthest below its targe
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -135,3 +136,20 @@ def read_splits(path: str | os.PathLike) -> tuple[list[Sample], list[str]]:
     if bad:
         raise LeukoscopeError(f"{path}: unknown split names {bad}; expected {list(SPLITS)}")
     return [Sample(r["path"], r["label"], r["patient"]) for r in rows], [r["split"] for r in rows]
+
+
+def run_splits(run_dir: str | os.PathLike, samples: list[Sample]) -> tuple[list[str], str] | None:
+    """The splits a run folder recorded for ``samples`` and their kind (from run.json).
+
+    None when the run has no splits.csv or it does not list every one of ``samples``.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "splits.csv").is_file():
+        return None
+    recorded, splits = read_splits(run_dir / "splits.csv")
+    lookup = {s.path: k for s, k in zip(recorded, splits)}
+    if not all(s.path in lookup for s in samples):
+        return None
+    run_json = run_dir / "run.json"
+    kind = json.loads(run_json.read_text()).get("split_kind", "") if run_json.is_file() else ""
+    return [lookup[s.path] for s in samples], kind or "from splits.csv"
