@@ -84,7 +84,7 @@ def model_flops(model: str) -> tuple[float, int]:
     predictor = load_model(model)
     x = torch.zeros(1, 3, predictor.image_size, predictor.image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        predictor.model(x)
+        predictor.backend.model(x)
     return counter.get_total_flops() / 1e9, predictor.image_size
 
 

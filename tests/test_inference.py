@@ -23,7 +23,7 @@ TOLERANCE = 1e-3  # max absolute difference of any class probability
 def _reference_probs(predictor, paths, draft=True):
     model = model_from_checkpoint(predictor.checkpoint).float()
     arrays = np.stack([load_rgb(p, predictor.image_size, draft=draft) for p in paths])
-    x = normalize(to_float(torch.from_numpy(arrays).permute(0, 3, 1, 2)), predictor.mean, predictor.std).contiguous()
+    x = normalize(to_float(torch.from_numpy(arrays).permute(0, 3, 1, 2)), predictor.backend.mean, predictor.backend.std).contiguous()
     with torch.no_grad():
         return torch.softmax(model(x) / predictor.temperature, dim=1).numpy()
 

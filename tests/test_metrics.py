@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from leukoscope import metrics as M
+from leukoscope.metrics import positive_index, reliability_bins, sensitivity_specificity, threshold_for_sensitivity
 
 
 def test_confusion_matrix_and_scores_hand_computed():
@@ -92,3 +93,29 @@ def test_temperature_scaling_softens_overconfident_logits():
     t = fit_temperature(logits, labels)
     # the optimum makes the confidence ~0.8: sigmoid(10 / T) = 0.8 -> T = 10 / ln 4 ~ 7.2
     assert t == pytest.approx(10 / np.log(4), rel=0.1)
+
+
+def test_reliability_bins_hand_computed():
+    probs = np.array([[0.95, 0.05], [0.9, 0.1], [0.3, 0.7], [0.4, 0.6]])
+    labels = np.array([0, 1, 1, 0])
+    conf, acc, counts = reliability_bins(probs, labels, bins=5)
+    assert counts.tolist() == [0, 0, 1, 1, 2]  # 0.6 -> (0.4, 0.6], 0.7 -> (0.6, 0.8], 0.9/0.95 -> (0.8, 1]
+    assert conf[4] == pytest.approx(0.925) and acc[4] == pytest.approx(0.5)
+    assert acc[2] == 0 and acc[3] == 1 and np.isnan(conf[0])
+
+
+def test_threshold_for_target_sensitivity_hand_computed():
+    positive = np.array([1, 1, 1, 1, 0, 0, 0], bool)
+    scores = np.array([0.9, 0.8, 0.4, 0.2, 0.5, 0.3, 0.1])
+    assert threshold_for_sensitivity(positive, scores, 0.5) == 0.8   # 2 of 4 positives
+    assert threshold_for_sensitivity(positive, scores, 0.75) == 0.4  # 3 of 4
+    assert threshold_for_sensitivity(positive, scores, 0.76) == 0.2  # ceil(3.04) = 4
+    assert sensitivity_specificity(positive, scores, 0.4) == (0.75, pytest.approx(2 / 3))
+    with pytest.raises(ValueError, match="target sensitivity"):
+        threshold_for_sensitivity(positive, scores, 1.5)
+
+
+def test_positive_class_is_the_malignant_one():
+    assert positive_index(["all", "hem"]) == 0
+    assert positive_index(["benign", "malignant"]) == 1
+    assert positive_index(["cats", "dogs"]) == 1

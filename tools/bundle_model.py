@@ -20,7 +20,7 @@ import torch
 from leukoscope.checkpoint import load_checkpoint, save_checkpoint
 from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
-from leukoscope.evaluate import predict_tensor
+from leukoscope.evaluate import predict_logits, softmax
 from leukoscope.inference import Predictor
 from leukoscope.metrics import confusion_matrix, macro_f1
 
@@ -36,7 +36,7 @@ def extra_metrics(predictor: Predictor, data: Path, run: Path) -> dict[str, floa
     samples, splits = read_splits(run / "splits.csv")
     test = [s for s, k in zip(samples, splits) if k == "test"]
     images, errors = decode_many([data / s.path for s in test], predictor.image_size)
-    probs = predict_tensor(predictor, images)
+    probs = softmax(predict_logits(predictor, images), predictor.temperature)
     names = predictor.class_names
     labels = np.array([names.index(s.label) for s in test])
     out: dict[str, float] = {}

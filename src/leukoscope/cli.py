@@ -20,6 +20,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     parts = [float(p) for p in text.split(",")]
     if len(parts) != 3:
@@ -33,7 +40,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {"arch": args.arch, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
-                 "precision": args.precision, "patience": args.patience}
+                 "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command)
@@ -45,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
-    metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta)
+    metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -72,6 +79,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failures += bool(pred.error)
     print(f"{len(paths) - failures} predicted, {failures} failed; written to {args.out}")
     return 1 if failures else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_files
+    from .inference import iter_inputs, load_model
+
+    predictor = load_model(args.model)
+    paths = iter_inputs(args.inputs)
+    if not paths:
+        raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
+    done, failed = explain_files(predictor, paths, args.out, method=args.method, class_name=args.target_class)
+    print(f"{done} heatmaps, {failed} failed; written to {args.out} (index: {Path(args.out) / 'explanations.csv'})")
+    return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import check_images, export_onnx
+    from .inference import iter_inputs, load_model
+
+    predictor = load_model(args.model)
+    paths = iter_inputs(args.images) if args.images else []
+    images = check_images(paths, predictor.image_size)
+    diff = export_onnx(predictor, args.out, images, tolerance=args.tolerance)
+    what = f"{len(images)} real images" if paths else f"{len(images)} random images (pass --images for real cells)"
+    print(f"exported {args.out}: max |p_onnx - p_torch| = {diff:.2e} on {what} (tolerance {args.tolerance})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .inference import load_model
+    from .serve import serve
+
+    predictor = load_model(args.model)
+    print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs: /docs)")
+    serve(predictor, name=Path(str(args.model)).name, host=args.host, port=args.port)
+    return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -119,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-by", choices=["patient", "image"], help="group splits by patient (default) or split by image")
     p.add_argument("--fractions", type=_fractions, help="train,val,test fractions, e.g. 0.7,0.15,0.15")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the decision threshold on val for this sensitivity (e.g. 0.98)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a dataset and write the report")
@@ -126,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
     p.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
+    p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict image files and folders into a CSV")
@@ -135,6 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="write Grad-CAM heatmaps of why each image got its class")
+    p.add_argument("model", help="run folder, checkpoint file or bundled model name")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", required=True, help="folder for the heatmap PNGs and explanations.csv")
+    p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++ or layercam")
+    p.add_argument("--class", dest="target_class", help="explain this class instead of the predicted one")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("export", help="export a model to ONNX, checked against PyTorch")
+    p.add_argument("model", help="run folder, checkpoint file or bundled model name")
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
+    p.add_argument("--images", nargs="+", help="real images or folders to check the export on (up to 64 used)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max allowed probability difference (default 1e-3)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="run the web app and JSON API")
+    p.add_argument("model", help="run folder, checkpoint file, exported .onnx or bundled model name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("models", help="list architectures and bundled models")
     p.set_defaults(func=cmd_models)

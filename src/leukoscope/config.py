@@ -31,6 +31,7 @@ class TrainConfig:
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     precision: str = "auto"
     device: str = "auto"
+    target_sensitivity: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,14 +22,20 @@ from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model, resolve_model_path
 from .io import atomic_write
-from .metrics import classification_report, summarize
-from .report import plot_confusion_matrices, plot_roc, plot_training_curves, write_html_report
+from .metrics import classification_report, expected_calibration_error, sensitivity_specificity, summarize, threshold_for_sensitivity
+from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
 
 
-def predict_tensor(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool = False, desc: str | None = None) -> np.ndarray:
+def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool = False, desc: str | None = None) -> np.ndarray:
     chunks = range(0, len(images), batch_size)
-    probs = [predictor.predict_proba(images[i : i + batch_size], tta) for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)]
-    return np.concatenate(probs) if probs else np.zeros((0, len(predictor.class_names)))
+    logits = [predictor.logits(images[i : i + batch_size], tta).numpy() for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)]
+    return np.concatenate(logits) if logits else np.zeros((0, len(predictor.class_names)))
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def assign_splits(dataset: Dataset, model: str | os.PathLike) -> tuple[list[str], str]:
@@ -47,38 +53,98 @@ def evaluate(
     history: list[dict] | None = None,
     images: dict[str, torch.Tensor] | None = None,
     tta: bool = False,
+    target_sensitivity: float | None = None,
 ) -> dict[str, Any]:
-    """Predict every split, compute metrics and write all report files; returns the metrics."""
+    """Predict every split, compute metrics and write all report files; returns the metrics.
+
+    With ``target_sensitivity`` (binary tasks), the operating threshold is chosen on the
+    validation split and stored on the predictor; every split then reports its sensitivity
+    and specificity at that threshold.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    info = dict(info or {})
     unknown = sorted({s.label for s in dataset.samples} - set(predictor.class_names))
     if unknown:
         raise LeukoscopeError(f"data has classes {unknown} that the model does not know; model classes: {predictor.class_names}")
-    index = {c: i for i, c in enumerate(predictor.class_names)}
+    results = {split: _predict_split(predictor, dataset, splits, split, images, tta) for split in SPLITS}
+    results = {k: v for k, v in results.items() if v is not None}
+    if target_sensitivity is not None:
+        choose_threshold(predictor, results, target_sensitivity)
     metrics: dict[str, Any] = {}
     rows: list[list] = []
-    test_probs = test_true = None
-    for split in SPLITS:
-        members = [s for s, k in zip(dataset.samples, splits) if k == split]
-        if not members:
-            continue
-        if images is not None and split in images:
-            tensor, errors = images[split], [None] * len(members)
-        else:
-            tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.image_size, desc=f"decode {split}")
-        ok = [i for i, e in enumerate(errors) if e is None]
-        members = [members[i] for i in ok]
-        probs = predict_tensor(predictor, tensor[ok], tta=tta, desc=f"predict {split}")
-        y_true = np.array([index[s.label] for s in members], dtype=int)
-        metrics[split] = summarize(y_true, probs, predictor.class_names, [s.patient for s in members])
-        metrics[split]["unreadable"] = sum(e is not None for e in errors)
-        rows += [[s.path, split, s.label, predictor.class_names[int(p.argmax())], float(p.max())] for s, p in zip(members, probs)]
-        test_probs, test_true = probs, y_true
-    write_outputs(out_dir, metrics, predictor.class_names, rows, info or {}, history)
-    if test_probs is not None and len(test_probs):
-        plot_roc(test_true, test_probs, predictor.class_names, out_dir / "roc.png")
-    write_html_report(out_dir, metrics, predictor.class_names, info or {})
+    for split, r in results.items():
+        metrics[split] = summarize(r["y"], r["probs"], predictor.class_names, [s.patient for s in r["members"]])
+        metrics[split]["ece_uncalibrated"] = expected_calibration_error(r["raw"], r["y"])
+        metrics[split]["unreadable"] = r["unreadable"]
+        if predictor.threshold is not None and len(predictor.class_names) == 2:
+            metrics[split]["operating_point"] = operating_point(predictor, r["y"], r["probs"])
+        rows += [[s.path, split, s.label, predictor.class_names[predictor.decide(p)], float(p.max())] for s, p in zip(r["members"], r["probs"])]
+    write_outputs(out_dir, metrics, predictor.class_names, rows, info, history)
+    test = results.get("test")
+    if test is not None and len(test["y"]):
+        plot_roc(test["y"], test["probs"], predictor.class_names, out_dir / "roc.png")
+        plot_reliability(test["y"], test["raw"], test["probs"], out_dir / "reliability.png")
+        info["gallery"] = gallery(predictor, test, out_dir / "gallery")
+    info["temperature"] = round(predictor.temperature, 4)
+    write_html_report(out_dir, metrics, predictor.class_names, info)
     return metrics
+
+
+def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], split: str, images: dict | None, tta: bool) -> dict | None:
+    members = [s for s, k in zip(dataset.samples, splits) if k == split]
+    if not members:
+        return None
+    if images is not None and split in images:
+        tensor, errors = images[split], [None] * len(members)
+    else:
+        tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.image_size, desc=f"decode {split}")
+    ok = [i for i, e in enumerate(errors) if e is None]
+    index = {c: i for i, c in enumerate(predictor.class_names)}
+    logits = predict_logits(predictor, tensor[ok], tta=tta, desc=f"predict {split}")
+    return {"members": [members[i] for i in ok], "images": tensor[ok], "y": np.array([index[members[i].label] for i in ok], dtype=int),
+            "raw": softmax(logits), "probs": softmax(logits, predictor.temperature), "unreadable": len(members) - len(ok)}
+
+
+def choose_threshold(predictor: Predictor, results: dict, target: float) -> None:
+    if len(predictor.class_names) != 2:
+        raise LeukoscopeError(f"--target-sensitivity needs a binary model; this one has {len(predictor.class_names)} classes")
+    if "val" not in results:
+        raise LeukoscopeError("--target-sensitivity needs a validation split to choose the threshold on")
+    val, pos = results["val"], predictor.positive_index
+    predictor.threshold = threshold_for_sensitivity(val["y"] == pos, val["probs"][:, pos], target)
+    predictor.checkpoint["threshold"], predictor.checkpoint["positive_index"] = predictor.threshold, pos
+
+
+def operating_point(predictor: Predictor, y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    pos = predictor.positive_index
+    sens, spec = sensitivity_specificity(y == pos, probs[:, pos], predictor.threshold)
+    return {"positive_class": predictor.class_names[pos], "threshold": predictor.threshold, "sensitivity": sens, "specificity": spec}
+
+
+def gallery(predictor: Predictor, test: dict, folder: Path, errors: int = 6, per_class: int = 2) -> list[dict[str, str]]:
+    """Heatmap panels of the most confident test errors and the most confident correct cells per class."""
+    if "state_dict" not in predictor.checkpoint:
+        return []
+    from .explain import Explainer, panel, png_bytes
+
+    pred = np.array([predictor.decide(p) for p in test["probs"]], dtype=int)
+    conf = test["probs"].max(axis=1)
+    wrong = [int(i) for i in np.argsort(-conf) if pred[i] != test["y"][i]][:errors]
+    picks = [(i, "error") for i in wrong]
+    for c in range(len(predictor.class_names)):
+        right = [int(i) for i in np.argsort(-conf) if pred[i] == c and test["y"][i] == c][:per_class]
+        picks += [(i, "correct") for i in right]
+    folder.mkdir(parents=True, exist_ok=True)
+    explainer, names, items = Explainer(predictor), predictor.class_names, []
+    for n, (i, kind) in enumerate(picks):
+        image = test["images"][i].permute(1, 2, 0).numpy()
+        overlay, _, _ = explainer.overlay(image, int(pred[i]))
+        caption = f"true {names[test['y'][i]]}, called {names[pred[i]]} {conf[i]:.3f}"
+        name = f"{n:02d}_{kind}.png"
+        (folder / name).write_bytes(png_bytes(panel(image, overlay, caption, scale=1)))
+        items.append({"file": f"gallery/{name}", "kind": kind, "caption": caption, "source": test["members"][i].path})
+    return items
 
 
 def write_outputs(out_dir: Path, metrics: dict, class_names: list[str], rows: list[list], info: dict, history: list[dict] | None) -> None:
@@ -95,12 +161,12 @@ def write_outputs(out_dir: Path, metrics: dict, class_names: list[str], rows: li
         plot_training_curves(history, out_dir / "training_curves.png")
 
 
-def evaluate_command(model: str, data: str, out: str, tta: bool = False) -> dict[str, Any]:
+def evaluate_command(model: str, data: str, out: str, tta: bool = False, target_sensitivity: float | None = None) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``."""
     predictor = load_model(model)
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model)
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}), "tta": tta}
-    return evaluate(predictor, dataset, splits, out, info=info, tta=tta)
+    return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity)
 

@@ -7,7 +7,7 @@ use: it owns the preprocessing recorded in the checkpoint, so callers never rest
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +21,7 @@ from PIL import Image
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import LeukoscopeError, did_you_mean
 from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
+from .metrics import positive_index
 from .models import CellNet
 from .transforms import eval_transform
 
@@ -64,17 +65,40 @@ class Prediction:
     error: str = ""
 
 
-class Predictor:
-    """A trained classifier with its preprocessing; ``predict`` takes paths, arrays or PIL images."""
+class TorchBackend:
+    """Runs a checkpoint's network on uint8 batches: BatchNorm folded, channels_last, fp32."""
 
-    def __init__(self, checkpoint: dict[str, Any], source: str = ""):
+    kind = "cnn"
+
+    def __init__(self, checkpoint: dict[str, Any]):
+        self.mean, self.std = list(checkpoint["mean"]), list(checkpoint["std"])
+        self.model = fold_batchnorm(model_from_checkpoint(checkpoint)).to(memory_format=torch.channels_last)
+
+    def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        return self.model(eval_transform(batch_uint8, self.mean, self.std)).float()
+
+
+class Predictor:
+    """A trained classifier with its preprocessing; ``predict`` takes paths, arrays or PIL images.
+
+    The ``backend`` turns a (N, 3, S, S) uint8 batch into logits: a PyTorch network, an ONNX
+    Runtime session or a classical feature pipeline. Everything else (decoding, test-time
+    augmentation, temperature, threshold, output rows) is shared, so callers never branch.
+    """
+
+    def __init__(self, checkpoint: dict[str, Any], source: str = "", backend: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.checkpoint = checkpoint
         self.source = source
         self.class_names: list[str] = list(checkpoint["class_names"])
         self.image_size: int = int(checkpoint["image_size"])
-        self.mean, self.std = list(checkpoint["mean"]), list(checkpoint["std"])
         self.temperature = float(checkpoint.get("temperature", 1.0))
-        self.model = fold_batchnorm(model_from_checkpoint(checkpoint)).to(memory_format=torch.channels_last)
+        self.threshold: float | None = checkpoint.get("threshold")
+        self.positive_index = int(checkpoint.get("positive_index", positive_index(self.class_names)))
+        self.backend = backend if backend is not None else TorchBackend(checkpoint)
+
+    @property
+    def kind(self) -> str:
+        return getattr(self.backend, "kind", "cnn")
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -83,11 +107,10 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, batch_uint8: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Raw logits for (N, 3, S, S) uint8 images; with ``tta`` the mean over 8 dihedral views."""
-        x = eval_transform(batch_uint8, self.mean, self.std)
         if not tta:
-            return self.model(x).float()
-        views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
-        return torch.stack([self.model(v.contiguous(memory_format=torch.channels_last)).float() for v in views]).mean(0)
+            return self.backend(batch_uint8)
+        views = [torch.rot90(v, k, dims=(2, 3)) for v in (batch_uint8, batch_uint8.flip(3)) for k in range(4)]
+        return torch.stack([self.backend(v.contiguous()) for v in views]).mean(0)
 
     def predict_proba(self, batch_uint8: torch.Tensor, tta: bool = False) -> np.ndarray:
         return torch.softmax(self.logits(batch_uint8, tta) / self.temperature, dim=1).numpy()
@@ -120,6 +143,12 @@ class Predictor:
         for i, item in enumerate(chunk):
             yield self._prediction(item, start + i, row.get(i), decoded[i][1])
 
+    def decide(self, probs: np.ndarray) -> int:
+        """The predicted class index: argmax, or the stored operating threshold for binary models."""
+        if self.threshold is not None and len(self.class_names) == 2:
+            return self.positive_index if probs[self.positive_index] >= self.threshold else 1 - self.positive_index
+        return int(np.argmax(probs))
+
     def _decode(self, item: Any) -> tuple[np.ndarray | None, str]:
         try:
             if isinstance(item, Image.Image):
@@ -134,7 +163,7 @@ class Predictor:
         source = str(item) if isinstance(item, (str, os.PathLike)) else f"<image {index}>"
         if probs is None:
             return Prediction(source, error=error or "unreadable image")
-        top = int(np.argmax(probs))
+        top = self.decide(probs)
         return Prediction(
             source,
             label=self.class_names[top],
@@ -166,8 +195,13 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
 
 
 def load_model(model: str | os.PathLike) -> Predictor:
-    """Load a run folder, a checkpoint file or a bundled model name into a Predictor."""
+    """Load a run folder, a checkpoint, an exported ``.onnx`` file or a bundled name into a Predictor."""
     path = resolve_model_path(model)
+    if path.suffix.lower() == ".onnx":
+        from .export import load_onnx
+
+        meta, backend = load_onnx(path)
+        return Predictor(meta, source=str(path), backend=backend)
     return Predictor(load_checkpoint(path), source=str(path))
 
 

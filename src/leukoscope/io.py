@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -44,31 +46,41 @@ def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
 def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = True) -> np.ndarray:
     """Decode an image file to an RGB uint8 array (H, W, 3).
 
-    With ``size``, the image is resized so that its shorter side is ``size`` and centre-cropped
-    to ``size x size``; with ``draft``, JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that
-    still covers ``size``, which is several times faster for large JPEGs.
-    Raises ImageReadError with a short reason for anything that is not a readable image.
+    With ``size``, the central square is cropped and resized to ``size x size``; with ``draft``,
+    JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that still covers ``size``, which is
+    several times faster for large JPEGs. Raises ImageReadError with a short reason for
+    anything that is not a readable image.
     """
     path = Path(path)
     if path.is_dir():
         raise ImageReadError("is a directory")
     if not path.exists():
         raise ImageReadError("file not found" if not path.is_symlink() else "broken symlink")
+    if path.stat().st_size == 0:
+        raise ImageReadError("empty file")
+    return _decode(path, size, draft, str(path))
+
+
+def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Like ``load_rgb`` for an image held in memory (an upload); refuses more than ``max_pixels``."""
+    if not data:
+        raise ImageReadError("empty file")
+    return _decode(io.BytesIO(data), size, True, "", max_pixels)
+
+
+def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,})")
             if draft and size is not None and im.format == "JPEG":
                 im.draft("RGB", (size, size))
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ImageReadError(_short(err, path)) from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ImageReadError(_short(err, path)) from None
-    if size is not None:
-        rgb = resize_center_crop(rgb, size)
-    else:
-        rgb = np.asarray(rgb)
-    return rgb
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as err:
+        text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
+        raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
+    return resize_center_crop(rgb, size) if size is not None else np.asarray(rgb)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -89,23 +101,19 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(im: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bilinear, antialiased) and centre-crop a square."""
+    """The central square, resized to ``size x size`` (bilinear, antialiased).
+
+    Cropping before resizing keeps memory bounded for extreme aspect ratios (a 2000x3 strip).
+    """
     if isinstance(im, np.ndarray):
         im = Image.fromarray(im)
     w, h = im.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        im = im.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
-
-
-def _short(err: BaseException, path: Path) -> str:
-    if path.stat().st_size == 0:
-        return "empty file"
-    text = str(err).replace(str(path), "").strip(" :'\"") or type(err).__name__
-    return f"unreadable image: {text}"[:160]
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    box = (left, top, left + side, top + side)
+    if side == size:
+        return np.asarray(im.crop(box))
+    return np.asarray(im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

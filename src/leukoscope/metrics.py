@@ -119,21 +119,57 @@ def log_loss(y_true, probs: np.ndarray, eps: float = 1e-12) -> float:
     return float(-np.log(picked).mean())
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by count."""
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean confidence, accuracy, count) per equal-width confidence bin; empty bins hold NaN."""
     probs, labels = np.asarray(probs, float), np.asarray(labels, int)
-    if len(labels) == 0:
-        return float("nan")
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
+    confidence = probs.max(axis=1) if len(labels) else np.zeros(0)
+    correct = probs.argmax(axis=1) == labels if len(labels) else np.zeros(0, bool)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            total += mask.sum() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(total / len(labels))
+    counts = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(which, weights=confidence, minlength=bins) / counts
+        acc = np.bincount(which, weights=correct.astype(float), minlength=bins) / counts
+    return conf, acc, counts
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE: |accuracy - confidence| averaged over equal-width confidence bins, weighted by count."""
+    if len(labels) == 0:
+        return float("nan")
+    conf, acc, counts = reliability_bins(probs, labels, bins)
+    filled = counts > 0
+    return float((counts[filled] * np.abs(acc[filled] - conf[filled])).sum() / counts.sum())
+
+
+def threshold_for_sensitivity(positive: np.ndarray, scores: np.ndarray, target: float) -> float:
+    """The highest threshold t such that ``scores >= t`` catches at least ``target`` of the positives."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    pos_scores = np.sort(np.asarray(scores, float)[np.asarray(positive, bool)])[::-1]
+    if len(pos_scores) == 0:
+        raise ValueError("no positive examples to choose a threshold on")
+    needed = int(np.ceil(target * len(pos_scores) - 1e-9))
+    return float(pos_scores[max(needed, 1) - 1])
+
+
+MALIGNANT_NAMES = ("all", "malignant", "blast", "blasts", "leukemia", "leukaemia", "abnormal", "positive", "cancer", "tumor", "tumour")
+
+
+def positive_index(class_names: Sequence[str]) -> int:
+    """The class a sensitivity refers to in a binary task: a malignant-sounding name, else index 1."""
+    for i, name in enumerate(class_names):
+        if name.lower() in MALIGNANT_NAMES:
+            return i
+    return 1
+
+
+def sensitivity_specificity(positive: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+    positive = np.asarray(positive, bool)
+    called = np.asarray(scores, float) >= threshold
+    sens = float(called[positive].mean()) if positive.any() else float("nan")
+    spec = float((~called[~positive]).mean()) if (~positive).any() else float("nan")
+    return sens, spec
 
 
 def per_group_accuracy(y_true, y_pred, groups: Sequence[str]) -> dict[str, dict]:

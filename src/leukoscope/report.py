@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .metrics import roc_curve  # noqa: E402
+from .metrics import expected_calibration_error, reliability_bins, roc_curve  # noqa: E402
 
 
 def plot_confusion_matrices(metrics: dict, class_names: Sequence[str], path: Path) -> None:
@@ -74,6 +74,46 @@ def plot_roc(y_true, probs: np.ndarray, class_names: Sequence[str], path: Path) 
     plt.close(fig)
 
 
+def plot_reliability(y_true, raw: np.ndarray, calibrated: np.ndarray, path: Path, bins: int = 15) -> None:
+    """Reliability diagram on test: accuracy per confidence bin, before and after temperature scaling."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
+    for probs, style, name in ((raw, "-o", "before"), (calibrated, "-s", "after")):
+        conf, acc, counts = reliability_bins(probs, y_true, bins)
+        filled = counts > 0
+        ece = expected_calibration_error(probs, y_true, bins)
+        ax.plot(conf[filled], acc[filled], style, ms=4, label=f"{name} (ECE {ece:.4f})")
+    ax.set(xlabel="confidence", ylabel="accuracy", title="reliability (test)", xlim=(0, 1.02), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _gallery(out_dir: Path, items: Sequence[dict]) -> str:
+    if not items:
+        return ""
+    parts = []
+    for kind, title in (("error", "Most confident errors (test)"), ("correct", "Typical correct cells per class (test, most confident)")):
+        figures = ""
+        for item in (i for i in items if i["kind"] == kind):
+            data = base64.b64encode((out_dir / item["file"]).read_bytes()).decode()
+            figures += (f'<figure class="cam"><img alt="{html.escape(item["caption"])}" src="data:image/png;base64,{data}">'
+                        f'<figcaption>{html.escape(item["caption"])}<br><code>{html.escape(item["source"])}</code></figcaption></figure>')
+        parts.append(f"<h3>{title}</h3>" + (f'<div class="gallery">{figures}</div>' if figures else '<p class="note">none</p>'))
+    return "<h2>Heatmaps (Grad-CAM)</h2>" + "".join(parts)
+
+
+def _operating_points(metrics: dict, splits: Sequence[str]) -> str:
+    rows = [[s, m["positive_class"], m["threshold"], m["sensitivity"], m["specificity"]]
+            for s in splits if (m := metrics[s].get("operating_point"))]
+    if not rows:
+        return ""
+    return ("<h2>Operating point</h2><p class=\"note\">Threshold on the positive class probability, chosen on the validation split "
+            "for the target sensitivity.</p>" + _table(["split", "positive class", "threshold", "sensitivity", "specificity"], rows))
+
+
 def _img(path: Path) -> str:
     if not path.is_file():
         return ""
@@ -96,16 +136,17 @@ def _fmt(value) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}pre{background:#f7f7f7;padding:1em;overflow:auto}
-.note{color:#555}"""
+.note{color:#555}.gallery{display:flex;flex-wrap:wrap;gap:12px}.cam{width:260px;margin:0}.cam figcaption{font-size:12px}
+.cam code{font-size:10px;word-break:break-all}"""
 
 
 def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], info: dict) -> Path:
     """One self-contained report.html (figures inlined) from the files in ``out_dir``."""
     splits = [s for s in ("train", "val", "test") if s in metrics]
     summary = _table(
-        ["split", "n", "loss", "accuracy", "balanced acc.", "macro-F1", "weighted F1", "ROC AUC", "ECE"],
-        [[s, metrics[s]["n"], metrics[s]["loss"], metrics[s]["accuracy"], metrics[s]["balanced_accuracy"],
-          metrics[s]["macro_f1"], metrics[s]["weighted_f1"], metrics[s]["roc_auc"], metrics[s]["ece"]] for s in splits],
+        ["split", "n", "loss", "accuracy", "balanced acc.", "macro-F1", "weighted F1", "ROC AUC", "ECE before T", "ECE after T"],
+        [[s, metrics[s]["n"], metrics[s]["loss"], metrics[s]["accuracy"], metrics[s]["balanced_accuracy"], metrics[s]["macro_f1"],
+          metrics[s]["weighted_f1"], metrics[s]["roc_auc"], metrics[s].get("ece_uncalibrated", float("nan")), metrics[s]["ece"]] for s in splits],
     )
     per_class = ""
     for s in splits:
@@ -116,7 +157,7 @@ def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], 
         if "per_patient" in metrics[s]:
             rows = [[p, v["n"], v["accuracy"]] for p, v in metrics[s]["per_patient"].items()]
             patients += f"<h3>{s}</h3>" + _table(["patient", "images", "accuracy"], rows)
-    figures = "".join(_img(out_dir / name) for name in ("training_curves.png", "confusion_matrix.png", "roc.png"))
+    figures = "".join(_img(out_dir / name) for name in ("training_curves.png", "confusion_matrix.png", "roc.png", "reliability.png"))
     body = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Leukoscope report</title>
 <style>{STYLE}</style></head><body>
 <h1>Leukoscope evaluation report</h1>
@@ -125,7 +166,9 @@ data <code>{html.escape(str(info.get('data', '')))}</code> ({html.escape(str(inf
 split by <b>{html.escape(str(info.get('split_kind', '')))}</b>, classes: {html.escape(', '.join(class_names))}.
 Probabilities are temperature-scaled (T = {html.escape(str(info.get('temperature', 'n/a')))}, fitted on the validation split).</p>
 <h2>Summary</h2>{summary}
+{_operating_points(metrics, splits)}
 <h2>Figures</h2>{figures}
+{_gallery(out_dir, info.get('gallery', []))}
 <h2>Per class</h2>{per_class}
 {'<h2>Per patient</h2>' + patients if patients else ''}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(info.get('config', {}), indent=2, default=str))}</pre>

@@ -231,7 +231,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
     info = {"model": str(out / "model.pt"), "arch": config.arch, "data": str(data), "layout": dataset.layout,
             "split_kind": split_kind, "config": config.to_dict(), "train_seconds": round(train_seconds, 1),
             "temperature": round(checkpoint["temperature"], 4)}
-    metrics = evaluate(predictor, dataset, splits, out, info=info, history=history, images=tensors)
+    metrics = evaluate(predictor, dataset, splits, out, info=info, history=history, images=tensors, target_sensitivity=config.target_sensitivity)
     checkpoint["metrics"] = {s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")} for s, m in metrics.items()}
     checkpoint["train_seconds"] = round(train_seconds, 1)
     save_checkpoint(out / "model.pt", checkpoint)

@@ -1,0 +1,130 @@
+"""Class-activation heatmaps (pytorch-grad-cam): which parts of a cell drove its prediction.
+
+``Explainer`` wraps a predictor's network; ``explain_files`` is the ``leukoscope explain``
+command: one PNG per image with the cell, the heatmap overlay and the predicted class.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from .checkpoint import model_from_checkpoint
+from .errors import LeukoscopeError, did_you_mean
+from .inference import Predictor
+from .io import ImageReadError, atomic_write, load_rgb
+from .models import CellNet
+from .transforms import eval_transform
+
+CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The last convolutional stage: CellNet's last block, ResNet's layer4, else the last conv."""
+    if isinstance(model, CellNet):
+        return model.features[-1]
+    if isinstance(getattr(model, "layer4", None), nn.Sequential):
+        return model.layer4[-1]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise LeukoscopeError(f"cannot find a convolutional layer to explain in {type(model).__name__}")
+    return convs[-1]
+
+
+class Explainer:
+    """Heatmaps for a PyTorch predictor (not for ONNX or classical models, which have no gradients)."""
+
+    def __init__(self, predictor: Predictor, method: str = "gradcam"):
+        if method not in CAM_METHODS:
+            raise LeukoscopeError(f"unknown CAM method {method!r}{did_you_mean(method, CAM_METHODS)}; choose from {', '.join(CAM_METHODS)}")
+        if "state_dict" not in predictor.checkpoint:
+            raise LeukoscopeError(f"heatmaps need a PyTorch model (run folder, checkpoint or bundled name); {predictor.source!r} is a {predictor.kind} model")
+        self.predictor = predictor
+        self.model = model_from_checkpoint(predictor.checkpoint).float().eval()
+        for module in self.model.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False  # gradient hooks need the activations unmodified
+        self.cam = CAM_METHODS[method](model=self.model, target_layers=[target_layer(self.model)])
+        self._lock = threading.Lock()  # the CAM object keeps hooks and state per call
+
+    def heatmaps(self, batch_uint8: torch.Tensor, class_indices: Sequence[int]) -> np.ndarray:
+        """(N, S, S) maps in [0, 1] for (N, 3, S, S) uint8 images and the class to explain per image."""
+        x = eval_transform(batch_uint8, self.predictor.checkpoint["mean"], self.predictor.checkpoint["std"]).contiguous()
+        targets = [ClassifierOutputTarget(int(c)) for c in class_indices]
+        with self._lock, torch.enable_grad():
+            maps = self.cam(input_tensor=x, targets=targets)
+        return np.nan_to_num(np.asarray(maps, dtype=np.float32)).clip(0, 1)
+
+    def overlay(self, image: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
+        """Heatmap over one HxWx3 uint8 image; returns (overlay, explained class, probabilities)."""
+        batch = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]
+        probs = self.predictor.predict_proba(batch)[0]
+        cls = self.predictor.decide(probs) if class_index is None else class_index
+        cam = self.heatmaps(batch, [cls])[0]
+        return show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True, image_weight=0.55), cls, probs
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def panel(image: np.ndarray, overlay: np.ndarray, caption: str, scale: int = 2) -> np.ndarray:
+    """Cell and heatmap side by side, enlarged, with a caption strip on top."""
+    pair = Image.fromarray(np.concatenate([image, overlay], axis=1))
+    pair = pair.resize((pair.width * scale, pair.height * scale), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (pair.width, pair.height + 22), "white")
+    canvas.paste(pair, (0, 22))
+    ImageDraw.Draw(canvas).text((6, 5), caption, fill="black")
+    return np.asarray(canvas)
+
+
+def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str | os.PathLike, method: str = "gradcam", class_name: str | None = None) -> tuple[int, int]:
+    """``leukoscope explain``: one ``<name>_cam.png`` per image plus ``explanations.csv``; returns (done, failed)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = model.class_names
+    if class_name is not None and class_name not in names:
+        raise LeukoscopeError(f"unknown class {class_name!r}{did_you_mean(class_name, names)}; the model's classes: {', '.join(names)}")
+    explainer = Explainer(model, method)
+    rows, used, failed = [], set(), 0
+    for path in paths:
+        try:
+            image = load_rgb(path, model.image_size)
+        except ImageReadError as err:
+            rows.append([str(path), "", "", "", "", str(err)])
+            failed += 1
+            continue
+        overlay, cls, probs = explainer.overlay(image, None if class_name is None else names.index(class_name))
+        name = _unique(Path(path).stem, used) + "_cam.png"
+        caption = f"{names[int(np.argmax(probs))]} {probs.max():.3f} | heatmap for {names[cls]} ({method})"
+        with atomic_write(out_dir / name, "wb") as handle:
+            handle.write(png_bytes(panel(image, overlay, caption)))
+        rows.append([str(path), names[int(np.argmax(probs))], f"{probs.max():.6f}", names[cls], name, ""])
+    with atomic_write(out_dir / "explanations.csv", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "predicted", "confidence", "explained_class", "heatmap", "error"])
+        writer.writerows(rows)
+    return len(rows) - failed, failed
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    name, i = stem, 1
+    while name in used:
+        i += 1
+        name = f"{stem}_{i}"
+    used.add(name)
+    return name

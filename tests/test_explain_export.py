@@ -1,0 +1,98 @@
+"""Heatmaps, ONNX export and the operating threshold, on a tiny synthetic run and on real cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import DATA, make_image_folder, require
+from PIL import Image
+
+from leukoscope import load_model
+from leukoscope.cli import main
+from leukoscope.inference import bundled_models
+
+TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "3", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xrun")
+    data = make_image_folder(root / "data", n_per_class=16)
+    assert main(["train", str(data), "--out", str(root / "run"), *TINY, "--target-sensitivity", "0.9"]) == 0
+    return data, root / "run"
+
+
+def test_report_has_reliability_gallery_and_operating_point(run):
+    _, folder = run
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (folder / "reliability.png").is_file() and list((folder / "gallery").glob("*.png"))
+    op = metrics["val"]["operating_point"]
+    assert op["positive_class"] == "blast" and op["sensitivity"] >= 0.9
+    assert 0 <= metrics["test"]["ece_uncalibrated"] <= 1
+    html = (folder / "report.html").read_text()
+    assert "reliability" in html and "Heatmaps (Grad-CAM)" in html and "Operating point" in html
+    assert load_model(folder).threshold == pytest.approx(op["threshold"])
+
+
+def test_explain_writes_heatmaps_and_reports_bad_files(run, tmp_path, capsys):
+    data, folder = run
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    images = sorted((data / "blast").glob("*.png"))[:3]
+    code = main(["explain", str(folder), *map(str, images), str(tmp_path / "broken.png"), "--out", str(tmp_path / "cams")])
+    assert code == 1
+    rows = list(csv.DictReader(open(tmp_path / "cams" / "explanations.csv")))
+    assert len(rows) == 4 and rows[-1]["error"].startswith("unreadable image")
+    panel = np.asarray(Image.open(tmp_path / "cams" / rows[0]["heatmap"]))
+    assert panel.shape[1] == 2 * 2 * 32 and panel.std() > 0
+    assert "3 heatmaps, 1 failed" in capsys.readouterr().out
+
+
+def test_explain_rejects_unknown_method_and_class(run, tmp_path, capsys):
+    data, folder = run
+    image = str(sorted((data / "blast").glob("*.png"))[0])
+    assert main(["explain", str(folder), image, "--out", str(tmp_path), "--method", "gradcan"]) == 2
+    assert "did you mean 'gradcam'" in capsys.readouterr().err
+    assert main(["explain", str(folder), image, "--out", str(tmp_path), "--class", "blasts"]) == 2
+    assert "did you mean 'blast'" in capsys.readouterr().err
+
+
+def test_onnx_export_round_trip(run, tmp_path, capsys):
+    data, folder = run
+    onnx_path = tmp_path / "model.onnx"
+    assert main(["export", str(folder), "--out", str(onnx_path), "--images", str(data)]) == 0
+    assert "max |p_onnx - p_torch|" in capsys.readouterr().out
+    images = sorted(data.rglob("*.png"))
+    torch_preds = load_model(folder).predict(images)
+    onnx_model = load_model(onnx_path)
+    assert onnx_model.kind == "onnx" and onnx_model.class_names == ["blast", "normal"]
+    onnx_preds = onnx_model.predict(images)
+    diff = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(torch_preds, onnx_preds) for c in a.probabilities)
+    assert diff < 1e-4 and [a.label for a in torch_preds] == [b.label for b in onnx_preds]
+    assert main(["predict", str(onnx_path), str(data), "--out", str(tmp_path / "p.csv")]) == 0
+
+
+def test_export_fails_loudly_beyond_tolerance(run, tmp_path, capsys):
+    _, folder = run
+    assert main(["export", str(folder), "--out", str(tmp_path / "m.onnx"), "--tolerance", "-1"]) == 2
+    assert "not written" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_onnx_export_of_bundled_model_on_real_cells(tmp_path, capsys):
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    cells = require(DATA / "pbc") / "neutrophil"
+    assert main(["export", "pbc", "--out", str(tmp_path / "pbc.onnx"), "--images", str(cells)]) == 0
+    out = capsys.readouterr().out
+    assert "on 64 real images" in out
+
+
+def test_explain_bundled_model_on_real_cells(tmp_path):
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    image = sorted((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))[0]
+    assert main(["explain", "pbc", str(image), "--out", str(tmp_path)]) == 0
+    row = next(csv.DictReader(open(tmp_path / "explanations.csv")))
+    assert row["predicted"] == "eosinophil" and (tmp_path / row["heatmap"]).is_file()

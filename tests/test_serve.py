@@ -1,0 +1,121 @@
+"""The web service: JSON API, upload validation, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA, require
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from leukoscope import load_model
+from leukoscope.inference import bundled_models
+from leukoscope.serve import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    return TestClient(create_app(load_model("pbc"), "pbc", max_bytes=200_000, max_pixels=1_000_000))
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_health_models_docs_and_page(client):
+    assert client.get("/health").json()["status"] == "ok"
+    model = client.get("/models").json()["models"][0]
+    assert model["name"] == "pbc" and "neutrophil" in model["classes"]
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/docs").status_code == 200
+    assert 'id="drop"' in client.get("/").text
+
+
+def test_predict_real_cells_with_heatmap(client):
+    paths = [sorted((require(DATA / "pbc") / c).glob("*.jpg"))[0] for c in ("eosinophil", "platelet")]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    response = client.post("/predict?heatmap=true", files=files)
+    assert response.status_code == 200
+    results = response.json()["results"]
+    assert [r["label"] for r in results] == ["eosinophil", "platelet"]
+    for r in results:
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
+        assert r["confidence"] == max(r["probabilities"].values())
+        heatmap = Image.open(io.BytesIO(__import__("base64").b64decode(r["heatmap"].split(",", 1)[1])))
+        assert heatmap.size == (128, 128)
+
+
+@pytest.mark.parametrize("name, data, content_type, status, message", [
+    ("notes.png", b"this is text, not an image", "image/png", 422, "unreadable image"),
+    ("empty.jpg", b"", "image/jpeg", 422, "empty file"),
+    ("page.html", b"<html></html>", "text/html", 415, "unsupported content type"),
+    ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png", 413, "larger than"),
+    ("wide.png", _png(np.zeros((2, 600_000, 3), np.uint8)), "image/png", 413, "too large"),
+])
+def test_bad_uploads_get_4xx_json(client, name, data, content_type, status, message):
+    response = client.post("/predict", files=[("files", (name, data, content_type))])
+    assert response.status_code == status
+    assert message in response.json()["error"] and response.json()["file"] == name
+
+
+def test_missing_files_field_is_4xx(client):
+    assert client.post("/predict").status_code == 422
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server():
+    import uvicorn
+
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(load_model("pbc"), "pbc"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_page_in_headless_chromium(live_server, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium not installed at /usr/bin/chromium (the test set-up installs it when run as root: apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    image = sorted((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))[0]
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=flags)
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.goto(live_server)
+        page.wait_for_function("document.getElementById('model').textContent.includes('neutrophil')")
+        page.set_input_files("#files", str(image))
+        page.wait_for_selector(".card .verdict .label", timeout=30_000)
+        assert page.inner_text(".card .verdict .label") == "eosinophil"
+        heatmap = page.wait_for_selector("img.heatmap")
+        page.wait_for_function("document.querySelector('img.heatmap').naturalWidth > 0")
+        assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
+        assert page.locator(".card .bar").count() == 8
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        browser.close()
