@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -24,10 +23,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc import markers, write_block  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- BENCHMARK:START -->", "<!-- BENCHMARK:END -->"
+START, END = markers("BENCHMARK")
 
 
 def run_timed(cmd: list[str]) -> tuple[float, float]:
@@ -125,14 +126,6 @@ def render(tp: dict, flops: float, size: int, peaks: dict, acc: list[dict], mode
     return "\n".join(lines)
 
 
-def write_doc(block: str) -> None:
-    DOC.parent.mkdir(exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n" + START + "\n" + END + "\n"
-    if START not in text:
-        text += "\n" + START + "\n" + END + "\n"
-    DOC.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pbc")
@@ -146,7 +139,7 @@ def main() -> None:
     block = render(tp, flops, size, peaks, bundled_accuracy(), args.model, args.small, args.large)
     print(block)
     print(json.dumps(tp, indent=2))
-    write_doc(block)
+    write_block("BENCHMARK", block)
 
 
 if __name__ == "__main__":

@@ -62,3 +62,64 @@ def link_real_cnmc_tree(root: Path) -> Path:
     labels = root / "C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data_labels.csv"
     labels.write_bytes((CNMC / "C-NMC_test_prelim_phase_data_labels.csv").read_bytes())
     return root
+
+
+def _png_with_claimed_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height: a decompression bomb without the memory."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+def make_hostile_corpus(root: Path, seed: int = 0) -> dict[str, bool]:
+    """Files a lab might throw at the tool; returns {relative path: should it be predicted?}.
+
+    Good images in odd formats must be handled; broken ones must become per-file errors.
+    """
+    import io
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    cell = Image.fromarray(synthetic_cell(rng, 64, 0.5, 20))
+    expected: dict[str, bool] = {}
+
+    def save(name: str, image: Image.Image, ok: bool = True, **kwargs) -> None:
+        image.save(root / name, **kwargs)
+        expected[name] = ok
+
+    def encoded(fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        cell.save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    (root / "zero.png").write_bytes(b"")
+    for ext, fmt in (("jpg", "JPEG"), ("bmp", "BMP"), ("png", "PNG")):
+        data = encoded(fmt)
+        (root / f"truncated.{ext}").write_bytes(data[: len(data) // 2])
+        expected[f"truncated.{ext}"] = False
+    (root / "text.png").write_text("this is a text file, not an image\n")
+    (root / "page.jpg").write_text("<!doctype html><html><body>404 Not Found</body></html>")
+    (root / "bomb.png").write_bytes(_png_with_claimed_size(50_000, 50_000))
+    expected.update({"zero.png": False, "text.png": False, "page.jpg": False, "bomb.png": False})
+    save("sixteen_bit.png", Image.fromarray((np.asarray(cell.convert("L"), np.uint16) * 257)))
+    save("gray.png", cell.convert("L"))
+    save("palette.png", cell.convert("P"))
+    save("rgba.png", cell.convert("RGBA"))
+    save("cmyk.jpg", cell.convert("CMYK"))
+    save("multipage.tif", cell, save_all=True, append_images=[cell.rotate(90)])
+    save("animated.gif", cell.convert("P"), save_all=True, append_images=[cell.rotate(90).convert("P")], duration=100, loop=0)
+    save("one_pixel.png", Image.new("RGB", (1, 1), (200, 100, 150)))
+    save("strip_2000x3.png", Image.fromarray(rng.integers(0, 255, (3, 2000, 3), dtype=np.uint8)))
+    save("cell with spaces é ß 細胞.png", cell)
+    (root / "folder.jpg").mkdir()
+    (root / "broken_link.png").symlink_to(root / "does_not_exist.png")
+    expected["broken_link.png"] = False
+    return expected

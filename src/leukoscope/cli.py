@@ -36,14 +36,26 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import train
+    from .train import read_run_for_resume, train
 
+    if args.resume:
+        if args.data or args.out or args.config:
+            raise LeukoscopeError("--resume RUN takes the data, output folder and options from RUN; give no DATA, --out or --config")
+        data, config, command = read_run_for_resume(args.resume)
+        metrics = train(data, args.resume, config, command=command, resume=True)
+        _print_summary(metrics)
+        print(f"run resumed and finished in {args.resume}")
+        return 0
+    if not args.data or not args.out:
+        raise LeukoscopeError("train needs DATA and --out (or --resume RUN)")
     overrides = {"arch": args.arch, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
                  "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command)
+    if not metrics:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     _print_summary(metrics)
     print(f"run written to {args.out} (report: {Path(args.out) / 'report.html'})")
     return 0
@@ -117,6 +129,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_data(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.check import check_data, format_report
+    from .io import atomic_write
+
+    report = check_data(args.data)
+    print(format_report(report))
+    if args.json:
+        with atomic_write(args.json) as handle:
+            json.dump(report, handle, indent=2)
+    return 0 if report["ok"] else 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .inference import bundled_models
@@ -149,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a model on a dataset folder", description="Train a model; writes splits, checkpoint and report into --out.")
-    p.add_argument("data", help="dataset folder (image folder or C-NMC 2019 layout)")
-    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("data", nargs="?", help="dataset folder (image folder or C-NMC 2019 layout)")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.pt (same data and options)")
     p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
     p.add_argument("--arch", help="model architecture (see `leukoscope models`)")
     p.add_argument("--image-size", type=_positive_int)
@@ -202,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-data", help="report classes, patients, sizes, unreadable files and duplicates")
+    p.add_argument("data", help="dataset folder")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("models", help="list architectures and bundled models")
     p.set_defaults(func=cmd_models)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".webp")
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -77,7 +77,9 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
                 im.draft("RGB", (size, size))
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"image too large (decompression-bomb guard): {str(err).split(',')[0]}"[:160]) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
         raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
     return resize_center_crop(rgb, size) if size is not None else np.asarray(rgb)

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .calibration import fit_temperature
-from .checkpoint import build_checkpoint, save_checkpoint
-from .config import TrainConfig, save_config
+from .checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, load_config, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
+from .data.splits import check_split_leaks
 from .data.dataset import decode_many
+from .distributed import World, all_sum, close, init_world, shard, sync_buffers, unwrap, weights_digest, wrap
 from .errors import LeukoscopeError
 from .evaluate import evaluate
 from .inference import Predictor
@@ -32,11 +35,13 @@ from .models import create_model
 from .transforms import eval_transform, train_transform
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, rank: int = 0) -> dict[str, torch.Generator]:
+    """Seed the global RNGs; returns the batch-order generator (same on every rank) and the
+    augmentation generator (different per rank, so ranks do not augment alike)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+    return {"order": torch.Generator().manual_seed(seed), "augment": torch.Generator().manual_seed(seed + 1000 * rank)}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -57,7 +62,7 @@ def resolve_precision(config: TrainConfig, device: torch.device) -> bool:
     return config.precision == "bf16"
 
 
-def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig) -> tuple[list[str], str]:
+def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig, write: bool = True) -> tuple[list[str], str]:
     """Reuse ``out/splits.csv`` when present (same images required), else make and write it."""
     if (out / "splits.csv").is_file():
         recorded = run_splits(out, dataset.samples)
@@ -65,7 +70,8 @@ def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig) -> tuple[li
             raise LeukoscopeError(f"{out / 'splits.csv'} lists other images than {dataset.root}; use a new --out folder")
         return recorded
     splits, kind = make_splits(dataset, config.fractions, config.seed, config.split_by)
-    write_splits(out / "splits.csv", dataset.samples, splits)
+    if write:
+        write_splits(out / "splits.csv", dataset.samples, splits)
     return splits, kind
 
 
@@ -85,7 +91,7 @@ def load_split_images(dataset: Dataset, splits: list[str], size: int) -> tuple[d
     images, errors = decode_many(paths, size, desc="decode images")
     bad = [i for i, e in enumerate(errors) if e is not None]
     for i in bad[:10]:
-        tqdm.write(f"warning: skipping {paths[i]}: {errors[i]}")
+        tqdm.write(f"warning: skipping {paths[i]}: {errors[i]}", file=sys.stderr)
     keep = [i for i, e in enumerate(errors) if e is None]
     kept = Dataset(dataset.root, dataset.layout, [dataset.samples[i] for i in keep], dataset.classes, dataset.notes)
     kept_splits = [splits[i] for i in keep]
@@ -118,16 +124,18 @@ def class_weights(labels: np.ndarray, num_classes: int, enabled: bool) -> torch.
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weights, generator, device, bf16) -> tuple[float, float]:
+def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weights, rngs, device, bf16, world: World) -> tuple[float, float]:
+    """One pass over the training split; under torchrun each rank takes its share of every batch."""
     model.train()
-    order = torch.randperm(len(images), generator=generator)
+    order = torch.randperm(len(images), generator=rngs["order"])
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches = batches[:-1]  # batch norm cannot train on a single image
+    if len(batches) > 1 and len(batches[-1]) < 2 * world.size:
+        batches = batches[:-1]  # batch norm cannot train on a single image per rank
     total_loss, correct, seen = 0.0, 0, 0
     targets_all = torch.from_numpy(labels)
-    for idx in tqdm(batches, desc="batches", leave=False):
-        x = train_transform(images[idx], *stats, config.augment, generator).to(device)
+    for batch in tqdm(batches, desc="batches", leave=False, disable=not world.is_main):
+        idx = shard(batch, world)
+        x = train_transform(images[idx], *stats, config.augment, rngs["augment"]).to(device)
         y = targets_all[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
@@ -139,6 +147,7 @@ def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weig
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(idx)
+    total_loss, correct, seen = all_sum([total_loss, correct, seen], world)
     return total_loss / max(seen, 1), correct / max(seen, 1)
 
 
@@ -160,42 +169,65 @@ def write_history(path: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
-def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, out: Path, generator, device, bf16: bool) -> tuple[list[dict], int]:
+def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, out: Path, rngs: dict, device, bf16: bool,
+               world: World, resume: dict | None = None) -> tuple[list[dict], int]:
     """Train with early stopping; leaves the best epoch's weights in ``model``.
 
-    model.pt holds the best epoch so far and last.pt the latest, both rewritten atomically
-    every epoch. Returns the per-epoch history and the best epoch's number.
+    model.pt holds the best epoch so far and last.pt the latest plus everything needed to
+    resume (optimizer, schedule, random states, history), both rewritten atomically every
+    epoch by rank 0. Returns the per-epoch history and the best epoch's number.
     """
     num_classes = len(meta["class_names"])
     optimizer = build_optimizer(model, config)
     steps = max(1, len(tensors["train"]) // config.batch_size) * config.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps + config.epochs, pct_start=0.15)
     weights = class_weights(labels["train"], num_classes, config.class_balance)
-    history: list[dict] = []
-    best_key, best_state, best_epoch, stale = None, None, 0, 0
-    epochs = tqdm(range(1, config.epochs + 1), desc=f"train {config.arch}")
-    for epoch in epochs:
-        t0 = time.perf_counter()
-        train_loss, train_acc = train_epoch(model, tensors["train"], labels["train"], optimizer, scheduler, config, stats, weights, generator, device, bf16)
-        val = validate(model, tensors["val"], labels["val"], stats, num_classes, device)
-        history.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
-                        "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-                        "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
-        epochs.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val['loss']:.3f}", val_bacc=f"{val['balanced_accuracy']:.4f}")
-        key = (val["balanced_accuracy"], -val["loss"]) if not np.isnan(val["loss"]) else (train_acc, -train_loss)
-        if best_key is None or key > best_key:
-            best_key, best_epoch, stale = key, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            save_checkpoint(out / "model.pt", build_checkpoint(model, {**meta, "epoch": epoch}))
-        else:
-            stale += 1
-        save_checkpoint(out / "last.pt", build_checkpoint(model, {**meta, "epoch": epoch}))
-        write_history(out / "history.csv", history)
-        if stale >= config.patience:
-            tqdm.write(f"early stopping at epoch {epoch}: no validation improvement for {config.patience} epochs")
+    state = {"epoch": 0, "history": [], "best_key": None, "best_epoch": 0, "stale": 0, "best_state": None}
+    if resume is not None:
+        state = restore(resume, model, optimizer, scheduler, rngs)
+    bar = tqdm(range(state["epoch"] + 1, config.epochs + 1), desc=f"train {config.arch}", disable=not world.is_main)
+    for epoch in bar:
+        if state["stale"] >= config.patience:
             break
-    model.load_state_dict(best_state)
-    return history, best_epoch
+        t0 = time.perf_counter()
+        train_loss, train_acc = train_epoch(model, tensors["train"], labels["train"], optimizer, scheduler, config, stats, weights, rngs, device, bf16, world)
+        sync_buffers(model, world)
+        val = validate(unwrap(model), tensors["val"], labels["val"], stats, num_classes, device)
+        state["history"].append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
+                                 "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+                                 "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val['loss']:.3f}", val_bacc=f"{val['balanced_accuracy']:.4f}")
+        key = (val["balanced_accuracy"], -val["loss"]) if not np.isnan(val["loss"]) else (train_acc, -train_loss)
+        state["epoch"] = epoch
+        if state["best_key"] is None or key > tuple(state["best_key"]):
+            state.update(best_key=key, best_epoch=epoch, stale=0, best_state={k: v.detach().clone() for k, v in unwrap(model).state_dict().items()})
+            if world.is_main:
+                save_checkpoint(out / "model.pt", build_checkpoint(unwrap(model), {**meta, "epoch": epoch}))
+        else:
+            state["stale"] += 1
+        if world.is_main:
+            resume_state = snapshot(state, optimizer, scheduler, rngs)
+            save_checkpoint(out / "last.pt", build_checkpoint(unwrap(model), {**meta, "epoch": epoch, "resume": resume_state}))
+            write_history(out / "history.csv", state["history"])
+        if state["stale"] >= config.patience and world.is_main:
+            tqdm.write(f"early stopping at epoch {epoch}: no validation improvement for {config.patience} epochs")
+    unwrap(model).load_state_dict(state["best_state"])
+    return state["history"], state["best_epoch"]
+
+
+def snapshot(state: dict, optimizer, scheduler, rngs: dict) -> dict:
+    """Everything besides the weights that an exact resume needs (weights_only-loadable)."""
+    return {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": {name: g.get_state() for name, g in rngs.items()}, "torch_rng": torch.get_rng_state()}
+
+
+def restore(resume: dict, model, optimizer, scheduler, rngs: dict) -> dict:
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    for name, g in rngs.items():
+        g.set_state(resume["rng"][name])
+    torch.set_rng_state(resume["torch_rng"])
+    return {k: resume[k] for k in ("epoch", "history", "best_key", "best_epoch", "stale", "best_state")}
 
 
 def calibrate(predictor: Predictor, images: torch.Tensor, labels: np.ndarray, batch_size: int = 256) -> float:
@@ -206,35 +238,81 @@ def calibrate(predictor: Predictor, images: torch.Tensor, labels: np.ndarray, ba
     return fit_temperature(logits, torch.from_numpy(labels))
 
 
-def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, command: str = "") -> dict[str, Any]:
-    """Run a full training job into ``out`` and return the evaluation metrics."""
+def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, command: str = "", resume: bool = False) -> dict[str, Any]:
+    """Run a full training job into ``out`` and return the evaluation metrics.
+
+    With ``resume``, continue from ``out/last.pt`` exactly where the last completed epoch left off.
+    Under torchrun (WORLD_SIZE > 1) every rank trains; only rank 0 writes and evaluates.
+    """
     started = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    generator = seed_everything(config.seed)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else ("cpu" if config.device == "auto" else config.device))
+    world, device = init_world(config.device)
+    try:
+        return _train(data, out, config, command, resume, world, device, started)
+    finally:
+        close(world)
+
+
+def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, world: World, device: torch.device, started: float) -> dict[str, Any]:
+    resume_state = load_resume_state(out) if resume else None
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    rngs = seed_everything(config.seed, world.rank)
     bf16 = resolve_precision(config, device)
     dataset = detect_layout(data)
-    splits, split_kind = prepare_splits(dataset, out, config)
+    splits, split_kind = prepare_splits(dataset, out, config, write=world.is_main)
     check_classes(dataset, splits)
-    save_config(config, out / "config.yaml")
+    check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    if world.is_main:
+        save_config(config, out / "config.yaml")
+        (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
     tensors, labels, dataset, splits = load_split_images(dataset, splits, config.image_size)
     stats = channel_stats(tensors["train"])
     model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs).to(device, memory_format=torch.channels_last)
     meta = {"arch": config.arch, "arch_kwargs": config.arch_kwargs, "class_names": dataset.classes, "image_size": config.image_size,
             "mean": stats[0], "std": stats[1], "config": config.to_dict(), "train_command": command, "split_kind": split_kind}
-    history, best_epoch = run_epochs(model, tensors, labels, stats, config, meta, out, generator, device, bf16)
-    train_seconds = time.perf_counter() - started
+    if resume_state is not None:
+        model.load_state_dict(resume_state["weights"])
+    model = wrap(model, world, device)
+    history, best_epoch = run_epochs(model, tensors, labels, stats, config, meta, out, rngs, device, bf16, world, resume_state)
+    if world.distributed:
+        print(f"rank {world.rank}/{world.size}: final weights sha256 {weights_digest(model)}", flush=True)
+    if not world.is_main:
+        return {}
+    model = unwrap(model)
+    train_seconds = time.perf_counter() - started + (resume_state or {}).get("train_seconds", 0.0)
     checkpoint = build_checkpoint(model.cpu(), {**meta, "epoch": best_epoch})
     predictor = Predictor(checkpoint, source=str(out / "model.pt"))
     predictor.temperature = checkpoint["temperature"] = calibrate(predictor, tensors["val"], labels["val"])
     info = {"model": str(out / "model.pt"), "arch": config.arch, "data": str(data), "layout": dataset.layout,
             "split_kind": split_kind, "config": config.to_dict(), "train_seconds": round(train_seconds, 1),
-            "temperature": round(checkpoint["temperature"], 4)}
+            "temperature": round(checkpoint["temperature"], 4), "world_size": world.size}
     metrics = evaluate(predictor, dataset, splits, out, info=info, history=history, images=tensors, target_sensitivity=config.target_sensitivity)
     checkpoint["metrics"] = {s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")} for s, m in metrics.items()}
     checkpoint["train_seconds"] = round(train_seconds, 1)
     save_checkpoint(out / "model.pt", checkpoint)
-    (out / "run.json").write_text(json.dumps({**info, "layout_notes": dataset.notes, "epochs_run": len(history),
-                                              "precision": "bf16" if bf16 else "fp32", "device": str(device)}, indent=2))
+    info.pop("gallery", None)
+    (out / "run.json").write_text(json.dumps({**info, "command": command, "status": "done", "layout_notes": dataset.notes, "epochs_run": len(history),
+                                              "resumed": resume, "precision": "bf16" if bf16 else "fp32", "device": str(device)}, indent=2))
     return metrics
+
+
+def load_resume_state(out: Path) -> dict:
+    last = out / "last.pt"
+    if not last.is_file():
+        raise LeukoscopeError(f"cannot resume: {last} not found (nothing was trained into {out} yet)")
+    checkpoint = load_checkpoint(last)
+    if "resume" not in checkpoint:
+        raise LeukoscopeError(f"cannot resume: {last} has no training state (written by an older leukoscope)")
+    state = checkpoint["resume"]
+    return {**state, "weights": checkpoint["state_dict"], "train_seconds": sum(h["seconds"] for h in state["history"])}
+
+
+def read_run_for_resume(run: str | os.PathLike) -> tuple[str, TrainConfig, str]:
+    """(data path, config, original command) of a run folder, for ``train --resume RUN``."""
+    run = Path(run)
+    info_path, config_path = run / "run.json", run / "config.yaml"
+    if not info_path.is_file() or not config_path.is_file():
+        raise LeukoscopeError(f"cannot resume {str(run)!r}: no run.json/config.yaml there; is it a training run folder?")
+    info = json.loads(info_path.read_text())
+    return info["data"], load_config(config_path, {}), info.get("command", "")

@@ -41,14 +41,20 @@ def duplicate_groups(paths: list[Path]) -> list[list[int]]:
     """Indices of byte-identical files (only same-size files are hashed)."""
     by_size: dict[int, list[int]] = defaultdict(list)
     for i, path in enumerate(paths):
-        by_size[os.path.getsize(path)].append(i)
+        try:
+            by_size[os.path.getsize(path)].append(i)
+        except OSError:  # broken link or vanished file: reported elsewhere as unreadable
+            continue
     groups = []
     for same_size in by_size.values():
         if len(same_size) < 2:
             continue
         by_hash: dict[str, list[int]] = defaultdict(list)
         for i in same_size:
-            by_hash[sha256_file(paths[i])].append(i)
+            try:
+                by_hash[sha256_file(paths[i])].append(i)
+            except OSError:
+                continue
         groups.extend(g for g in by_hash.values() if len(g) > 1)
     return groups
 
@@ -153,3 +159,26 @@ def run_splits(run_dir: str | os.PathLike, samples: list[Sample]) -> tuple[list[
     run_json = run_dir / "run.json"
     kind = json.loads(run_json.read_text()).get("split_kind", "") if run_json.is_file() else ""
     return [lookup[s.path] for s in samples], kind or "from splits.csv"
+
+
+def check_split_leaks(dataset: Dataset, splits: list[str], by_patient: bool = True) -> None:
+    """Refuse a split where a patient or byte-identical images sit in two splits, or test lacks a class."""
+    if by_patient and dataset.has_patients:
+        seen: dict[str, str] = {}
+        for s, k in zip(dataset.samples, splits):
+            other = seen.setdefault(s.patient, k)
+            if other != k:
+                raise LeukoscopeError(f"patient {s.patient!r} appears in both {other} and {k} (e.g. {s.path}); "
+                                      "a patient's cells must stay in one split: delete splits.csv to re-split")
+    for group in duplicate_groups([dataset.abspath(s) for s in dataset.samples]):
+        where = {splits[i] for i in group}
+        if len(where) > 1:
+            names = ", ".join(dataset.samples[i].path for i in group[:3])
+            raise LeukoscopeError(f"byte-identical images are in different splits ({', '.join(sorted(where))}): {names}; "
+                                  "delete splits.csv to re-split, or remove the copies (see `leukoscope check-data`)")
+    if "test" in splits:
+        in_test = {s.label for s, k in zip(dataset.samples, splits) if k == "test"}
+        missing = [c for c in dataset.classes if c not in in_test]
+        if missing:
+            raise LeukoscopeError(f"classes {missing} have no test images, so they could not be evaluated; add images "
+                                  "of those classes (patients) or change --fractions")

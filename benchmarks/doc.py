@@ -1,0 +1,22 @@
+"""Rewrite one marked block of docs/benchmarks.md, keeping everything else."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:START -->", f"<!-- {name}:END -->"
+
+
+def write_block(name: str, block: str) -> None:
+    """``block`` must start and end with the markers of ``name``; appended when not yet present."""
+    start, end = markers(name)
+    DOC.parent.mkdir(exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if start not in text:
+        text = text.rstrip("\n") + "\n\n" + start + "\n" + end + "\n"
+    DOC.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))

@@ -1,0 +1,82 @@
+"""``leukoscope check-data``: what is in a dataset folder and what is wrong with it, before training."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..io import ImageReadError, load_rgb
+from .layouts import detect_layout
+from .splits import duplicate_groups
+
+
+def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """(width, height) and None, or None and the reason the file cannot be used."""
+    try:
+        load_rgb(path, size=16)  # a full (draft) decode catches truncated files that a header read misses
+        with Image.open(path) as im:
+            return im.size, None
+    except ImageReadError as err:
+        return None, str(err)
+
+
+def check_data(root: str | os.PathLike) -> dict[str, Any]:
+    """Class counts, patients, image sizes, unreadable files and duplicates; ``ok`` is False on errors."""
+    dataset = detect_layout(root)
+    paths = [dataset.abspath(s) for s in dataset.samples]
+    with ThreadPoolExecutor(4) as pool:
+        probes = list(pool.map(_probe, paths))
+    unreadable = [{"path": s.path, "error": err} for s, (_, err) in zip(dataset.samples, probes) if err]
+    sizes = np.array([size for size, _ in probes if size is not None]) if any(size for size, _ in probes) else np.zeros((0, 2))
+    duplicates = []
+    for group in duplicate_groups(paths):
+        labels = sorted({dataset.samples[i].label for i in group})
+        duplicates.append({"paths": [dataset.samples[i].path for i in group], "labels": labels, "conflict": len(labels) > 1})
+    counts = Counter(s.label for s in dataset.samples)
+    patients: dict[str, set] = defaultdict(set)
+    for s in dataset.samples:
+        if s.patient:
+            patients[s.label].add(s.patient)
+    conflicts = [d for d in duplicates if d["conflict"]]
+    errors = [f"{len(unreadable)} unreadable file(s)"] * bool(unreadable) + [f"{len(conflicts)} duplicate(s) with different labels"] * bool(conflicts)
+    return {
+        "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes, "images": len(dataset.samples),
+        "classes": {c: {"images": counts[c], "patients": len(patients[c])} for c in dataset.classes},
+        "sizes": _size_stats(sizes), "unreadable": unreadable, "duplicates": duplicates,
+        "errors": errors, "warnings": [f"{len(duplicates) - len(conflicts)} duplicate group(s) within one class"] * bool(len(duplicates) - len(conflicts)),
+        "ok": not errors,
+    }
+
+
+def _size_stats(sizes: np.ndarray) -> dict[str, Any]:
+    if len(sizes) == 0:
+        return {}
+    stats = {}
+    for axis, name in ((0, "width"), (1, "height")):
+        v = sizes[:, axis]
+        stats[name] = {"min": int(v.min()), "median": float(np.median(v)), "max": int(v.max())}
+    stats["distinct_sizes"] = len({tuple(s) for s in sizes.tolist()})
+    return stats
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{report['root']}: {report['layout']}, {report['images']} images", "", f"{'class':<20}{'images':>8}{'patients':>10}"]
+    lines += [f"{c:<20}{v['images']:>8}{v['patients'] or '-':>10}" for c, v in report["classes"].items()]
+    sizes = report["sizes"]
+    if sizes:
+        lines += ["", "image size (min / median / max): " + ", ".join(
+            f"{k} {sizes[k]['min']} / {sizes[k]['median']:g} / {sizes[k]['max']}" for k in ("width", "height")) + f"; {sizes['distinct_sizes']} distinct sizes"]
+    for item in report["unreadable"][:20]:
+        lines.append(f"unreadable: {item['path']}: {item['error']}")
+    for dup in report["duplicates"][:20]:
+        kind = "CONFLICT (different labels)" if dup["conflict"] else "duplicate"
+        lines.append(f"{kind}: {', '.join(dup['paths'][:4])} [{', '.join(dup['labels'])}]")
+    lines += [""] + [f"note: {n}" for n in report["notes"]] + [f"warning: {w}" for w in report["warnings"]]
+    lines += [f"error: {e}" for e in report["errors"]] + [f"result: {'OK' if report['ok'] else 'PROBLEMS FOUND'}"]
+    return "\n".join(lines)
