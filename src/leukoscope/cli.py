@@ -50,7 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise LeukoscopeError("train needs DATA and --out (or --resume RUN)")
     overrides = {"arch": args.arch, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
-                 "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity}
+                 "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity,
+                 "method": args.method, "backbone": args.backbone}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command)
@@ -143,6 +144,26 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .classical.segment import segment_files
+    from .inference import iter_inputs
+
+    paths = iter_inputs(args.inputs)
+    if not paths:
+        raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
+    rows = segment_files(tqdm(paths, desc="segment", unit="img"), args.out, mode=args.mode)
+    for row in rows:
+        if row["error"]:
+            print(f"{row['path']}: error: {row['error']}", file=sys.stderr)
+        elif row["mode"] == "field":
+            print(f"{row['path']}: smear field, {row['leukocytes']} leukocytes found")
+    failed = sum(bool(r["error"]) for r in rows)
+    print(f"{len(rows) - failed} segmented, {failed} failed; masks and overlays in {args.out} (index: {Path(args.out) / 'segmentation.csv'})")
+    return 1 if failed else 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .inference import bundled_models
@@ -190,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fractions", type=_fractions, help="train,val,test fractions, e.g. 0.7,0.15,0.15")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the decision threshold on val for this sensitivity (e.g. 0.98)")
+    p.add_argument("--method", help="cnn (default), svm, mlp, cnn-rf or wbc-two-stage (classical pipeline)")
+    p.add_argument("--backbone", help="cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a dataset and write the report")
@@ -229,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("segment", help="segment nucleus and cytoplasm (k-means colour clustering)")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("--out", required=True, help="folder for masks, overlays and segmentation.csv")
+    p.add_argument("--mode", choices=["auto", "single", "field"], default="auto",
+                   help="single cell, smear field with several leukocytes, or auto (default)")
+    p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("check-data", help="report classes, patients, sizes, unreadable files and duplicates")
     p.add_argument("data", help="dataset folder")

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from .classical import NEEDS_BACKBONE, check_method
 from .errors import LeukoscopeError, did_you_mean
 from .models import check_model_name
 from .transforms import AugmentConfig
@@ -32,6 +33,8 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     target_sensitivity: float | None = None
+    method: str = "cnn"
+    backbone: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +76,9 @@ class TrainConfig:
             if not ok:
                 raise LeukoscopeError(f"{source}: {message}")
         check_model_name(self.arch)
+        check_method(self.method)
+        if self.method in NEEDS_BACKBONE and not self.backbone:
+            raise LeukoscopeError(f"{source}: --method {self.method} needs --backbone RUN_OR_BUNDLED_MODEL (a CNN trained on the same split)")
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:

@@ -26,6 +26,7 @@ from .models import CellNet
 from .transforms import eval_transform
 
 CHECKPOINT_NAME = "model.pt"
+CLASSICAL_NAME = "model.joblib"
 
 
 def bundled_models() -> dict[str, Path]:
@@ -40,10 +41,10 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     """A run folder (its model.pt), a checkpoint file, or a bundled model name."""
     path = Path(model)
     if path.is_dir():
-        candidate = path / CHECKPOINT_NAME
-        if not candidate.is_file():
-            raise LeukoscopeError(f"run folder {str(path)!r} has no {CHECKPOINT_NAME}; train into it first")
-        return candidate
+        for name in (CHECKPOINT_NAME, CLASSICAL_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise LeukoscopeError(f"run folder {str(path)!r} has no {CHECKPOINT_NAME} or {CLASSICAL_NAME}; train into it first")
     if path.is_file():
         return path
     bundled = bundled_models()
@@ -195,12 +196,17 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
 
 
 def load_model(model: str | os.PathLike) -> Predictor:
-    """Load a run folder, a checkpoint, an exported ``.onnx`` file or a bundled name into a Predictor."""
+    """Load a run folder, a checkpoint, an exported ``.onnx``, a classical ``.joblib`` or a bundled name."""
     path = resolve_model_path(model)
     if path.suffix.lower() == ".onnx":
         from .export import load_onnx
 
         meta, backend = load_onnx(path)
+        return Predictor(meta, source=str(path), backend=backend)
+    if path.suffix.lower() == ".joblib":
+        from .classical.model import load_classical
+
+        meta, backend = load_classical(path)
         return Predictor(meta, source=str(path), backend=backend)
     return Predictor(load_checkpoint(path), source=str(path))
 

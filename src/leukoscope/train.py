@@ -244,6 +244,12 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
     With ``resume``, continue from ``out/last.pt`` exactly where the last completed epoch left off.
     Under torchrun (WORLD_SIZE > 1) every rank trains; only rank 0 writes and evaluates.
     """
+    if config.method != "cnn":
+        if resume:
+            raise LeukoscopeError(f"--resume applies to CNN training; re-run the {config.method} training instead (features are cached)")
+        from .train_classical import train_classical  # imported here: it builds on this module's helpers
+
+        return train_classical(data, out, config, command)
     started = time.perf_counter()
     out = Path(out)
     world, device = init_world(config.device)

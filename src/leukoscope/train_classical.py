@@ -1,0 +1,80 @@
+"""Train a classical method (``--method svm|mlp|cnn-rf|wbc-two-stage``) into a run folder.
+
+Same split file, reports and metrics as the CNN trainer; the fitted model is saved as
+``model.joblib`` and loads through ``leukoscope.load_model`` like any other run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_checkpoint
+from .classical import NEEDS_BACKBONE
+from .classical.model import ClassicalModel, save_classical
+from .config import TrainConfig, save_config
+from .data import detect_layout, run_splits
+from .data.splits import check_split_leaks
+from .errors import LeukoscopeError
+from .evaluate import evaluate, predict_logits
+from .inference import CLASSICAL_NAME, Predictor, resolve_model_path
+from .io import sha256_file
+from .train import calibrate, check_classes, load_split_images, prepare_splits, seed_everything
+
+
+def load_backbone(name: str, dataset, splits: list[str], out: Path) -> dict[str, Any]:
+    """The CNN checkpoint whose features a method uses, refused if it saw our val/test images in training."""
+    path = resolve_model_path(name)
+    if path.suffix != ".pt":
+        raise LeukoscopeError(f"--backbone must be a CNN run or bundled model, not {path.name}")
+    checkpoint = load_checkpoint(path)
+    recorded = run_splits(path.parent, dataset.samples)
+    if recorded is not None:
+        leaked = [s.path for s, ours, theirs in zip(dataset.samples, splits, recorded[0]) if ours != "train" and theirs == "train"]
+        if leaked:
+            raise LeukoscopeError(f"backbone {name!r} was trained on {len(leaked)} of this run's val/test images (e.g. {leaked[0]}); "
+                                  "train the backbone on this split first")
+    elif checkpoint.get("splits_sha256") and checkpoint["splits_sha256"] != sha256_file(out / "splits.csv"):
+        raise LeukoscopeError(f"backbone {name!r} was trained on a different split of the data (splits.csv differs); "
+                              "train a CNN on this split and pass its run folder as --backbone")
+    elif not checkpoint.get("splits_sha256"):
+        raise LeukoscopeError(f"cannot tell which images backbone {name!r} was trained on; pass a run folder with splits.csv")
+    return checkpoint
+
+
+def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, command: str = "") -> dict[str, Any]:
+    started = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    dataset = detect_layout(data)
+    splits, split_kind = prepare_splits(dataset, out, config)
+    check_classes(dataset, splits)
+    check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    save_config(config, out / "config.yaml")
+    (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
+    backbone = load_backbone(config.backbone, dataset, splits, out) if config.method in NEEDS_BACKBONE else None
+    size = int(backbone["image_size"]) if backbone else config.image_size
+    tensors, labels, dataset, splits = load_split_images(dataset, splits, size)
+    model = ClassicalModel(config.method, dataset.classes, size, backbone, config.seed).fit(tensors["train"], labels["train"])
+    train_seconds = time.perf_counter() - started
+    meta = {"arch": config.method, "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
+            "backbone_name": config.backbone, "temperature": 1.0}
+    predictor = Predictor({**meta, "class_names": dataset.classes, "image_size": size}, source=str(out / CLASSICAL_NAME), backend=model)
+    predictor.temperature = meta["temperature"] = calibrate(predictor, tensors["val"], labels["val"])
+    t0 = time.perf_counter()
+    predict_logits(predictor, tensors["test"])
+    predict_ms = 1000 * (time.perf_counter() - t0) / max(len(tensors["test"]), 1)
+    info = {"model": str(out / CLASSICAL_NAME), "arch": config.method, "data": str(data), "layout": dataset.layout, "split_kind": split_kind,
+            "config": config.to_dict(), "train_seconds": round(train_seconds, 1), "temperature": round(predictor.temperature, 4)}
+    metrics = evaluate(predictor, dataset, splits, out, info=info, images=tensors, target_sensitivity=config.target_sensitivity)
+    meta["metrics"] = {s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")} for s, m in metrics.items()}
+    meta.update(train_seconds=round(train_seconds, 1), predict_ms_per_image=round(predict_ms, 3), threshold=predictor.threshold)
+    save_classical(out / CLASSICAL_NAME, model, meta)
+    info.pop("gallery", None)
+    (out / "run.json").write_text(json.dumps({**info, "command": command, "status": "done", "method": config.method,
+                                              "predict_ms_per_image": round(predict_ms, 3)}, indent=2))
+    return metrics
