@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {"arch": args.arch, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
                  "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity,
-                 "method": args.method, "backbone": args.backbone}
+                 "method": args.method, "backbone": args.backbone, "crop": args.crop}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command)
@@ -113,7 +113,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     predictor = load_model(args.model)
     paths = iter_inputs(args.images) if args.images else []
-    images = check_images(paths, predictor.image_size)
+    images = check_images(paths, predictor.image_size, crop=predictor.crop)
     diff = export_onnx(predictor, args.out, images, tolerance=args.tolerance)
     what = f"{len(images)} real images" if paths else f"{len(images)} random images (pass --images for real cells)"
     print(f"exported {args.out}: max |p_onnx - p_torch| = {diff:.2e} on {what} (tolerance {args.tolerance})")
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
     p.add_argument("--arch", help="model architecture (see `leukoscope models`)")
     p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--crop", type=float, help="keep this central fraction of each image before resizing (default 1.0)")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
@@ -219,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run folder, checkpoint file or bundled model name")
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
-    p.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over 8 rotations/flips (default: the model's own setting)")
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
     p.set_defaults(func=cmd_evaluate)
 
@@ -228,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--tta", action="store_true", help="average over 8 rotations/flips")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over 8 rotations/flips (default: the model's own setting)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="write Grad-CAM heatmaps of why each image got its class")

@@ -20,6 +20,7 @@ class TrainConfig:
     arch: str = "cellnet"
     arch_kwargs: dict = field(default_factory=dict)
     image_size: int = 128
+    crop: float = 1.0  # central fraction of each image kept before resizing (1.0 = whole image)
     epochs: int = 30
     batch_size: int = 64
     lr: float = 3e-3
@@ -64,6 +65,7 @@ class TrainConfig:
     def validate(self, source: str = "config") -> None:
         checks = [
             (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
+            (0.2 <= self.crop <= 1.0, f"crop must be between 0.2 and 1.0, got {self.crop}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

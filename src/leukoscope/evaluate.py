@@ -26,7 +26,7 @@ from .metrics import classification_report, expected_calibration_error, sensitiv
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
 
 
-def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool = False, desc: str | None = None) -> np.ndarray:
+def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | None = None, desc: str | None = None) -> np.ndarray:
     chunks = range(0, len(images), batch_size)
     logits = [predictor.logits(images[i : i + batch_size], tta).numpy() for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)]
     return np.concatenate(logits) if logits else np.zeros((0, len(predictor.class_names)))
@@ -52,7 +52,7 @@ def evaluate(
     info: dict[str, Any] | None = None,
     history: list[dict] | None = None,
     images: dict[str, torch.Tensor] | None = None,
-    tta: bool = False,
+    tta: bool | None = None,
     target_sensitivity: float | None = None,
 ) -> dict[str, Any]:
     """Predict every split, compute metrics and write all report files; returns the metrics.
@@ -98,7 +98,7 @@ def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], sp
     if images is not None and split in images:
         tensor, errors = images[split], [None] * len(members)
     else:
-        tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.image_size, desc=f"decode {split}")
+        tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.image_size, desc=f"decode {split}", crop=predictor.crop)
     ok = [i for i, e in enumerate(errors) if e is None]
     index = {c: i for i, c in enumerate(predictor.class_names)}
     logits = predict_logits(predictor, tensor[ok], tta=tta, desc=f"predict {split}")
@@ -161,12 +161,13 @@ def write_outputs(out_dir: Path, metrics: dict, class_names: list[str], rows: li
         plot_training_curves(history, out_dir / "training_curves.png")
 
 
-def evaluate_command(model: str, data: str, out: str, tta: bool = False, target_sensitivity: float | None = None) -> dict[str, Any]:
+def evaluate_command(model: str, data: str, out: str, tta: bool | None = None, target_sensitivity: float | None = None) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``."""
     predictor = load_model(model)
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model)
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
-            "split_kind": kind, "config": predictor.checkpoint.get("config", {}), "tta": tta}
+            "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
+            "tta": predictor.default_tta if tta is None else tta}
     return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity)
 

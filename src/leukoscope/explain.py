@@ -103,7 +103,7 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
     rows, used, failed = [], set(), 0
     for path in paths:
         try:
-            image = load_rgb(path, model.image_size)
+            image = load_rgb(path, model.image_size, crop=model.crop)
         except ImageReadError as err:
             rows.append([str(path), "", "", "", "", str(err)])
             failed += 1

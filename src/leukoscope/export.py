@@ -24,7 +24,7 @@ from .inference import Predictor
 from .io import atomic_write, load_rgb
 
 TOLERANCE = 1e-3  # max absolute difference of any class probability, ONNX Runtime vs PyTorch
-META_KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "mean", "std", "temperature", "threshold",
+META_KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "mean", "std", "crop", "temperature", "threshold", "tta",
              "positive_index", "config", "metrics", "train_command", "data_manifest_sha256", "bundled_name")
 
 
@@ -90,11 +90,11 @@ def load_onnx(path: str | os.PathLike) -> tuple[dict[str, Any], OnnxBackend]:
     return json.loads(props["leukoscope"]), OnnxBackend(path)
 
 
-def check_images(paths: Sequence[os.PathLike], size: int, limit: int = 64) -> torch.Tensor:
+def check_images(paths: Sequence[os.PathLike], size: int, limit: int = 64, crop: float = 1.0) -> torch.Tensor:
     """Decoded real images to compare the export on; random images when none are given."""
     arrays = []
     for path in list(paths)[:limit]:
-        arrays.append(load_rgb(path, size))
+        arrays.append(load_rgb(path, size, crop=crop))
     if not arrays:
         generator = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=generator)

@@ -92,8 +92,10 @@ class Predictor:
         self.source = source
         self.class_names: list[str] = list(checkpoint["class_names"])
         self.image_size: int = int(checkpoint["image_size"])
+        self.crop: float = float(checkpoint.get("crop", 1.0))  # central fraction of the image the model sees
         self.temperature = float(checkpoint.get("temperature", 1.0))
         self.threshold: float | None = checkpoint.get("threshold")
+        self.default_tta = bool(checkpoint.get("tta", False))
         self.positive_index = int(checkpoint.get("positive_index", positive_index(self.class_names)))
         self.backend = backend if backend is not None else TorchBackend(checkpoint)
 
@@ -106,23 +108,29 @@ class Predictor:
         return {k: v for k, v in self.checkpoint.items() if k != "state_dict"}
 
     @torch.inference_mode()
-    def logits(self, batch_uint8: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Raw logits for (N, 3, S, S) uint8 images; with ``tta`` the mean over 8 dihedral views."""
+    def logits(self, batch_uint8: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        """Raw logits for (N, 3, S, S) uint8 images; with ``tta`` the mean over 8 dihedral views.
+
+        ``tta=None`` follows the model's own setting (``checkpoint["tta"]``, off unless a bundled
+        model was validated with it).
+        """
+        if tta is None:
+            tta = self.default_tta
         if not tta:
             return self.backend(batch_uint8)
         views = [torch.rot90(v, k, dims=(2, 3)) for v in (batch_uint8, batch_uint8.flip(3)) for k in range(4)]
         return torch.stack([self.backend(v.contiguous()) for v in views]).mean(0)
 
-    def predict_proba(self, batch_uint8: torch.Tensor, tta: bool = False) -> np.ndarray:
+    def predict_proba(self, batch_uint8: torch.Tensor, tta: bool | None = None) -> np.ndarray:
         return torch.softmax(self.logits(batch_uint8, tta) / self.temperature, dim=1).numpy()
 
-    def predict(self, images: Any, batch_size: int = 64, tta: bool = False) -> list[Prediction]:
+    def predict(self, images: Any, batch_size: int = 64, tta: bool | None = None) -> list[Prediction]:
         """Predict one or many images given as paths, PIL images or HxWx3 uint8 arrays."""
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
         return list(self.predict_iter(list(images), batch_size=batch_size, tta=tta))
 
-    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool = False, workers: int = 4) -> Iterator[Prediction]:
+    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | None = None, workers: int = 4) -> Iterator[Prediction]:
         """Yield one Prediction per item, in order; the next batch decodes while this one runs."""
         with ThreadPoolExecutor(workers) as pool:
 
@@ -153,10 +161,10 @@ class Predictor:
     def _decode(self, item: Any) -> tuple[np.ndarray | None, str]:
         try:
             if isinstance(item, Image.Image):
-                return resize_center_crop(to_rgb(item), self.image_size), ""
+                return resize_center_crop(to_rgb(item), self.image_size, self.crop), ""
             if isinstance(item, np.ndarray):
-                return resize_center_crop(_array_to_rgb(item), self.image_size), ""
-            return load_rgb(item, self.image_size), ""
+                return resize_center_crop(_array_to_rgb(item), self.image_size, self.crop), ""
+            return load_rgb(item, self.image_size, crop=self.crop), ""
         except (ImageReadError, ValueError) as err:
             return None, str(err)
 

@@ -43,10 +43,10 @@ def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
             yield path
 
 
-def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = True) -> np.ndarray:
+def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = True, crop: float = 1.0) -> np.ndarray:
     """Decode an image file to an RGB uint8 array (H, W, 3).
 
-    With ``size``, the central square is cropped and resized to ``size x size``; with ``draft``,
+    With ``size``, the central square (``crop`` of the shorter side) is resized to ``size x size``; with ``draft``,
     JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that still covers ``size``, which is
     several times faster for large JPEGs. Raises ImageReadError with a short reason for
     anything that is not a readable image.
@@ -58,23 +58,24 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = Tru
         raise ImageReadError("file not found" if not path.is_symlink() else "broken symlink")
     if path.stat().st_size == 0:
         raise ImageReadError("empty file")
-    return _decode(path, size, draft, str(path))
+    return _decode(path, size, draft, str(path), crop=crop)
 
 
-def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
     """Like ``load_rgb`` for an image held in memory (an upload); refuses more than ``max_pixels``."""
     if not data:
         raise ImageReadError("empty file")
-    return _decode(io.BytesIO(data), size, True, "", max_pixels)
+    return _decode(io.BytesIO(data), size, True, "", max_pixels, crop)
 
 
-def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
     try:
         with Image.open(source) as im:
             if im.width * im.height > max_pixels:
                 raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,})")
             if draft and size is not None and im.format == "JPEG":
-                im.draft("RGB", (size, size))
+                need = int(np.ceil(size / crop))
+                im.draft("RGB", (need, need))
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
     except Image.DecompressionBombError as err:
@@ -82,7 +83,7 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
         raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
-    return resize_center_crop(rgb, size) if size is not None else np.asarray(rgb)
+    return resize_center_crop(rgb, size, crop) if size is not None else np.asarray(rgb)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -102,15 +103,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def resize_center_crop(im: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """The central square, resized to ``size x size`` (bilinear, antialiased).
+def resize_center_crop(im: Image.Image | np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
+    """The central square (``crop`` of the shorter side), resized to ``size x size`` (bilinear, antialiased).
 
     Cropping before resizing keeps memory bounded for extreme aspect ratios (a 2000x3 strip).
     """
     if isinstance(im, np.ndarray):
         im = Image.fromarray(im)
     w, h = im.size
-    side = min(w, h)
+    side = max(1, round(min(w, h) * crop))
     left, top = (w - side) // 2, (h - side) // 2
     box = (left, top, left + side, top + side)
     if side == size:

@@ -84,11 +84,11 @@ def check_classes(dataset: Dataset, splits: list[str]) -> None:
         raise LeukoscopeError(f"classes {missing} have no training images after splitting; add data or change --fractions")
 
 
-def load_split_images(dataset: Dataset, splits: list[str], size: int) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], Dataset, list[str]]:
+def load_split_images(dataset: Dataset, splits: list[str], size: int, crop: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], Dataset, list[str]]:
     """Decode every split; unreadable images are dropped from the dataset with a warning."""
     index = {c: i for i, c in enumerate(dataset.classes)}
     paths = [dataset.abspath(s) for s in dataset.samples]
-    images, errors = decode_many(paths, size, desc="decode images")
+    images, errors = decode_many(paths, size, desc="decode images", crop=crop)
     bad = [i for i, e in enumerate(errors) if e is not None]
     for i in bad[:10]:
         tqdm.write(f"warning: skipping {paths[i]}: {errors[i]}", file=sys.stderr)
@@ -272,10 +272,10 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
     if world.is_main:
         save_config(config, out / "config.yaml")
         (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
-    tensors, labels, dataset, splits = load_split_images(dataset, splits, config.image_size)
+    tensors, labels, dataset, splits = load_split_images(dataset, splits, config.image_size, config.crop)
     stats = channel_stats(tensors["train"])
     model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs).to(device, memory_format=torch.channels_last)
-    meta = {"arch": config.arch, "arch_kwargs": config.arch_kwargs, "class_names": dataset.classes, "image_size": config.image_size,
+    meta = {"arch": config.arch, "arch_kwargs": config.arch_kwargs, "class_names": dataset.classes, "image_size": config.image_size, "crop": config.crop,
             "mean": stats[0], "std": stats[1], "config": config.to_dict(), "train_command": command, "split_kind": split_kind}
     if resume_state is not None:
         model.load_state_dict(resume_state["weights"])

@@ -58,11 +58,13 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
     backbone = load_backbone(config.backbone, dataset, splits, out) if config.method in NEEDS_BACKBONE else None
     size = int(backbone["image_size"]) if backbone else config.image_size
-    tensors, labels, dataset, splits = load_split_images(dataset, splits, size)
+    crop = float(backbone.get("crop", 1.0)) if backbone else config.crop
+    tensors, labels, dataset, splits = load_split_images(dataset, splits, size, crop)
     model = ClassicalModel(config.method, dataset.classes, size, backbone, config.seed).fit(tensors["train"], labels["train"])
     train_seconds = time.perf_counter() - started
     meta = {"arch": config.method, "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
             "backbone_name": config.backbone, "temperature": 1.0}
+    meta["crop"] = crop
     predictor = Predictor({**meta, "class_names": dataset.classes, "image_size": size}, source=str(out / CLASSICAL_NAME), backend=model)
     predictor.temperature = meta["temperature"] = calibrate(predictor, tensors["val"], labels["val"])
     t0 = time.perf_counter()

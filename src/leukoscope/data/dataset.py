@@ -18,7 +18,7 @@ from ..io import ImageReadError, load_rgb
 
 
 def decode_many(
-    paths: Sequence[str | os.PathLike], size: int, workers: int | None = None, desc: str | None = None
+    paths: Sequence[str | os.PathLike], size: int, workers: int | None = None, desc: str | None = None, crop: float = 1.0
 ) -> tuple[torch.Tensor, list[str | None]]:
     """Return (N, 3, size, size) uint8 and a per-path error message (None when decoded).
 
@@ -29,7 +29,7 @@ def decode_many(
 
     def work(i: int) -> None:
         try:
-            out[i] = torch.from_numpy(np.array(load_rgb(paths[i], size))).permute(2, 0, 1)
+            out[i] = torch.from_numpy(np.array(load_rgb(paths[i], size, crop=crop))).permute(2, 0, 1)
         except ImageReadError as err:
             errors[i] = str(err)
 

@@ -73,7 +73,7 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
                       heatmap: bool = Query(False, description="add a Grad-CAM overlay PNG as a data URL")) -> dict[str, Any]:
         if len(files) > MAX_FILES:
             raise HTTPException(413, f"at most {MAX_FILES} files per request, got {len(files)}")
-        images = [await read_upload(f, predictor.image_size, max_bytes, max_pixels) for f in files]
+        images = [await read_upload(f, predictor.image_size, max_bytes, max_pixels, predictor.crop) for f in files]
         started = time.perf_counter()
         results = await run_in_threadpool(classify, predictor, images, get_explainer() if heatmap else None)
         for f, result in zip(files, results):
@@ -83,7 +83,7 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
     return app
 
 
-async def read_upload(upload: UploadFile, size: int, max_bytes: int, max_pixels: int) -> np.ndarray:
+async def read_upload(upload: UploadFile, size: int, max_bytes: int, max_pixels: int, crop: float = 1.0) -> np.ndarray:
     name = upload.filename or ""
     content_type = (upload.content_type or "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_TYPES:
@@ -92,7 +92,7 @@ async def read_upload(upload: UploadFile, size: int, max_bytes: int, max_pixels:
     if len(data) > max_bytes:
         raise UploadError(413, name, f"file larger than {max_bytes:,} bytes")
     try:
-        return decode_bytes(data, size, max_pixels)
+        return decode_bytes(data, size, max_pixels, crop)
     except ImageReadError as err:
         status = 413 if "too large" in str(err) else 422
         raise UploadError(status, name, str(err)) from None
