@@ -3,7 +3,8 @@
     .venv/bin/python tools/bundle_model.py runs/aria-all --name aria-all --data ../shared/data/aria_all
 
 Weights are stored in fp16 (half the size; outputs checked against fp32 below). The metadata
-gains the data manifest's sha256, the split file's sha256 and task-specific test metrics:
+gains the data manifest's sha256, the split file's sha256, val/test metrics re-measured at the
+bundled model's default inference (``--tta`` makes 8-view TTA the default) and task-specific test metrics:
 benign-vs-malignant sensitivity/specificity for aria-all, and the 5 common WBC types (argmax
 over those classes only) for pbc.
 """
@@ -22,7 +23,7 @@ from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
 from leukoscope.evaluate import predict_logits, softmax
 from leukoscope.inference import Predictor
-from leukoscope.metrics import confusion_matrix, macro_f1
+from leukoscope.metrics import confusion_matrix, macro_f1, summarize
 
 WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "leukoscope" / "weights"
@@ -32,13 +33,18 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def extra_metrics(predictor: Predictor, data: Path, run: Path) -> dict[str, float]:
+def split_probs(predictor: Predictor, data: Path, run: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of one split of the run, at the model's default inference (TTA or not)."""
     samples, splits = read_splits(run / "splits.csv")
-    test = [s for s, k in zip(samples, splits) if k == "test"]
-    images, errors = decode_many([data / s.path for s in test], predictor.image_size)
+    members = [s for s, k in zip(samples, splits) if k == split]
+    images, errors = decode_many([data / s.path for s in members], predictor.image_size, crop=predictor.crop)
+    if any(errors):
+        raise SystemExit(f"unreadable {split} images: {[e for e in errors if e][:3]}")
     probs = softmax(predict_logits(predictor, images), predictor.temperature)
-    names = predictor.class_names
-    labels = np.array([names.index(s.label) for s in test])
+    return np.array([predictor.class_names.index(s.label) for s in members]), probs
+
+
+def extra_metrics(names: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     out: dict[str, float] = {}
     if "Benign" in names:
         benign = names.index("Benign")
@@ -61,8 +67,10 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--name", required=True)
     parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--tta", action="store_true", help="make 8-view TTA the model's default inference (metrics re-measured with it)")
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.run / "model.pt")
+    checkpoint["tta"] = args.tta
     full = Predictor(checkpoint)
     checkpoint["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
     half = Predictor(checkpoint)
@@ -73,7 +81,11 @@ def main() -> None:
     manifest = args.data / "manifest.csv"
     checkpoint["data_manifest_sha256"] = sha256(manifest) if manifest.is_file() else ""
     checkpoint["splits_sha256"] = sha256(args.run / "splits.csv")
-    checkpoint["extra_metrics"] = extra_metrics(half, args.data, args.run)
+    for split in ("val", "test"):
+        labels, probs = split_probs(half, args.data, args.run, split)
+        summary = summarize(labels, probs, half.class_names)
+        checkpoint["metrics"][split] = {k: summary[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")}
+    checkpoint["extra_metrics"] = extra_metrics(half.class_names, labels, probs)
     checkpoint["bundled_name"] = args.name
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     save_checkpoint(WEIGHTS / f"{args.name}.pt", checkpoint)

@@ -1,0 +1,86 @@
+"""Robustness of a bundled model to another lab's look: accuracy on our test split under perturbations.
+
+    .venv/bin/python benchmarks/robustness.py --model pbc
+
+Each test image is decoded at full resolution, perturbed (stain, white balance, hue, gamma,
+zoom, blur, JPEG; see leukoscope/perturb.py), then preprocessed as the model expects. For pbc
+the 5 common WBC types are scored with the argmax over those 5 classes, as the domain-shift
+goal asks. Writes the ROBUSTNESS block of docs/benchmarks.md. Not part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc import markers, write_block  # noqa: E402
+
+from leukoscope import load_model  # noqa: E402
+from leukoscope.data import detect_layout, make_splits  # noqa: E402
+from leukoscope.io import load_rgb, resize_center_crop, sha256_file  # noqa: E402
+from leukoscope.perturb import PERTURBATIONS  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+FOLDERS = {"pbc": "pbc", "aria-all": "aria_all"}
+
+
+def test_split(model_name: str, predictor):
+    """Rebuild the bundled model's split (seed and fractions from its config) and check its sha256."""
+    dataset = detect_layout(DATA / FOLDERS[model_name])
+    config = predictor.checkpoint["config"]
+    splits, _ = make_splits(dataset, tuple(config["fractions"]), config["seed"], config["split_by"])
+    from leukoscope.data import write_splits
+
+    tmp = Path("/tmp/leukoscope-robustness-splits.csv")
+    write_splits(tmp, dataset.samples, splits)
+    if predictor.checkpoint.get("splits_sha256") not in (None, "", sha256_file(tmp)):
+        raise SystemExit("could not rebuild the model's split (splits.csv sha256 differs)")
+    return [(dataset.abspath(s), s.label) for s, k in zip(dataset.samples, splits) if k == "test"]
+
+
+def accuracy(predictor, items, perturb, wbc5: bool) -> float:
+    def prep(path):
+        return resize_center_crop(perturb(load_rgb(path)), predictor.image_size, predictor.crop)
+
+    with ThreadPoolExecutor(4) as pool:
+        arrays = list(pool.map(prep, [p for p, _ in items]))
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    probs = np.concatenate([predictor.predict_proba(batch[i : i + 256]) for i in range(0, len(batch), 256)])
+    names = predictor.class_names
+    labels = np.array([names.index(label) for _, label in items])
+    if wbc5:
+        idx = [names.index(c) for c in WBC5]
+        keep = np.isin(labels, idx)
+        return float((np.array(idx)[probs[keep][:, idx].argmax(1)] == labels[keep]).mean())
+    return float((probs.argmax(1) == labels).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="pbc", choices=sorted(FOLDERS))
+    args = parser.parse_args()
+    predictor = load_model(args.model)
+    items = test_split(args.model, predictor)
+    wbc5 = args.model == "pbc"
+    rows = []
+    for name, perturb in PERTURBATIONS.items():
+        rows.append((name, accuracy(predictor, items, perturb, wbc5)))
+        print(f"{name:40s} {rows[-1][1]:.4f}", flush=True)
+    start, end = markers(f"ROBUSTNESS-{args.model.upper()}")
+    what = "5 WBC types (argmax over those 5)" if wbc5 else "all classes"
+    lines = [start, f"_Measured {datetime.date.today()} by `benchmarks/robustness.py --model {args.model}`: {len(items)} test images, "
+             f"accuracy on {what}, model's default inference._", "", "| perturbation | accuracy |", "|---|---|"]
+    lines += [f"| {name} | {acc:.4f} |" for name, acc in rows] + [end]
+    write_block(f"ROBUSTNESS-{args.model.upper()}", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
