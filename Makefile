@@ -6,7 +6,7 @@ DATA ?= ../shared/data/aria_all
 RUN ?= runs/demo
 EPOCHS ?= 20
 
-.PHONY: setup demo test browser models benchmark clean
+.PHONY: setup demo test browser models benchmark compare clean
 
 SHARED ?= ../shared/data
 
@@ -33,15 +33,25 @@ test: setup browser
 browser:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)); } || echo "chromium not installed: the browser test will be skipped"
 
-# Train and bundle the shipped models (about 35 minutes on 2 CPU cores), then measure them.
+# Train and bundle the shipped models (about 33 minutes on 2 CPU cores). aria-all predicts with
+# 8-view TTA by default (--no-tta for the fast path); pbc without.
 models: setup
 	$(BIN)/leukoscope train $(SHARED)/aria_all --out runs/aria-all --config configs/aria-all.yaml
-	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all
+	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all --tta
 	$(BIN)/leukoscope train $(SHARED)/pbc --out runs/pbc --config configs/pbc.yaml
 	$(BIN)/python tools/bundle_model.py runs/pbc --name pbc --data $(SHARED)/pbc
 
+# Speed, memory, robustness and service load (about 10 minutes); the CNN-vs-classical comparison
+# needs the runs of `make models` (about 15 minutes more). Each writes its block of docs/benchmarks.md.
 benchmark: setup
 	$(BIN)/python benchmarks/benchmark.py --model pbc --small 64 --large 768 --repeats 2
+	$(BIN)/python benchmarks/robustness.py --model pbc
+	$(BIN)/python benchmarks/tta.py
+	$(BIN)/python benchmarks/load_test.py --model pbc --requests 400
+
+compare: setup
+	$(BIN)/python benchmarks/classical.py --dataset pbc --cnn-run runs/pbc
+	$(BIN)/python benchmarks/classical.py --dataset aria_all --cnn-run runs/aria-all
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

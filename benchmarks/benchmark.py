@@ -52,12 +52,15 @@ def throughput(model: str, small: int, large: int, repeats: int) -> dict:
     images = sorted((DATA / "pbc").rglob("*.jpg"))
     if not images:
         sys.exit(f"no JPEGs under {DATA / 'pbc'}")
-    leuko = [str(ROOT / ".venv" / "bin" / "leukoscope"), "predict", model]
+    cli = str(ROOT / ".venv" / "bin" / "leukoscope")
     ref = [sys.executable, str(ROOT / "benchmarks" / "reference_predict.py")]
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
         folders = {n: make_folder(images, n, Path(tmp) / f"f{n}") for n in (small, large)}
-        for name, base in (("leukoscope", leuko), ("reference", ref)):
+        onnx = Path(tmp) / f"{model}.onnx"
+        subprocess.run([cli, "export", model, "--out", str(onnx), "--images", str(folders[small])], check=True, capture_output=True)
+        pipelines = (("leukoscope", [cli, "predict", model]), ("onnx", [cli, "predict", str(onnx)]), ("reference", ref))
+        for name, base in pipelines:
             times, rss = {}, 0.0
             for n, folder in folders.items():
                 runs = [run_timed([*base, str(folder), "--out", str(Path(tmp) / "p.csv")]) for _ in range(repeats)]
@@ -66,6 +69,7 @@ def throughput(model: str, small: int, large: int, repeats: int) -> dict:
             marginal = (large - small) / max(times[large] - times[small], 1e-9)
             result[name] = {"t_small": times[small], "t_large": times[large], "images_per_s": marginal, "peak_rss_mb": rss}
     result["ratio"] = result["leukoscope"]["images_per_s"] / result["reference"]["images_per_s"]
+    result["onnx_ratio"] = result["onnx"]["images_per_s"] / result["reference"]["images_per_s"]
     return result
 
 
@@ -110,8 +114,9 @@ def render(tp: dict, flops: float, size: int, peaks: dict, acc: list[dict], mode
              "### Prediction throughput (end to end, marginal images/s, PBC JPEGs)", "",
              "| pipeline | t small (s) | t large (s) | images/s | peak RSS (MB) |", "|---|---|---|---|---|",
              f"| `leukoscope predict {model}` | {lk['t_small']:.2f} | {lk['t_large']:.2f} | {lk['images_per_s']:.0f} | {lk['peak_rss_mb']:.0f} |",
+             f"| `leukoscope predict {model}.onnx` (ONNX Runtime, `leukoscope export`) | {tp['onnx']['t_small']:.2f} | {tp['onnx']['t_large']:.2f} | {tp['onnx']['images_per_s']:.0f} | {tp['onnx']['peak_rss_mb']:.0f} |",
              f"| reference: ResNet-18 224 px fp32 eager, PIL, batch 64 | {rf['t_small']:.2f} | {rf['t_large']:.2f} | {rf['images_per_s']:.1f} | {rf['peak_rss_mb']:.0f} |",
-             "", f"**Speed-up over the reference: {tp['ratio']:.1f}x.**", "",
+             "", f"**Speed-up over the reference: {tp['ratio']:.1f}x with PyTorch, {tp['onnx_ratio']:.1f}x with ONNX Runtime.**", "",
              "### Efficiency", "",
              f"Model: {flops:.3f} GFLOP per image at {size} px (forward, FlopCounterMode). Achieved {achieved:.1f} GFLOP/s end to end; "
              f"measured matmul peak {peaks['fp32']:.0f} GFLOP/s fp32 and {peaks['bf16']:.2f} GFLOP/s bf16 (emulated on CPUs without "

@@ -32,9 +32,9 @@ WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 FOLDERS = {"pbc": "pbc", "aria-all": "aria_all"}
 
 
-def test_split(model_name: str, predictor):
-    """Rebuild the bundled model's split (seed and fractions from its config) and check its sha256."""
-    dataset = detect_layout(DATA / FOLDERS[model_name])
+def test_split(data: Path, predictor):
+    """Rebuild the model's split (seed and fractions from its config) and check its sha256 when recorded."""
+    dataset = detect_layout(data)
     config = predictor.checkpoint["config"]
     splits, _ = make_splits(dataset, tuple(config["fractions"]), config["seed"], config["split_by"])
     from leukoscope.data import write_splits
@@ -65,15 +65,19 @@ def accuracy(predictor, items, perturb, wbc5: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="pbc", choices=sorted(FOLDERS))
+    parser.add_argument("--model", default="pbc", help="bundled name or run folder")
+    parser.add_argument("--data", type=Path, help="dataset folder (default: the bundled model's)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     predictor = load_model(args.model)
-    items = test_split(args.model, predictor)
-    wbc5 = args.model == "pbc"
+    items = test_split(args.data or DATA / FOLDERS[args.model], predictor)
+    wbc5 = all(c in predictor.class_names for c in WBC5)
     rows = []
     for name, perturb in PERTURBATIONS.items():
         rows.append((name, accuracy(predictor, items, perturb, wbc5)))
         print(f"{name:40s} {rows[-1][1]:.4f}", flush=True)
+    if args.no_write:
+        return
     start, end = markers(f"ROBUSTNESS-{args.model.upper()}")
     what = "5 WBC types (argmax over those 5)" if wbc5 else "all classes"
     lines = [start, f"_Measured {datetime.date.today()} by `benchmarks/robustness.py --model {args.model}`: {len(items)} test images, "

@@ -178,7 +178,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         test = ckpt.get("metrics", {}).get("test", {})
         scores = [f"{k} {test[k]:.4f}" for k in ("accuracy", "macro_f1") if k in test]
         scores += [f"{k} {v:.4f}" for k, v in ckpt.get("extra_metrics", {}).items()]
-        print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px, classes {', '.join(ckpt['class_names'])}")
+        crop = f", central {ckpt['crop']:.0%} of each image" if ckpt.get("crop", 1.0) < 1 else ""
+        tta = ", 8-view TTA by default" if ckpt.get("tta") else ""
+        print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px{crop}{tta}, classes {', '.join(ckpt['class_names'])}")
         print(f"    test: {', '.join(scores)}")
         print(f"    trained by: {ckpt.get('train_command', '?')} (data manifest sha256 {ckpt.get('data_manifest_sha256', '?')[:16]}...)")
     return 0

@@ -35,13 +35,20 @@ from .models import create_model
 from .transforms import eval_transform, train_transform
 
 
-def seed_everything(seed: int, rank: int = 0) -> dict[str, torch.Generator]:
-    """Seed the global RNGs; returns the batch-order generator (same on every rank) and the
-    augmentation generator (different per rank, so ranks do not augment alike)."""
+def seed_everything(seed: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Generator]:
+    """Seed the global RNGs; returns the batch-order and augmentation generators.
+
+    Under torchrun the order generator is the same on every rank and the augmentation one
+    differs per rank (ranks must not augment alike). A single process uses one stream for
+    both, which keeps its runs bit-identical to earlier releases (the bundled models).
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return {"order": torch.Generator().manual_seed(seed), "augment": torch.Generator().manual_seed(seed + 1000 * rank)}
+    order = torch.Generator().manual_seed(seed)
+    if world_size == 1:
+        return {"order": order, "augment": order}
+    return {"order": order, "augment": torch.Generator().manual_seed(seed + 1000 * rank)}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -263,7 +270,7 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
     resume_state = load_resume_state(out) if resume else None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    rngs = seed_everything(config.seed, world.rank)
+    rngs = seed_everything(config.seed, world.rank, world.size)
     bf16 = resolve_precision(config, device)
     dataset = detect_layout(data)
     splits, split_kind = prepare_splits(dataset, out, config, write=world.is_main)
