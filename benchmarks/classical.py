@@ -15,9 +15,11 @@ import argparse
 import datetime
 import html
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,12 +72,15 @@ def measure(run: Path, data: Path, dataset: str) -> dict:
     samples, splits = read_splits(run / "splits.csv")
     ds = detect_layout(data)
     test = [s for s, k in zip(samples, splits) if k == "test"]
-    images, errors = decode_many([ds.root / s.path for s in test], predictor.image_size)
+    images, errors = decode_many([ds.root / s.path for s in test], predictor.image_size, crop=predictor.crop)
     assert not any(errors)
     predict_logits(predictor, images[:8])  # warm-up
-    t0 = time.perf_counter()
-    probs = softmax(predict_logits(predictor, images), predictor.temperature)
-    ms = 1000 * (time.perf_counter() - t0) / len(test)
+    with tempfile.TemporaryDirectory() as empty:  # an empty feature cache: time the real feature extraction
+        os.environ["LEUKOSCOPE_CACHE"] = empty
+        t0 = time.perf_counter()
+        probs = softmax(predict_logits(predictor, images), predictor.temperature)
+        ms = 1000 * (time.perf_counter() - t0) / len(test)
+        del os.environ["LEUKOSCOPE_CACHE"]
     y = np.array([predictor.class_names.index(s.label) for s in test])
     info = json.loads((run / "run.json").read_text())
     return {"method": info.get("method", "cnn"), "n_test": len(test), "train_seconds": info.get("train_seconds"), "predict_ms": round(ms, 2),
