@@ -54,7 +54,8 @@ def test_predict_real_cells_with_heatmap(client):
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-4
         assert r["confidence"] == max(r["probabilities"].values())
         heatmap = Image.open(io.BytesIO(__import__("base64").b64decode(r["heatmap"].split(",", 1)[1])))
-        assert heatmap.size == (128, 128)
+        size = client.get("/models").json()["models"][0]["image_size"]
+        assert heatmap.size == (size, size)
 
 
 @pytest.mark.parametrize("name, data, content_type, status, message", [
