@@ -76,3 +76,15 @@ def test_serve_answers_4xx_never_5xx(trained, tmp_path):
         response = client.post("/predict", files=[("files", (name, data, "image/png"))])
         assert response.status_code == (200 if ok else response.status_code) and response.status_code < 500, name
         assert (response.status_code == 200) == ok, (name, response.json())
+
+
+def test_segment_survives_the_corpus(tmp_path):
+    expected = make_hostile_corpus(tmp_path / "corpus")
+    assert main(["segment", str(tmp_path / "corpus"), "--out", str(tmp_path / "seg")]) == 1
+    rows = {r["path"].split("/")[-1]: r for r in csv.DictReader(open(tmp_path / "seg" / "segmentation.csv", encoding="utf-8"))}
+    assert set(rows) == set(expected)
+    for name, ok in expected.items():
+        if name in ("one_pixel.png", "strip_2000x3.png"):  # too thin to segment: reported, not crashed
+            assert "at least 8x8" in rows[name]["error"], name
+        else:
+            assert bool(rows[name]["error"]) != ok, (name, rows[name]["error"])
