@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import markers, write_block  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
-from leukoscope.data import detect_layout, make_splits  # noqa: E402
+from leukoscope.data import detect_layout, make_splits, write_splits  # noqa: E402
 from leukoscope.io import load_rgb, resize_center_crop, sha256_file  # noqa: E402
 from leukoscope.perturb import PERTURBATIONS  # noqa: E402
 
@@ -32,17 +32,22 @@ WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 FOLDERS = {"pbc": "pbc", "aria-all": "aria_all"}
 
 
-def test_split(data: Path, predictor):
-    """Rebuild the model's split (seed and fractions from its config) and check its sha256 when recorded."""
+def model_splits(data: Path, predictor):
+    """(dataset, splits) of the model's run, rebuilt from its config; checked against its recorded sha256."""
+    import tempfile
+
     dataset = detect_layout(data)
     config = predictor.checkpoint["config"]
     splits, _ = make_splits(dataset, tuple(config["fractions"]), config["seed"], config["split_by"])
-    from leukoscope.data import write_splits
+    with tempfile.TemporaryDirectory() as tmp:
+        write_splits(Path(tmp) / "splits.csv", dataset.samples, splits)
+        if predictor.checkpoint.get("splits_sha256") not in (None, "", sha256_file(Path(tmp) / "splits.csv")):
+            raise SystemExit("could not rebuild the model's split (splits.csv sha256 differs)")
+    return dataset, splits
 
-    tmp = Path("/tmp/leukoscope-robustness-splits.csv")
-    write_splits(tmp, dataset.samples, splits)
-    if predictor.checkpoint.get("splits_sha256") not in (None, "", sha256_file(tmp)):
-        raise SystemExit("could not rebuild the model's split (splits.csv sha256 differs)")
+
+def test_split(data: Path, predictor):
+    dataset, splits = model_splits(data, predictor)
     return [(dataset.abspath(s), s.label) for s, k in zip(dataset.samples, splits) if k == "test"]
 
 

@@ -18,25 +18,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import markers, write_block  # noqa: E402
-from robustness import DATA, FOLDERS  # noqa: E402
+from robustness import DATA, FOLDERS, model_splits  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
-from leukoscope.data import detect_layout, make_splits, write_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
 from leukoscope.evaluate import predict_logits, softmax  # noqa: E402
-from leukoscope.io import sha256_file  # noqa: E402
 from leukoscope.metrics import summarize  # noqa: E402
-
-
-def splits_of(name: str, predictor):
-    dataset = detect_layout(DATA / FOLDERS[name])
-    config = predictor.checkpoint["config"]
-    splits, _ = make_splits(dataset, tuple(config["fractions"]), config["seed"], config["split_by"])
-    tmp = Path(f"/tmp/leukoscope-tta-{name}.csv")
-    write_splits(tmp, dataset.samples, splits)
-    if predictor.checkpoint.get("splits_sha256") not in (None, "", sha256_file(tmp)):
-        raise SystemExit(f"{name}: could not rebuild the model's split")
-    return dataset, splits
 
 
 def main() -> None:
@@ -45,7 +32,7 @@ def main() -> None:
              "| model | split | accuracy | accuracy TTA | macro-F1 | macro-F1 TTA | ECE | ECE TTA | predict time ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for name in FOLDERS:
         predictor = load_model(name)
-        dataset, splits = splits_of(name, predictor)
+        dataset, splits = model_splits(DATA / FOLDERS[name], predictor)
         for split in ("val", "test"):
             members = [s for s, k in zip(dataset.samples, splits) if k == split]
             images, _ = decode_many([dataset.abspath(s) for s in members], predictor.image_size, crop=predictor.crop)

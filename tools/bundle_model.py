@@ -21,7 +21,7 @@ import torch
 from leukoscope.checkpoint import load_checkpoint, save_checkpoint
 from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
-from leukoscope.evaluate import predict_logits, softmax
+from leukoscope.evaluate import headline, predict_logits, softmax
 from leukoscope.inference import Predictor
 from leukoscope.metrics import confusion_matrix, macro_f1, summarize
 
@@ -83,8 +83,7 @@ def main() -> None:
     checkpoint["splits_sha256"] = sha256(args.run / "splits.csv")
     for split in ("val", "test"):
         labels, probs = split_probs(half, args.data, args.run, split)
-        summary = summarize(labels, probs, half.class_names)
-        checkpoint["metrics"][split] = {k: summary[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")}
+        checkpoint["metrics"].update(headline({split: summarize(labels, probs, half.class_names)}))
     checkpoint["extra_metrics"] = extra_metrics(half.class_names, labels, probs)
     checkpoint["bundled_name"] = args.name
     WEIGHTS.mkdir(parents=True, exist_ok=True)

@@ -161,6 +161,14 @@ def write_outputs(out_dir: Path, metrics: dict, class_names: list[str], rows: li
         plot_training_curves(history, out_dir / "training_curves.png")
 
 
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, dict]:
+    """The per-split numbers a checkpoint carries in its metadata."""
+    return {split: {k: m[k] for k in HEADLINE} for split, m in metrics.items()}
+
+
 def evaluate_command(model: str, data: str, out: str, tta: bool | None = None, target_sensitivity: float | None = None) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``."""
     predictor = load_model(model)

@@ -28,7 +28,7 @@ from .data.splits import check_split_leaks
 from .data.dataset import decode_many
 from .distributed import World, all_sum, close, init_world, shard, sync_buffers, unwrap, weights_digest, wrap
 from .errors import LeukoscopeError
-from .evaluate import evaluate
+from .evaluate import evaluate, headline
 from .inference import Predictor
 from .metrics import balanced_accuracy, confusion_matrix
 from .models import create_model
@@ -301,7 +301,7 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
             "split_kind": split_kind, "config": config.to_dict(), "train_seconds": round(train_seconds, 1),
             "temperature": round(checkpoint["temperature"], 4), "world_size": world.size}
     metrics = evaluate(predictor, dataset, splits, out, info=info, history=history, images=tensors, target_sensitivity=config.target_sensitivity)
-    checkpoint["metrics"] = {s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")} for s, m in metrics.items()}
+    checkpoint["metrics"] = headline(metrics)
     checkpoint["train_seconds"] = round(train_seconds, 1)
     save_checkpoint(out / "model.pt", checkpoint)
     info.pop("gallery", None)

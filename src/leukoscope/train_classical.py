@@ -19,7 +19,7 @@ from .config import TrainConfig, save_config
 from .data import detect_layout, run_splits
 from .data.splits import check_split_leaks
 from .errors import LeukoscopeError
-from .evaluate import evaluate, predict_logits
+from .evaluate import evaluate, headline, predict_logits
 from .inference import CLASSICAL_NAME, Predictor, resolve_model_path
 from .io import sha256_file
 from .train import calibrate, check_classes, load_split_images, prepare_splits, seed_everything
@@ -73,7 +73,7 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     info = {"model": str(out / CLASSICAL_NAME), "arch": config.method, "data": str(data), "layout": dataset.layout, "split_kind": split_kind,
             "config": config.to_dict(), "train_seconds": round(train_seconds, 1), "temperature": round(predictor.temperature, 4)}
     metrics = evaluate(predictor, dataset, splits, out, info=info, images=tensors, target_sensitivity=config.target_sensitivity)
-    meta["metrics"] = {s: {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")} for s, m in metrics.items()}
+    meta["metrics"] = headline(metrics)
     meta.update(train_seconds=round(train_seconds, 1), predict_ms_per_image=round(predict_ms, 3), threshold=predictor.threshold)
     save_classical(out / CLASSICAL_NAME, model, meta)
     info.pop("gallery", None)
