@@ -139,7 +139,7 @@ def gallery(predictor: Predictor, test: dict, folder: Path, errors: int = 6, per
     explainer, names, items = Explainer(predictor), predictor.class_names, []
     for n, (i, kind) in enumerate(picks):
         image = test["images"][i].permute(1, 2, 0).numpy()
-        overlay, _, _ = explainer.overlay(image, int(pred[i]))
+        overlay = explainer.overlay(image, int(pred[i]))
         caption = f"true {names[test['y'][i]]}, called {names[pred[i]]} {conf[i]:.3f}"
         name = f"{n:02d}_{kind}.png"
         (folder / name).write_bytes(png_bytes(panel(image, overlay, caption, scale=1)))

@@ -67,13 +67,11 @@ class Explainer:
             maps = self.cam(input_tensor=x, targets=targets)
         return np.nan_to_num(np.asarray(maps, dtype=np.float32)).clip(0, 1)
 
-    def overlay(self, image: np.ndarray, class_index: int | None = None) -> tuple[np.ndarray, int, np.ndarray]:
-        """Heatmap over one HxWx3 uint8 image; returns (overlay, explained class, probabilities)."""
+    def overlay(self, image: np.ndarray, class_index: int) -> np.ndarray:
+        """Heatmap of ``class_index`` over one HxWx3 uint8 image (callers already hold the prediction)."""
         batch = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]
-        probs = self.predictor.predict_proba(batch)[0]
-        cls = self.predictor.decide(probs) if class_index is None else class_index
-        cam = self.heatmaps(batch, [cls])[0]
-        return show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True, image_weight=0.55), cls, probs
+        cam = self.heatmaps(batch, [class_index])[0]
+        return show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True, image_weight=0.55)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -108,7 +106,9 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
             rows.append([str(path), "", "", "", "", str(err)])
             failed += 1
             continue
-        overlay, cls, probs = explainer.overlay(image, None if class_name is None else names.index(class_name))
+        probs = model.predict_proba(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None])[0]
+        cls = model.decide(probs) if class_name is None else names.index(class_name)
+        overlay = explainer.overlay(image, cls)
         name = _unique(Path(path).stem, used) + "_cam.png"
         caption = f"{names[int(np.argmax(probs))]} {probs.max():.3f} | heatmap for {names[cls]} ({method})"
         with atomic_write(out_dir / name, "wb") as handle:

@@ -91,6 +91,18 @@ def check_classes(dataset: Dataset, splits: list[str]) -> None:
         raise LeukoscopeError(f"classes {missing} have no training images after splitting; add data or change --fractions")
 
 
+def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool = True) -> tuple[Dataset, list[str], str]:
+    """Detect the layout, make or reuse the split, refuse leaks, and record config.yaml and run.json."""
+    dataset = detect_layout(data)
+    splits, split_kind = prepare_splits(dataset, out, config, write=write)
+    check_classes(dataset, splits)
+    check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    if write:
+        save_config(config, out / "config.yaml")
+        (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
+    return dataset, splits, split_kind
+
+
 def load_split_images(dataset: Dataset, splits: list[str], size: int, crop: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], Dataset, list[str]]:
     """Decode every split; unreadable images are dropped from the dataset with a warning."""
     index = {c: i for i, c in enumerate(dataset.classes)}
@@ -272,13 +284,7 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
         out.mkdir(parents=True, exist_ok=True)
     rngs = seed_everything(config.seed, world.rank, world.size)
     bf16 = resolve_precision(config, device)
-    dataset = detect_layout(data)
-    splits, split_kind = prepare_splits(dataset, out, config, write=world.is_main)
-    check_classes(dataset, splits)
-    check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
-    if world.is_main:
-        save_config(config, out / "config.yaml")
-        (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
+    dataset, splits, split_kind = prepare_run(data, out, config, command, write=world.is_main)
     tensors, labels, dataset, splits = load_split_images(dataset, splits, config.image_size, config.crop)
     stats = channel_stats(tensors["train"])
     model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs).to(device, memory_format=torch.channels_last)

@@ -15,14 +15,13 @@ from typing import Any
 from .checkpoint import load_checkpoint
 from .classical import NEEDS_BACKBONE
 from .classical.model import ClassicalModel, save_classical
-from .config import TrainConfig, save_config
-from .data import detect_layout, run_splits
-from .data.splits import check_split_leaks
+from .config import TrainConfig
+from .data import run_splits
 from .errors import LeukoscopeError
 from .evaluate import evaluate, headline, predict_logits
 from .inference import CLASSICAL_NAME, Predictor, resolve_model_path
 from .io import sha256_file
-from .train import calibrate, check_classes, load_split_images, prepare_splits, seed_everything
+from .train import calibrate, load_split_images, prepare_run, seed_everything
 
 
 def load_backbone(name: str, dataset, splits: list[str], out: Path) -> dict[str, Any]:
@@ -50,12 +49,7 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
-    dataset = detect_layout(data)
-    splits, split_kind = prepare_splits(dataset, out, config)
-    check_classes(dataset, splits)
-    check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
-    save_config(config, out / "config.yaml")
-    (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
+    dataset, splits, split_kind = prepare_run(data, out, config, command)
     backbone = load_backbone(config.backbone, dataset, splits, out) if config.method in NEEDS_BACKBONE else None
     size = int(backbone["image_size"]) if backbone else config.image_size
     crop = float(backbone.get("crop", 1.0)) if backbone else config.crop

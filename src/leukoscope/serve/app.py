@@ -107,7 +107,7 @@ def classify(predictor: Predictor, images: list[np.ndarray], explainer: Explaine
         result = {"label": predictor.class_names[top], "confidence": float(p[top]),
                   "probabilities": {c: float(v) for c, v in zip(predictor.class_names, p)}}
         if explainer is not None:
-            overlay, _, _ = explainer.overlay(image, top)
+            overlay = explainer.overlay(image, top)
             result["heatmap"] = "data:image/png;base64," + base64.b64encode(png_bytes(overlay)).decode()
         results.append(result)
     return results
