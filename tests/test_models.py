@@ -61,3 +61,14 @@ def test_train_transform_is_seeded_and_bounded():
     plain = eval_transform(batch, [0.5] * 3, [0.5] * 3)
     assert not torch.allclose(a, plain)
     assert np.allclose(plain[0, :, 0, 0].numpy(), (batch[0, :, 0, 0].numpy() / 255 - 0.5) / 0.5, atol=1e-6)
+
+
+def test_train_transform_resamples_to_the_progressive_size():
+    batch = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8)
+    out = train_transform(batch, [0.5] * 3, [0.5] * 3, AugmentConfig(), torch.Generator().manual_seed(0), size=32)
+    assert out.shape == (3, 3, 32, 32) and torch.isfinite(out).all()
+    flat = torch.full((1, 3, 48, 48), 128, dtype=torch.uint8)  # a flat image stays flat at any size
+    still = AugmentConfig(rotate=False, flip=False, scale=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0,
+                          saturation=0.0, stain=0.0, blur_p=0.0)
+    out = train_transform(flat, [0.0] * 3, [1.0] * 3, still, torch.Generator().manual_seed(0), size=24)
+    assert torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-6)

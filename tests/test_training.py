@@ -1,7 +1,9 @@
 import json
 
+import pytest
 from conftest import make_image_folder
 from leukoscope.config import TrainConfig
+from leukoscope.errors import LeukoscopeError
 from leukoscope.transforms import AugmentConfig
 from leukoscope.train import train
 
@@ -17,3 +19,23 @@ def test_cnn_learns_a_separable_synthetic_set(tmp_path):
     assert len(history) >= 2 and history[0].startswith("epoch,train_loss,train_accuracy,val_loss")
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["split_kind"] == "image (no patient ids known)"
+
+
+def test_progressive_resizing_schedule():
+    config = TrainConfig(image_size=128, min_image_size=80, epochs=12)
+    sizes = [config.train_size(e) for e in range(1, 13)]
+    assert sizes[0] == 80 and sizes[-3:] == [128, 128, 128]  # the last quarter at full size
+    assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes)
+    assert [TrainConfig(image_size=64, epochs=3).train_size(e) for e in (1, 2, 3)] == [64, 64, 64]
+    with pytest.raises(LeukoscopeError, match="min_image_size must be between 16 and image_size"):
+        TrainConfig.from_dict({"image_size": 64, "min_image_size": 96})
+
+
+def test_cnn_learns_with_progressive_resizing(tmp_path):
+    data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
+    config = TrainConfig(arch="cellnet_tiny", image_size=32, min_image_size=16, epochs=12, batch_size=16, lr=1e-2,
+                         seed=0, patience=12, augment=AugmentConfig(blur_p=0.0))
+    metrics = train(data, tmp_path / "run", config)
+    assert metrics["test"]["accuracy"] >= 0.9
+    sizes = [line.split(",")[-2] for line in (tmp_path / "run" / "history.csv").read_text().splitlines()]
+    assert sizes[0] == "image_size" and sizes[1] == "16" and sizes[-1] == "32"

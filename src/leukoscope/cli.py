@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {"arch": args.arch, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
                  "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
                  "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity,
-                 "method": args.method, "backbone": args.backbone, "crop": args.crop}
+                 "method": args.method, "backbone": args.backbone, "crop": args.crop, "min_image_size": args.min_image_size}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command)
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
     p.add_argument("--arch", help="model architecture (see `leukoscope models`)")
     p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--min-image-size", type=_positive_int,
+                   help="progressive resizing: start training at this size, reach --image-size by 75%% of the epochs")
     p.add_argument("--crop", type=float, help="keep this central fraction of each image before resizing (default 1.0)")
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)

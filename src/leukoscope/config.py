@@ -20,6 +20,7 @@ class TrainConfig:
     arch: str = "cellnet"
     arch_kwargs: dict = field(default_factory=dict)
     image_size: int = 128
+    min_image_size: int | None = None  # progressive resizing: first epochs train at this size
     crop: float = 1.0  # central fraction of each image kept before resizing (1.0 = whole image)
     epochs: int = 30
     batch_size: int = 64
@@ -37,6 +38,21 @@ class TrainConfig:
     method: str = "cnn"
     backbone: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def train_size(self, epoch: int) -> int:
+        """Training resolution of ``epoch`` (1-based).
+
+        With ``min_image_size`` the size ramps linearly from it to ``image_size`` over the first
+        75% of the epochs, in steps of 8 px, and the last quarter trains at ``image_size``: low
+        resolution is cheap early, when the model learns coarse shapes, and the model ends on
+        the resolution it is evaluated at.
+        """
+        if self.min_image_size is None or self.min_image_size >= self.image_size:
+            return self.image_size
+        ramp = max(1, round(0.75 * self.epochs) - 1)
+        t = min(1.0, (epoch - 1) / ramp)
+        size = self.min_image_size + t * (self.image_size - self.min_image_size)
+        return min(self.image_size, int(round(size / 8)) * 8)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -65,6 +81,8 @@ class TrainConfig:
     def validate(self, source: str = "config") -> None:
         checks = [
             (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
+            (self.min_image_size is None or 16 <= self.min_image_size <= self.image_size,
+             f"min_image_size must be between 16 and image_size ({self.image_size}), got {self.min_image_size}"),
             (0.2 <= self.crop <= 1.0, f"crop must be between 0.2 and 1.0, got {self.crop}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),

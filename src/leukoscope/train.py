@@ -143,7 +143,7 @@ def class_weights(labels: np.ndarray, num_classes: int, enabled: bool) -> torch.
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weights, rngs, device, bf16, world: World) -> tuple[float, float]:
+def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weights, rngs, device, bf16, world: World, size: int | None = None) -> tuple[float, float]:
     """One pass over the training split; under torchrun each rank takes its share of every batch."""
     model.train()
     order = torch.randperm(len(images), generator=rngs["order"])
@@ -154,7 +154,7 @@ def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weig
     targets_all = torch.from_numpy(labels)
     for batch in tqdm(batches, desc="batches", leave=False, disable=not world.is_main):
         idx = shard(batch, world)
-        x = train_transform(images[idx], *stats, config.augment, rngs["augment"]).to(device)
+        x = train_transform(images[idx], *stats, config.augment, rngs["augment"], size).to(device)
         y = targets_all[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
@@ -209,12 +209,13 @@ def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, o
         if state["stale"] >= config.patience:
             break
         t0 = time.perf_counter()
-        train_loss, train_acc = train_epoch(model, tensors["train"], labels["train"], optimizer, scheduler, config, stats, weights, rngs, device, bf16, world)
+        size = config.train_size(epoch)
+        train_loss, train_acc = train_epoch(model, tensors["train"], labels["train"], optimizer, scheduler, config, stats, weights, rngs, device, bf16, world, size)
         sync_buffers(model, world)
         val = validate(unwrap(model), tensors["val"], labels["val"], stats, num_classes, device)
         state["history"].append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
                                  "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-                                 "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+                                 "lr": scheduler.get_last_lr()[0], "image_size": size, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val['loss']:.3f}", val_bacc=f"{val['balanced_accuracy']:.4f}")
         key = (val["balanced_accuracy"], -val["loss"]) if not np.isnan(val["loss"]) else (train_acc, -train_loss)
         state["epoch"] = epoch

@@ -57,11 +57,15 @@ def eval_transform(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def train_transform(
-    batch_uint8: torch.Tensor, mean, std, config: AugmentConfig, generator: torch.Generator
+    batch_uint8: torch.Tensor, mean, std, config: AugmentConfig, generator: torch.Generator, size: int | None = None
 ) -> torch.Tensor:
-    """The train preset: random geometry and colour per image, then normalise."""
+    """The train preset: random geometry and colour per image, then normalise.
+
+    ``size`` resamples the output to ``size`` x ``size`` within the same affine warp (free
+    progressive resizing); None keeps the input size.
+    """
     x = to_float(batch_uint8)
-    x = _random_affine(x, config, generator)
+    x = _random_affine(x, config, generator, size)
     x = _random_colour(x, config, generator)
     x = _random_blur(x, config, generator)
     return normalize(x.clamp_(0, 1), mean, std).contiguous(memory_format=torch.channels_last)
@@ -71,7 +75,7 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return torch.rand(n, generator=generator) * (high - low) + low
 
 
-def _random_affine(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+def _random_affine(x: torch.Tensor, config: AugmentConfig, g: torch.Generator, size: int | None = None) -> torch.Tensor:
     n = x.shape[0]
     angle = _uniform(n, 0, 2 * math.pi, g) if config.rotate else torch.zeros(n)
     scale = _uniform(n, *config.scale, g)
@@ -86,7 +90,8 @@ def _random_affine(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -
         ],
         dim=1,
     )
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out_shape = list(x.shape) if size is None else [n, x.shape[1], size, size]
+    grid = F.affine_grid(theta, out_shape, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
