@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +74,37 @@ def test_train_transform_resamples_to_the_progressive_size():
                           saturation=0.0, stain=0.0, blur_p=0.0)
     out = train_transform(flat, [0.0] * 3, [1.0] * 3, still, torch.Generator().manual_seed(0), size=24)
     assert torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-6)
+
+
+def _colour_step_by_step(x, config, g):
+    """The colour jitter written as separate steps: the reference for the fused affine map."""
+    n = x.shape[0]
+    view = (n, 1, 1, 1)
+    brightness = torch.rand(n, generator=g) * 2 * config.brightness + 1 - config.brightness
+    contrast = torch.rand(n, generator=g) * 2 * config.contrast + 1 - config.contrast
+    saturation = torch.rand(n, generator=g) * 2 * config.saturation + 1 - config.saturation
+    stain = (torch.rand(3 * n, generator=g) * 2 * config.stain + 1 - config.stain).view(n, 3, 1, 1)
+    x = x * brightness.view(view) * stain
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast.view(view) + mean
+    gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+    x = (x - gray) * saturation.view(view) + gray
+    angle = (torch.rand(n, generator=g) * 2 * config.hue - config.hue) * 2 * math.pi
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.5959, -0.2746, -0.3213], [0.2115, -0.5227, 0.3112]])
+    out = torch.einsum("ij,njhw->nihw", yiq, x)
+    i, q = out[:, 1].clone(), out[:, 2].clone()
+    cos, sin = torch.cos(angle).view(n, 1, 1), torch.sin(angle).view(n, 1, 1)
+    out[:, 1], out[:, 2] = cos * i - sin * q, sin * i + cos * q
+    return torch.einsum("ij,njhw->nihw", torch.linalg.inv(yiq), out)
+
+
+def test_fused_colour_jitter_matches_the_step_by_step_chain():
+    from leukoscope.transforms import _random_colour, hue_matrix
+
+    config = AugmentConfig(brightness=0.2, contrast=0.3, saturation=0.4, stain=0.1, hue=0.05)
+    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    fused = _random_colour(x, config, torch.Generator().manual_seed(7))
+    reference = _colour_step_by_step(x, config, torch.Generator().manual_seed(7))
+    assert torch.allclose(fused, reference, atol=1e-5)
+    gray = torch.full((1, 3, 1, 1), 0.4)
+    assert torch.allclose(hue_matrix(torch.tensor([1.0])) @ gray.view(1, 3, 1), gray.view(1, 3, 1), atol=1e-5)

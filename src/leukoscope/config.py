@@ -35,6 +35,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     target_sensitivity: float | None = None
+    refit_head: float | None = None  # C of a logistic regression that refits the classifier on clean features
     method: str = "cnn"
     backbone: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -83,6 +84,7 @@ class TrainConfig:
             (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
             (self.min_image_size is None or 16 <= self.min_image_size <= self.image_size,
              f"min_image_size must be between 16 and image_size ({self.image_size}), got {self.min_image_size}"),
+            (self.refit_head is None or self.refit_head > 0, f"refit_head must be > 0 (inverse regularisation), got {self.refit_head}"),
             (0.2 <= self.crop <= 1.0, f"crop must be between 0.2 and 1.0, got {self.crop}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),

@@ -32,6 +32,7 @@ from .evaluate import evaluate, headline
 from .inference import Predictor
 from .metrics import balanced_accuracy, confusion_matrix
 from .models import create_model
+from .refit import refit_classifier
 from .transforms import eval_transform, train_transform
 
 
@@ -300,6 +301,9 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
     if not world.is_main:
         return {}
     model = unwrap(model)
+    if config.refit_head is not None:
+        accuracy = refit_classifier(model.cpu(), tensors["train"], labels["train"], *stats, config.refit_head)
+        tqdm.write(f"classifier refitted on clean training features (C={config.refit_head}): train accuracy {accuracy:.4f}")
     train_seconds = time.perf_counter() - started + (resume_state or {}).get("train_seconds", 0.0)
     checkpoint = build_checkpoint(model.cpu(), {**meta, "epoch": best_epoch})
     predictor = Predictor(checkpoint, source=str(out / "model.pt"))

@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+import torch
+
+from leukoscope.errors import LeukoscopeError
+from leukoscope.models import create_model
+from leukoscope.refit import features, refit_classifier
+from leukoscope.transforms import eval_transform
+
+
+def _colour_batch(n: int = 40, classes: int = 2) -> tuple[torch.Tensor, np.ndarray]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 60, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = np.arange(n) % classes
+    for k in range(1, classes):
+        images[labels == k, k - 1] += 180  # class k is bright in channel k - 1
+    return images, labels
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_refit_head_fits_clean_features_and_the_model_uses_them(classes):
+    torch.manual_seed(0)
+    model = create_model("cellnet_tiny", classes)
+    images, labels = _colour_batch(classes=classes)
+    mean, std = [0.3] * 3, [0.2] * 3
+    before = model.classifier.weight.detach().clone()
+    accuracy = refit_classifier(model, images, labels, mean, std, c=10.0)
+    assert accuracy >= 0.95 and not torch.equal(before, model.classifier.weight)
+    with torch.inference_mode():
+        predicted = model.eval()(eval_transform(images, mean, std)).argmax(1).numpy()
+    assert (predicted == labels).mean() == accuracy  # the network now carries the regression's weights
+    assert features(model, images, mean, std).shape == (40, model.classifier.in_features)
+
+
+def test_refit_head_rejects_models_without_a_linear_classifier():
+    images, labels = _colour_batch(8)
+    with pytest.raises(LeukoscopeError, match="refit_head needs a model with forward_features"):
+        refit_classifier(create_model("mobilenet_v3_small", 2), images, labels, [0.5] * 3, [0.5] * 3, c=1.0)
+    with pytest.raises(LeukoscopeError, match="every class"):
+        refit_classifier(create_model("cellnet_tiny", 3), images, labels, [0.5] * 3, [0.5] * 3, c=1.0)
