@@ -44,7 +44,7 @@ models: setup
 # Speed, memory, robustness and service load (about 10 minutes); the CNN-vs-classical comparison
 # needs the runs of `make models` (about 15 minutes more). Each writes its block of docs/benchmarks.md.
 benchmark: setup
-	$(BIN)/python benchmarks/benchmark.py --model pbc --small 64 --large 768 --repeats 2
+	$(BIN)/python benchmarks/benchmark.py --model pbc --small 64 --large 2048 --repeats 2
 	$(BIN)/python benchmarks/robustness.py --model pbc
 	$(BIN)/python benchmarks/tta.py
 	$(BIN)/python benchmarks/load_test.py --model pbc --requests 400

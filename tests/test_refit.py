@@ -38,3 +38,17 @@ def test_refit_head_rejects_models_without_a_linear_classifier():
         refit_classifier(create_model("mobilenet_v3_small", 2), images, labels, [0.5] * 3, [0.5] * 3, c=1.0)
     with pytest.raises(LeukoscopeError, match="every class"):
         refit_classifier(create_model("cellnet_tiny", 3), images, labels, [0.5] * 3, [0.5] * 3, c=1.0)
+
+
+def test_refit_head_with_augmented_views_is_seeded():
+    from leukoscope.transforms import AugmentConfig
+
+    images, labels = _colour_batch(classes=3)
+    heads = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = create_model("cellnet_tiny", 3)
+        accuracy = refit_classifier(model, images, labels, [0.3] * 3, [0.2] * 3, c=10.0, augment=AugmentConfig(), views=2, seed=5)
+        assert accuracy >= 0.9
+        heads.append(model.classifier.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 from conftest import make_image_folder
 from leukoscope.config import TrainConfig
 from leukoscope.errors import LeukoscopeError
@@ -31,11 +32,12 @@ def test_progressive_resizing_schedule():
         TrainConfig.from_dict({"image_size": 64, "min_image_size": 96})
 
 
-def test_cnn_learns_with_progressive_resizing(tmp_path):
+def test_cnn_learns_with_progressive_resizing_and_a_refitted_head(tmp_path):
     data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
     config = TrainConfig(arch="cellnet_tiny", image_size=32, min_image_size=16, epochs=12, batch_size=16, lr=1e-2,
-                         seed=0, patience=12, augment=AugmentConfig(blur_p=0.0))
+                         seed=0, patience=12, refit_head=1.0, augment=AugmentConfig(blur_p=0.0))
     metrics = train(data, tmp_path / "run", config)
     assert metrics["test"]["accuracy"] >= 0.9
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["refit_head"] == 1.0
     sizes = [line.split(",")[-2] for line in (tmp_path / "run" / "history.csv").read_text().splitlines()]
     assert sizes[0] == "image_size" and sizes[1] == "16" and sizes[-1] == "32"

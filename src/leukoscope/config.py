@@ -35,7 +35,8 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     target_sensitivity: float | None = None
-    refit_head: float | None = None  # C of a logistic regression that refits the classifier on clean features
+    refit_head: float | None = None  # C of a logistic regression that refits the classifier after training
+    refit_views: int = 3  # augmented views of each training image added to the clean ones for that refit
     method: str = "cnn"
     backbone: str | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -84,6 +85,7 @@ class TrainConfig:
             (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
             (self.min_image_size is None or 16 <= self.min_image_size <= self.image_size,
              f"min_image_size must be between 16 and image_size ({self.image_size}), got {self.min_image_size}"),
+            (self.refit_views >= 0, f"refit_views must be >= 0, got {self.refit_views}"),
             (self.refit_head is None or self.refit_head > 0, f"refit_head must be > 0 (inverse regularisation), got {self.refit_head}"),
             (0.2 <= self.crop <= 1.0, f"crop must be between 0.2 and 1.0, got {self.crop}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),

@@ -4,8 +4,12 @@ The network trains under heavy augmentation, label smoothing and dropout, so its
 fitted to images that look unlike the ones it will classify. Re-training only that layer
 (Kang et al. 2020, "Decoupling representation and classifier"; the same idea as FixRes'
 classifier fine-tuning) by L2-regularised multinomial logistic regression on the features of
-the clean training images costs seconds and leaves the model's shape, speed and export
-unchanged. Measured on pbc: +0.1 to +0.7 validation points over three runs.
+the training images costs seconds and leaves the model's shape, speed and export unchanged.
+
+A head fitted on clean images only gained the most validation accuracy on pbc (+0.3 to +0.8
+points over four runs) but lost robustness to white balance and magnification changes (zoom
+x1.25: 97.4% -> 94.5% on 5 WBC types); adding three augmented views of every training image
+(``views=3``) kept most of the gain (+0.4) and the robustness, so that is what training uses.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from .errors import LeukoscopeError
-from .transforms import eval_transform
+from .transforms import AugmentConfig, eval_transform, train_transform
 
 
 @torch.inference_mode()
@@ -27,10 +31,22 @@ def features(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int 
     return torch.cat(chunks).float().numpy()
 
 
-def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray, mean, std, c: float) -> float:
-    """Replace ``model.classifier`` by a logistic regression (inverse L2 strength ``c``) on clean features.
+@torch.inference_mode()
+def augmented_features(model: nn.Module, images: torch.Tensor, mean, std, augment: AugmentConfig, generator: torch.Generator,
+                       batch_size: int = 256) -> np.ndarray:
+    """Features of one randomly augmented view (the train preset) of every image."""
+    model.eval()
+    chunks = [model.forward_features(train_transform(images[i : i + batch_size], mean, std, augment, generator))
+              for i in range(0, len(images), batch_size)]
+    return torch.cat(chunks).float().numpy()
 
-    Returns the refitted head's accuracy on the given (training) images.
+
+def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray, mean, std, c: float,
+                     augment: AugmentConfig | None = None, views: int = 0, seed: int = 0) -> float:
+    """Replace ``model.classifier`` by a logistic regression (inverse L2 strength ``c``).
+
+    It is fitted on the features of the clean images plus ``views`` augmented views of each
+    (train preset ``augment``, seeded by ``seed``). Returns its accuracy on the clean images.
     """
     head = getattr(model, "classifier", None)
     if not isinstance(head, nn.Linear) or not hasattr(model, "forward_features"):
@@ -39,7 +55,9 @@ def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
     if len(np.unique(labels)) < num_classes:
         raise LeukoscopeError("refit_head needs training images of every class")
     x = features(model, images, mean, std)
-    regression = LogisticRegression(C=c, max_iter=5000).fit(x, labels)
+    generator = torch.Generator().manual_seed(seed)
+    extra = [augmented_features(model, images, mean, std, augment, generator) for _ in range(views if augment else 0)]
+    regression = LogisticRegression(C=c, max_iter=5000).fit(np.concatenate([x, *extra]), np.tile(labels, 1 + len(extra)))
     weight, bias = regression.coef_, regression.intercept_
     if num_classes == 2:  # scikit-learn keeps one row for two classes: the logit of class 1 over class 0
         weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])

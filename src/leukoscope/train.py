@@ -302,8 +302,10 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
         return {}
     model = unwrap(model)
     if config.refit_head is not None:
-        accuracy = refit_classifier(model.cpu(), tensors["train"], labels["train"], *stats, config.refit_head)
-        tqdm.write(f"classifier refitted on clean training features (C={config.refit_head}): train accuracy {accuracy:.4f}")
+        accuracy = refit_classifier(model.cpu(), tensors["train"], labels["train"], *stats, config.refit_head,
+                                    config.augment, config.refit_views, config.seed)
+        tqdm.write(f"classifier refitted on training features (C={config.refit_head}, clean + {config.refit_views} augmented views): "
+                   f"train accuracy {accuracy:.4f}")
     train_seconds = time.perf_counter() - started + (resume_state or {}).get("train_seconds", 0.0)
     checkpoint = build_checkpoint(model.cpu(), {**meta, "epoch": best_epoch})
     predictor = Predictor(checkpoint, source=str(out / "model.pt"))
