@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the decision threshold on val for this sensitivity (e.g. 0.98)")
     p.add_argument("--refit-head", type=float, metavar="C",
-                   help="after training, refit the linear classifier on clean training features (logistic regression, inverse L2 strength C)")
+                   help="after training, refit the linear classifier on the training images' features, clean plus refit_views augmented views (logistic regression, inverse L2 strength C)")
     p.add_argument("--method", help="cnn (default), svm, mlp, cnn-rf or wbc-two-stage (classical pipeline)")
     p.add_argument("--backbone", help="cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
     p.set_defaults(func=cmd_train)

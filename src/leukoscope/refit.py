@@ -1,4 +1,4 @@
-"""Refit a CNN's linear classifier on clean (un-augmented) training features.
+"""Refit a CNN's linear classifier on the features of its training images, after training.
 
 The network trains under heavy augmentation, label smoothing and dropout, so its last layer is
 fitted to images that look unlike the ones it will classify. Re-training only that layer
@@ -24,20 +24,15 @@ from .transforms import AugmentConfig, eval_transform, train_transform
 
 
 @torch.inference_mode()
-def features(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256) -> np.ndarray:
-    """Pooled penultimate features of uint8 images, in eval mode."""
+def features(model: nn.Module, images: torch.Tensor, mean, std, augment: AugmentConfig | None = None,
+             generator: torch.Generator | None = None, batch_size: int = 256) -> np.ndarray:
+    """Pooled penultimate features of uint8 images in eval mode: clean, or one random view each (train preset ``augment``)."""
     model.eval()
-    chunks = [model.forward_features(eval_transform(images[i : i + batch_size], mean, std)) for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks).float().numpy()
 
+    def view(batch: torch.Tensor) -> torch.Tensor:
+        return eval_transform(batch, mean, std) if augment is None else train_transform(batch, mean, std, augment, generator)
 
-@torch.inference_mode()
-def augmented_features(model: nn.Module, images: torch.Tensor, mean, std, augment: AugmentConfig, generator: torch.Generator,
-                       batch_size: int = 256) -> np.ndarray:
-    """Features of one randomly augmented view (the train preset) of every image."""
-    model.eval()
-    chunks = [model.forward_features(train_transform(images[i : i + batch_size], mean, std, augment, generator))
-              for i in range(0, len(images), batch_size)]
+    chunks = [model.forward_features(view(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(chunks).float().numpy()
 
 
@@ -56,7 +51,7 @@ def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
         raise LeukoscopeError("refit_head needs training images of every class")
     x = features(model, images, mean, std)
     generator = torch.Generator().manual_seed(seed)
-    extra = [augmented_features(model, images, mean, std, augment, generator) for _ in range(views if augment else 0)]
+    extra = [features(model, images, mean, std, augment, generator) for _ in range(views if augment else 0)]
     regression = LogisticRegression(C=c, max_iter=5000).fit(np.concatenate([x, *extra]), np.tile(labels, 1 + len(extra)))
     weight, bias = regression.coef_, regression.intercept_
     if num_classes == 2:  # scikit-learn keeps one row for two classes: the logit of class 1 over class 0

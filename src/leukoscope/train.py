@@ -41,7 +41,7 @@ def seed_everything(seed: int, rank: int = 0, world_size: int = 1) -> dict[str, 
 
     Under torchrun the order generator is the same on every rank and the augmentation one
     differs per rank (ranks must not augment alike). A single process uses one stream for
-    both, which keeps its runs bit-identical to earlier releases (the bundled models).
+    both, the way the bundled models were trained.
     """
     random.seed(seed)
     np.random.seed(seed)
