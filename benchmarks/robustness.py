@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,8 +35,6 @@ FOLDERS = {"pbc": "pbc", "aria-all": "aria_all"}
 
 def model_splits(data: Path, predictor):
     """(dataset, splits) of the model's run, rebuilt from its config; checked against its recorded sha256."""
-    import tempfile
-
     dataset = detect_layout(data)
     config = predictor.checkpoint["config"]
     splits, _ = make_splits(dataset, tuple(config["fractions"]), config["seed"], config["split_by"])

@@ -4,7 +4,7 @@ import torch
 
 from leukoscope.errors import LeukoscopeError
 from leukoscope.models import create_model
-from leukoscope.refit import features, refit_classifier
+from leukoscope.refit import pooled_features, refit_classifier
 from leukoscope.transforms import eval_transform
 
 
@@ -29,7 +29,7 @@ def test_refit_head_fits_clean_features_and_the_model_uses_them(classes):
     with torch.inference_mode():
         predicted = model.eval()(eval_transform(images, mean, std)).argmax(1).numpy()
     assert (predicted == labels).mean() == accuracy  # the network now carries the regression's weights
-    assert features(model, images, mean, std).shape == (40, model.classifier.in_features)
+    assert pooled_features(model, images, mean, std).shape == (40, model.classifier.in_features)
 
 
 def test_refit_head_rejects_models_without_a_linear_classifier():

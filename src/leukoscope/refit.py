@@ -24,7 +24,7 @@ from .transforms import AugmentConfig, eval_transform, train_transform
 
 
 @torch.inference_mode()
-def features(model: nn.Module, images: torch.Tensor, mean, std, augment: AugmentConfig | None = None,
+def pooled_features(model: nn.Module, images: torch.Tensor, mean, std, augment: AugmentConfig | None = None,
              generator: torch.Generator | None = None, batch_size: int = 256) -> np.ndarray:
     """Pooled penultimate features of uint8 images in eval mode: clean, or one random view each (train preset ``augment``)."""
     model.eval()
@@ -33,7 +33,7 @@ def features(model: nn.Module, images: torch.Tensor, mean, std, augment: Augment
         return eval_transform(batch, mean, std) if augment is None else train_transform(batch, mean, std, augment, generator)
 
     chunks = [model.forward_features(view(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks).float().numpy()
+    return torch.cat(chunks).float().numpy() if chunks else np.zeros((0, 1), np.float32)
 
 
 def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray, mean, std, c: float,
@@ -49,9 +49,9 @@ def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
     num_classes = head.out_features
     if len(np.unique(labels)) < num_classes:
         raise LeukoscopeError("refit_head needs training images of every class")
-    x = features(model, images, mean, std)
+    x = pooled_features(model, images, mean, std)
     generator = torch.Generator().manual_seed(seed)
-    extra = [features(model, images, mean, std, augment, generator) for _ in range(views if augment else 0)]
+    extra = [pooled_features(model, images, mean, std, augment, generator) for _ in range(views if augment else 0)]
     regression = LogisticRegression(C=c, max_iter=5000).fit(np.concatenate([x, *extra]), np.tile(labels, 1 + len(extra)))
     weight, bias = regression.coef_, regression.intercept_
     if num_classes == 2:  # scikit-learn keeps one row for two classes: the logit of class 1 over class 0

@@ -30,8 +30,8 @@ from sklearn.svm import SVC
 
 from ..checkpoint import model_from_checkpoint
 from ..errors import LeukoscopeError
+from ..refit import pooled_features
 from . import NEEDS_BACKBONE, check_method
-from ..transforms import eval_transform
 from .features import FEATURE_NAMES, FeatureCache, features_batch
 
 GRANULAR = ("eosinophil", "basophil")
@@ -86,14 +86,10 @@ class ClassicalModel:
             found.update(new)
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, len(FEATURE_NAMES)), np.float32)
 
-    @torch.inference_mode()
-    def cnn_features(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    def cnn_features(self, images: torch.Tensor) -> np.ndarray:
         if self._net is None:
             self._net = model_from_checkpoint(self.backbone).eval()
-        mean, std = self.backbone["mean"], self.backbone["std"]
-        chunks = [self._net.forward_features(eval_transform(images[i : i + batch_size], mean, std)).float().numpy()
-                  for i in range(0, len(images), batch_size)]
-        return np.concatenate(chunks) if chunks else np.zeros((0, 1), np.float32)
+        return pooled_features(self._net, images, self.backbone["mean"], self.backbone["std"])
 
     # fit / predict ---------------------------------------------------------------------------
     def fit(self, images: torch.Tensor, labels: np.ndarray) -> ClassicalModel:
