@@ -76,6 +76,20 @@ def test_train_transform_resamples_to_the_progressive_size():
     assert torch.allclose(out, torch.full_like(out, 128 / 255), atol=1e-6)
 
 
+def test_train_transform_shows_the_central_view_of_a_context_image():
+    batch = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    still = AugmentConfig(rotate=False, flip=False, scale=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0,
+                          saturation=0.0, stain=0.0, blur_p=0.0)
+    out = train_transform(batch, [0.0] * 3, [1.0] * 3, still, torch.Generator().manual_seed(0), view=0.5)
+    # pixel centres line up: output pixel i samples input pixel i + 16 exactly
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.allclose(out, batch[:, :, 16:48, 16:48].float() / 255, atol=1e-5)
+    zoomed_out = AugmentConfig(rotate=False, flip=False, scale=(0.5, 0.5), translate=0.0, brightness=0.0, contrast=0.0,
+                               saturation=0.0, stain=0.0, blur_p=0.0)
+    whole = train_transform(batch, [0.0] * 3, [1.0] * 3, zoomed_out, torch.Generator().manual_seed(0), size=64, view=0.5)
+    assert torch.allclose(whole, batch.float() / 255, atol=1e-5)  # zooming out by 2 reveals the whole context
+
+
 def _colour_step_by_step(x, config, g):
     """The colour jitter written as separate steps: the reference for the fused affine map."""
     n = x.shape[0]

@@ -40,9 +40,10 @@ def test_same_seed_same_splits_and_metrics(tmp_path):
     _assert_same_metrics(_metrics(tmp_path / "a"), _metrics(tmp_path / "b"))
 
 
-def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
+def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, extra):
     data = make_image_folder(tmp_path / "data", n_per_class=48, size=48)
-    args = ["train", str(data), *TINY, "--epochs", "8", "--seed", "3"]
+    args = ["train", str(data), *TINY, "--epochs", "8", "--seed", "3", *extra]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
 
     run = tmp_path / "killed"

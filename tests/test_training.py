@@ -41,3 +41,43 @@ def test_cnn_learns_with_progressive_resizing_and_a_refitted_head(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["refit_head"] == 1.0
     sizes = [line.split(",")[-2] for line in (tmp_path / "run" / "history.csv").read_text().splitlines()]
     assert sizes[0] == "image_size" and sizes[1] == "16" and sizes[-1] == "32"
+
+
+def test_ema_averages_weights_per_step():
+    import torch
+
+    from leukoscope.train import make_ema
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = make_ema(model, 0.9)
+    for value in (1.0, 2.0, 3.0):
+        model.weight.data.fill_(value)
+        ema.update_parameters(model)
+    # the first update copies (1.0); then 0.9 * 1.0 + 0.1 * 2.0 = 1.1; then 0.9 * 1.1 + 0.1 * 3.0 = 1.29
+    assert ema.module.weight.item() == pytest.approx(1.29)
+    assert make_ema(model, None) is None
+    with pytest.raises(LeukoscopeError, match="ema must be between 0 and 1"):
+        TrainConfig.from_dict({"ema": 1.5})
+
+
+def test_cnn_learns_with_ema_and_keeps_the_average_for_resume(tmp_path):
+    import torch
+
+    data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
+    config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=12, batch_size=16, lr=1e-2, seed=0,
+                         patience=12, ema=0.9, augment=AugmentConfig(blur_p=0.0))
+    metrics = train(data, tmp_path / "run", config)
+    assert metrics["test"]["accuracy"] >= 0.9
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    ema_weights = last["resume"]["ema"]
+    assert any(not torch.equal(v, ema_weights["module." + k]) for k, v in last["state_dict"].items() if v.is_floating_point())
+
+
+def test_cnn_learns_with_crop_context(tmp_path):
+    data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
+    config = TrainConfig(arch="cellnet_tiny", image_size=24, crop=0.75, crop_context=True, epochs=12, batch_size=16, lr=1e-2,
+                         seed=0, patience=12, refit_head=1.0, refit_views=1, augment=AugmentConfig(blur_p=0.0))
+    metrics = train(data, tmp_path / "run", config)
+    assert metrics["test"]["accuracy"] >= 0.9
+    with pytest.raises(LeukoscopeError, match="crop_context needs crop < 1"):
+        TrainConfig.from_dict({"crop_context": True})

@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
                  "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity,
                  "method": args.method, "backbone": args.backbone, "crop": args.crop, "min_image_size": args.min_image_size,
-                 "refit_head": args.refit_head}
+                 "refit_head": args.refit_head, "ema": args.ema}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command)
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the decision threshold on val for this sensitivity (e.g. 0.98)")
     p.add_argument("--refit-head", type=float, metavar="C",
                    help="after training, refit the linear classifier on the training images' features, clean plus refit_views augmented views (logistic regression, inverse L2 strength C)")
+    p.add_argument("--ema", type=float, metavar="DECAY",
+                   help="validate and save an exponential moving average of the weights, updated every step with this decay (e.g. 0.998)")
     p.add_argument("--method", help="cnn (default), svm, mlp, cnn-rf or wbc-two-stage (classical pipeline)")
     p.add_argument("--backbone", help="cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
     p.set_defaults(func=cmd_train)

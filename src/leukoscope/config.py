@@ -22,6 +22,7 @@ class TrainConfig:
     image_size: int = 128
     min_image_size: int | None = None  # progressive resizing: first epochs train at this size
     crop: float = 1.0  # central fraction of each image kept before resizing (1.0 = whole image)
+    crop_context: bool = False  # augment training images with the real surroundings of the crop, not reflections of its edge
     epochs: int = 30
     batch_size: int = 64
     lr: float = 3e-3
@@ -35,6 +36,7 @@ class TrainConfig:
     precision: str = "auto"
     device: str = "auto"
     target_sensitivity: float | None = None
+    ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.998), used for validation and the saved model
     refit_head: float | None = None  # C of a logistic regression that refits the classifier after training
     refit_views: int = 3  # augmented views of each training image added to the clean ones for that refit
     method: str = "cnn"
@@ -85,9 +87,11 @@ class TrainConfig:
             (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
             (self.min_image_size is None or 16 <= self.min_image_size <= self.image_size,
              f"min_image_size must be between 16 and image_size ({self.image_size}), got {self.min_image_size}"),
+            (self.ema is None or 0 < self.ema < 1, f"ema must be between 0 and 1 (a per-step decay such as 0.998), got {self.ema}"),
             (self.refit_views >= 0, f"refit_views must be >= 0, got {self.refit_views}"),
             (self.refit_head is None or self.refit_head > 0, f"refit_head must be > 0 (inverse regularisation), got {self.refit_head}"),
             (0.2 <= self.crop <= 1.0, f"crop must be between 0.2 and 1.0, got {self.crop}"),
+            (not self.crop_context or self.crop < 1.0, "crop_context needs crop < 1 (with the whole image there is no context around it)"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),

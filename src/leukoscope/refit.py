@@ -25,23 +25,33 @@ from .transforms import AugmentConfig, eval_transform, train_transform
 
 @torch.inference_mode()
 def pooled_features(model: nn.Module, images: torch.Tensor, mean, std, augment: AugmentConfig | None = None,
-             generator: torch.Generator | None = None, batch_size: int = 256) -> np.ndarray:
-    """Pooled penultimate features of uint8 images in eval mode: clean, or one random view each (train preset ``augment``)."""
+                    generator: torch.Generator | None = None, batch_size: int = 256, size: int | None = None,
+                    view_fraction: float = 1.0) -> np.ndarray:
+    """Pooled penultimate features of uint8 images in eval mode: clean, or one random view each.
+
+    Views come from the train preset ``augment`` (``size`` and ``view_fraction`` as in
+    ``train_transform``, for images decoded with context around the crop).
+    """
     model.eval()
 
     def view(batch: torch.Tensor) -> torch.Tensor:
-        return eval_transform(batch, mean, std) if augment is None else train_transform(batch, mean, std, augment, generator)
+        if augment is None:
+            return eval_transform(batch, mean, std)
+        return train_transform(batch, mean, std, augment, generator, size, view_fraction)
 
     chunks = [model.forward_features(view(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(chunks).float().numpy() if chunks else np.zeros((0, 1), np.float32)
 
 
 def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray, mean, std, c: float,
-                     augment: AugmentConfig | None = None, views: int = 0, seed: int = 0) -> float:
+                     augment: AugmentConfig | None = None, views: int = 0, seed: int = 0,
+                     context: tuple[torch.Tensor, float] | None = None) -> float:
     """Replace ``model.classifier`` by a logistic regression (inverse L2 strength ``c``).
 
     It is fitted on the features of the clean images plus ``views`` augmented views of each
-    (train preset ``augment``, seeded by ``seed``). Returns its accuracy on the clean images.
+    (train preset ``augment``, seeded by ``seed``; drawn from ``context`` = (the same images
+    decoded with context around the crop, the fraction the crop covers) when given). Returns
+    its accuracy on the clean images.
     """
     head = getattr(model, "classifier", None)
     if not isinstance(head, nn.Linear) or not hasattr(model, "forward_features"):
@@ -51,7 +61,10 @@ def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
         raise LeukoscopeError("refit_head needs training images of every class")
     x = pooled_features(model, images, mean, std)
     generator = torch.Generator().manual_seed(seed)
-    extra = [pooled_features(model, images, mean, std, augment, generator) for _ in range(views if augment else 0)]
+    source, fraction = context if context is not None else (images, 1.0)
+    size = images.shape[-1]
+    extra = [pooled_features(model, source, mean, std, augment, generator, size=size, view_fraction=fraction)
+             for _ in range(views if augment else 0)]
     regression = LogisticRegression(C=c, max_iter=5000).fit(np.concatenate([x, *extra]), np.tile(labels, 1 + len(extra)))
     weight, bias = regression.coef_, regression.intercept_
     if num_classes == 2:  # scikit-learn keeps one row for two classes: the logit of class 1 over class 0

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .calibration import fit_temperature
@@ -124,6 +125,19 @@ def load_split_images(dataset: Dataset, splits: list[str], size: int, crop: floa
     return tensors, labels, kept, kept_splits
 
 
+def load_context(dataset: Dataset, splits: list[str], config: TrainConfig) -> tuple[torch.Tensor, float] | None:
+    """With ``crop_context``: the training images decoded whole, at the scale of the crop.
+
+    The central ``crop`` of each is exactly what the eval preset sees; the rest is real context
+    that augmentation may rotate, shift or zoom into view. Returns (images, crop) or None.
+    """
+    if not config.crop_context:
+        return None
+    paths = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
+    images, _ = decode_many(paths, round(config.image_size / config.crop), desc="decode training context")
+    return images, config.crop
+
+
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     x = images.float().div(255)
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
@@ -144,8 +158,12 @@ def class_weights(labels: np.ndarray, num_classes: int, enabled: bool) -> torch.
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weights, rngs, device, bf16, world: World, size: int | None = None) -> tuple[float, float]:
-    """One pass over the training split; under torchrun each rank takes its share of every batch."""
+def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weights, rngs, device, bf16, world: World, size: int | None = None,
+                ema: AveragedModel | None = None, view: float = 1.0) -> tuple[float, float]:
+    """One pass over the training split; under torchrun each rank takes its share of every batch.
+
+    ``images`` may hold context around the crop; ``view`` is the fraction of them the crop covers.
+    """
     model.train()
     order = torch.randperm(len(images), generator=rngs["order"])
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
@@ -155,7 +173,7 @@ def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weig
     targets_all = torch.from_numpy(labels)
     for batch in tqdm(batches, desc="batches", leave=False, disable=not world.is_main):
         idx = shard(batch, world)
-        x = train_transform(images[idx], *stats, config.augment, rngs["augment"], size).to(device)
+        x = train_transform(images[idx], *stats, config.augment, rngs["augment"], size, view).to(device)
         y = targets_all[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
@@ -164,6 +182,8 @@ def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weig
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         total_loss += loss.item() * len(idx)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(idx)
@@ -190,7 +210,7 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, out: Path, rngs: dict, device, bf16: bool,
-               world: World, resume: dict | None = None) -> tuple[list[dict], int]:
+               world: World, resume: dict | None = None, context: tuple[torch.Tensor, float] | None = None) -> tuple[list[dict], int]:
     """Train with early stopping; leaves the best epoch's weights in ``model``.
 
     model.pt holds the best epoch so far and last.pt the latest plus everything needed to
@@ -202,18 +222,22 @@ def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, o
     steps = max(1, len(tensors["train"]) // config.batch_size) * config.epochs
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps + config.epochs, pct_start=0.15)
     weights = class_weights(labels["train"], num_classes, config.class_balance)
+    ema = make_ema(unwrap(model), config.ema)
     state = {"epoch": 0, "history": [], "best_key": None, "best_epoch": 0, "stale": 0, "best_state": None}
     if resume is not None:
-        state = restore(resume, model, optimizer, scheduler, rngs)
+        state = restore(resume, model, optimizer, scheduler, rngs, ema)
+    train_images, view = context if context is not None else (tensors["train"], 1.0)
     bar = tqdm(range(state["epoch"] + 1, config.epochs + 1), desc=f"train {config.arch}", disable=not world.is_main)
     for epoch in bar:
         if state["stale"] >= config.patience:
             break
         t0 = time.perf_counter()
         size = config.train_size(epoch)
-        train_loss, train_acc = train_epoch(model, tensors["train"], labels["train"], optimizer, scheduler, config, stats, weights, rngs, device, bf16, world, size)
+        train_loss, train_acc = train_epoch(model, train_images, labels["train"], optimizer, scheduler, config, stats, weights, rngs, device, bf16,
+                                            world, size, ema, view)
         sync_buffers(model, world)
-        val = validate(unwrap(model), tensors["val"], labels["val"], stats, num_classes, device)
+        evaluated = unwrap(model) if ema is None else ema.module
+        val = validate(evaluated, tensors["val"], labels["val"], stats, num_classes, device)
         state["history"].append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val["loss"],
                                  "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
                                  "lr": scheduler.get_last_lr()[0], "image_size": size, "seconds": time.perf_counter() - t0})
@@ -221,13 +245,13 @@ def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, o
         key = (val["balanced_accuracy"], -val["loss"]) if not np.isnan(val["loss"]) else (train_acc, -train_loss)
         state["epoch"] = epoch
         if state["best_key"] is None or key > tuple(state["best_key"]):
-            state.update(best_key=key, best_epoch=epoch, stale=0, best_state={k: v.detach().clone() for k, v in unwrap(model).state_dict().items()})
+            state.update(best_key=key, best_epoch=epoch, stale=0, best_state={k: v.detach().clone() for k, v in evaluated.state_dict().items()})
             if world.is_main:
-                save_checkpoint(out / "model.pt", build_checkpoint(unwrap(model), {**meta, "epoch": epoch}))
+                save_checkpoint(out / "model.pt", build_checkpoint(evaluated, {**meta, "epoch": epoch}))
         else:
             state["stale"] += 1
         if world.is_main:
-            resume_state = snapshot(state, optimizer, scheduler, rngs)
+            resume_state = snapshot(state, optimizer, scheduler, rngs, ema)
             save_checkpoint(out / "last.pt", build_checkpoint(unwrap(model), {**meta, "epoch": epoch, "resume": resume_state}))
             write_history(out / "history.csv", state["history"])
         if state["stale"] >= config.patience and world.is_main:
@@ -236,13 +260,29 @@ def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, o
     return state["history"], state["best_epoch"]
 
 
-def snapshot(state: dict, optimizer, scheduler, rngs: dict) -> dict:
+def make_ema(model: torch.nn.Module, decay: float | None) -> AveragedModel | None:
+    """An exponential moving average of the weights and batch-norm statistics, updated every step.
+
+    With ``decay`` d the average forgets at a rate of 1 - d per step (0.998: a horizon of about
+    500 steps); validation, the best-epoch choice and model.pt then use the averaged weights.
+    """
+    if decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def snapshot(state: dict, optimizer, scheduler, rngs: dict, ema: AveragedModel | None = None) -> dict:
     """Everything besides the weights that an exact resume needs (weights_only-loadable)."""
     return {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": {name: g.get_state() for name, g in rngs.items()}, "torch_rng": torch.get_rng_state()}
+            "rng": {name: g.get_state() for name, g in rngs.items()}, "torch_rng": torch.get_rng_state(),
+            "ema": None if ema is None else ema.state_dict()}
 
 
-def restore(resume: dict, model, optimizer, scheduler, rngs: dict) -> dict:
+def restore(resume: dict, model, optimizer, scheduler, rngs: dict, ema: AveragedModel | None = None) -> dict:
+    if ema is not None:
+        if resume.get("ema") is None:
+            raise LeukoscopeError("cannot resume with ema: the run was started without it (its last.pt holds no averaged weights)")
+        ema.load_state_dict(resume["ema"])
     optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     for name, g in rngs.items():
@@ -295,7 +335,8 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
     if resume_state is not None:
         model.load_state_dict(resume_state["weights"])
     model = wrap(model, world, device)
-    history, best_epoch = run_epochs(model, tensors, labels, stats, config, meta, out, rngs, device, bf16, world, resume_state)
+    context = load_context(dataset, splits, config)
+    history, best_epoch = run_epochs(model, tensors, labels, stats, config, meta, out, rngs, device, bf16, world, resume_state, context)
     if world.distributed:
         print(f"rank {world.rank}/{world.size}: final weights sha256 {weights_digest(model)}", flush=True)
     if not world.is_main:
@@ -303,7 +344,7 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
     model = unwrap(model)
     if config.refit_head is not None:
         accuracy = refit_classifier(model.cpu(), tensors["train"], labels["train"], *stats, config.refit_head,
-                                    config.augment, config.refit_views, config.seed)
+                                    config.augment, config.refit_views, config.seed, context)
         tqdm.write(f"classifier refitted on training features (C={config.refit_head}, clean + {config.refit_views} augmented views): "
                    f"train accuracy {accuracy:.4f}")
     train_seconds = time.perf_counter() - started + (resume_state or {}).get("train_seconds", 0.0)

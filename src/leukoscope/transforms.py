@@ -59,15 +59,19 @@ def eval_transform(batch_uint8: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 def train_transform(
-    batch_uint8: torch.Tensor, mean, std, config: AugmentConfig, generator: torch.Generator, size: int | None = None
+    batch_uint8: torch.Tensor, mean, std, config: AugmentConfig, generator: torch.Generator, size: int | None = None,
+    view: float = 1.0,
 ) -> torch.Tensor:
     """The train preset: random geometry and colour per image, then normalise.
 
     ``size`` resamples the output to ``size`` x ``size`` within the same affine warp (free
-    progressive resizing); None keeps the input size.
+    progressive resizing); None keeps the input size. ``view`` < 1 means the input holds
+    context around the image to show: the output covers the input's central ``view``, so
+    rotations, shifts and zoom-outs reveal real pixels instead of reflections at the edge.
     """
     x = to_float(batch_uint8)
-    x = _random_affine(x, config, generator, size)
+    size = size if size is not None or view == 1.0 else round(x.shape[-1] * view)
+    x = _random_affine(x, config, generator, size, view)
     x = _random_colour(x, config, generator)
     x = _random_blur(x, config, generator)
     return normalize(x.clamp_(0, 1), mean, std).contiguous(memory_format=torch.channels_last)
@@ -77,14 +81,15 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return torch.rand(n, generator=generator) * (high - low) + low
 
 
-def _random_affine(x: torch.Tensor, config: AugmentConfig, g: torch.Generator, size: int | None = None) -> torch.Tensor:
+def _random_affine(x: torch.Tensor, config: AugmentConfig, g: torch.Generator, size: int | None = None, view: float = 1.0) -> torch.Tensor:
     n = x.shape[0]
     angle = _uniform(n, 0, 2 * math.pi, g) if config.rotate else torch.zeros(n)
     scale = _uniform(n, *config.scale, g)
     flip_x = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if config.flip else torch.ones(n)
     flip_y = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if config.flip else torch.ones(n)
     shift = _uniform(2 * n, -config.translate, config.translate, g).view(n, 2) * 2
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    cos, sin = torch.cos(angle) * view / scale, torch.sin(angle) * view / scale
+    shift = shift * view
     theta = torch.stack(
         [
             torch.stack([cos * flip_x, -sin * flip_y, shift[:, 0]], dim=1),
