@@ -34,6 +34,7 @@ from .inference import Predictor
 from .metrics import balanced_accuracy, confusion_matrix
 from .models import create_model
 from .refit import refit_classifier
+from .runtime import keep_freed_memory
 from .transforms import eval_transform, train_transform
 
 
@@ -313,6 +314,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
         return train_classical(data, out, config, command)
     started = time.perf_counter()
     out = Path(out)
+    keep_freed_memory()
     world, device = init_world(config.device)
     try:
         return _train(data, out, config, command, resume, world, device, started)
