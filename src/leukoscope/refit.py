@@ -26,20 +26,20 @@ from .transforms import AugmentConfig, eval_transform, train_transform
 @torch.inference_mode()
 def pooled_features(model: nn.Module, images: torch.Tensor, mean, std, augment: AugmentConfig | None = None,
                     generator: torch.Generator | None = None, batch_size: int = 256, size: int | None = None,
-                    view_fraction: float = 1.0) -> np.ndarray:
+                    view: float = 1.0) -> np.ndarray:
     """Pooled penultimate features of uint8 images in eval mode: clean, or one random view each.
 
-    Views come from the train preset ``augment`` (``size`` and ``view_fraction`` as in
+    Views come from the train preset ``augment`` (``size`` and ``view`` as in
     ``train_transform``, for images decoded with context around the crop).
     """
     model.eval()
 
-    def view(batch: torch.Tensor) -> torch.Tensor:
+    def transform(batch: torch.Tensor) -> torch.Tensor:
         if augment is None:
             return eval_transform(batch, mean, std)
-        return train_transform(batch, mean, std, augment, generator, size, view_fraction)
+        return train_transform(batch, mean, std, augment, generator, size, view)
 
-    chunks = [model.forward_features(view(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
+    chunks = [model.forward_features(transform(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(chunks).float().numpy() if chunks else np.zeros((0, 1), np.float32)
 
 
@@ -63,7 +63,7 @@ def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
     generator = torch.Generator().manual_seed(seed)
     source, fraction = context if context is not None else (images, 1.0)
     size = images.shape[-1]
-    extra = [pooled_features(model, source, mean, std, augment, generator, size=size, view_fraction=fraction)
+    extra = [pooled_features(model, source, mean, std, augment, generator, size=size, view=fraction)
              for _ in range(views if augment else 0)]
     regression = LogisticRegression(C=c, max_iter=5000).fit(np.concatenate([x, *extra]), np.tile(labels, 1 + len(extra)))
     weight, bias = regression.coef_, regression.intercept_
