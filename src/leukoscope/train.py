@@ -131,6 +131,8 @@ def load_context(dataset: Dataset, splits: list[str], config: TrainConfig) -> tu
 
     The central ``crop`` of each is exactly what the eval preset sees; the rest is real context
     that augmentation may rotate, shift or zoom into view. Returns (images, crop) or None.
+    The training split is decoded a second time on purpose (about 5 s for pbc): the clean
+    training images keep the eval preset's exact geometry for the refit and the train metrics.
     """
     if not config.crop_context:
         return None
