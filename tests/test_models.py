@@ -7,6 +7,7 @@ import torch
 from leukoscope.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from leukoscope.errors import LeukoscopeError
 from leukoscope.models import create_model, list_models
+from leukoscope.models.cellnet import SqueezeExcite
 from leukoscope.transforms import AugmentConfig, eval_transform, train_transform
 
 
@@ -34,6 +35,20 @@ def test_unknown_model_lists_valid_names():
 def test_cellnet_is_small():
     params = sum(p.numel() for p in create_model("cellnet", 8).parameters())
     assert params < 1.5e6  # ships as a few MB
+
+
+def test_squeeze_excite_gates_each_image_by_its_own_channels():
+    torch.manual_seed(0)
+    gate = SqueezeExcite(16)
+    x = torch.rand(2, 16, 5, 5) + 0.5
+    scale = gate(x) / x
+    assert torch.allclose(scale, scale[:, :, :1, :1].expand_as(scale))  # one factor per image and channel
+    assert ((scale > 0) & (scale < 1)).all()
+    assert not torch.allclose(scale[0], scale[1])  # the factors depend on the image
+    plain, gated = create_model("cellnet_deep", 8), create_model("cellnet_deep", 8, se=True)
+    extra = sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert 0 < extra < 0.1 * sum(p.numel() for p in plain.parameters())
+    assert gated.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 8)
 
 
 def test_checkpoint_round_trip_describes_itself(tmp_path):
