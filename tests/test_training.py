@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import make_image_folder
 from leukoscope.config import TrainConfig
@@ -20,6 +21,20 @@ def test_cnn_learns_a_separable_synthetic_set(tmp_path):
     assert len(history) >= 2 and history[0].startswith("epoch,train_loss,train_accuracy,val_loss")
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["split_kind"] == "image (no patient ids known)"
+
+
+def test_optimizer_choice():
+    from torch import nn
+
+    from leukoscope.train import build_optimizer
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1, weight_decay=5e-4))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["momentum"] == 0.9
+    assert [g["weight_decay"] for g in sgd.param_groups] == [5e-4, 0.0]  # no decay on biases and norm scales
+    assert isinstance(build_optimizer(model, TrainConfig()), torch.optim.AdamW)
+    with pytest.raises(LeukoscopeError, match="optimizer must be one of adamw, sgd, got 'adam'"):
+        TrainConfig.from_dict({"optimizer": "adam"})
 
 
 def test_progressive_resizing_schedule():

@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
                  "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity,
                  "method": args.method, "backbone": args.backbone, "crop": args.crop, "min_image_size": args.min_image_size,
-                 "refit_head": args.refit_head, "ema": args.ema}
+                 "refit_head": args.refit_head, "ema": args.ema, "optimizer": args.optimizer}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command)
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw (default) or sgd with Nesterov momentum (give it a larger --lr, e.g. 0.1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs")
     p.add_argument("--split-by", choices=["patient", "image"], help="group splits by patient (default) or split by image")

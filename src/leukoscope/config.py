@@ -14,6 +14,8 @@ from .errors import LeukoscopeError, did_you_mean
 from .models import check_model_name
 from .transforms import AugmentConfig
 
+OPTIMIZERS = ("adamw", "sgd")
+
 
 @dataclass
 class TrainConfig:
@@ -25,6 +27,7 @@ class TrainConfig:
     crop_context: bool = False  # augment training images with the real surroundings of the crop, not reflections of its edge
     epochs: int = 30
     batch_size: int = 64
+    optimizer: str = "adamw"  # adamw, or sgd (Nesterov momentum 0.9; wants a larger lr, e.g. 0.1)
     lr: float = 3e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.05
@@ -95,6 +98,7 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.split_by in ("patient", "image"), f"split_by must be 'patient' or 'image', got {self.split_by!r}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (len(self.fractions) == 3 and abs(sum(self.fractions) - 1) < 1e-6 and min(self.fractions) >= 0,
