@@ -68,6 +68,8 @@ def test_onnx_export_round_trip(run, tmp_path, capsys):
     torch_preds = load_model(folder).predict(images)
     onnx_model = load_model(onnx_path)
     assert onnx_model.kind == "onnx" and onnx_model.class_names == ["blast", "normal"]
+    options = onnx_model.backend.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"  # decode threads keep the cores
     onnx_preds = onnx_model.predict(images)
     diff = max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(torch_preds, onnx_preds) for c in a.probabilities)
     assert diff < 1e-4 and [a.label for a in torch_preds] == [b.label for b in onnx_preds]
