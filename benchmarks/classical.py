@@ -33,6 +33,7 @@ from leukoscope import load_model  # noqa: E402
 from leukoscope.data import detect_layout, read_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
 from leukoscope.evaluate import predict_logits, softmax  # noqa: E402
+from leukoscope.io import sha256_file  # noqa: E402
 from leukoscope.metrics import confusion_matrix, macro_f1  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +43,18 @@ METHODS = {"pbc": ["svm", "mlp", "cnn-rf", "wbc-two-stage"], "aria_all": ["svm",
 
 
 def train_method(method: str, data: Path, cnn_run: Path, out: Path) -> None:
-    if (out / "model.joblib").is_file():
+    """Train ``method`` into ``out`` unless it is there already, trained on the same splits and CNN backbone."""
+    uses_backbone = method in ("cnn-rf", "wbc-two-stage")
+    stamp = sha256_file(cnn_run / "splits.csv") + (" " + sha256_file(cnn_run / "model.pt") if uses_backbone else "")
+    marker = out / "trained_on.sha256"
+    if (out / "model.joblib").is_file() and marker.is_file() and marker.read_text() == stamp:
         return
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     shutil.copy(cnn_run / "splits.csv", out / "splits.csv")
-    extra = ["--backbone", str(cnn_run)] if method in ("cnn-rf", "wbc-two-stage") else []
+    extra = ["--backbone", str(cnn_run)] if uses_backbone else []
     subprocess.run([sys.executable, "-m", "leukoscope", "train", str(data), "--out", str(out), "--method", method, *extra], check=True)
+    marker.write_text(stamp)
 
 
 def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], dataset: str) -> dict:
