@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int)
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], help="adamw (default) or sgd with Nesterov momentum (give it a larger --lr, e.g. 0.1)")
+    p.add_argument("--optimizer", help="adamw (default) or sgd with Nesterov momentum (give it a larger --lr, e.g. 0.1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs")
     p.add_argument("--split-by", choices=["patient", "image"], help="group splits by patient (default) or split by image")
