@@ -15,6 +15,14 @@ CNMC = DATA / "cnmc2019"
 ARIA = DATA / "aria_all"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never write cached features or ONNX graphs into the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LEUKOSCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not found at {path} (expected ../shared/data beside the project)")

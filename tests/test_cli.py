@@ -67,6 +67,9 @@ def test_evaluate_and_predict_round_trip(synthetic_run, tmp_path, capsys):
     for row in rows:
         assert row["label"] in ("blast", "normal") and not row["error"]
         assert abs(float(row["p_blast"]) + float(row["p_normal"]) - 1) < 1e-4
+    assert main(["predict", str(run), str(data), "--out", str(tmp_path / "torch.csv"), "--backend", "torch"]) == 0
+    for fast, eager in zip(rows, _rows(tmp_path / "torch.csv")):  # ONNX Runtime (default) vs PyTorch
+        assert fast["label"] == eager["label"] and abs(float(fast["p_blast"]) - float(eager["p_blast"])) < 1e-4
 
 
 def test_python_api(synthetic_run):
@@ -123,6 +126,7 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/bad.yaml"], "did you mean 'epochs'"),
         (["predict", "{tmp}/no_model", "{data}", "--out", "{tmp}/p.csv"], "neither a run folder"),
         (["evaluate", "{tmp}/no_model", "{data}", "--out", "{tmp}/e"], "neither a run folder"),
+        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):

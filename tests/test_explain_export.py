@@ -65,7 +65,7 @@ def test_onnx_export_round_trip(run, tmp_path, capsys):
     assert main(["export", str(folder), "--out", str(onnx_path), "--images", str(data)]) == 0
     assert "max |p_onnx - p_torch|" in capsys.readouterr().out
     images = sorted(data.rglob("*.png"))
-    torch_preds = load_model(folder).predict(images)
+    torch_preds = load_model(folder, backend="torch").predict(images)
     onnx_model = load_model(onnx_path)
     assert onnx_model.kind == "onnx" and onnx_model.class_names == ["blast", "normal"]
     options = onnx_model.backend.session.get_session_options()

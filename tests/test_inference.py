@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from conftest import DATA, require
-from leukoscope import load_model
+from leukoscope import load_model, onnx_backend
 from leukoscope.checkpoint import model_from_checkpoint
+from leukoscope.errors import LeukoscopeError
 from leukoscope.inference import bundled_models
 from leukoscope.io import load_rgb
+from leukoscope.onnx_backend import onnx_bytes
 from leukoscope.transforms import normalize, to_float
 
 TOLERANCE = 1e-3  # max absolute difference of any class probability
@@ -23,17 +25,20 @@ TOLERANCE = 1e-3  # max absolute difference of any class probability
 def _reference_probs(predictor, paths, draft=True):
     model = model_from_checkpoint(predictor.checkpoint).float()
     arrays = np.stack([load_rgb(p, predictor.image_size, draft=draft, crop=predictor.crop) for p in paths])
-    x = normalize(to_float(torch.from_numpy(arrays).permute(0, 3, 1, 2)), predictor.backend.mean, predictor.backend.std).contiguous()
+    x = normalize(to_float(torch.from_numpy(arrays).permute(0, 3, 1, 2)), predictor.checkpoint["mean"], predictor.checkpoint["std"]).contiguous()
     with torch.no_grad():
         return torch.softmax(model(x) / predictor.temperature, dim=1).numpy()
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("name, folder", [("pbc", "pbc"), ("aria-all", "aria_all")])
-def test_fast_path_matches_reference(name, folder):
+def test_fast_path_matches_reference(name, folder, backend):
+    """Draft JPEG decoding, threaded batches, folded BatchNorm and (auto) ONNX Runtime vs plain PyTorch."""
     if name not in bundled_models():
         pytest.skip(f"bundled model {name} not built (make models)")
     paths = sorted(require(DATA / folder).rglob("*.jpg"))[::97][:48]
-    predictor = load_model(name)
+    predictor = load_model(name, backend=backend)
+    assert predictor.kind == {"auto": "onnx", "torch": "cnn"}[backend]
     fast = np.array([[p.probabilities[c] for c in predictor.class_names] for p in predictor.predict(paths, batch_size=16, tta=False)])
     reference = _reference_probs(predictor, paths)
     assert np.abs(fast - reference).max() <= TOLERANCE
@@ -50,3 +55,36 @@ def test_bundled_models_describe_themselves():
         assert len(meta["data_manifest_sha256"]) == 64
         assert meta["metrics"]["test"]["accuracy"] > 0.9
         assert Path(path).stat().st_size < 5e6
+
+
+def test_backend_choice_and_bad_backends(tmp_path):
+    assert load_model("pbc").kind == "onnx"  # CellNet checkpoints run on ONNX Runtime by default
+    assert load_model("pbc", backend="torch").kind == "cnn"
+    with pytest.raises(LeukoscopeError, match=r"unknown backend 'onx' \(did you mean 'onnx'\?\); choose from auto, torch, onnx"):
+        load_model("pbc", backend="onx")
+    onnx_file = tmp_path / "pbc.onnx"
+    onnx_file.write_bytes(onnx_bytes(load_model("pbc", backend="torch").checkpoint))
+    assert load_model(onnx_file, backend="onnx").kind == "onnx"
+    with pytest.raises(LeukoscopeError, match="runs on its own backend"):
+        load_model(onnx_file, backend="torch")
+
+
+def test_onnx_graph_is_exported_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEUKOSCOPE_CACHE", str(tmp_path / "cache"))
+    images = torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    first = load_model("pbc").predict_proba(images)
+    (graph,) = (tmp_path / "cache" / "onnx").glob("*.onnx")
+    monkeypatch.setattr(onnx_backend, "onnx_bytes", _must_not_export)
+    assert np.array_equal(load_model("pbc").predict_proba(images), first)  # from the cache, no export
+    monkeypatch.undo()
+    graph.write_bytes(b"damaged")
+    monkeypatch.setenv("LEUKOSCOPE_CACHE", str(tmp_path / "cache"))
+    assert np.array_equal(load_model("pbc").predict_proba(images), first)  # rebuilt
+    assert graph.stat().st_size > 100_000
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("LEUKOSCOPE_CACHE", str(tmp_path / "file"))
+    assert np.array_equal(load_model("pbc").predict_proba(images), first)  # unwritable cache: runs from memory
+
+
+def _must_not_export(checkpoint):
+    raise AssertionError("the cached graph should have been used")

@@ -27,6 +27,11 @@ def _probability(text: str) -> float:
     return value
 
 
+def _add_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default="auto",
+                        help="what runs a CNN checkpoint: auto (default: ONNX Runtime for CellNet, else PyTorch), torch or onnx")
+
+
 def _fractions(text: str) -> tuple[float, float, float]:
     parts = [float(p) for p in text.split(",")]
     if len(parts) != 3:
@@ -66,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
-    metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity)
+    metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
+                               backend=args.backend)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -78,7 +84,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import iter_inputs, load_model
     from .io import atomic_write
 
-    predictor = load_model(args.model)
+    predictor = load_model(args.model, backend=args.backend)
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
@@ -99,7 +105,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
     from .inference import iter_inputs, load_model
 
-    predictor = load_model(args.model)
+    predictor = load_model(args.model, backend="torch")
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
@@ -112,7 +118,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_images, export_onnx
     from .inference import iter_inputs, load_model
 
-    predictor = load_model(args.model)
+    predictor = load_model(args.model, backend="torch")
     paths = iter_inputs(args.images) if args.images else []
     images = check_images(paths, predictor.image_size, crop=predictor.crop)
     diff = export_onnx(predictor, args.out, images, tolerance=args.tolerance)
@@ -125,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .inference import load_model
     from .serve import serve
 
-    predictor = load_model(args.model)
+    predictor = load_model(args.model, backend=args.backend)
     print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs: /docs)")
     serve(predictor, name=Path(str(args.model)).name, host=args.host, port=args.port)
     return 0
@@ -233,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average over 8 rotations/flips (default: the model's own setting)")
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
+    _add_backend(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict image files and folders into a CSV")
@@ -242,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="average over 8 rotations/flips (default: the model's own setting)")
+    _add_backend(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="write Grad-CAM heatmaps of why each image got its class")
@@ -264,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run folder, checkpoint file, exported .onnx or bundled model name")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    _add_backend(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("segment", help="segment nucleus and cytoplasm (k-means colour clustering)")

@@ -169,9 +169,10 @@ def headline(metrics: dict[str, Any]) -> dict[str, dict]:
     return {split: {k: m[k] for k in HEADLINE} for split, m in metrics.items()}
 
 
-def evaluate_command(model: str, data: str, out: str, tta: bool | None = None, target_sensitivity: float | None = None) -> dict[str, Any]:
+def evaluate_command(model: str, data: str, out: str, tta: bool | None = None, target_sensitivity: float | None = None,
+                     backend: str = "auto") -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``."""
-    predictor = load_model(model)
+    predictor = load_model(model, backend=backend)
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model)
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,

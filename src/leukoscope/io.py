@@ -119,6 +119,11 @@ def resize_center_crop(im: Image.Image | np.ndarray, size: int, crop: float = 1.
     return np.asarray(im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None))
 
 
+def cache_root() -> Path:
+    """Where derived files (feature tables, ONNX graphs) are kept: ``$LEUKOSCOPE_CACHE`` or ~/.cache/leukoscope."""
+    return Path(os.environ.get("LEUKOSCOPE_CACHE", Path.home() / ".cache" / "leukoscope"))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

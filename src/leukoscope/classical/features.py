@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats
 from skimage import color, feature, measure, morphology
 
+from ..io import cache_root
 from .segment import Segmentation, segment_cell
 
 VERSION = 1
@@ -127,8 +128,7 @@ class FeatureCache:
     """Per-file handcrafted features on disk, keyed by path, size, mtime, image size and version."""
 
     def __init__(self, folder: str | os.PathLike | None = None):
-        default = Path(os.environ.get("LEUKOSCOPE_CACHE", Path.home() / ".cache" / "leukoscope"))
-        self.folder = Path(folder) if folder is not None else default / "features"
+        self.folder = Path(folder) if folder is not None else cache_root() / "features"
 
     @staticmethod
     def key(path: Path, image_size: int) -> str:
