@@ -37,7 +37,7 @@ browser:
 # 8-view TTA by default (--no-tta for the fast path); pbc without.
 models: setup
 	$(BIN)/leukoscope train $(SHARED)/aria_all --out runs/aria-all --config configs/aria-all.yaml
-	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all --tta
+	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all --tta dihedral
 	$(BIN)/leukoscope train $(SHARED)/pbc --out runs/pbc --config configs/pbc.yaml
 	$(BIN)/python tools/bundle_model.py runs/pbc --name pbc --data $(SHARED)/pbc
 

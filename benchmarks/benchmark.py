@@ -54,7 +54,8 @@ def throughput(model: str, small: int, large: int, repeats: int) -> dict:
         sys.exit(f"no JPEGs under {DATA / 'pbc'}")
     cli = str(ROOT / ".venv" / "bin" / "leukoscope")
     ref = [sys.executable, str(ROOT / "benchmarks" / "reference_predict.py")]
-    pipelines = {"leukoscope": [cli, "predict", model], "torch": [cli, "predict", model, "--backend", "torch"], "reference": ref}
+    pipelines = {"leukoscope": [cli, "predict", model], "torch": [cli, "predict", model, "--backend", "torch"],
+                 "flip": [cli, "predict", model, "--tta", "flip"], "reference": ref}
     with tempfile.TemporaryDirectory() as tmp:
         folders = {n: make_folder(images, n, Path(tmp) / f"f{n}") for n in (small, large)}
         warm_up = [*pipelines["leukoscope"], str(folders[small]), "--out", str(Path(tmp) / "p.csv")]
@@ -71,6 +72,7 @@ def throughput(model: str, small: int, large: int, repeats: int) -> dict:
         result[name] = {"t_small": t_small, "t_large": t_large, "images_per_s": (large - small) / max(t_large - t_small, 1e-9), "peak_rss_mb": rss}
     result["ratio"] = result["leukoscope"]["images_per_s"] / result["reference"]["images_per_s"]
     result["torch_ratio"] = result["torch"]["images_per_s"] / result["reference"]["images_per_s"]
+    result["flip_ratio"] = result["flip"]["images_per_s"] / result["reference"]["images_per_s"]
     return result
 
 
@@ -109,15 +111,17 @@ def bundled_accuracy() -> list[dict]:
 
 
 def render(tp: dict, flops: float, size: int, peaks: dict, acc: list[dict], model: str, small: int, large: int) -> str:
-    lk, pt, rf = tp["leukoscope"], tp["torch"], tp["reference"]
+    lk, pt, fl, rf = tp["leukoscope"], tp["torch"], tp["flip"], tp["reference"]
     achieved = flops * lk["images_per_s"]
     lines = [START, f"_Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by `benchmarks/benchmark.py --model {model} --small {small} --large {large}`._", "",
              "### Prediction throughput (end to end, marginal images/s, PBC JPEGs)", "",
              "| pipeline | t small (s) | t large (s) | images/s | peak RSS (MB) |", "|---|---|---|---|---|",
              f"| `leukoscope predict {model}` (default: ONNX Runtime) | {lk['t_small']:.2f} | {lk['t_large']:.2f} | {lk['images_per_s']:.0f} | {lk['peak_rss_mb']:.0f} |",
              f"| `leukoscope predict {model} --backend torch` (PyTorch) | {pt['t_small']:.2f} | {pt['t_large']:.2f} | {pt['images_per_s']:.0f} | {pt['peak_rss_mb']:.0f} |",
+             f"| `leukoscope predict {model} --tta flip` (2 views, ONNX Runtime) | {fl['t_small']:.2f} | {fl['t_large']:.2f} | {fl['images_per_s']:.0f} | {fl['peak_rss_mb']:.0f} |",
              f"| reference: ResNet-18 224 px fp32 eager, PIL, batch 64 | {rf['t_small']:.2f} | {rf['t_large']:.2f} | {rf['images_per_s']:.1f} | {rf['peak_rss_mb']:.0f} |",
-             "", f"**Speed-up over the reference: {tp['ratio']:.1f}x (default path); {tp['torch_ratio']:.1f}x with `--backend torch`.**", "",
+             "", f"**Speed-up over the reference: {tp['ratio']:.1f}x (default path); {tp['torch_ratio']:.1f}x with `--backend torch`; "
+             f"{tp['flip_ratio']:.1f}x with `--tta flip`.**", "",
              "### Efficiency", "",
              f"Model: {flops:.3f} GFLOP per image at {size} px (forward, FlopCounterMode). Achieved {achieved:.1f} GFLOP/s end to end; "
              f"measured matmul peak {peaks['fp32']:.0f} GFLOP/s fp32 and {peaks['bf16']:.2f} GFLOP/s bf16 (emulated on CPUs without "

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import CNMC, link_real_cnmc_tree, make_image_folder, require
 from leukoscope import load_model
-from leukoscope.cli import main
+from leukoscope.cli import build_parser, main
 
 TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
 REPORT_FILES = ["metrics.json", "classification_report.txt", "confusion_matrix.png", "training_curves.png",
@@ -127,6 +127,7 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["predict", "{tmp}/no_model", "{data}", "--out", "{tmp}/p.csv"], "neither a run folder"),
         (["evaluate", "{tmp}/no_model", "{data}", "--out", "{tmp}/e"], "neither a run folder"),
         (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
+        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--tta", "flp"], "unknown TTA mode 'flp'"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
@@ -136,3 +137,9 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("leukoscope: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("flags, mode", [([], None), (["--tta"], "dihedral"), (["--tta", "flip"], "flip"), (["--no-tta"], "none")])
+def test_tta_flags(flags, mode):
+    args = build_parser().parse_args(["predict", "pbc", "cells/", "--out", "p.csv", *flags])
+    assert args.tta == mode and args.inputs == ["cells/"]

@@ -88,3 +88,20 @@ def test_onnx_graph_is_exported_once_and_cached(tmp_path, monkeypatch):
 
 def _must_not_export(checkpoint):
     raise AssertionError("the cached graph should have been used")
+
+
+def test_tta_modes_average_the_right_views():
+    predictor = load_model("pbc", backend="torch")
+    x = torch.randint(0, 256, (3, 3, 112, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    plain = predictor.logits(x, "none")
+    mirrored = predictor.logits(x.flip(3).contiguous(), "none")
+    torch.testing.assert_close(predictor.logits(x, "flip"), (plain + mirrored) / 2)
+    turned = predictor.logits(torch.rot90(x, 1, dims=(2, 3)).contiguous(), "none")
+    dihedral = predictor.logits(x, True)
+    torch.testing.assert_close(dihedral, predictor.logits(x, "dihedral"))
+    assert not torch.allclose(dihedral, predictor.logits(x, "flip"))  # the rotations count too
+    torch.testing.assert_close(predictor.logits(torch.rot90(x, 1, dims=(2, 3)).contiguous(), "dihedral"), dihedral, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(turned, plain)
+    torch.testing.assert_close(predictor.logits(x, False), plain)
+    with pytest.raises(LeukoscopeError, match=r"unknown TTA mode 'flp' \(did you mean 'flip'\?\)"):
+        predictor.logits(x, "flp")

@@ -4,9 +4,9 @@
 
 Weights are stored in fp16 (half the size; outputs checked against fp32 below). The metadata
 gains the data manifest's sha256, the split file's sha256, val/test metrics re-measured at the
-bundled model's default inference (``--tta`` makes 8-view TTA the default) and task-specific test metrics:
-benign-vs-malignant sensitivity/specificity for aria-all, and the 5 common WBC types (argmax
-over those classes only) for pbc.
+bundled model's default inference (``--tta dihedral``: 8 views, ``--tta flip``: 2 views, default
+none) and task-specific test metrics: benign-vs-malignant sensitivity/specificity for aria-all,
+and the 5 common WBC types (argmax over those classes only) for pbc.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from leukoscope.checkpoint import load_checkpoint, save_checkpoint
 from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
 from leukoscope.evaluate import headline, predict_logits, softmax
-from leukoscope.inference import Predictor
+from leukoscope.inference import TTA_MODES, Predictor
 from leukoscope.metrics import confusion_matrix, macro_f1, summarize
 
 WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--name", required=True)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--tta", action="store_true", help="make 8-view TTA the model's default inference (metrics re-measured with it)")
+    parser.add_argument("--tta", choices=TTA_MODES, default="none",
+                        help="the model's default test-time augmentation (metrics re-measured with it)")
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.run / "model.pt")
     checkpoint["tta"] = args.tta

@@ -27,6 +27,13 @@ def _probability(text: str) -> float:
     return value
 
 
+def _add_tta(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tta", nargs="?", const="dihedral", metavar="MODE",
+                        help="test-time augmentation: dihedral (8 rotations/flips, what a bare --tta means), flip (the image and "
+                             "its mirror image: 2x the cost) or none (default: the model's own setting)")
+    parser.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
+
+
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto",
                         help="what runs a CNN checkpoint: auto (default: ONNX Runtime for CellNet, else PyTorch), torch or onnx")
@@ -81,9 +88,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .inference import iter_inputs, load_model
+    from .inference import iter_inputs, load_model, tta_mode
     from .io import atomic_write
 
+    tta = None if args.tta is None else tta_mode(args.tta)
     predictor = load_model(args.model, backend=args.backend)
     paths = iter_inputs(args.inputs)
     if not paths:
@@ -92,7 +100,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with atomic_write(args.out, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "error"])
-        for pred in tqdm(predictor.predict_iter(paths, batch_size=args.batch_size, tta=args.tta), total=len(paths), desc="predict", unit="img"):
+        for pred in tqdm(predictor.predict_iter(paths, batch_size=args.batch_size, tta=tta), total=len(paths), desc="predict", unit="img"):
             probs = [f"{pred.probabilities[c]:.6f}" if pred.probabilities else "" for c in predictor.class_names]
             confidence = f"{pred.confidence:.6f}" if not pred.error else ""
             writer.writerow([pred.source, pred.label, confidence, *probs, pred.error])
@@ -173,7 +181,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .inference import bundled_models
+    from .inference import bundled_models, tta_mode
     from .models import list_models
 
     print("architectures: " + ", ".join(list_models()))
@@ -186,7 +194,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         scores = [f"{k} {test[k]:.4f}" for k in ("accuracy", "macro_f1") if k in test]
         scores += [f"{k} {v:.4f}" for k, v in ckpt.get("extra_metrics", {}).items()]
         crop = f", central {ckpt['crop']:.0%} of each image" if ckpt.get("crop", 1.0) < 1 else ""
-        tta = ", 8-view TTA by default" if ckpt.get("tta") else ""
+        mode = tta_mode(ckpt.get("tta"))
+        tta = f", {mode} TTA by default" if mode != "none" else ""
         print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px{crop}{tta}, classes {', '.join(ckpt['class_names'])}")
         print(f"    test: {', '.join(scores)}")
         print(f"    trained by: {ckpt.get('train_command', '?')} (data manifest sha256 {ckpt.get('data_manifest_sha256', '?')[:16]}...)")
@@ -236,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run folder, checkpoint file or bundled model name")
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average over 8 rotations/flips (default: the model's own setting)")
+    _add_tta(p)
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
     _add_backend(p)
     p.set_defaults(func=cmd_evaluate)
@@ -247,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average over 8 rotations/flips (default: the model's own setting)")
+    _add_tta(p)
     _add_backend(p)
     p.set_defaults(func=cmd_predict)
 

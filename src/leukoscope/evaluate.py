@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 from .data import SPLITS, Dataset, detect_layout, run_splits
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
-from .inference import Predictor, load_model, resolve_model_path
+from .inference import Predictor, load_model, resolve_model_path, tta_mode
 from .io import atomic_write
 from .metrics import classification_report, expected_calibration_error, sensitivity_specificity, summarize, threshold_for_sensitivity
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
 
 
-def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | None = None, desc: str | None = None) -> np.ndarray:
+def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | str | None = None, desc: str | None = None) -> np.ndarray:
     chunks = range(0, len(images), batch_size)
     logits = [predictor.logits(images[i : i + batch_size], tta).numpy() for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)]
     return np.concatenate(logits) if logits else np.zeros((0, len(predictor.class_names)))
@@ -52,7 +52,7 @@ def evaluate(
     info: dict[str, Any] | None = None,
     history: list[dict] | None = None,
     images: dict[str, torch.Tensor] | None = None,
-    tta: bool | None = None,
+    tta: bool | str | None = None,
     target_sensitivity: float | None = None,
 ) -> dict[str, Any]:
     """Predict every split, compute metrics and write all report files; returns the metrics.
@@ -91,7 +91,7 @@ def evaluate(
     return metrics
 
 
-def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], split: str, images: dict | None, tta: bool) -> dict | None:
+def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], split: str, images: dict | None, tta: bool | str | None) -> dict | None:
     members = [s for s, k in zip(dataset.samples, splits) if k == split]
     if not members:
         return None
@@ -169,7 +169,7 @@ def headline(metrics: dict[str, Any]) -> dict[str, dict]:
     return {split: {k: m[k] for k in HEADLINE} for split, m in metrics.items()}
 
 
-def evaluate_command(model: str, data: str, out: str, tta: bool | None = None, target_sensitivity: float | None = None,
+def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
                      backend: str = "auto") -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``."""
     predictor = load_model(model, backend=backend)
@@ -177,6 +177,6 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | None = None, t
     splits, kind = assign_splits(dataset, model)
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
-            "tta": predictor.default_tta if tta is None else tta}
+            "tta": predictor.default_tta if tta is None else tta_mode(tta)}
     return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity)
 

@@ -25,6 +25,7 @@ from .metrics import positive_index
 from .models import CellNet
 from .transforms import eval_transform
 
+TTA_MODES = ("none", "flip", "dihedral")  # 1, 2 (image + mirror image) or 8 views (4 rotations x 2 flips)
 CHECKPOINT_NAME = "model.pt"
 CLASSICAL_NAME = "model.joblib"
 
@@ -95,7 +96,7 @@ class Predictor:
         self.crop: float = float(checkpoint.get("crop", 1.0))  # central fraction of the image the model sees
         self.temperature = float(checkpoint.get("temperature", 1.0))
         self.threshold: float | None = checkpoint.get("threshold")
-        self.default_tta = bool(checkpoint.get("tta", False))
+        self.default_tta = tta_mode(checkpoint.get("tta"))
         self.positive_index = int(checkpoint.get("positive_index", positive_index(self.class_names)))
         self.backend = backend if backend is not None else TorchBackend(checkpoint)
 
@@ -108,30 +109,31 @@ class Predictor:
         return {k: v for k, v in self.checkpoint.items() if k != "state_dict"}
 
     @torch.inference_mode()
-    def logits(self, batch_uint8: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
-        """Raw logits for (N, 3, S, S) uint8 images; with ``tta`` the mean over 8 dihedral views.
+    def logits(self, batch_uint8: torch.Tensor, tta: bool | str | None = None) -> torch.Tensor:
+        """Raw logits for (N, 3, S, S) uint8 images, averaged over the test-time views of ``tta``.
 
-        ``tta=None`` follows the model's own setting (``checkpoint["tta"]``, off unless a bundled
-        model was validated with it).
+        ``tta`` is a mode of ``TTA_MODES`` (True = dihedral, False = none); ``None`` follows the
+        model's own setting (``checkpoint["tta"]``, none unless a model was validated with it).
         """
-        if tta is None:
-            tta = self.default_tta
-        if not tta:
+        mode = self.default_tta if tta is None else tta_mode(tta)
+        if mode == "none":
             return self.backend(batch_uint8)
-        views = [torch.rot90(v, k, dims=(2, 3)) for v in (batch_uint8, batch_uint8.flip(3)) for k in range(4)]
+        mirrors = (batch_uint8, batch_uint8.flip(3))
+        views = mirrors if mode == "flip" else [torch.rot90(v, k, dims=(2, 3)) for v in mirrors for k in range(4)]
         return torch.stack([self.backend(v.contiguous()) for v in views]).mean(0)
 
-    def predict_proba(self, batch_uint8: torch.Tensor, tta: bool | None = None) -> np.ndarray:
+    def predict_proba(self, batch_uint8: torch.Tensor, tta: bool | str | None = None) -> np.ndarray:
         return torch.softmax(self.logits(batch_uint8, tta) / self.temperature, dim=1).numpy()
 
-    def predict(self, images: Any, batch_size: int = 64, tta: bool | None = None) -> list[Prediction]:
+    def predict(self, images: Any, batch_size: int = 64, tta: bool | str | None = None) -> list[Prediction]:
         """Predict one or many images given as paths, PIL images or HxWx3 uint8 arrays."""
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
         return list(self.predict_iter(list(images), batch_size=batch_size, tta=tta))
 
-    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | None = None, workers: int = 4) -> Iterator[Prediction]:
+    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | str | None = None, workers: int = 4) -> Iterator[Prediction]:
         """Yield one Prediction per item, in order; the next batch decodes while this one runs."""
+        tta = self.default_tta if tta is None else tta_mode(tta)  # a bad mode fails before any decoding
         with ThreadPoolExecutor(workers) as pool:
 
             def submit(start: int) -> list:
@@ -143,7 +145,7 @@ class Predictor:
                 pending = submit(start + batch_size)  # empty past the end
                 yield from self._predict_decoded(items[start : start + batch_size], start, decoded, tta)
 
-    def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool) -> Iterator[Prediction]:
+    def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool | str | None) -> Iterator[Prediction]:
         good = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
         row: dict[int, np.ndarray] = {}
         if good:
@@ -179,6 +181,17 @@ class Predictor:
             confidence=float(probs[top]),
             probabilities={c: float(p) for c, p in zip(self.class_names, probs)},
         )
+
+
+def tta_mode(value: bool | str | None) -> str:
+    """A TTA mode from a checkpoint or caller: True/False (older checkpoints, the API) or a mode name."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "dihedral"
+    if value not in TTA_MODES:
+        raise LeukoscopeError(f"unknown TTA mode {value!r}{did_you_mean(str(value), TTA_MODES)}; choose from {', '.join(TTA_MODES)}")
+    return str(value)
 
 
 def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
