@@ -26,6 +26,7 @@ from .models import CellNet
 from .transforms import eval_transform
 
 TTA_MODES = ("none", "flip", "dihedral")  # 1, 2 (image + mirror image) or 8 views (4 rotations x 2 flips)
+BACKENDS = ("auto", "torch", "onnx")  # what runs a CNN checkpoint; see load_model
 CHECKPOINT_NAME = "model.pt"
 CLASSICAL_NAME = "model.joblib"
 
@@ -214,9 +215,6 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image array, got {array.dtype}")
     return to_rgb(Image.fromarray(array))
-
-
-BACKENDS = ("auto", "torch", "onnx")
 
 
 def load_model(model: str | os.PathLike, backend: str = "auto") -> Predictor:
