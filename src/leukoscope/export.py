@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import LeukoscopeError
-from .inference import Predictor
+from .inference import Predictor, TorchBackend
 from .io import atomic_write, load_rgb
 from .onnx_backend import OnnxBackend, onnx_bytes
 
@@ -40,7 +40,8 @@ def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tens
         raise LeukoscopeError(f"only PyTorch models can be exported; {predictor.source!r} is a {predictor.kind} model")
     data = onnx_bytes(predictor.checkpoint)
     exported = Predictor(predictor.checkpoint, source=str(out), backend=OnnxBackend(data))
-    reference = Predictor(predictor.checkpoint, source=predictor.source)  # PyTorch, however ``predictor`` runs
+    torch_backed = isinstance(predictor.backend, TorchBackend)
+    reference = predictor if torch_backed else Predictor(predictor.checkpoint, source=predictor.source)  # always PyTorch
     diff = float(np.abs(exported.predict_proba(images) - reference.predict_proba(images)).max())
     if not diff <= tolerance:
         raise LeukoscopeError(f"ONNX export differs from PyTorch by {diff:.3g} in probability (tolerance {tolerance}); not written")
