@@ -41,10 +41,11 @@ models: setup
 	$(BIN)/leukoscope train $(SHARED)/pbc --out runs/pbc --config configs/pbc.yaml
 	$(BIN)/python tools/bundle_model.py runs/pbc --name pbc --data $(SHARED)/pbc
 
-# Speed, memory, robustness and service load (about 10 minutes); the CNN-vs-classical comparison
+# Speed, memory, robustness and service load (about 15 minutes); the CNN-vs-classical comparison
 # needs the runs of `make models` (about 15 minutes more). Each writes its block of docs/benchmarks.md.
 benchmark: setup
 	$(BIN)/python benchmarks/benchmark.py --model pbc --small 64 --large 2048 --repeats 2
+	$(BIN)/python benchmarks/benchmark.py --model aria-all --small 64 --large 1024 --repeats 2
 	$(BIN)/python benchmarks/robustness.py --model pbc
 	$(BIN)/python benchmarks/tta.py
 	$(BIN)/python benchmarks/load_test.py --model pbc --requests 400

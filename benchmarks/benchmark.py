@@ -1,11 +1,12 @@
 """Reproduce the speed, memory, efficiency and accuracy figures and write docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/benchmark.py [--model pbc] [--small 64] [--large 1024]
+    .venv/bin/python benchmarks/benchmark.py [--model pbc|aria-all] [--small 64] [--large 1024]
 
 Throughput is end to end (`leukoscope predict MODEL FOLDER --out preds.csv` in a fresh process,
 decoding and CSV writing included) and marginal: (large - small) / (t_large - t_small), so that
 start-up is excluded. The reference recipe (benchmarks/reference_predict.py) is measured in the
-same run on the same JPEG folders. Not part of CI.
+same run on the same JPEG folders (the model's own dataset). Each model writes its own block of
+docs/benchmarks.md. Not part of CI.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from doc import markers, write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-START, END = markers("BENCHMARK")
 
 
 def run_timed(cmd: list[str]) -> tuple[float, float]:
@@ -48,31 +48,38 @@ def make_folder(images: list[Path], n: int, dest: Path) -> Path:
     return dest
 
 
-def throughput(model: str, small: int, large: int, repeats: int) -> dict:
-    images = sorted((DATA / "pbc").rglob("*.jpg"))
-    if not images:
-        sys.exit(f"no JPEGs under {DATA / 'pbc'}")
-    cli = str(ROOT / ".venv" / "bin" / "leukoscope")
-    ref = [sys.executable, str(ROOT / "benchmarks" / "reference_predict.py")]
-    pipelines = {"leukoscope": [cli, "predict", model], "torch": [cli, "predict", model, "--backend", "torch"],
-                 "flip": [cli, "predict", model, "--tta", "flip"], "reference": ref}
+VIEWS = {"none": 1, "flip": 2, "dihedral": 8}
+
+
+def pipelines(model: str, default_tta: str) -> dict[str, tuple[str, list[str]]]:
+    """Label and CLI arguments of each measured pipeline: the default, PyTorch, and the other TTA setting."""
+    cli = [str(ROOT / ".venv" / "bin" / "leukoscope"), "predict", model]
+    default = "ONNX Runtime" + ("" if default_tta == "none" else f", {default_tta} TTA ({VIEWS[default_tta]} views)")
+    other = (["--tta", "flip"], "2 views") if default_tta == "none" else (["--no-tta"], "1 view")
+    return {"default": (f"`leukoscope predict {model}` (default: {default})", cli),
+            "torch": (f"`leukoscope predict {model} --backend torch` (PyTorch)", [*cli, "--backend", "torch"]),
+            "other": (f"`leukoscope predict {model} {' '.join(other[0])}` ({other[1]}, ONNX Runtime)", [*cli, *other[0]]),
+            "reference": ("reference: ResNet-18 224 px fp32 eager, PIL, batch 64",
+                          [sys.executable, str(ROOT / "benchmarks" / "reference_predict.py")])}
+
+
+def throughput(runs_of: dict[str, tuple[str, list[str]]], images: list[Path], small: int, large: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folders = {n: make_folder(images, n, Path(tmp) / f"f{n}") for n in (small, large)}
-        warm_up = [*pipelines["leukoscope"], str(folders[small]), "--out", str(Path(tmp) / "p.csv")]
+        warm_up = [*runs_of["default"][1], str(folders[small]), "--out", str(Path(tmp) / "p.csv")]
         subprocess.run(warm_up, check=True, capture_output=True)  # exports and caches the ONNX graph (first use only)
         runs: dict[tuple[str, int], list[tuple[float, float]]] = {}
         for _ in range(repeats):  # interleaved, so that the machine's drift hits every pipeline alike
-            for name, base in pipelines.items():
+            for name, (_, base) in runs_of.items():
                 for n, folder in folders.items():
                     runs.setdefault((name, n), []).append(run_timed([*base, str(folder), "--out", str(Path(tmp) / "p.csv")]))
     result = {}
-    for name in pipelines:
+    for name in runs_of:
         t_small, t_large = (min(t for t, _ in runs[name, n]) for n in (small, large))
         rss = max(r for n in (small, large) for _, r in runs[name, n])
         result[name] = {"t_small": t_small, "t_large": t_large, "images_per_s": (large - small) / max(t_large - t_small, 1e-9), "peak_rss_mb": rss}
-    result["ratio"] = result["leukoscope"]["images_per_s"] / result["reference"]["images_per_s"]
-    result["torch_ratio"] = result["torch"]["images_per_s"] / result["reference"]["images_per_s"]
-    result["flip_ratio"] = result["flip"]["images_per_s"] / result["reference"]["images_per_s"]
+    for name in runs_of:
+        result[name]["ratio"] = result[name]["images_per_s"] / result["reference"]["images_per_s"]
     return result
 
 
@@ -85,7 +92,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def model_flops(model: str) -> tuple[float, int]:
+def model_flops(model: str):
+    """The model's predictor (PyTorch backend) and its forward GFLOP for one view."""
     sys.path.insert(0, str(ROOT / "src"))
     from leukoscope import load_model
 
@@ -93,7 +101,7 @@ def model_flops(model: str) -> tuple[float, int]:
     x = torch.zeros(1, 3, predictor.image_size, predictor.image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         predictor.backend.model(x)
-    return counter.get_total_flops() / 1e9, predictor.image_size
+    return predictor, counter.get_total_flops() / 1e9
 
 
 def training_throughput(config_path: Path, n: int = 640) -> float:
@@ -141,20 +149,20 @@ def bundled_accuracy() -> list[dict]:
     return rows
 
 
-def render(tp: dict, flops: float, size: int, peaks: dict, train_ips: float, acc: list[dict], model: str, small: int, large: int) -> str:
-    lk, pt, fl, rf = tp["leukoscope"], tp["torch"], tp["flip"], tp["reference"]
-    achieved = flops * lk["images_per_s"]
-    lines = [START, f"_Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by `benchmarks/benchmark.py --model {model} --small {small} --large {large}`._", "",
-             "### Prediction throughput (end to end, marginal images/s, PBC JPEGs)", "",
-             "| pipeline | t small (s) | t large (s) | images/s | peak RSS (MB) |", "|---|---|---|---|---|",
-             f"| `leukoscope predict {model}` (default: ONNX Runtime) | {lk['t_small']:.2f} | {lk['t_large']:.2f} | {lk['images_per_s']:.0f} | {lk['peak_rss_mb']:.0f} |",
-             f"| `leukoscope predict {model} --backend torch` (PyTorch) | {pt['t_small']:.2f} | {pt['t_large']:.2f} | {pt['images_per_s']:.0f} | {pt['peak_rss_mb']:.0f} |",
-             f"| `leukoscope predict {model} --tta flip` (2 views, ONNX Runtime) | {fl['t_small']:.2f} | {fl['t_large']:.2f} | {fl['images_per_s']:.0f} | {fl['peak_rss_mb']:.0f} |",
-             f"| reference: ResNet-18 224 px fp32 eager, PIL, batch 64 | {rf['t_small']:.2f} | {rf['t_large']:.2f} | {rf['images_per_s']:.1f} | {rf['peak_rss_mb']:.0f} |",
-             "", f"**Speed-up over the reference: {tp['ratio']:.1f}x (default path); {tp['torch_ratio']:.1f}x with `--backend torch`; "
-             f"{tp['flip_ratio']:.1f}x with `--tta flip`.**", "",
+def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: dict, train_ips: float, acc: list[dict],
+           model: str, command: str, data: str) -> str:
+    start, end = markers(f"BENCHMARK-{model}")
+    achieved = flops * views * tp["default"]["images_per_s"]
+    lines = [start, f"_Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by `{command}`._", "",
+             f"### Prediction throughput (end to end, marginal images/s, {data} JPEGs)", "",
+             "| pipeline | t small (s) | t large (s) | images/s | x reference | peak RSS (MB) |", "|---|---|---|---|---|---|"]
+    for name, (label, _) in runs_of.items():
+        r = tp[name]
+        lines.append(f"| {label} | {r['t_small']:.2f} | {r['t_large']:.2f} | {r['images_per_s']:.1f} | {r['ratio']:.1f} | {r['peak_rss_mb']:.0f} |")
+    lines += ["", f"**Speed-up of the default path over the reference: {tp['default']['ratio']:.1f}x.**", "",
              "### Efficiency", "",
-             f"Model: {flops:.3f} GFLOP per image at {size} px (forward, FlopCounterMode). Achieved {achieved:.1f} GFLOP/s end to end; "
+             f"Model: {flops:.3f} GFLOP per view at {size} px (forward, FlopCounterMode), {views} view(s) per image by default. "
+             f"Achieved {achieved:.1f} GFLOP/s end to end; "
              f"measured matmul peak {peaks['fp32']:.0f} GFLOP/s fp32 and {peaks['bf16']:.2f} GFLOP/s bf16 (emulated on CPUs without "
              f"native bf16, hence inference runs in fp32). Fraction of the fastest measured peak: "
              f"{achieved / max(peaks.values()):.1%}.", "",
@@ -169,25 +177,33 @@ def render(tp: dict, flops: float, size: int, peaks: dict, train_ips: float, acc
         extra = "; ".join(f"{k} {v:.4f}" for k, v in r["extra"].items())
         lines.append(f"| {r['name']} | {r['arch']} | {r['size']} | {r['test'].get('accuracy', float('nan')):.4f} | "
                      f"{r['test'].get('macro_f1', float('nan')):.4f} | {extra} | {r['train_seconds']} | {r['train_ips']:.0f} | {r['mb']:.1f} |")
-    lines += ["", *[f"- `{r['name']}`: `{r['command']}`" for r in acc], END]
+    lines += ["", *[f"- `{r['name']}`: `{r['command']}`" for r in acc], end]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="pbc")
+    parser.add_argument("--model", default="pbc", help="a bundled model name")
+    parser.add_argument("--data", help="folder of the JPEGs to predict (default: ../shared/data/<model, - as _>)")
     parser.add_argument("--small", type=int, default=64)
     parser.add_argument("--large", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    tp = throughput(args.model, args.small, args.large, args.repeats)
-    flops, size = model_flops(args.model)
+    data = Path(args.data) if args.data else DATA / args.model.replace("-", "_")
+    images = sorted(data.rglob("*.jpg"))
+    if not images:
+        sys.exit(f"no JPEGs under {data}")
+    predictor, flops = model_flops(args.model)
+    runs_of = pipelines(args.model, predictor.default_tta)
+    tp = throughput(runs_of, images, args.small, args.large, args.repeats)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=512, reps=3)}
     train_ips = training_throughput(ROOT / "configs" / f"{args.model}.yaml")
-    block = render(tp, flops, size, peaks, train_ips, bundled_accuracy(), args.model, args.small, args.large)
+    command = f"benchmarks/benchmark.py --model {args.model} --small {args.small} --large {args.large}"
+    block = render(tp, runs_of, VIEWS[predictor.default_tta], flops, predictor.image_size, peaks, train_ips,
+                   bundled_accuracy(), args.model, command, data.name)
     print(block)
     print(json.dumps(tp, indent=2))
-    write_block("BENCHMARK", block)
+    write_block(f"BENCHMARK-{args.model}", block)
 
 
 if __name__ == "__main__":
