@@ -33,11 +33,11 @@ test: setup browser
 browser:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)); } || echo "chromium not installed: the browser test will be skipped"
 
-# Train and bundle the shipped models (about 33 minutes on 2 CPU cores). aria-all predicts with
-# 8-view TTA by default (--no-tta for the fast path); pbc without.
+# Train and bundle the shipped models (about 32 minutes on 2 CPU cores). Both predict without
+# TTA by default (--tta flip or --tta to turn it on).
 models: setup
 	$(BIN)/leukoscope train $(SHARED)/aria_all --out runs/aria-all --config configs/aria-all.yaml
-	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all --tta dihedral
+	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all
 	$(BIN)/leukoscope train $(SHARED)/pbc --out runs/pbc --config configs/pbc.yaml
 	$(BIN)/python tools/bundle_model.py runs/pbc --name pbc --data $(SHARED)/pbc
 

@@ -27,6 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import markers, write_block  # noqa: E402
 
+from leukoscope.inference import TTA_VIEWS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
@@ -48,13 +50,10 @@ def make_folder(images: list[Path], n: int, dest: Path) -> Path:
     return dest
 
 
-VIEWS = {"none": 1, "flip": 2, "dihedral": 8}
-
-
 def pipelines(model: str, default_tta: str) -> dict[str, tuple[str, list[str]]]:
     """Label and CLI arguments of each measured pipeline: the default, PyTorch, and the other TTA setting."""
     cli = [str(ROOT / ".venv" / "bin" / "leukoscope"), "predict", model]
-    default = "ONNX Runtime" + ("" if default_tta == "none" else f", {default_tta} TTA ({VIEWS[default_tta]} views)")
+    default = "ONNX Runtime" + ("" if default_tta == "none" else f", {default_tta} TTA ({TTA_VIEWS[default_tta]} views)")
     other = (["--tta", "flip"], "2 views") if default_tta == "none" else (["--no-tta"], "1 view")
     return {"default": (f"`leukoscope predict {model}` (default: {default})", cli),
             "torch": (f"`leukoscope predict {model} --backend torch` (PyTorch)", [*cli, "--backend", "torch"]),
@@ -94,7 +93,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 
 def model_flops(model: str):
     """The model's predictor (PyTorch backend) and its forward GFLOP for one view."""
-    sys.path.insert(0, str(ROOT / "src"))
     from leukoscope import load_model
 
     predictor = load_model(model, backend="torch")
@@ -112,7 +110,6 @@ def training_throughput(config_path: Path, n: int = 640) -> float:
     """
     import numpy as np
 
-    sys.path.insert(0, str(ROOT / "src"))
     from leukoscope.config import load_config
     from leukoscope.distributed import World
     from leukoscope.models import create_model
@@ -133,24 +130,23 @@ def training_throughput(config_path: Path, n: int = 640) -> float:
     return n / (time.perf_counter() - t)
 
 
-def bundled_accuracy() -> list[dict]:
-    sys.path.insert(0, str(ROOT / "src"))
+def bundled_accuracy(name: str) -> dict:
+    """The bundled model's recorded test metrics, training time and command (from its checkpoint)."""
     from leukoscope.checkpoint import load_checkpoint
     from leukoscope.inference import bundled_models
 
-    rows = []
-    for name, path in sorted(bundled_models().items()):
-        ckpt = load_checkpoint(path)
-        images_seen = ckpt["metrics"].get("train", {}).get("n", 0) * ckpt["config"]["epochs"]
-        rows.append({"name": name, "arch": ckpt["arch"], "size": ckpt["image_size"], "test": ckpt["metrics"].get("test", {}),
-                     "train_ips": images_seen / ckpt["train_seconds"] if ckpt.get("train_seconds") else float("nan"),
-                     "extra": ckpt.get("extra_metrics", {}), "train_seconds": ckpt.get("train_seconds"),
-                     "command": ckpt.get("train_command", ""), "mb": path.stat().st_size / 1e6})
-    return rows
+    path = bundled_models()[name]
+    ckpt = load_checkpoint(path)
+    images_seen = ckpt["metrics"].get("train", {}).get("n", 0) * ckpt["config"]["epochs"]
+    return {"name": name, "arch": ckpt["arch"], "size": ckpt["image_size"], "test": ckpt["metrics"].get("test", {}),
+            "train_ips": images_seen / ckpt["train_seconds"] if ckpt.get("train_seconds") else float("nan"),
+            "extra": ckpt.get("extra_metrics", {}), "train_seconds": ckpt.get("train_seconds"),
+            "command": ckpt.get("train_command", ""), "mb": path.stat().st_size / 1e6}
 
 
-def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: dict, train_ips: float, acc: list[dict],
+def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: dict, train_ips: float, b: dict,
            model: str, command: str, data: str) -> str:
+    """The model's block of docs/benchmarks.md; ``b`` is its ``bundled_accuracy`` row."""
     start, end = markers(f"BENCHMARK-{model}")
     achieved = flops * views * tp["default"]["images_per_s"]
     lines = [start, f"_Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by `{command}`._", "",
@@ -159,6 +155,7 @@ def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: 
     for name, (label, _) in runs_of.items():
         r = tp[name]
         lines.append(f"| {label} | {r['t_small']:.2f} | {r['t_large']:.2f} | {r['images_per_s']:.1f} | {r['ratio']:.1f} | {r['peak_rss_mb']:.0f} |")
+    extra = "; ".join(f"{k} {v:.4f}" for k, v in b["extra"].items())
     lines += ["", f"**Speed-up of the default path over the reference: {tp['default']['ratio']:.1f}x.**", "",
              "### Efficiency", "",
              f"Model: {flops:.3f} GFLOP per view at {size} px (forward, FlopCounterMode), {views} view(s) per image by default. "
@@ -168,16 +165,14 @@ def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: 
              f"{achieved / max(peaks.values()):.1%}.", "",
              "### Training", "",
              f"The training step of `configs/{model}.yaml` (augmentation, forward, backward, AdamW; synthetic images of its size) ran at "
-             f"{train_ips:.0f} images/s in this run. The whole bundled runs below averaged the images/s in the last column "
+             f"{train_ips:.0f} images/s in this run. The whole bundled run below averaged the images/s in the last column "
              "(validation after every epoch, decoding and the head refit included).", "",
-             "### Bundled models", "",
+             "### Bundled model", "",
              "| model | arch | px | test accuracy | test macro-F1 | extra | train time (s) | training images/s (whole run) | size (MB) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for r in acc:
-        extra = "; ".join(f"{k} {v:.4f}" for k, v in r["extra"].items())
-        lines.append(f"| {r['name']} | {r['arch']} | {r['size']} | {r['test'].get('accuracy', float('nan')):.4f} | "
-                     f"{r['test'].get('macro_f1', float('nan')):.4f} | {extra} | {r['train_seconds']} | {r['train_ips']:.0f} | {r['mb']:.1f} |")
-    lines += ["", *[f"- `{r['name']}`: `{r['command']}`" for r in acc], end]
+    lines += [f"| {b['name']} | {b['arch']} | {b['size']} | {b['test'].get('accuracy', float('nan')):.4f} | "
+              f"{b['test'].get('macro_f1', float('nan')):.4f} | {extra} | {b['train_seconds']} | {b['train_ips']:.0f} | {b['mb']:.1f} |",
+              "", f"Trained by `{b['command']}`.", end]
     return "\n".join(lines)
 
 
@@ -199,8 +194,8 @@ def main() -> None:
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=512, reps=3)}
     train_ips = training_throughput(ROOT / "configs" / f"{args.model}.yaml")
     command = f"benchmarks/benchmark.py --model {args.model} --small {args.small} --large {args.large}"
-    block = render(tp, runs_of, VIEWS[predictor.default_tta], flops, predictor.image_size, peaks, train_ips,
-                   bundled_accuracy(), args.model, command, data.name)
+    block = render(tp, runs_of, TTA_VIEWS[predictor.default_tta], flops, predictor.image_size, peaks, train_ips,
+                   bundled_accuracy(args.model), args.model, command, data.name)
     print(block)
     print(json.dumps(tp, indent=2))
     write_block(f"BENCHMARK-{args.model}", block)

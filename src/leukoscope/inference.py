@@ -25,7 +25,8 @@ from .metrics import positive_index
 from .models import CellNet
 from .transforms import eval_transform
 
-TTA_MODES = ("none", "flip", "dihedral")  # 1, 2 (image + mirror image) or 8 views (4 rotations x 2 flips)
+TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # flip: image + mirror image; dihedral: 4 rotations x 2 flips
+TTA_MODES = tuple(TTA_VIEWS)
 BACKENDS = ("auto", "torch", "onnx")  # what runs a CNN checkpoint; see load_model
 CHECKPOINT_NAME = "model.pt"
 CLASSICAL_NAME = "model.joblib"
