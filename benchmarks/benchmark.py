@@ -77,9 +77,7 @@ def throughput(runs_of: dict[str, tuple[str, list[str]]], images: list[Path], sm
         t_small, t_large = (min(t for t, _ in runs[name, n]) for n in (small, large))
         rss = max(r for n in (small, large) for _, r in runs[name, n])
         result[name] = {"t_small": t_small, "t_large": t_large, "images_per_s": (large - small) / max(t_large - t_small, 1e-9), "peak_rss_mb": rss}
-    for name in runs_of:
-        result[name]["ratio"] = result[name]["images_per_s"] / result["reference"]["images_per_s"]
-    return result
+    return {name: {**r, "ratio": r["images_per_s"] / result["reference"]["images_per_s"]} for name, r in result.items()}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
@@ -102,7 +100,7 @@ def model_flops(model: str):
     return predictor, counter.get_total_flops() / 1e9
 
 
-def training_throughput(config_path: Path, n: int = 640) -> float:
+def training_throughput(config_path: Path, num_classes: int, n: int = 640) -> float:
     """Training images/s of a recipe's step (augmentation, forward, backward, optimizer) on synthetic images.
 
     The images have the recipe's size, with context around the crop when it uses ``crop_context``;
@@ -119,10 +117,10 @@ def training_throughput(config_path: Path, n: int = 640) -> float:
     view = config.crop if config.crop_context else 1.0
     side = round(config.image_size / view)
     images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    model = create_model(config.arch, 8, **config.arch_kwargs).to(memory_format=torch.channels_last)
+    model = create_model(config.arch, num_classes, **config.arch_kwargs).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    step = (model, images, np.arange(n) % 8, optimizer, scheduler, config, ([0.5] * 3, [0.25] * 3), None, seed_everything(0),
+    step = (model, images, np.arange(n) % num_classes, optimizer, scheduler, config, ([0.5] * 3, [0.25] * 3), None, seed_everything(0),
             torch.device("cpu"), False, World(), config.image_size, None, view)
     train_epoch(*step)
     t = time.perf_counter()
@@ -192,7 +190,7 @@ def main() -> None:
     runs_of = pipelines(args.model, predictor.default_tta)
     tp = throughput(runs_of, images, args.small, args.large, args.repeats)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=512, reps=3)}
-    train_ips = training_throughput(ROOT / "configs" / f"{args.model}.yaml")
+    train_ips = training_throughput(ROOT / "configs" / f"{args.model}.yaml", len(predictor.class_names))
     command = f"benchmarks/benchmark.py --model {args.model} --small {args.small} --large {args.large}"
     block = render(tp, runs_of, TTA_VIEWS[predictor.default_tta], flops, predictor.image_size, peaks, train_ips,
                    bundled_accuracy(args.model), args.model, command, data.name)
