@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	@test -d "$(DATA)" || { echo "demo: data folder $(DATA) not found; set DATA=/path/to/images"; exit 2; }
-	$(BIN)/leukoscope train "$(DATA)" --out "$(RUN)" --epochs $(EPOCHS)
-	$(BIN)/leukoscope evaluate "$(RUN)" "$(DATA)" --out "$(RUN)/evaluate"
+	$(BIN)/leukoscope train "$(DATA)" --out "$(RUN)" --epochs $(EPOCHS) --force
+	$(BIN)/leukoscope evaluate "$(RUN)" "$(DATA)" --out "$(RUN)/evaluate" --force
 	find "$(DATA)" -type f \( -iname '*.jpg' -o -iname '*.png' -o -iname '*.bmp' \) | sort | awk 'NR % 400 == 1' > "$(RUN)/demo_images.txt"
 	tr '\n' '\0' < "$(RUN)/demo_images.txt" | xargs -0 $(BIN)/leukoscope predict "$(RUN)" --out "$(RUN)/demo_predictions.csv"
 	@column -s, -t < "$(RUN)/demo_predictions.csv" | cut -c1-160
@@ -36,9 +36,9 @@ browser:
 # Train and bundle the shipped models (about 32 minutes on 2 CPU cores). Both predict without
 # TTA by default (--tta flip or --tta to turn it on).
 models: setup
-	$(BIN)/leukoscope train $(SHARED)/aria_all --out runs/aria-all --config configs/aria-all.yaml
+	$(BIN)/leukoscope train $(SHARED)/aria_all --out runs/aria-all --config configs/aria-all.yaml --force
 	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all
-	$(BIN)/leukoscope train $(SHARED)/pbc --out runs/pbc --config configs/pbc.yaml
+	$(BIN)/leukoscope train $(SHARED)/pbc --out runs/pbc --config configs/pbc.yaml --force
 	$(BIN)/python tools/bundle_model.py runs/pbc --name pbc --data $(SHARED)/pbc
 
 # Speed, memory, robustness and service load (about 15 minutes); the CNN-vs-classical comparison

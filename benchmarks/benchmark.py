@@ -110,14 +110,15 @@ def training_throughput(config_path: Path, num_classes: int, n: int = 640) -> fl
 
     from leukoscope.config import load_config
     from leukoscope.distributed import World
-    from leukoscope.models import create_model
+    from leukoscope.models import create_model, training_memory_format
     from leukoscope.train import build_optimizer, seed_everything, train_epoch
 
     config = load_config(config_path, {})
     view = config.crop if config.crop_context else 1.0
     side = round(config.image_size / view)
     images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    model = create_model(config.arch, num_classes, **config.arch_kwargs).to(memory_format=torch.channels_last)
+    model = create_model(config.arch, num_classes, **config.arch_kwargs)
+    model = model.to(memory_format=training_memory_format(model, torch.device("cpu")))
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     step = (model, images, np.arange(n) % num_classes, optimizer, scheduler, config, ([0.5] * 3, [0.25] * 3), None, seed_everything(0),

@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "refit_head": args.refit_head, "ema": args.ema, "optimizer": args.optimizer}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
-    metrics = train(args.data, args.out, config, command=command)
+    metrics = train(args.data, args.out, config, command=command, force=args.force)
     if not metrics:  # a torchrun rank other than 0: rank 0 reports
         return 0
     _print_summary(metrics)
@@ -79,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
-                               backend=args.backend)
+                               backend=args.backend, force=args.force)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -89,8 +89,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .inference import iter_inputs, load_model, tta_mode
-    from .io import atomic_write
+    from .io import atomic_write, is_stream_output
 
+    log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     tta = None if args.tta is None else tta_mode(args.tta)
     predictor = load_model(args.model, backend=args.backend)
     paths = iter_inputs(args.inputs)
@@ -105,7 +106,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             confidence = f"{pred.confidence:.6f}" if not pred.error else ""
             writer.writerow([pred.source, pred.label, confidence, *probs, pred.error])
             failures += bool(pred.error)
-    print(f"{len(paths) - failures} predicted, {failures} failed; written to {args.out}")
+    where = "standard output" if args.out == "-" else args.out
+    print(f"{len(paths) - failures} predicted, {failures} failed; written to {where}", file=log)
     return 1 if failures else 0
 
 
@@ -125,13 +127,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_images, export_onnx
     from .inference import iter_inputs, load_model
+    from .io import is_stream_output
 
     predictor = load_model(args.model, backend="torch")
     paths = iter_inputs(args.images) if args.images else []
     images = check_images(paths, predictor.image_size, crop=predictor.crop)
     diff = export_onnx(predictor, args.out, images, tolerance=args.tolerance)
     what = f"{len(images)} real images" if paths else f"{len(images)} random images (pass --images for real cells)"
-    print(f"exported {args.out}: max |p_onnx - p_torch| = {diff:.2e} on {what} (tolerance {args.tolerance})")
+    print(f"exported {args.out}: max |p_onnx - p_torch| = {diff:.2e} on {what} (tolerance {args.tolerance})",
+          file=sys.stderr if is_stream_output(args.out) else sys.stdout)
     return 0
 
 
@@ -149,10 +153,10 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     import json
 
     from .data.check import check_data, format_report
-    from .io import atomic_write
+    from .io import atomic_write, is_stream_output
 
     report = check_data(args.data)
-    print(format_report(report))
+    print(format_report(report), file=sys.stderr if args.json and is_stream_output(args.json) else sys.stdout)
     if args.json:
         with atomic_write(args.json) as handle:
             json.dump(report, handle, indent=2)
@@ -217,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="dataset folder (image folder or C-NMC 2019 layout)")
     p.add_argument("--out", help="run folder to write")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.pt (same data and options)")
+    p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out (its splits.csv is kept)")
     p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
     p.add_argument("--arch", help="model architecture (see `leukoscope models`)")
     p.add_argument("--image-size", type=_positive_int)
@@ -245,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run folder, checkpoint file or bundled model name")
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
+    p.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
     _add_tta(p)
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
     _add_backend(p)
@@ -308,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LeukoscopeError as err:
         print(f"leukoscope: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an output that cannot be written: a folder, no permission, a full disk
+        print(f"leukoscope: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("leukoscope: interrupted", file=sys.stderr)
         return 130

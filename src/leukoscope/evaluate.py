@@ -24,6 +24,7 @@ from .inference import Predictor, load_model, resolve_model_path, tta_mode
 from .io import atomic_write
 from .metrics import classification_report, expected_calibration_error, sensitivity_specificity, summarize, threshold_for_sensitivity
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
+from .runs import prepare_output_folder
 
 
 def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | str | None = None, desc: str | None = None) -> np.ndarray:
@@ -170,8 +171,9 @@ def headline(metrics: dict[str, Any]) -> dict[str, dict]:
 
 
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
-                     backend: str = "auto") -> dict[str, Any]:
-    """``leukoscope evaluate MODEL DATA --out DIR``."""
+                     backend: str = "auto", force: bool = False) -> dict[str, Any]:
+    """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``."""
+    prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
     predictor = load_model(model, backend=backend)
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model)

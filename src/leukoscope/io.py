@@ -6,6 +6,8 @@ import hashlib
 import io
 import os
 import re
+import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -132,17 +134,51 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+STDOUT = "-"  # an output path that means standard output
+
+
+def is_stream_output(path: str | os.PathLike) -> bool:
+    """True for outputs that must be written as a stream, never replaced: ``-``, a character
+    device, a FIFO or a socket (directly or through symlinks), and anything under /dev or /proc
+    (``/dev/stdout`` of a process whose output goes to a file)."""
+    if str(path) == STDOUT:
+        return True
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"{path} is a directory; give a file name")
+    return not stat.S_ISREG(mode) or os.path.abspath(path).startswith(("/dev/", "/proc/"))
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
-    """Write to a temporary file beside ``path`` and rename it into place on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make shared outputs unreadable to others
+    """Open an output file so that a failure never leaves it half-written and nothing else is clobbered.
+
+    A regular file (or a new path) is written to a temporary file beside it and renamed into place
+    only on success, keeping the old file's permissions. A symlink is written through: the rename
+    happens at its target, so the link stays. ``-`` (standard output), devices and FIFOs are
+    written as streams: nothing is ever renamed over something that is not a regular file.
+    """
+    if is_stream_output(path):
+        if str(path) == STDOUT:
+            stream = sys.stdout.buffer if "b" in mode else sys.stdout
+            yield stream
+            stream.flush()
+        else:
+            with open(path, mode, **kwargs) as handle:
+                yield handle
+        return
+    target = Path(os.path.realpath(path))  # through symlinks, dangling ones included
+    target.parent.mkdir(parents=True, exist_ok=True)
+    permissions = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644  # mkstemp's 0600 would hide outputs
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.chmod(tmp, permissions)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from .calibration import fit_temperature
+from .calibration import fit_temperature, temperature_warning
 from .checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
@@ -32,8 +32,9 @@ from .errors import LeukoscopeError
 from .evaluate import evaluate, headline
 from .inference import Predictor
 from .metrics import balanced_accuracy, confusion_matrix
-from .models import create_model
+from .models import cpu_bf16_safe, create_model, training_memory_format
 from .refit import refit_classifier
+from .runs import prepare_output_folder
 from .runtime import keep_freed_memory
 from .transforms import eval_transform, train_transform
 
@@ -62,13 +63,20 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(config: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast only where it is fast: CUDA, or a CPU with native bf16 (AVX512-BF16/AMX).
+def resolve_precision(config: TrainConfig, device: torch.device, model: torch.nn.Module) -> bool:
+    """True to train under bf16 autocast: on CUDA, or on a CPU with native bf16 where it is exact.
 
-    Measured on an AVX2-only EPYC: bf16 autocast made training about 10x slower than fp32.
+    Measured: on an AVX2-only EPYC bf16 (emulated) made training about 10x slower than fp32; on a
+    Xeon with AMX it made the cellnet step 1.3-1.6x faster, but its kernels return NaN gradients for
+    a strided convolution on a 1x1 feature map (``cpu_bf16_safe``), so such models train in fp32.
     """
+    smallest = min(config.image_size, config.min_image_size or config.image_size)
+    exact = device.type == "cuda" or cpu_bf16_safe(model, smallest)
     if config.precision == "auto":
-        return device.type == "cuda" or cpu_has_native_bf16()
+        return device.type == "cuda" or (cpu_has_native_bf16() and exact)
+    if config.precision == "bf16" and not exact:
+        raise LeukoscopeError(f"--precision bf16 on this CPU gives wrong gradients for {config.arch} at {smallest} px (a strided "
+                              "convolution sees a 1x1 feature map); use --precision fp32 or auto, or a larger image size")
     return config.precision == "bf16"
 
 
@@ -176,9 +184,10 @@ def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weig
         batches = batches[:-1]  # batch norm cannot train on a single image per rank
     total_loss, correct, seen = 0.0, 0, 0
     targets_all = torch.from_numpy(labels)
+    layout = training_memory_format(unwrap(model), device)
     for batch in tqdm(batches, desc="batches", leave=False, disable=not world.is_main):
         idx = shard(batch, world)
-        x = train_transform(images[idx], *stats, config.augment, rngs["augment"], size, view).to(device)
+        x = train_transform(images[idx], *stats, config.augment, rngs["augment"], size, view).to(device, memory_format=layout)
         y = targets_all[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
@@ -297,19 +306,26 @@ def restore(resume: dict, model, optimizer, scheduler, rngs: dict, ema: Averaged
 
 
 def calibrate(predictor: Predictor, images: torch.Tensor, labels: np.ndarray, batch_size: int = 256) -> float:
-    """Temperature fitted on the validation split (1.0 when it is empty)."""
+    """Temperature fitted on the validation split (1.0 when it has too few images), with a warning when uncertain."""
     if len(images) == 0:
         return 1.0
     logits = torch.cat([predictor.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-    return fit_temperature(logits, torch.from_numpy(labels))
+    temperature = fit_temperature(logits, torch.from_numpy(labels))
+    if (warning := temperature_warning(len(images), temperature)) is not None:
+        tqdm.write(f"warning: {warning}", file=sys.stderr)
+    return temperature
 
 
-def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, command: str = "", resume: bool = False) -> dict[str, Any]:
+def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, command: str = "", resume: bool = False,
+          force: bool = False) -> dict[str, Any]:
     """Run a full training job into ``out`` and return the evaluation metrics.
 
-    With ``resume``, continue from ``out/last.pt`` exactly where the last completed epoch left off.
-    Under torchrun (WORLD_SIZE > 1) every rank trains; only rank 0 writes and evaluates.
+    A non-empty ``out`` is refused unless ``force`` (which clears the earlier results, keeping
+    its splits.csv) or ``resume`` (continue from ``out/last.pt`` exactly where the last completed
+    epoch left off). Under torchrun (WORLD_SIZE > 1) every rank trains; only rank 0 writes.
     """
+    if not resume and int(os.environ.get("RANK", "0")) == 0:
+        prepare_output_folder(out, force=force)
     if config.method != "cnn":
         if resume:
             raise LeukoscopeError(f"--resume applies to CNN training; re-run the {config.method} training instead (features are cached)")
@@ -331,11 +347,12 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     rngs = seed_everything(config.seed, world.rank, world.size)
-    bf16 = resolve_precision(config, device)
     dataset, splits, split_kind = prepare_run(data, out, config, command, write=world.is_main)
     tensors, labels, dataset, splits = load_split_images(dataset, splits, config.image_size, config.crop)
     stats = channel_stats(tensors["train"])
-    model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs).to(device, memory_format=torch.channels_last)
+    model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs)
+    model = model.to(device, memory_format=training_memory_format(model, device))
+    bf16 = resolve_precision(config, device, model)
     meta = {"arch": config.arch, "arch_kwargs": config.arch_kwargs, "class_names": dataset.classes, "image_size": config.image_size, "crop": config.crop,
             "mean": stats[0], "std": stats[1], "config": config.to_dict(), "train_command": command, "split_kind": split_kind}
     if resume_state is not None:

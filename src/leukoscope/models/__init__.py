@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ..errors import LeukoscopeError, did_you_mean
 from .cellnet import CellNet, CellNetConfig
 
-__all__ = ["create_model", "check_model_name", "list_models", "CellNet", "CellNetConfig"]
+__all__ = ["create_model", "check_model_name", "list_models", "channels_last_safe", "training_memory_format", "cpu_bf16_safe",
+           "CellNet", "CellNetConfig"]
 
 
 def _cellnet(**overrides) -> Callable[..., nn.Module]:
@@ -82,3 +84,54 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
 
         return timm.create_model(name.removeprefix("timm/"), pretrained=False, num_classes=num_classes, **kwargs)
     return MODELS[name](num_classes, **kwargs)
+
+
+def channels_last_safe(model: nn.Module) -> bool:
+    """False when the model has a strided 1x1 convolution with fewer than 16 input channels.
+
+    On CPUs with AVX-512, oneDNN's backward-weights kernel for such a convolution in channels_last
+    (``jit_1x1:avx512_core``, torch 2.14.1) writes past its buffers for batches of more than one
+    image whose size is odd (any last partial batch): the process dies with a segmentation fault
+    or heap corruption, or gets wrong gradients. Measured here over input channels 1-88, strides
+    2-3, 1x1 and 3x3 kernels: only 1x1 convolutions with stride > 1 and 1-15 input channels reach
+    it; NCHW never does (docs/benchmarks.md, "CPU kernels").
+    """
+    return not any(
+        isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 16
+        for m in model.modules()
+    )
+
+
+def training_memory_format(model: nn.Module, device: torch.device) -> torch.memory_format:
+    """channels_last (faster on oneDNN) unless, on a CPU, the model could reach the kernel above."""
+    if device.type == "cpu" and not channels_last_safe(model):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def cpu_bf16_safe(model: nn.Module, image_size: int) -> bool:
+    """False when, at this input size, a strided convolution would see a 1x1 feature map.
+
+    Under bf16 autocast on CPUs with native bf16 (AVX512-BF16/AMX), oneDNN's backward-weights
+    kernel of a stride-2 3x3 convolution on a 1x1 input returns NaN or run-to-run different
+    gradients (torch 2.14.1; 2x2 and larger inputs, and fp32, are exact). Small images through a
+    deep net reach it (cellnet_tiny at 16 px), and training then diverges. One dry forward pass
+    with hooks finds such a layer.
+    """
+    seen: list[bool] = []
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        seen.append(module.stride != (1, 1) and min(inputs[0].shape[-2:]) == 1)
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_pre_hook(hook) for m in convs]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return not any(seen)

@@ -1,0 +1,158 @@
+"""Outputs never clobber: symlinks are written through, devices and FIFOs are streamed, ``-`` is stdout,
+and run folders with results are refused unless --force."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+
+import pytest
+
+from conftest import make_image_folder
+from leukoscope.cli import main
+from leukoscope.errors import LeukoscopeError
+from leukoscope.io import atomic_write, is_stream_output
+from leukoscope.runs import prepare_output_folder
+
+TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+
+
+def test_regular_file_is_replaced_atomically_keeping_its_mode(tmp_path):
+    target = tmp_path / "out.csv"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    inode = target.stat().st_ino
+    with atomic_write(target) as handle:
+        handle.write("new")
+    assert target.read_text() == "new" and target.stat().st_ino != inode  # renamed into place
+    assert target.stat().st_mode & 0o777 == 0o640
+    with pytest.raises(RuntimeError), atomic_write(target) as handle:
+        handle.write("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"]
+
+
+def test_symlink_is_written_through_and_kept(tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "out.csv"
+    target.write_text("old")
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    with atomic_write(link) as handle:
+        handle.write("new")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+    dangling = tmp_path / "dangling.csv"
+    dangling.symlink_to(tmp_path / "real" / "created.csv")
+    with atomic_write(dangling) as handle:
+        handle.write("made")
+    assert dangling.is_symlink() and (tmp_path / "real" / "created.csv").read_text() == "made"
+
+
+def test_fifo_is_streamed_not_replaced(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo).read()))
+    reader.start()
+    assert is_stream_output(fifo)
+    with atomic_write(fifo) as handle:
+        handle.write("through the pipe")
+    reader.join(timeout=10)
+    assert received == ["through the pipe"]
+    assert fifo.is_fifo()  # still a FIFO, not a regular file renamed over it
+
+
+def test_character_device_and_dash_are_streams(tmp_path, capsysbinary):
+    assert is_stream_output("/dev/null") and is_stream_output("-")
+    with atomic_write("/dev/null") as handle:
+        handle.write("discarded")
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    with atomic_write("-", "wb") as handle:
+        handle.write(b"bytes to stdout")
+    assert capsysbinary.readouterr().out == b"bytes to stdout"
+    with pytest.raises(IsADirectoryError):
+        is_stream_output(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outputs")
+    data = make_image_folder(root / "data", n_per_class=12)
+    assert main(["train", str(data), "--out", str(root / "run"), *TINY]) == 0
+    return data, root / "run"
+
+
+def test_predict_to_stdout_keeps_logs_on_stderr(tiny_run, capsys):
+    data, run = tiny_run
+    assert main(["predict", str(run), str(data / "blast"), "--out", "-"]) == 0
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert len(rows) == 12 and rows[0]["label"] in ("blast", "normal")
+    assert "12 predicted, 0 failed; written to standard output" in captured.err
+    assert not os.path.exists("-")
+
+
+def test_predict_through_a_symlink_and_into_a_fifo(tiny_run, tmp_path):
+    data, run = tiny_run
+    target = tmp_path / "target.csv"
+    target.write_text("")
+    (tmp_path / "link.csv").symlink_to(target)
+    assert main(["predict", str(run), str(data / "normal"), "--out", str(tmp_path / "link.csv")]) == 0
+    assert (tmp_path / "link.csv").is_symlink() and len(target.read_text().splitlines()) == 13
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo).read()))
+    reader.start()
+    assert main(["predict", str(run), str(data / "normal"), "--out", str(fifo)]) == 0
+    reader.join(timeout=30)
+    assert fifo.is_fifo() and len(received[0].splitlines()) == 13
+
+
+def test_output_that_is_a_folder_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    assert main(["predict", str(run), str(data), "--out", str(tmp_path)]) == 1
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_train_refuses_a_run_with_results_and_force_replaces_it(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    out = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(out), *TINY]) == 0
+    (out / "gallery" / "99_stale.png").parent.mkdir(exist_ok=True)
+    (out / "gallery" / "99_stale.png").write_bytes(b"stale")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert main(["train", str(data), "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "already holds" in err and "--force" in err and "--resume" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing touched
+    splits = (out / "splits.csv").read_bytes()
+    assert main(["train", str(data), "--out", str(out), *TINY, "--force"]) == 0
+    assert not (out / "gallery" / "99_stale.png").exists() and (out / "model.pt").is_file()
+    assert (out / "splits.csv").read_bytes() == splits  # the same split, reused
+
+
+def test_force_never_clears_a_folder_leukoscope_did_not_write(tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(LeukoscopeError, match="did not write"):
+        prepare_output_folder(tmp_path, force=True)
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+    (tmp_path / "thesis.tex").unlink()
+    (tmp_path / "splits.csv").write_text("a split to reuse")
+    prepare_output_folder(tmp_path)  # only a given split: accepted as it is
+
+
+def test_evaluate_refuses_earlier_results_and_training_runs(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), str(data), "--out", str(out)]) == 0
+    assert main(["evaluate", str(run), str(data), "--out", str(out)]) == 2
+    assert "already holds" in capsys.readouterr().err
+    assert main(["evaluate", str(run), str(data), "--out", str(out), "--force"]) == 0
+    assert main(["evaluate", str(run), str(data), "--out", str(run), "--force"]) == 2
+    assert "is a training run" in capsys.readouterr().err
+    assert (run / "model.pt").is_file()
