@@ -115,7 +115,7 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
     errors = [r for r in rows if r["error"]]
     assert len(errors) == 1 and errors[0]["path"].endswith("broken.bmp") and "\n" not in errors[0]["error"]
     assert sum(r["label"] in ("all", "hem") for r in rows) == 15
-    assert "15 predicted, 1 failed" in capsys.readouterr().out
+    assert "15 images predicted, 1 failed" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

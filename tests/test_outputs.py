@@ -91,7 +91,7 @@ def test_predict_to_stdout_keeps_logs_on_stderr(tiny_run, capsys):
     captured = capsys.readouterr()
     rows = list(csv.DictReader(io.StringIO(captured.out)))
     assert len(rows) == 12 and rows[0]["label"] in ("blast", "normal")
-    assert "12 predicted, 0 failed; written to standard output" in captured.err
+    assert "12 images predicted, 0 failed; written to standard output" in captured.err
     assert not os.path.exists("-")
 
 

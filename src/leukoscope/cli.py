@@ -86,10 +86,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from .inference import iter_inputs, load_model, tta_mode
     from .io import atomic_write, is_stream_output
+    from .progress import plural, progress
 
     log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     tta = None if args.tta is None else tta_mode(args.tta)
@@ -101,26 +100,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with atomic_write(args.out, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "error"])
-        for pred in tqdm(predictor.predict_iter(paths, batch_size=args.batch_size, tta=tta), total=len(paths), desc="predict", unit="img"):
+        for pred in progress(predictor.predict_iter(paths, batch_size=args.batch_size, tta=tta), total=len(paths), desc="predict", unit="image"):
             probs = [f"{pred.probabilities[c]:.6f}" if pred.probabilities else "" for c in predictor.class_names]
             confidence = f"{pred.confidence:.6f}" if not pred.error else ""
             writer.writerow([pred.source, pred.label, confidence, *probs, pred.error])
             failures += bool(pred.error)
     where = "standard output" if args.out == "-" else args.out
-    print(f"{len(paths) - failures} predicted, {failures} failed; written to {where}", file=log)
+    print(f"{plural(len(paths) - failures, 'image')} predicted, {failures} failed; written to {where}", file=log)
     return 1 if failures else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
     from .inference import iter_inputs, load_model
+    from .progress import plural
 
     predictor = load_model(args.model, backend="torch")
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
     done, failed = explain_files(predictor, paths, args.out, method=args.method, class_name=args.target_class)
-    print(f"{done} heatmaps, {failed} failed; written to {args.out} (index: {Path(args.out) / 'explanations.csv'})")
+    print(f"{plural(done, 'heatmap')}, {failed} failed; written to {args.out} (index: {Path(args.out) / 'explanations.csv'})")
     return 1 if failed else 0
 
 
@@ -164,22 +164,21 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
     from .classical.segment import segment_files
     from .inference import iter_inputs
+    from .progress import plural, progress
 
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
-    rows = segment_files(tqdm(paths, desc="segment", unit="img"), args.out, mode=args.mode)
+    rows = segment_files(progress(paths, desc="segment", unit="image"), args.out, mode=args.mode)
     for row in rows:
         if row["error"]:
             print(f"{row['path']}: error: {row['error']}", file=sys.stderr)
         elif row["mode"] == "field":
-            print(f"{row['path']}: smear field, {row['leukocytes']} leukocytes found")
+            print(f"{row['path']}: smear field, {plural(int(row['leukocytes']), 'leukocyte')} found")
     failed = sum(bool(r["error"]) for r in rows)
-    print(f"{len(rows) - failed} segmented, {failed} failed; masks and overlays in {args.out} (index: {Path(args.out) / 'segmentation.csv'})")
+    print(f"{plural(len(rows) - failed, 'image')} segmented, {failed} failed; masks and overlays in {args.out} (index: {Path(args.out) / 'segmentation.csv'})")
     return 1 if failed else 0
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .data import SPLITS, Dataset, detect_layout, run_splits
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model, resolve_model_path, tta_mode
 from .io import atomic_write
+from .progress import progress
 from .metrics import classification_report, expected_calibration_error, sensitivity_specificity, summarize, threshold_for_sensitivity
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
 from .runs import prepare_output_folder
@@ -29,7 +29,7 @@ from .runs import prepare_output_folder
 
 def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | str | None = None, desc: str | None = None) -> np.ndarray:
     chunks = range(0, len(images), batch_size)
-    logits = [predictor.logits(images[i : i + batch_size], tta).numpy() for i in tqdm(chunks, desc=desc, leave=False, disable=desc is None)]
+    logits = [predictor.logits(images[i : i + batch_size], tta).numpy() for i in progress(chunks, desc=desc, unit="batch", leave=False, log=True, disable=desc is None)]
     return np.concatenate(logits) if logits else np.zeros((0, len(predictor.class_names)))
 
 

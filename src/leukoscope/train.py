@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm.auto import tqdm
 
 from .calibration import fit_temperature, temperature_warning
 from .checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
@@ -33,6 +32,7 @@ from .evaluate import evaluate, headline
 from .inference import Predictor
 from .metrics import balanced_accuracy, confusion_matrix
 from .models import cpu_bf16_safe, create_model, training_memory_format
+from .progress import note, progress
 from .refit import refit_classifier
 from .runs import prepare_output_folder
 from .runtime import keep_freed_memory
@@ -121,7 +121,7 @@ def load_split_images(dataset: Dataset, splits: list[str], size: int, crop: floa
     images, errors = decode_many(paths, size, desc="decode images", crop=crop)
     bad = [i for i, e in enumerate(errors) if e is not None]
     for i in bad[:10]:
-        tqdm.write(f"warning: skipping {paths[i]}: {errors[i]}", file=sys.stderr)
+        note(f"warning: skipping {paths[i]}: {errors[i]}")
     keep = [i for i, e in enumerate(errors) if e is None]
     kept = Dataset(dataset.root, dataset.layout, [dataset.samples[i] for i in keep], dataset.classes, dataset.notes)
     kept_splits = [splits[i] for i in keep]
@@ -185,7 +185,7 @@ def train_epoch(model, images, labels, optimizer, scheduler, config, stats, weig
     total_loss, correct, seen = 0.0, 0, 0
     targets_all = torch.from_numpy(labels)
     layout = training_memory_format(unwrap(model), device)
-    for batch in tqdm(batches, desc="batches", leave=False, disable=not world.is_main):
+    for batch in progress(batches, desc="batches", leave=False, disable=not world.is_main):
         idx = shard(batch, world)
         x = train_transform(images[idx], *stats, config.augment, rngs["augment"], size, view).to(device, memory_format=layout)
         y = targets_all[idx].to(device)
@@ -241,7 +241,7 @@ def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, o
     if resume is not None:
         state = restore(resume, model, optimizer, scheduler, rngs, ema)
     train_images, view = context if context is not None else (tensors["train"], 1.0)
-    bar = tqdm(range(state["epoch"] + 1, config.epochs + 1), desc=f"train {config.arch}", disable=not world.is_main)
+    bar = progress(range(state["epoch"] + 1, config.epochs + 1), desc=f"train {config.arch}", unit="epoch", disable=not world.is_main)
     for epoch in bar:
         if state["stale"] >= config.patience:
             break
@@ -269,7 +269,7 @@ def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, o
             save_checkpoint(out / "last.pt", build_checkpoint(unwrap(model), {**meta, "epoch": epoch, "resume": resume_state}))
             write_history(out / "history.csv", state["history"])
         if state["stale"] >= config.patience and world.is_main:
-            tqdm.write(f"early stopping at epoch {epoch}: no validation improvement for {config.patience} epochs")
+            note(f"early stopping at epoch {epoch}: no validation improvement for {config.patience} epochs")
     unwrap(model).load_state_dict(state["best_state"])
     return state["history"], state["best_epoch"]
 
@@ -312,7 +312,7 @@ def calibrate(predictor: Predictor, images: torch.Tensor, labels: np.ndarray, ba
     logits = torch.cat([predictor.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     temperature = fit_temperature(logits, torch.from_numpy(labels))
     if (warning := temperature_warning(len(images), temperature)) is not None:
-        tqdm.write(f"warning: {warning}", file=sys.stderr)
+        note(f"warning: {warning}")
     return temperature
 
 
@@ -368,7 +368,7 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
     if config.refit_head is not None:
         accuracy = refit_classifier(model.cpu(), tensors["train"], labels["train"], *stats, config.refit_head,
                                     config.augment, config.refit_views, config.seed, context)
-        tqdm.write(f"classifier refitted on training features (C={config.refit_head}, clean + {config.refit_views} augmented views): "
+        note(f"classifier refitted on training features (C={config.refit_head}, clean + {config.refit_views} augmented views): "
                    f"train accuracy {accuracy:.4f}")
     train_seconds = time.perf_counter() - started + (resume_state or {}).get("train_seconds", 0.0)
     checkpoint = build_checkpoint(model.cpu(), {**meta, "epoch": best_epoch})

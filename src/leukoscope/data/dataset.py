@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from ..io import ImageReadError, load_rgb
+from ..progress import progress
 
 
 def decode_many(
@@ -35,6 +34,6 @@ def decode_many(
 
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
-        for _ in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, disable=desc is None, leave=False):
+        for _ in progress(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="image", disable=desc is None, leave=False, log=True):
             pass
     return out, errors
