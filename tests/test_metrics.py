@@ -119,3 +119,64 @@ def test_positive_class_is_the_malignant_one():
     assert positive_index(["all", "hem"]) == 0
     assert positive_index(["benign", "malignant"]) == 1
     assert positive_index(["cats", "dogs"]) == 1
+
+
+def test_wilson_interval_hand_computed():
+    # p = 0.8, n = 10: centre (0.8 + 0.192) / 1.384 = 0.7168, half 0.2266 -> (0.4902, 0.9433)
+    low, high = M.wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    low, high = M.wilson_interval(391, 391)  # not "100%": 100% (95% CI 99.0-100)
+    assert low == pytest.approx(0.9903, abs=1e-4) and high == 1.0
+    assert M.wilson_interval(0, 10)[0] == 0.0 and M.wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+    assert all(np.isnan(M.wilson_interval(0, 0)))
+
+
+def test_bootstrap_interval_is_seeded_stratified_and_brackets_the_value():
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], [50, 30, 20])
+    pred = np.where(rng.random(100) < 0.8, y, (y + 1) % 3)
+    stat = lambda t, p: M.balanced_accuracy(M.confusion_matrix(t, p, 3))  # noqa: E731
+    seen_sizes = []
+
+    def counting(t, p):
+        seen_sizes.append(np.bincount(t, minlength=3).tolist())
+        return stat(t, p)
+
+    low, high = M.bootstrap_interval(counting, y, pred, strata=y, n_boot=200)
+    assert all(sizes == [50, 30, 20] for sizes in seen_sizes)  # class sizes fixed in every resample
+    assert low < stat(y, pred) < high and high - low < 0.25
+    assert M.bootstrap_interval(stat, y, pred, strata=y, n_boot=200) == (low, high)  # seeded
+    perfect = M.bootstrap_interval(stat, y, y, strata=y, n_boot=50)
+    assert perfect == (1.0, 1.0)
+
+
+def test_binary_auc_and_summary_use_the_malignant_class():
+    names = ["blast", "normal"]  # the malignant class first
+    y = np.array([0, 0, 0, 1, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])
+    summary = M.summarize(y, probs, names, n_boot=50)
+    # blast scores of blasts 0.9, 0.8, 0.4 vs normals 0.3, 0.2, 0.6: 8 of 9 pairs ordered -> 0.8889
+    assert summary["roc_auc"] == pytest.approx(8 / 9)
+    assert summary["accuracy_ci"] == pytest.approx(list(M.wilson_interval(4, 6)))
+    assert summary["per_class"]["blast"]["recall_ci"] == pytest.approx(list(M.wilson_interval(2, 3)))
+
+
+def test_macro_f1_is_the_same_in_the_summary_and_the_text_report():
+    names = ["a", "b", "c"]  # class c never occurs in this split
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1, 0], [0.2, 0.8, 0], [0.1, 0.9, 0], [0.3, 0.7, 0]])
+    summary = M.summarize(y, probs, names, n_boot=20)
+    # a: P 1, R 0.5, F1 2/3; b: P 2/3, R 1, F1 0.8 -> macro over {a, b} = 0.7333
+    assert summary["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    macro_line = next(line for line in M.classification_report(summary, names).splitlines() if "macro avg" in line)
+    assert float(macro_line.split()[-2]) == pytest.approx(summary["macro_f1"], abs=1e-4)
+
+
+def test_summary_scores_the_decisions_it_is_given():
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.7, 0.3], [0.6, 0.4], [0.55, 0.45], [0.2, 0.8]])
+    assert M.summarize(y, probs, ["normal", "blast"], n_boot=10)["accuracy"] == 0.75
+    thresholded = (probs[:, 1] >= 0.4).astype(int)  # a threshold chosen for sensitivity
+    assert M.summarize(y, probs, ["normal", "blast"], y_pred=thresholded, n_boot=10)["accuracy"] == 0.75
+    assert M.summarize(y, probs, ["normal", "blast"], y_pred=np.array([0, 1, 1, 1]), n_boot=10)["accuracy"] == 0.75
+    assert M.summarize(y, probs, ["normal", "blast"], y_pred=np.array([0, 0, 1, 1]), n_boot=10)["accuracy"] == 1.0

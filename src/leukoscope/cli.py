@@ -186,6 +186,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .inference import bundled_models, tta_mode
     from .models import list_models
+    from .progress import plural
 
     print("architectures: " + ", ".join(list_models()))
     bundled = bundled_models()
@@ -194,21 +195,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, path in sorted(bundled.items()):
         ckpt = load_checkpoint(path)
         test = ckpt.get("metrics", {}).get("test", {})
-        scores = [f"{k} {test[k]:.4f}" for k in ("accuracy", "macro_f1") if k in test]
-        scores += [f"{k} {v:.4f}" for k, v in ckpt.get("extra_metrics", {}).items()]
+        scores = [_with_interval(test, k) for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in test]
         crop = f", central {ckpt['crop']:.0%} of each image" if ckpt.get("crop", 1.0) < 1 else ""
         mode = tta_mode(ckpt.get("tta"))
         tta = f", {mode} TTA by default" if mode != "none" else ""
         print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px{crop}{tta}, classes {', '.join(ckpt['class_names'])}")
-        print(f"    test: {', '.join(scores)}")
+        print(f"    test ({plural(test.get('n', 0), 'image')}, 95% CI): {', '.join(scores)}")
         print(f"    trained by: {ckpt.get('train_command', '?')} (data manifest sha256 {ckpt.get('data_manifest_sha256', '?')[:16]}...)")
     return 0
 
 
+def _with_interval(values: dict, key: str) -> str:
+    """'accuracy 98.45% (97.49-99.05)': the interval as recorded, or Wilson's from n for an accuracy."""
+    from .metrics import wilson_interval
+
+    interval = values.get(f"{key}_ci")
+    if interval is None and key == "accuracy" and values.get("n"):
+        interval = wilson_interval(round(values["accuracy"] * values["n"]), values["n"])
+    text = f"{key} {values[key]:.2%}"
+    return text + (f" ({interval[0]:.2%}-{interval[1]:.2%})".replace("%-", "-") if interval else "")
+
+
 def _print_summary(metrics: dict) -> None:
     for split, m in metrics.items():
-        print(f"{split:5s} n={m['n']:5d} loss={m['loss']:.4f} acc={m['accuracy']:.4f} bal_acc={m['balanced_accuracy']:.4f} "
-              f"macro_f1={m['macro_f1']:.4f} weighted_f1={m['weighted_f1']:.4f}")
+        ci = m.get("accuracy_ci", [float("nan")] * 2)
+        print(f"{split:5s} n={m['n']:5d} loss={m['loss']:.4f} acc={m['accuracy']:.4f} (95% CI {ci[0]:.4f}-{ci[1]:.4f}) "
+              f"bal_acc={m['balanced_accuracy']:.4f} macro_f1={m['macro_f1']:.4f} weighted_f1={m['weighted_f1']:.4f}")
 
 
 def build_parser() -> argparse.ArgumentParser:

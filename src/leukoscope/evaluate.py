@@ -21,8 +21,9 @@ from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model, resolve_model_path, tta_mode
 from .io import atomic_write
-from .progress import progress
-from .metrics import classification_report, expected_calibration_error, sensitivity_specificity, summarize, threshold_for_sensitivity
+from .metrics import (classification_report, expected_calibration_error, sensitivity_specificity, summarize, threshold_for_sensitivity,
+                      wilson_interval)
+from .progress import note, plural, progress
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
 from .runs import prepare_output_folder
 
@@ -75,12 +76,14 @@ def evaluate(
     metrics: dict[str, Any] = {}
     rows: list[list] = []
     for split, r in results.items():
-        metrics[split] = summarize(r["y"], r["probs"], predictor.class_names, [s.patient for s in r["members"]])
+        calls = np.array([predictor.decide(p) for p in r["probs"]], dtype=int)  # the threshold, where the model has one
+        metrics[split] = summarize(r["y"], r["probs"], predictor.class_names, [s.patient for s in r["members"]], y_pred=calls)
         metrics[split]["ece_uncalibrated"] = expected_calibration_error(r["raw"], r["y"])
         metrics[split]["unreadable"] = r["unreadable"]
         if predictor.threshold is not None and len(predictor.class_names) == 2:
             metrics[split]["operating_point"] = operating_point(predictor, r["y"], r["probs"])
         rows += [[s.path, split, s.label, predictor.class_names[predictor.decide(p)], float(p.max())] for s, p in zip(r["members"], r["probs"])]
+    warn_small_test(metrics.get("test"))
     write_outputs(out_dir, metrics, predictor.class_names, rows, info, history)
     test = results.get("test")
     if test is not None and len(test["y"]):
@@ -119,8 +122,21 @@ def choose_threshold(predictor: Predictor, results: dict, target: float) -> None
 
 def operating_point(predictor: Predictor, y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     pos = predictor.positive_index
-    sens, spec = sensitivity_specificity(y == pos, probs[:, pos], predictor.threshold)
-    return {"positive_class": predictor.class_names[pos], "threshold": predictor.threshold, "sensitivity": sens, "specificity": spec}
+    positive, called = y == pos, probs[:, pos] >= predictor.threshold
+    sens, spec = sensitivity_specificity(positive, probs[:, pos], predictor.threshold)
+    return {"positive_class": predictor.class_names[pos], "threshold": predictor.threshold,
+            "sensitivity": sens, "sensitivity_ci": list(wilson_interval(int((called & positive).sum()), int(positive.sum()))),
+            "specificity": spec, "specificity_ci": list(wilson_interval(int((~called & ~positive).sum()), int((~positive).sum())))}
+
+
+SMALL_TEST = 50  # fewer test images: warn that the numbers are uncertain
+
+
+def warn_small_test(test: dict | None) -> None:
+    if test is not None and 0 < test["n"] < SMALL_TEST:
+        low, high = test["accuracy_ci"]
+        note(f"warning: the test split has only {plural(test['n'], 'image')}: accuracy {test['accuracy']:.1%} "
+             f"(95% CI {low:.1%}-{high:.1%}) is a rough estimate")
 
 
 def gallery(predictor: Predictor, test: dict, folder: Path, errors: int = 6, per_class: int = 2) -> list[dict[str, str]]:
@@ -162,12 +178,13 @@ def write_outputs(out_dir: Path, metrics: dict, class_names: list[str], rows: li
         plot_training_curves(history, out_dir / "training_curves.png")
 
 
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece", "n")
+HEADLINE = ("accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci", "macro_f1", "macro_f1_ci", "weighted_f1", "roc_auc",
+            "roc_auc_ci", "ece", "n")
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, dict]:
     """The per-split numbers a checkpoint carries in its metadata."""
-    return {split: {k: m[k] for k in HEADLINE} for split, m in metrics.items()}
+    return {split: {k: m[k] for k in HEADLINE if k in m} for split, m in metrics.items()}
 
 
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,

@@ -47,10 +47,15 @@ def balanced_accuracy(cm: np.ndarray) -> float:
     return float((np.diag(cm)[present] / support[present]).mean())
 
 
+def seen_classes(cm: np.ndarray) -> np.ndarray:
+    """Classes that occur in y_true or y_pred: the ones every macro average is taken over."""
+    return (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+
+
 def macro_f1(cm: np.ndarray) -> float:
-    """Unweighted mean F1 over classes that occur in y_true or y_pred."""
+    """Unweighted mean F1 over classes that occur in y_true or y_pred (scikit-learn's default labels)."""
     prf = per_class_prf(cm)
-    seen = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+    seen = seen_classes(cm)
     return float(prf["f1"][seen].mean()) if seen.any() else 0.0
 
 
@@ -84,14 +89,14 @@ def binary_auc(y_true, scores) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def roc_auc(y_true, probs: np.ndarray) -> float:
-    """Binary AUC on the positive class (index 1), or macro one-vs-rest AUC for k > 2.
+def roc_auc(y_true, probs: np.ndarray, positive: int = 1) -> float:
+    """Binary AUC of the ``positive`` class, or macro one-vs-rest AUC for k > 2.
 
     Classes absent from y_true are skipped in the macro average.
     """
     y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
     if probs.shape[1] == 2:
-        return binary_auc(y_true == 1, probs[:, 1])
+        return binary_auc(y_true == positive, probs[:, positive])
     aucs = [binary_auc(y_true == c, probs[:, c]) for c in range(probs.shape[1])]
     aucs = [a for a in aucs if not np.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
@@ -183,26 +188,92 @@ def per_group_accuracy(y_true, y_pred, groups: Sequence[str]) -> dict[str, dict]
     return out
 
 
-def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: Sequence[str] | None = None) -> dict:
-    """All report metrics for one split, as plain JSON-ready Python values."""
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion; (nan, nan) for n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0/n or n/n:
+    391/391 gives (0.9903, 1.0).
+    """
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    low, high = max(0.0, centre - half), min(1.0, centre + half)
+    return float(0.0 if successes == 0 else low), float(1.0 if successes == n else high)
+
+
+def bootstrap_interval(statistic, *arrays: np.ndarray, strata: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``statistic(*arrays)`` over bootstrap resamples stratified by ``strata``.
+
+    Each resample draws, within every stratum (the true class), as many items as it has, with
+    replacement, so class proportions stay fixed as they are in a stratified split. Resamples
+    where the statistic is undefined (NaN) are dropped.
+    """
+    strata = np.asarray(strata)
+    if len(strata) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    groups = [np.flatnonzero(strata == c) for c in np.unique(strata)]
+    values = []
+    for _ in range(n_boot):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        values.append(statistic(*(np.asarray(a)[idx] for a in arrays)))
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: Sequence[str] | None = None,
+              y_pred: np.ndarray | None = None, n_boot: int = 1000) -> dict:
+    """All report metrics for one split, as plain JSON-ready Python values.
+
+    ``y_pred`` are the decisions (default: argmax; a binary model with an operating threshold
+    passes its thresholded calls). Proportions (accuracy, per-class recall) carry Wilson 95%
+    intervals; balanced accuracy, macro-F1 and ROC AUC carry stratified-bootstrap 95% intervals
+    (``n_boot`` seeded resamples). In a binary task the AUC is that of the malignant class.
+    """
     y_true = np.asarray(y_true, int)
     probs = np.asarray(probs, float)
     k = len(class_names)
-    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
+    if y_pred is None:
+        y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
+    y_pred = np.asarray(y_pred, int)
     cm = confusion_matrix(y_true, y_pred, k)
     prf = per_class_prf(cm)
+    positive = positive_index(class_names) if k == 2 else 1
+
+    def from_calls(metric):
+        return lambda y, pred: metric(confusion_matrix(y, pred, k))
+
+    def auc(y, p):
+        return roc_auc(y, p, positive)
+
+    nan2 = [float("nan")] * 2
     result = {
         "n": int(len(y_true)),
         "loss": log_loss(y_true, probs),
         "accuracy": accuracy(cm),
+        "accuracy_ci": list(wilson_interval(int(np.trace(cm)), int(cm.sum()))),
         "balanced_accuracy": balanced_accuracy(cm),
+        "balanced_accuracy_ci": list(bootstrap_interval(from_calls(balanced_accuracy), y_true, y_pred, strata=y_true, n_boot=n_boot)),
         "macro_f1": macro_f1(cm),
+        "macro_f1_ci": list(bootstrap_interval(from_calls(macro_f1), y_true, y_pred, strata=y_true, n_boot=n_boot)),
         "weighted_f1": weighted_f1(cm),
-        "roc_auc": roc_auc(y_true, probs) if len(y_true) else float("nan"),
+        "roc_auc": auc(y_true, probs) if len(y_true) else float("nan"),
+        "roc_auc_ci": list(bootstrap_interval(auc, y_true, probs, strata=y_true, n_boot=n_boot)) if len(y_true) else nan2,
         "ece": expected_calibration_error(probs, y_true),
         "confusion_matrix": cm.tolist(),
         "per_class": {
-            name: {key: (int(prf[key][i]) if key == "support" else float(prf[key][i])) for key in prf}
+            name: {**{key: (int(prf[key][i]) if key == "support" else float(prf[key][i])) for key in prf},
+                   "recall_ci": list(wilson_interval(int(cm[i, i]), int(cm[i].sum())))}
             for i, name in enumerate(class_names)
         },
     }
@@ -212,7 +283,10 @@ def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: S
 
 
 def classification_report(summary: dict, class_names: Sequence[str], digits: int = 4) -> str:
-    """Text table in the layout of scikit-learn's classification_report."""
+    """Text table in the layout of scikit-learn's classification_report.
+
+    Macro averages are over the classes that occur in y_true or y_pred, as ``macro_f1`` is.
+    """
     width = max(len("weighted avg"), *(len(c) for c in class_names))
     head = f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}\n\n"
     rows = []
@@ -221,7 +295,8 @@ def classification_report(summary: dict, class_names: Sequence[str], digits: int
         rows.append(f"{name:>{width}} {r['precision']:9.{digits}f} {r['recall']:9.{digits}f} {r['f1']:9.{digits}f} {r['support']:9d}")
     n = summary["n"]
     per = [summary["per_class"][c] for c in class_names]
-    macro = [np.mean([r[k] for r in per]) for k in ("precision", "recall", "f1")]
+    seen = seen_classes(np.asarray(summary["confusion_matrix"]))  # the same classes as summary["macro_f1"]
+    macro = [np.mean([r[k] for r, s in zip(per, seen) if s]) if seen.any() else 0.0 for k in ("precision", "recall", "f1")]
     weights = np.array([r["support"] for r in per], float)
     weighted = [float(np.dot([r[k] for r in per], weights) / max(weights.sum(), 1)) for k in ("precision", "recall", "f1")]
     tail = [

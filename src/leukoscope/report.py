@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .metrics import expected_calibration_error, reliability_bins, roc_curve  # noqa: E402
+from .metrics import expected_calibration_error, positive_index, reliability_bins, roc_curve  # noqa: E402
 
 
 def plot_confusion_matrices(metrics: dict, class_names: Sequence[str], path: Path) -> None:
@@ -56,10 +56,10 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
 
 
 def plot_roc(y_true, probs: np.ndarray, class_names: Sequence[str], path: Path) -> None:
-    """ROC of the positive class (binary) or one curve per class, one-vs-rest."""
+    """ROC of the malignant class (binary: ``positive_index``) or one curve per class, one-vs-rest."""
     y_true = np.asarray(y_true)
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
-    indices = [1] if len(class_names) == 2 else range(len(class_names))
+    indices = [positive_index(class_names)] if len(class_names) == 2 else range(len(class_names))
     for c in indices:
         positives = y_true == c
         if positives.all() or not positives.any():
@@ -106,12 +106,12 @@ def _gallery(out_dir: Path, items: Sequence[dict]) -> str:
 
 
 def _operating_points(metrics: dict, splits: Sequence[str]) -> str:
-    rows = [[s, m["positive_class"], m["threshold"], m["sensitivity"], m["specificity"]]
+    rows = [[s, m["positive_class"], m["threshold"], _ci(m, "sensitivity"), _ci(m, "specificity")]
             for s in splits if (m := metrics[s].get("operating_point"))]
     if not rows:
         return ""
     return ("<h2>Operating point</h2><p class=\"note\">Threshold on the positive class probability, chosen on the validation split "
-            "for the target sensitivity.</p>" + _table(["split", "positive class", "threshold", "sensitivity", "specificity"], rows))
+            "for the target sensitivity.</p>" + _table(["split", "positive class", "threshold", "sensitivity (95% CI)", "specificity (95% CI)"], rows))
 
 
 def _img(path: Path) -> str:
@@ -127,6 +127,14 @@ def _table(header: Sequence[str], rows: Sequence[Sequence], ) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _ci(values: dict, key: str) -> str:
+    """'0.9845 (0.9756-0.9904)': a metric with its 95% interval, when it has one."""
+    value, interval = values[key], values.get(f"{key}_ci")
+    if interval is None or any(v is None or np.isnan(v) for v in interval) or np.isnan(value):
+        return _fmt(value)
+    return f"{value:.4f} ({interval[0]:.4f}-{interval[1]:.4f})"
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return "n/a" if np.isnan(value) else f"{value:.4f}"
@@ -140,18 +148,31 @@ th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}pre{background:#f7f
 .cam code{font-size:10px;word-break:break-all}"""
 
 
+def _config_as_run(info: dict) -> dict:
+    """The training configuration with the split that was actually used (``split_by: patient`` falls
+    back to images when the data has no patient ids)."""
+    config = dict(info.get("config", {}))
+    kind = str(info.get("split_kind", ""))
+    if "split_by" in config and kind:
+        config["split_by"] = "patient" if kind.startswith("patient") else kind
+    return config
+
+
 def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], info: dict) -> Path:
     """One self-contained report.html (figures inlined) from the files in ``out_dir``."""
     splits = [s for s in ("train", "val", "test") if s in metrics]
     summary = _table(
-        ["split", "n", "loss", "accuracy", "balanced acc.", "macro-F1", "weighted F1", "ROC AUC", "ECE before T", "ECE after T"],
-        [[s, metrics[s]["n"], metrics[s]["loss"], metrics[s]["accuracy"], metrics[s]["balanced_accuracy"], metrics[s]["macro_f1"],
-          metrics[s]["weighted_f1"], metrics[s]["roc_auc"], metrics[s].get("ece_uncalibrated", float("nan")), metrics[s]["ece"]] for s in splits],
+        ["split", "n", "loss", "accuracy (95% CI)", "balanced acc. (95% CI)", "macro-F1 (95% CI)", "weighted F1", "ROC AUC (95% CI)",
+         "ECE before T", "ECE after T"],
+        [[s, metrics[s]["n"], metrics[s]["loss"], _ci(metrics[s], "accuracy"), _ci(metrics[s], "balanced_accuracy"),
+          _ci(metrics[s], "macro_f1"), metrics[s]["weighted_f1"], _ci(metrics[s], "roc_auc"),
+          metrics[s].get("ece_uncalibrated", float("nan")), metrics[s]["ece"]] for s in splits],
     )
     per_class = ""
     for s in splits:
-        rows = [[c, *(metrics[s]["per_class"][c][k] for k in ("precision", "recall", "f1", "support"))] for c in class_names]
-        per_class += f"<h3>{s}</h3>" + _table(["class", "precision", "recall", "F1", "support"], rows)
+        rows = [[c, metrics[s]["per_class"][c]["precision"], _ci(metrics[s]["per_class"][c], "recall"),
+                 metrics[s]["per_class"][c]["f1"], metrics[s]["per_class"][c]["support"]] for c in class_names]
+        per_class += f"<h3>{s}</h3>" + _table(["class", "precision", "recall (95% CI)", "F1", "support"], rows)
     patients = ""
     for s in splits:
         if "per_patient" in metrics[s]:
@@ -166,12 +187,16 @@ data <code>{html.escape(str(info.get('data', '')))}</code> ({html.escape(str(inf
 split by <b>{html.escape(str(info.get('split_kind', '')))}</b>, classes: {html.escape(', '.join(class_names))}.
 Probabilities are temperature-scaled (T = {html.escape(str(info.get('temperature', 'n/a')))}, fitted on the validation split).</p>
 <h2>Summary</h2>{summary}
+<p class="note">Intervals are 95%: Wilson for accuracy and recall, stratified bootstrap (1,000 resamples) for balanced accuracy,
+macro-F1 and ROC AUC. Macro averages are over the classes present in a split's true or predicted labels.
+{'In this binary task the positive class (ROC, sensitivity) is <b>' + html.escape(class_names[positive_index(class_names)]) + '</b>.' if len(class_names) == 2 else ''}
+{html.escape(info['class_map_note']) if info.get('class_map_note') else ''}</p>
 {_operating_points(metrics, splits)}
 <h2>Figures</h2>{figures}
 {_gallery(out_dir, info.get('gallery', []))}
 <h2>Per class</h2>{per_class}
 {'<h2>Per patient</h2>' + patients if patients else ''}
-<h2>Configuration</h2><pre>{html.escape(json.dumps(info.get('config', {}), indent=2, default=str))}</pre>
+<h2>Configuration</h2><pre>{html.escape(json.dumps(_config_as_run(info), indent=2, default=str))}</pre>
 </body></html>"""
     path = out_dir / "report.html"
     path.write_text(body, encoding="utf-8")
