@@ -146,8 +146,11 @@ def test_bootstrap_interval_is_seeded_stratified_and_brackets_the_value():
     assert all(sizes == [50, 30, 20] for sizes in seen_sizes)  # class sizes fixed in every resample
     assert low < stat(y, pred) < high and high - low < 0.25
     assert M.bootstrap_interval(stat, y, pred, strata=y, n_boot=200) == (low, high)  # seeded
-    perfect = M.bootstrap_interval(stat, y, y, strata=y, n_boot=50)
-    assert perfect == (1.0, 1.0)
+    assert M.bootstrap_interval(stat, y, y, strata=y, n_boot=50) == (1.0, 1.0)
+    # in a summary a perfect split gets the mean of the per-class Wilson intervals, not (1, 1)
+    perfect = M.summarize(y, np.eye(3)[y], ["a", "b", "c"], n_boot=50)
+    expected = np.mean([M.wilson_interval(n, n) for n in (50, 30, 20)], axis=0)
+    assert perfect["balanced_accuracy_ci"] == pytest.approx(list(expected)) and perfect["balanced_accuracy_ci"][0] < 0.95
 
 
 def test_binary_auc_and_summary_use_the_malignant_class():
@@ -180,3 +183,16 @@ def test_summary_scores_the_decisions_it_is_given():
     assert M.summarize(y, probs, ["normal", "blast"], y_pred=thresholded, n_boot=10)["accuracy"] == 0.75
     assert M.summarize(y, probs, ["normal", "blast"], y_pred=np.array([0, 1, 1, 1]), n_boot=10)["accuracy"] == 0.75
     assert M.summarize(y, probs, ["normal", "blast"], y_pred=np.array([0, 0, 1, 1]), n_boot=10)["accuracy"] == 1.0
+
+
+def test_summary_holds_only_builtin_values_for_json_and_weights_only_checkpoints():
+    summary = M.summarize(np.array([0, 1, 1]), np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]]), ["a", "b"], n_boot=20)
+
+    def walk(value):
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and walk(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(walk(v) for v in value)
+        return type(value) in (int, float, str, bool)
+
+    assert walk(summary)

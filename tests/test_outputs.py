@@ -156,3 +156,23 @@ def test_evaluate_refuses_earlier_results_and_training_runs(tiny_run, tmp_path, 
     assert main(["evaluate", str(run), str(data), "--out", str(run), "--force"]) == 2
     assert "is a training run" in capsys.readouterr().err
     assert (run / "model.pt").is_file()
+
+
+def test_evaluate_elsewhere_recognises_the_models_own_images(tiny_run, tmp_path, capsys):
+    """Copied and renamed into another folder, training images are still not scored as test."""
+    import json
+    import shutil
+
+    data, run = tiny_run
+    splits = list(csv.DictReader(open(run / "splits.csv")))
+    copy = tmp_path / "copy"
+    for i, row in enumerate(splits):
+        (copy / row["label"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / row["path"], copy / row["label"] / f"renamed_{i}.png")
+    model = tmp_path / "model.pt"
+    shutil.copy(run / "model.pt", model)  # away from the run's splits.csv
+    assert main(["evaluate", str(model), str(copy), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    expected = {k: sum(r["split"] == k for r in splits) for k in ("train", "val", "test")}
+    assert {k: metrics[k]["n"] for k in metrics} == expected
+    assert f"{expected['train']} images of this data trained the model" in capsys.readouterr().err

@@ -6,7 +6,7 @@ Weights are stored in fp16 (half the size; outputs checked against fp32 below). 
 gains the data manifest's sha256, the split file's sha256, val/test metrics re-measured at the
 bundled model's default inference (``--tta dihedral``: 8 views, ``--tta flip``: 2 views, default
 none) and task-specific test metrics: benign-vs-malignant sensitivity/specificity for aria-all,
-and the 5 common WBC types (argmax over those classes only) for pbc.
+and accuracy on the cells of the 5 common WBC types (the model's call over all its classes) for pbc.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
 from leukoscope.evaluate import headline, predict_logits, softmax
 from leukoscope.inference import TTA_MODES, Predictor
-from leukoscope.metrics import confusion_matrix, macro_f1, summarize
+from leukoscope.metrics import summarize, wilson_interval
 
 WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "leukoscope" / "weights"
@@ -44,21 +44,20 @@ def split_probs(predictor: Predictor, data: Path, run: Path, split: str) -> tupl
     return np.array([predictor.class_names.index(s.label) for s in members]), probs
 
 
-def extra_metrics(names: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    out: dict[str, float] = {}
+def extra_metrics(names: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, float | list[float]]:
+    """Task-level test numbers with Wilson 95% intervals, from the model's own (all-class) calls."""
+    out: dict[str, float | list[float]] = {}
+    calls = probs.argmax(1)
     if "Benign" in names:
         benign = names.index("Benign")
-        malignant_true, malignant_pred = labels != benign, probs.argmax(1) != benign
-        out["malignant_sensitivity"] = float((malignant_pred & malignant_true).sum() / malignant_true.sum())
-        out["benign_specificity"] = float((~malignant_pred & ~malignant_true).sum() / (~malignant_true).sum())
+        malignant_true, malignant_pred = labels != benign, calls != benign
+        for key, hits, n in (("malignant_sensitivity", (malignant_pred & malignant_true).sum(), malignant_true.sum()),
+                             ("benign_specificity", (~malignant_pred & ~malignant_true).sum(), (~malignant_true).sum())):
+            out[key], out[f"{key}_ci"] = float(hits / n), list(wilson_interval(int(hits), int(n)))
     if all(c in names for c in WBC5):
-        idx = [names.index(c) for c in WBC5]
-        keep = np.isin(labels, idx)
-        y = np.array([idx.index(v) for v in labels[keep]])
-        pred = probs[keep][:, idx].argmax(1)
-        cm = confusion_matrix(y, pred, 5)
-        out["wbc5_accuracy"] = float(np.trace(cm) / cm.sum())
-        out["wbc5_macro_f1"] = macro_f1(cm)
+        keep = np.isin(labels, [names.index(c) for c in WBC5])  # cells of the 5 WBC types, called over all classes
+        hits, n = int((calls[keep] == labels[keep]).sum()), int(keep.sum())
+        out.update(wbc5_accuracy=hits / n, wbc5_accuracy_ci=list(wilson_interval(hits, n)), wbc5_n=n)
     return out
 
 

@@ -196,6 +196,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         ckpt = load_checkpoint(path)
         test = ckpt.get("metrics", {}).get("test", {})
         scores = [_with_interval(test, k) for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in test]
+        extra = ckpt.get("extra_metrics", {})
+        scores += [_with_interval(extra, k) for k, v in extra.items() if isinstance(v, float) and not k.endswith("_f1")]
         crop = f", central {ckpt['crop']:.0%} of each image" if ckpt.get("crop", 1.0) < 1 else ""
         mode = tta_mode(ckpt.get("tta"))
         tta = f", {mode} TTA by default" if mode != "none" else ""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .data import SPLITS, Dataset, detect_layout, run_splits
+from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model, resolve_model_path, tta_mode
@@ -40,10 +41,21 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
-def assign_splits(dataset: Dataset, model: str | os.PathLike) -> tuple[list[str], str]:
-    """Use the run's splits.csv when DATA is the run's dataset, else evaluate everything as test."""
+def assign_splits(dataset: Dataset, model: str | os.PathLike, predictor: Predictor) -> tuple[list[str], str]:
+    """The split of every image of DATA: the run's splits.csv when DATA is the run's dataset; else,
+    from the content hashes the checkpoint carries, the model's own training and validation images
+    are scored as such and only the rest as test."""
     recorded = run_splits(resolve_model_path(model).parent, dataset.samples)
-    return recorded or (["test"] * len(dataset.samples), "none (whole dataset evaluated as test)")
+    if recorded is not None:
+        return recorded
+    seen = predictor.checkpoint.get("seen_images")
+    if not seen:
+        return ["test"] * len(dataset.samples), "none (whole dataset evaluated as test; the model records no training images)"
+    splits, n_train, n_val = splits_from_seen(dataset, seen)
+    if n_train or n_val:
+        note(f"{plural(n_train, 'image')} of this data trained the model and {n_val} validated it: they are scored as "
+             f"train and val, and the other {plural(splits.count('test'), 'image')} as test")
+    return splits, f"by content: {n_train} training and {n_val} validation images of the model recognised, the rest is test"
 
 
 def evaluate(
@@ -193,7 +205,7 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
     predictor = load_model(model, backend=backend)
     dataset = detect_layout(data)
-    splits, kind = assign_splits(dataset, model)
+    splits, kind = assign_splits(dataset, model, predictor)
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
             "tta": predictor.default_tta if tta is None else tta_mode(tta)}

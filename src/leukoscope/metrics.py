@@ -257,15 +257,25 @@ def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: S
         return roc_auc(y, p, positive)
 
     nan2 = [float("nan")] * 2
+    seen = seen_classes(cm)
+    wilson_mean = [float(v) for v in np.mean([wilson_interval(int(cm[i, i]), int(cm[i].sum())) for i in np.flatnonzero(cm.sum(axis=1))], axis=0)] \
+        if cm.sum() else nan2
+
+    def averaged(metric) -> list[float]:
+        """Bootstrap interval of a class-averaged metric; when every resample scores the same (a perfect
+        split), the mean of the per-class Wilson intervals instead of a zero-width interval."""
+        low, high = bootstrap_interval(from_calls(metric), y_true, y_pred, strata=y_true, n_boot=n_boot)
+        return wilson_mean if low == high and seen.any() else [low, high]
+
     result = {
         "n": int(len(y_true)),
         "loss": log_loss(y_true, probs),
         "accuracy": accuracy(cm),
         "accuracy_ci": list(wilson_interval(int(np.trace(cm)), int(cm.sum()))),
         "balanced_accuracy": balanced_accuracy(cm),
-        "balanced_accuracy_ci": list(bootstrap_interval(from_calls(balanced_accuracy), y_true, y_pred, strata=y_true, n_boot=n_boot)),
+        "balanced_accuracy_ci": averaged(balanced_accuracy),
         "macro_f1": macro_f1(cm),
-        "macro_f1_ci": list(bootstrap_interval(from_calls(macro_f1), y_true, y_pred, strata=y_true, n_boot=n_boot)),
+        "macro_f1_ci": averaged(macro_f1),
         "weighted_f1": weighted_f1(cm),
         "roc_auc": auc(y_true, probs) if len(y_true) else float("nan"),
         "roc_auc_ci": list(bootstrap_interval(auc, y_true, probs, strata=y_true, n_boot=n_boot)) if len(y_true) else nan2,

@@ -24,7 +24,7 @@ from .calibration import fit_temperature, temperature_warning
 from .checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
-from .data.splits import check_split_leaks
+from .data.splits import check_split_leaks, seen_images
 from .data.dataset import decode_many
 from .distributed import World, all_sum, close, init_world, shard, sync_buffers, unwrap, weights_digest, wrap
 from .errors import LeukoscopeError
@@ -354,7 +354,8 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
     model = model.to(device, memory_format=training_memory_format(model, device))
     bf16 = resolve_precision(config, device, model)
     meta = {"arch": config.arch, "arch_kwargs": config.arch_kwargs, "class_names": dataset.classes, "image_size": config.image_size, "crop": config.crop,
-            "mean": stats[0], "std": stats[1], "config": config.to_dict(), "train_command": command, "split_kind": split_kind}
+            "mean": stats[0], "std": stats[1], "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
+            "seen_images": seen_images(dataset, splits)}
     if resume_state is not None:
         model.load_state_dict(resume_state["weights"])
     model = wrap(model, world, device)

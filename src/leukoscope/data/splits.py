@@ -182,3 +182,40 @@ def check_split_leaks(dataset: Dataset, splits: list[str], by_patient: bool = Tr
         if missing:
             raise LeukoscopeError(f"classes {missing} have no test images, so they could not be evaluated; add images "
                                   "of those classes (patients) or change --fractions")
+
+
+FINGERPRINT_CHARS = 16  # a 64-bit prefix of the sha256: collisions are negligible for any cell archive
+
+
+def fingerprint(path: str | os.PathLike) -> str | None:
+    """The content hash an image is recognised by (None for an unreadable file)."""
+    try:
+        return sha256_file(path)[:FINGERPRINT_CHARS]
+    except OSError:
+        return None
+
+
+def seen_images(dataset: Dataset, splits: list[str]) -> dict[str, list[str]]:
+    """Content hashes of the training and validation images, for the checkpoint to carry.
+
+    With them a model recognises its own images in any folder, renamed or not, so an evaluation
+    never counts them as test images.
+    """
+    out: dict[str, set[str]] = {"train": set(), "val": set()}
+    for sample, split in zip(dataset.samples, splits):
+        if split in out and (digest := fingerprint(dataset.abspath(sample))) is not None:
+            out[split].add(digest)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def splits_from_seen(dataset: Dataset, seen: dict[str, list[str]]) -> tuple[list[str], int, int]:
+    """Each image's split by the model's record: 'train' or 'val' if it saw the image, else 'test'.
+
+    Returns (splits, images recognised from training, from validation).
+    """
+    train, val = set(seen.get("train", ())), set(seen.get("val", ()))
+    splits = []
+    for sample in dataset.samples:
+        digest = fingerprint(dataset.abspath(sample))
+        splits.append("train" if digest in train else "val" if digest in val else "test")
+    return splits, splits.count("train"), splits.count("val")
