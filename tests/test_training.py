@@ -96,3 +96,11 @@ def test_cnn_learns_with_crop_context(tmp_path):
     assert metrics["test"]["accuracy"] >= 0.9
     with pytest.raises(LeukoscopeError, match="crop_context needs crop < 1"):
         TrainConfig.from_dict({"crop_context": True})
+
+
+def test_patience_scales_with_the_epoch_count():
+    assert TrainConfig(epochs=20).patience_epochs == 15
+    assert TrainConfig(epochs=30).patience_epochs == 23 and TrainConfig(epochs=5).patience_epochs == 10
+    assert TrainConfig(epochs=20, patience=4).patience_epochs == 4
+    with pytest.raises(LeukoscopeError, match="patience must be >= 1"):
+        TrainConfig.from_dict({"patience": 0})

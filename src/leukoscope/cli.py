@@ -79,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
-                               backend=args.backend, force=args.force)
+                               backend=args.backend, force=args.force, class_map=args.class_map)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", help="adamw (default) or sgd with Nesterov momentum (give it a larger --lr, e.g. 0.1)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--patience", type=_positive_int, help="early-stopping patience in epochs")
+    p.add_argument("--patience", type=_positive_int,
+                   help="early-stopping patience in epochs (default: 3/4 of --epochs, at least 10; a falling validation loss counts as progress)")
     p.add_argument("--split-by", choices=["patient", "image"], help="group splits by patient (default) or split by image")
     p.add_argument("--fractions", type=_fractions, help="train,val,test fractions, e.g. 0.7,0.15,0.15")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
     p.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
+    p.add_argument("--class-map", metavar="MAP",
+                   help="score the model on data with other class names, many to one: e.g. Early=blast,Pre=blast,Pro=blast,Benign=normal "
+                        "(probabilities of merged classes are summed; unnamed classes keep their names)")
     _add_tta(p)
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
     _add_backend(p)
@@ -320,7 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        from .errors import did_you_mean
+
+        hint = did_you_mean(argv[0].lower(), commands)
+        print(f"leukoscope: error: unknown command {argv[0]!r}{hint}; commands: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)

@@ -81,6 +81,15 @@ def sync_buffers(model: nn.Module, world: World) -> None:
             dist.broadcast(buffer, src=0)
 
 
+def broadcast_flag(value: bool, world: World) -> bool:
+    """Rank 0's ``value`` on every rank: decisions such as early stopping are taken once."""
+    if not world.distributed:
+        return value
+    tensor = torch.tensor([int(value)])
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

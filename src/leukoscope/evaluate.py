@@ -20,7 +20,7 @@ from .data import SPLITS, Dataset, detect_layout, run_splits
 from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
-from .inference import Predictor, load_model, resolve_model_path, tta_mode
+from .inference import Predictor, load_model, map_classes, parse_class_map, resolve_model_path, tta_mode
 from .io import atomic_write
 from .metrics import (classification_report, expected_calibration_error, sensitivity_specificity, summarize, threshold_for_sensitivity,
                       wilson_interval)
@@ -80,7 +80,8 @@ def evaluate(
     info = dict(info or {})
     unknown = sorted({s.label for s in dataset.samples} - set(predictor.class_names))
     if unknown:
-        raise LeukoscopeError(f"data has classes {unknown} that the model does not know; model classes: {predictor.class_names}")
+        raise LeukoscopeError(f"data has classes {unknown} that the model does not know; model classes: {predictor.class_names}; "
+                              "map them with --class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal)")
     results = {split: _predict_split(predictor, dataset, splits, split, images, tta) for split in SPLITS}
     results = {k: v for k, v in results.items() if v is not None}
     if target_sensitivity is not None:
@@ -200,8 +201,12 @@ def headline(metrics: dict[str, Any]) -> dict[str, dict]:
 
 
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
-                     backend: str = "auto", force: bool = False) -> dict[str, Any]:
-    """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``."""
+                     backend: str = "auto", force: bool = False, class_map: str | None = None) -> dict[str, Any]:
+    """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
+
+    ``class_map`` ('Early=blast,Pre=blast,Pro=blast,Benign=normal') scores the model on data whose
+    classes differ: each model class counts as the data class it maps to.
+    """
     prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
     predictor = load_model(model, backend=backend)
     dataset = detect_layout(data)
@@ -209,5 +214,12 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
             "tta": predictor.default_tta if tta is None else tta_mode(tta)}
+    if class_map:
+        mapping = parse_class_map(class_map, predictor.class_names)
+        predictor, tta = map_classes(predictor, mapping, tta), None
+        pairs = "; ".join(f"{', '.join(c for c in mapping if mapping[c] == t)} -> {t}" for t in predictor.class_names)
+        info["class_map_note"] = (f"The model's classes were mapped onto the data's ({pairs}): each metric scores the mapped "
+                                  "labels, with the probabilities of merged classes summed.")
+        note(f"class map: {pairs}")
     return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity)
 

@@ -51,12 +51,13 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     if path.is_file():
         return path
     bundled = bundled_models()
-    if str(model) in bundled:
-        return bundled[str(model)]
+    by_lower = {name.lower(): path for name, path in bundled.items()}
+    if str(model).lower() in by_lower:  # "PBC" is "pbc"
+        return by_lower[str(model).lower()]
     names = ", ".join(sorted(bundled)) or "none installed"
     raise LeukoscopeError(
         f"model {str(model)!r} is neither a run folder, a checkpoint file nor a bundled model"
-        f"{did_you_mean(str(model), bundled)}; bundled models: {names}"
+        f"{did_you_mean(str(model).lower(), by_lower)}; bundled models: {names}"
     )
 
 
@@ -128,10 +129,15 @@ class Predictor:
         return torch.softmax(self.logits(batch_uint8, tta) / self.temperature, dim=1).numpy()
 
     def predict(self, images: Any, batch_size: int = 64, tta: bool | str | None = None) -> list[Prediction]:
-        """Predict one or many images given as paths, PIL images or HxWx3 uint8 arrays."""
+        """Predict one or many images given as paths, folders (searched recursively, as the CLI does),
+        PIL images or HxWx3 uint8 arrays."""
         if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
             images = [images]
-        return list(self.predict_iter(list(images), batch_size=batch_size, tta=tta))
+        items: list[Any] = []
+        for item in images:
+            is_folder = isinstance(item, (str, os.PathLike)) and Path(item).is_dir()
+            items.extend(iter_image_files([item]) if is_folder else [item])
+        return list(self.predict_iter(items, batch_size=batch_size, tta=tta))
 
     def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | str | None = None, workers: int = 4) -> Iterator[Prediction]:
         """Yield one Prediction per item, in order; the next batch decodes while this one runs."""
@@ -248,6 +254,42 @@ def load_model(model: str | os.PathLike, backend: str = "auto") -> Predictor:
 
         return Predictor(checkpoint, source=str(path), backend=cached_onnx_backend(checkpoint, path))
     return Predictor(checkpoint, source=str(path))
+
+
+def parse_class_map(text: str, class_names: Sequence[str]) -> dict[str, str]:
+    """'Early=blast,Pre=blast,Benign=normal' -> {model class: data class}; unnamed classes map to themselves."""
+    mapping = {c: c for c in class_names}
+    by_lower = {c.lower(): c for c in class_names}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        source, sep, target = (x.strip() for x in part.partition("="))
+        if not sep or not source or not target:
+            raise LeukoscopeError(f"--class-map: expected MODEL_CLASS=DATA_CLASS pairs separated by commas, got {part!r}")
+        if source.lower() not in by_lower:
+            raise LeukoscopeError(f"--class-map: the model has no class {source!r}{did_you_mean(source, class_names)}; "
+                                  f"its classes: {', '.join(class_names)}")
+        mapping[by_lower[source.lower()]] = target
+    return mapping
+
+
+def map_classes(predictor: Predictor, mapping: dict[str, str], tta: bool | str | None = None) -> Predictor:
+    """The same model answering in other class names, many to one (``aria-all``'s Early, Pre and Pro as
+    ``blast``): a target's probability is the sum of its classes' calibrated probabilities.
+
+    The base model's test-time augmentation and temperature are applied inside; the operating
+    threshold, which belonged to the old classes, is dropped.
+    """
+    targets = list(dict.fromkeys(mapping[c] for c in predictor.class_names))
+    groups = [[i for i, c in enumerate(predictor.class_names) if mapping[c] == t] for t in targets]
+
+    def backend(batch_uint8: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.log_softmax(predictor.logits(batch_uint8, tta) / predictor.temperature, dim=1)
+        return torch.stack([log_probs[:, g].logsumexp(dim=1) for g in groups], dim=1)
+
+    backend.kind = predictor.kind  # type: ignore[attr-defined]
+    meta = {**predictor.meta, "class_names": targets, "temperature": 1.0, "threshold": None, "tta": "none",
+            "class_map": {c: mapping[c] for c in predictor.class_names}}  # no state_dict: heatmaps need the unmapped model
+    meta.pop("positive_index", None)
+    return Predictor(meta, source=predictor.source, backend=backend)
 
 
 def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -26,7 +26,7 @@ from .config import TrainConfig, load_config, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
 from .data.splits import check_split_leaks, seen_images
 from .data.dataset import decode_many
-from .distributed import World, all_sum, close, init_world, shard, sync_buffers, unwrap, weights_digest, wrap
+from .distributed import World, all_sum, broadcast_flag, close, init_world, shard, sync_buffers, unwrap, weights_digest, wrap
 from .errors import LeukoscopeError
 from .evaluate import evaluate, headline
 from .inference import Predictor
@@ -237,13 +237,14 @@ def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, o
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps + config.epochs, pct_start=0.15)
     weights = class_weights(labels["train"], num_classes, config.class_balance)
     ema = make_ema(unwrap(model), config.ema)
-    state = {"epoch": 0, "history": [], "best_key": None, "best_epoch": 0, "stale": 0, "best_state": None}
+    state = {"epoch": 0, "history": [], "best_key": None, "best_epoch": 0, "stale": 0, "best_state": None, "best_loss": None}
     if resume is not None:
         state = restore(resume, model, optimizer, scheduler, rngs, ema)
     train_images, view = context if context is not None else (tensors["train"], 1.0)
     bar = progress(range(state["epoch"] + 1, config.epochs + 1), desc=f"train {config.arch}", unit="epoch", disable=not world.is_main)
+    patience = config.patience_epochs
     for epoch in bar:
-        if state["stale"] >= config.patience:
+        if state["stale"] >= patience:
             break
         t0 = time.perf_counter()
         size = config.train_size(epoch)
@@ -258,18 +259,23 @@ def run_epochs(model, tensors, labels, stats, config: TrainConfig, meta: dict, o
         bar.set_postfix(loss=f"{train_loss:.3f}", val_loss=f"{val['loss']:.3f}", val_bacc=f"{val['balanced_accuracy']:.4f}")
         key = (val["balanced_accuracy"], -val["loss"]) if not np.isnan(val["loss"]) else (train_acc, -train_loss)
         state["epoch"] = epoch
-        if state["best_key"] is None or key > tuple(state["best_key"]):
+        # rank 0 decides, so that ranks whose floating-point results differ in the last bit cannot disagree
+        best = broadcast_flag(state["best_key"] is None or key > tuple(state["best_key"]), world)
+        loss_fell = broadcast_flag(state["best_loss"] is None or -key[1] < state["best_loss"], world)
+        if loss_fell:
+            state["best_loss"] = -key[1]
+        if best:
             state.update(best_key=key, best_epoch=epoch, stale=0, best_state={k: v.detach().clone() for k, v in evaluated.state_dict().items()})
             if world.is_main:
                 save_checkpoint(out / "model.pt", build_checkpoint(evaluated, {**meta, "epoch": epoch}))
         else:
-            state["stale"] += 1
+            state["stale"] = 0 if loss_fell else state["stale"] + 1  # a falling validation loss is progress too
         if world.is_main:
             resume_state = snapshot(state, optimizer, scheduler, rngs, ema)
             save_checkpoint(out / "last.pt", build_checkpoint(unwrap(model), {**meta, "epoch": epoch, "resume": resume_state}))
             write_history(out / "history.csv", state["history"])
-        if state["stale"] >= config.patience and world.is_main:
-            note(f"early stopping at epoch {epoch}: no validation improvement for {config.patience} epochs")
+        if state["stale"] >= patience and world.is_main:
+            note(f"early stopping at epoch {epoch}: no validation improvement for {patience} epochs")
     unwrap(model).load_state_dict(state["best_state"])
     return state["history"], state["best_epoch"]
 
@@ -302,7 +308,8 @@ def restore(resume: dict, model, optimizer, scheduler, rngs: dict, ema: Averaged
     for name, g in rngs.items():
         g.set_state(resume["rng"][name])
     torch.set_rng_state(resume["torch_rng"])
-    return {k: resume[k] for k in ("epoch", "history", "best_key", "best_epoch", "stale", "best_state")}
+    state = {k: resume[k] for k in ("epoch", "history", "best_key", "best_epoch", "stale", "best_state")}
+    return {**state, "best_loss": resume.get("best_loss")}
 
 
 def calibrate(predictor: Predictor, images: torch.Tensor, labels: np.ndarray, batch_size: int = 256) -> float:

@@ -71,6 +71,12 @@ def detect_layout(root: str | os.PathLike) -> Dataset:
     files = _walk(root)
     dataset = _detect_cnmc(root, files) or _detect_image_folder(root, files)
     if dataset is None:
+        flat = [f for f in files if is_image_file(f) and len(f.parts) == 1]
+        if flat:
+            raise LeukoscopeError(
+                f"{str(root)!r} holds {len(flat)} image{'s' if len(flat) != 1 else ''} but no class subfolders: put each class "
+                f"in its own folder ({root.name}/<class>/<image>), or add {root.name}/manifest.csv with path,label columns; "
+                "to classify unlabelled images use `leukoscope predict`")
         raise LeukoscopeError(f"no dataset layout recognised in {str(root)!r}: expected {EXPECTED}")
     return dataset
 
@@ -125,10 +131,11 @@ def _cnmc_prelim(root: Path, files: list[Path], notes: list[str]) -> list[Sample
 
 
 def _detect_image_folder(root: Path, files: list[Path]) -> Dataset | None:
-    images = [f for f in files if is_image_file(f) and len(f.parts) >= 2]
+    manifest = _read_manifest(root / "manifest.csv")
+    labelled = {key for key, (label, _) in manifest.items() if label}
+    images = [f for f in files if is_image_file(f) and (len(f.parts) >= 2 or f.as_posix() in labelled)]
     if not images:
         return None
-    manifest = _read_manifest(root / "manifest.csv")
     samples = []
     for rel in images:
         key = rel.as_posix()

@@ -1,0 +1,94 @@
+"""The rough edges of first use: suggestions, specific messages, class maps, folders in the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image_folder
+from leukoscope import load_model
+from leukoscope.cli import main
+from leukoscope.errors import LeukoscopeError
+from leukoscope.inference import map_classes, parse_class_map
+
+TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("first_use")
+    data = make_image_folder(root / "data", n_per_class=12)
+    assert main(["train", str(data), "--out", str(root / "run"), *TINY]) == 0
+    return data, root / "run"
+
+
+def test_misspelt_command_gets_a_suggestion(capsys):
+    assert main(["predcit", "pbc", "x"]) == 2
+    assert "unknown command 'predcit' (did you mean 'predict'?)" in capsys.readouterr().err
+
+
+def test_bundled_model_names_ignore_case(capsys):
+    assert load_model("PBC").class_names == load_model("pbc").class_names
+    assert main(["predict", "pcb", "x.png", "--out", "-"]) == 2
+    assert "did you mean 'pbc'?" in capsys.readouterr().err
+
+
+def test_flat_folder_gets_a_specific_message(tmp_path, capsys):
+    make_image_folder(tmp_path / "nested", n_per_class=3)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted((tmp_path / "nested").rglob("*.png"))):
+        path.rename(flat / f"{i}.png")
+    assert main(["train", str(flat), "--out", str(tmp_path / "run"), *TINY]) == 2
+    assert "holds 6 images but no class subfolders" in capsys.readouterr().err
+    (flat / "manifest.csv").write_text("path,label\n" + "".join(f"{i}.png,{'a' if i < 3 else 'b'}\n" for i in range(6)))
+    from leukoscope.data import detect_layout
+
+    assert sorted(s.label for s in detect_layout(flat).samples) == ["a"] * 3 + ["b"] * 3  # a manifest labels a flat folder
+
+
+def test_predict_in_python_accepts_folders(tiny_run):
+    data, run = tiny_run
+    model = load_model(run)
+    predictions = model.predict(data)
+    assert len(predictions) == 24 and not any(p.error for p in predictions)
+    assert [p.source for p in model.predict([data / "blast", data / "normal" / "normal_000.png"])][-1].endswith("normal_000.png")
+
+
+def test_class_map_sums_probabilities_many_to_one(tiny_run):
+    _, run = tiny_run
+    model = load_model(run, backend="torch")
+    mapping = parse_class_map("blast=abnormal , Normal=abnormal", model.class_names)
+    assert mapping == {"blast": "abnormal", "normal": "abnormal"}
+    merged = map_classes(model, mapping)
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert merged.class_names == ["abnormal"]
+    assert np.allclose(merged.predict_proba(batch), 1.0, atol=1e-6)
+    one_to_one = map_classes(model, parse_class_map("blast=ALL", model.class_names))
+    assert one_to_one.class_names == ["ALL", "normal"]
+    assert np.allclose(one_to_one.predict_proba(batch), model.predict_proba(batch), atol=1e-6)
+    with pytest.raises(LeukoscopeError, match="no class 'blst' \\(did you mean 'blast'\\?\\)"):
+        parse_class_map("blst=x", model.class_names)
+    with pytest.raises(LeukoscopeError, match="MODEL_CLASS=DATA_CLASS"):
+        parse_class_map("blast", model.class_names)
+
+
+def test_evaluate_with_a_class_map_scores_the_mapped_labels(tiny_run, tmp_path):
+    data, run = tiny_run
+    renamed = tmp_path / "renamed"
+    for old, new in (("blast", "malignant"), ("normal", "benign")):
+        (renamed / new).mkdir(parents=True)
+        for path in (data / old).iterdir():
+            (renamed / new / path.name).write_bytes(path.read_bytes())
+    assert main(["evaluate", str(run), str(renamed), "--out", str(tmp_path / "refused")]) == 2
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(run), str(renamed), "--out", str(out), "--class-map", "blast=malignant,normal=benign"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    direct = json.loads((run / "metrics.json").read_text())
+    # the same images, so the same calls: every split's accuracy matches the run's own
+    for split in direct:
+        assert metrics[split]["n"] == direct[split]["n"] and metrics[split]["accuracy"] == pytest.approx(direct[split]["accuracy"])
+    assert "mapped onto the data" in (out / "report.html").read_text()
