@@ -95,7 +95,7 @@ def evaluate(
         metrics[split]["unreadable"] = r["unreadable"]
         if predictor.threshold is not None and len(predictor.class_names) == 2:
             metrics[split]["operating_point"] = operating_point(predictor, r["y"], r["probs"])
-        rows += [[s.path, split, s.label, predictor.class_names[predictor.decide(p)], float(p.max())] for s, p in zip(r["members"], r["probs"])]
+        rows += [[s.path, split, s.label, predictor.class_names[c], float(p[c])] for s, p, c in zip(r["members"], r["probs"], calls)]
     warn_small_test(metrics.get("test"))
     write_outputs(out_dir, metrics, predictor.class_names, rows, info, history)
     test = results.get("test")
@@ -159,7 +159,7 @@ def gallery(predictor: Predictor, test: dict, folder: Path, errors: int = 6, per
     from .explain import Explainer, panel, png_bytes
 
     pred = np.array([predictor.decide(p) for p in test["probs"]], dtype=int)
-    conf = test["probs"].max(axis=1)
+    conf = test["probs"][np.arange(len(pred)), pred]
     wrong = [int(i) for i in np.argsort(-conf) if pred[i] != test["y"][i]][:errors]
     picks = [(i, "error") for i in wrong]
     for c in range(len(predictor.class_names)):
@@ -167,12 +167,13 @@ def gallery(predictor: Predictor, test: dict, folder: Path, errors: int = 6, per
         picks += [(i, "correct") for i in right]
     folder.mkdir(parents=True, exist_ok=True)
     explainer, names, items = Explainer(predictor), predictor.class_names, []
+    scale = max(1, -(-224 // predictor.image_size))  # each cell at least 224 px wide
     for n, (i, kind) in enumerate(picks):
         image = test["images"][i].permute(1, 2, 0).numpy()
         overlay = explainer.overlay(image, int(pred[i]))
         caption = f"true {names[test['y'][i]]}, called {names[pred[i]]} {conf[i]:.3f}"
         name = f"{n:02d}_{kind}.png"
-        (folder / name).write_bytes(png_bytes(panel(image, overlay, caption, scale=1)))
+        (folder / name).write_bytes(png_bytes(panel(image, overlay, scale=scale)))  # the caption goes under it in the report
         items.append({"file": f"gallery/{name}", "kind": kind, "caption": caption, "source": test["members"][i].path})
     return items
 

@@ -80,10 +80,12 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def panel(image: np.ndarray, overlay: np.ndarray, caption: str, scale: int = 2) -> np.ndarray:
-    """Cell and heatmap side by side, enlarged, with a caption strip on top."""
+def panel(image: np.ndarray, overlay: np.ndarray, caption: str = "", scale: int = 2) -> np.ndarray:
+    """Cell and heatmap side by side, enlarged, with a caption strip on top (none when ``caption`` is empty)."""
     pair = Image.fromarray(np.concatenate([image, overlay], axis=1))
     pair = pair.resize((pair.width * scale, pair.height * scale), Image.Resampling.BICUBIC)
+    if not caption:
+        return np.asarray(pair)
     canvas = Image.new("RGB", (pair.width, pair.height + 22), "white")
     canvas.paste(pair, (0, 22))
     ImageDraw.Draw(canvas).text((6, 5), caption, fill="black")
@@ -107,13 +109,14 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
             failed += 1
             continue
         probs = model.predict_proba(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None])[0]
-        cls = model.decide(probs) if class_name is None else names.index(class_name)
+        called = model.decide(probs)  # the operating threshold where the model has one, as predict and serve
+        cls = called if class_name is None else names.index(class_name)
         overlay = explainer.overlay(image, cls)
         name = _unique(Path(path).stem, used) + "_cam.png"
-        caption = f"{names[int(np.argmax(probs))]} {probs.max():.3f} | heatmap for {names[cls]} ({method})"
+        caption = f"{names[called]} {probs[called]:.3f} | heatmap for {names[cls]} ({method})"
         with atomic_write(out_dir / name, "wb") as handle:
             handle.write(png_bytes(panel(image, overlay, caption)))
-        rows.append([str(path), names[int(np.argmax(probs))], f"{probs.max():.6f}", names[cls], name, ""])
+        rows.append([str(path), names[called], f"{probs[called]:.6f}", names[cls], name, ""])
     with atomic_write(out_dir / "explanations.csv", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "predicted", "confidence", "explained_class", "heatmap", "error"])

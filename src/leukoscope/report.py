@@ -144,7 +144,7 @@ def _fmt(value) -> str:
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}img{max-width:100%}figure{margin:1em 0}pre{background:#f7f7f7;padding:1em;overflow:auto}
-.note{color:#555}.gallery{display:flex;flex-wrap:wrap;gap:12px}.cam{width:260px;margin:0}.cam figcaption{font-size:12px}
+.note{color:#555}.gallery{display:flex;flex-wrap:wrap;gap:12px}.cam{width:480px;margin:0}.cam figcaption{font-size:12px}
 .cam code{font-size:10px;word-break:break-all}"""
 
 
