@@ -71,8 +71,41 @@ def test_bad_uploads_get_4xx_json(client, name, data, content_type, status, mess
     assert message in response.json()["error"] and response.json()["file"] == name
 
 
-def test_missing_files_field_is_4xx(client):
-    assert client.post("/predict").status_code == 422
+def test_missing_or_misnamed_files_field_is_the_apps_json_error(client):
+    for response in (client.post("/predict"), client.post("/predict", files=[("file", ("a.png", _png(np.zeros((8, 8, 3), np.uint8)), "image/png"))])):
+        assert response.status_code == 422
+        body = response.json()
+        assert set(body) == {"error", "file"} and "files" in body["error"] and "multipart" in body["error"]
+
+
+def test_unknown_query_options_are_rejected(client):
+    image = ("files", ("a.png", _png(np.zeros((8, 8, 3), np.uint8)), "image/png"))
+    response = client.post("/predict?heatmpa=true", files=[image])
+    assert response.status_code == 422 and "unknown query option heatmpa" in response.json()["error"]
+    assert client.get("/health?verbose=1").status_code == 422
+    assert client.post("/predict?heatmap=false", files=[image]).status_code == 200
+
+
+def test_too_many_files_is_the_apps_json_error(client):
+    image = ("files", ("a.png", _png(np.zeros((8, 8, 3), np.uint8)), "image/png"))
+    response = client.post("/predict", files=[image] * 33)
+    assert response.status_code == 413 and "at most 32 files" in response.json()["error"]
+
+
+def test_every_format_gets_a_server_preview_of_the_region_the_model_saw(client):
+    rng = np.random.default_rng(0)
+    cell = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)  # under the fixture's 200 kB limit
+    size = client.get("/models").json()["models"][0]["image_size"]
+    for fmt, mime in (("TIFF", "image/tiff"), ("PNG", "image/png"), ("BMP", "image/bmp")):
+        buffer = io.BytesIO()
+        Image.fromarray(cell).save(buffer, format=fmt)
+        result = client.post("/predict", files=[("files", (f"cell.{fmt.lower()}", buffer.getvalue(), mime))]).json()["results"][0]
+        preview = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(result["preview"].split(",", 1)[1]))))
+        assert preview.shape == (size, size, 3)
+        # the preview is the model's crop: the central 70% of the shorter side for pbc, not the whole 200x150 frame
+        from leukoscope.io import resize_center_crop
+
+        assert np.abs(preview.astype(int) - resize_center_crop(cell, size, 0.7).astype(int)).max() <= 1
 
 
 def _free_port() -> int:
@@ -118,5 +151,11 @@ def test_page_in_headless_chromium(live_server, tmp_path):
         page.wait_for_function("document.querySelector('img.heatmap').naturalWidth > 0")
         assert heatmap.get_attribute("src").startswith("data:image/png;base64,")
         assert page.locator(".card .bar").count() == 8
+        tiff = tmp_path / "cell.tif"
+        Image.open(image).save(tiff)
+        page.set_input_files("#files", str(tiff))
+        page.wait_for_function("document.querySelectorAll('.card .verdict').length == 2", timeout=30_000)
+        page.wait_for_function("document.querySelector('.card .pics img').naturalWidth > 0")  # the newest card: a TIFF, shown
+        assert page.locator(".card").first.locator(".pics img").first.get_attribute("src").startswith("data:image/png;base64,")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()

@@ -1,12 +1,16 @@
 """``leukoscope serve``: a FastAPI app with a JSON API and a drag-and-drop web page.
 
-Uploads are read into memory with a byte limit, decoded with a pixel limit, and never written
-to disk by this code (Starlette spools large multipart parts to the system temp directory).
-Every bad upload is answered with a 4xx JSON error naming the file and the reason.
+Uploads are read into memory with a byte limit, then decoded (with a pixel limit) and classified
+in a thread pool, a bounded number at a time, so the event loop stays free; nothing is written to
+disk by this code (Starlette spools large multipart parts to the system temp directory). Every
+error, bad uploads and malformed requests alike, is a 4xx JSON ``{"error": ..., "file": ...}``.
+Each result carries a PNG preview of exactly the region the model saw, rendered by the server, so
+the page shows every accepted format (TIFF too) and the heatmap lines up with its preview.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from importlib import resources
@@ -14,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import LeukoscopeError
@@ -27,6 +33,7 @@ from ..io import ImageReadError, decode_bytes
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 25_000_000
 MAX_FILES = 32
+MAX_CONCURRENT = 2  # requests decoding and classifying at once (one per core here); the rest wait their turn
 ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/tiff", "image/x-ms-bmp", "application/octet-stream", "")
 
 
@@ -36,10 +43,32 @@ class UploadError(Exception):
         self.status, self.filename, self.reason = status, filename, reason
 
 
-def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> FastAPI:
+def only_query(*names: str):
+    """A dependency that refuses query options the route does not know (a typo must not pass silently)."""
+
+    def check(request: Request) -> None:
+        unknown = sorted(set(request.query_params) - set(names))
+        if unknown:
+            known = ", ".join(names) or "none"
+            raise UploadError(422, "", f"unknown query option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; known: {known}")
+
+    return Depends(check)
+
+
+def _validation_message(err: RequestValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else e.get("msg", "invalid"))
+    return "; ".join(parts) + " (send images as multipart form field 'files')"
+
+
+def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+               max_concurrent: int = MAX_CONCURRENT) -> FastAPI:
     app = FastAPI(title="Leukoscope", version=__version__, description="Blood-cell image classification: predictions, probabilities and Grad-CAM heatmaps.")
     explainer: list[Explainer | None] = []
     page = (resources.files("leukoscope.serve") / "static" / "index.html").read_text(encoding="utf-8")
+    slots = asyncio.Semaphore(max_concurrent)
 
     def get_explainer() -> Explainer | None:
         if not explainer:
@@ -53,37 +82,47 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
     async def upload_error(request, err: UploadError) -> JSONResponse:
         return JSONResponse(status_code=err.status, content={"error": err.reason, "file": err.filename})
 
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"error": _validation_message(err), "file": ""})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=err.status_code, content={"error": str(err.detail), "file": ""}, headers=err.headers)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> str:
         return page
 
-    @app.get("/health")
+    @app.get("/health", dependencies=[only_query()])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": name, "version": __version__}
 
-    @app.get("/models")
+    @app.get("/models", dependencies=[only_query()])
     async def models() -> dict[str, Any]:
         meta = predictor.meta
         return {"models": [{"name": name, "kind": predictor.kind, "arch": meta.get("arch"), "classes": predictor.class_names,
                             "image_size": predictor.image_size, "temperature": predictor.temperature,
                             "test_metrics": meta.get("metrics", {}).get("test", {})}]}
 
-    @app.post("/predict")
+    @app.post("/predict", dependencies=[only_query("heatmap")])
     async def predict(files: list[UploadFile] = File(..., description="one or several cell images"),
                       heatmap: bool = Query(False, description="add a Grad-CAM overlay PNG as a data URL")) -> dict[str, Any]:
         if len(files) > MAX_FILES:
             raise HTTPException(413, f"at most {MAX_FILES} files per request, got {len(files)}")
-        images = [await read_upload(f, predictor.image_size, max_bytes, max_pixels, predictor.crop) for f in files]
-        started = time.perf_counter()
-        results = await run_in_threadpool(classify, predictor, images, get_explainer() if heatmap else None)
-        for f, result in zip(files, results):
-            result["filename"] = f.filename or ""
+        uploads = [(f.filename or "", await read_upload(f, max_bytes)) for f in files]
+        async with slots:
+            started = time.perf_counter()
+            images = await run_in_threadpool(decode_uploads, uploads, predictor, max_pixels)
+            results = await run_in_threadpool(classify, predictor, images, get_explainer() if heatmap else None)
+        for (filename, _), result in zip(uploads, results):
+            result["filename"] = filename
         return {"model": name, "results": results, "seconds": round(time.perf_counter() - started, 4)}
 
     return app
 
 
-async def read_upload(upload: UploadFile, size: int, max_bytes: int, max_pixels: int, crop: float = 1.0) -> np.ndarray:
+async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     name = upload.filename or ""
     content_type = (upload.content_type or "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_TYPES:
@@ -91,11 +130,22 @@ async def read_upload(upload: UploadFile, size: int, max_bytes: int, max_pixels:
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise UploadError(413, name, f"file larger than {max_bytes:,} bytes")
-    try:
-        return decode_bytes(data, size, max_pixels, crop)
-    except ImageReadError as err:
-        status = 413 if "too large" in str(err) else 422
-        raise UploadError(status, name, str(err)) from None
+    return data
+
+
+def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> list[np.ndarray]:
+    """Each upload as the model sees it (its crop, at its size); the first bad one is a 4xx naming the file."""
+    images = []
+    for name, data in uploads:
+        try:
+            images.append(decode_bytes(data, predictor.image_size, max_pixels, predictor.crop))
+        except ImageReadError as err:
+            raise UploadError(413 if "too large" in str(err) else 422, name, str(err)) from None
+    return images
+
+
+def _data_url(image: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def classify(predictor: Predictor, images: list[np.ndarray], explainer: Explainer | None) -> list[dict[str, Any]]:
@@ -105,10 +155,10 @@ def classify(predictor: Predictor, images: list[np.ndarray], explainer: Explaine
     for image, p in zip(images, probs):
         top = predictor.decide(p)
         result = {"label": predictor.class_names[top], "confidence": float(p[top]),
-                  "probabilities": {c: float(v) for c, v in zip(predictor.class_names, p)}}
+                  "probabilities": {c: float(v) for c, v in zip(predictor.class_names, p)},
+                  "preview": _data_url(image)}  # the region the model saw, in any accepted format
         if explainer is not None:
-            overlay = explainer.overlay(image, top)
-            result["heatmap"] = "data:image/png;base64," + base64.b64encode(png_bytes(overlay)).decode()
+            result["heatmap"] = _data_url(explainer.overlay(image, top))
         results.append(result)
     return results
 
