@@ -87,6 +87,25 @@ def test_segment_real_cells_and_smear_field(tmp_path, capsys):
     assert "leukocytes found" in capsys.readouterr().out
 
 
+def test_auto_mode_tells_fields_from_single_cells_on_real_images():
+    """The first 8 images of each class folder (sorted): the auto rule was set on random samples."""
+    from leukoscope.classical.segment import segment_image
+    from leukoscope.io import load_rgb
+
+    def modes(folder, pattern):
+        out = []
+        for path in sorted(require(folder).rglob(pattern))[:8]:
+            image = Image.fromarray(load_rgb(path))  # as `leukoscope segment` reads it
+            image.thumbnail((512, 512))
+            out.append(segment_image(np.asarray(image), "auto")[1])
+        return out
+
+    singles = modes(DATA / "pbc" / "neutrophil", "*.jpg") + modes(DATA / "all_idb2" / "blast", "*.tif") + modes(DATA / "cnmc2019", "*.bmp")
+    fields = modes(DATA / "bccd_wbc" / "neutrophil", "*.jpg") + modes(DATA / "aria_all" / "Pro", "*.jpg")
+    assert singles.count("single") >= len(singles) - 2, singles  # measured: about 3% of single cells read as fields
+    assert fields.count("field") >= len(fields) - 1, fields
+
+
 def _wbc_folder(root, n=18):
     """Three synthetic 'cell types' that differ in nucleus size and stain."""
     rng = np.random.default_rng(0)
