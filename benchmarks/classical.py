@@ -32,13 +32,13 @@ from doc import markers, write_block  # noqa: E402
 from leukoscope import load_model  # noqa: E402
 from leukoscope.data import detect_layout, read_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
-from leukoscope.evaluate import predict_logits, softmax  # noqa: E402
+from leukoscope.evaluate import predict_logits  # noqa: E402
 from leukoscope.io import sha256_file  # noqa: E402
-from leukoscope.metrics import confusion_matrix, macro_f1  # noqa: E402
+from leukoscope.metrics import WBC_TYPES, confusion_matrix, macro_f1, softmax  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+WBC5 = list(WBC_TYPES)
 METHODS = {"pbc": ["svm", "mlp", "cnn-rf", "wbc-two-stage"], "aria_all": ["svm", "mlp", "cnn-rf"]}
 
 

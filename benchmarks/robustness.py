@@ -26,10 +26,11 @@ from doc import markers, write_block  # noqa: E402
 from leukoscope import load_model  # noqa: E402
 from leukoscope.data import detect_layout, make_splits, write_splits  # noqa: E402
 from leukoscope.io import load_rgb, resize_center_crop, sha256_file  # noqa: E402
+from leukoscope.metrics import WBC_TYPES  # noqa: E402
 from leukoscope.perturb import PERTURBATIONS  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+WBC5 = list(WBC_TYPES)
 FOLDERS = {"pbc": "pbc", "aria-all": "aria_all"}
 
 

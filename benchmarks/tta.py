@@ -22,9 +22,9 @@ from robustness import DATA, FOLDERS, model_splits  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
-from leukoscope.evaluate import predict_logits, softmax  # noqa: E402
+from leukoscope.evaluate import predict_logits  # noqa: E402
 from leukoscope.inference import TTA_MODES  # noqa: E402
-from leukoscope.metrics import summarize  # noqa: E402
+from leukoscope.metrics import softmax, summarize  # noqa: E402
 
 
 def main() -> None:

@@ -126,8 +126,12 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/bad.yaml"], "did you mean 'epochs'"),
         (["predict", "{tmp}/no_model", "{data}", "--out", "{tmp}/p.csv"], "neither a run folder"),
         (["evaluate", "{tmp}/no_model", "{data}", "--out", "{tmp}/e"], "neither a run folder"),
-        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--backend", "tensorrt"], "unknown backend 'tensorrt'"),
-        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--tta", "flp"], "unknown TTA mode 'flp'"),
+        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--backend", "tensorrt"], "invalid choice: 'tensorrt'"),
+        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--tta", "flp"], "invalid choice: 'flp'"),
+        (["predict", "pbc", "--tta", "{data}", "--out", "{tmp}/p.csv"], "argument --tta: invalid choice"),
+        (["train", "{data}", "--out", "{tmp}/run", "--method", "svn"], "(did you mean 'svm'?)"),
+        (["train", "{data}", "--out", "{tmp}/run", "--optimizer", "adam"], "(did you mean 'adamw'?)"),
+        (["predict", "pbc", "{data}"], "the following arguments are required: --out"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
@@ -139,7 +143,42 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     assert message in err and err.startswith("leukoscope: error:") and "\n" not in err
 
 
-@pytest.mark.parametrize("flags, mode", [([], None), (["--tta"], "dihedral"), (["--tta", "flip"], "flip"), (["--no-tta"], "none")])
+@pytest.mark.parametrize("flags, mode", [([], None), (["--tta", "dihedral"], "dihedral"), (["--tta", "flip"], "flip"), (["--no-tta"], "none")])
 def test_tta_flags(flags, mode):
     args = build_parser().parse_args(["predict", "pbc", "cells/", "--out", "p.csv", *flags])
     assert args.tta == mode and args.inputs == ["cells/"]
+
+
+def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
+    """Options are defined once (TrainConfig); each is settable from the command line and from YAML alike."""
+    from dataclasses import fields
+
+    from leukoscope.config import TrainConfig, load_config
+
+    values = {"arch": "cellnet_tiny", "arch_kwargs": "{dropout: 0.1}", "image_size": "48", "min_image_size": "32", "crop": "0.8",
+              "crop_context": None, "epochs": "7", "batch_size": "16", "optimizer": "sgd", "lr": "0.1", "weight_decay": "0.01",
+              "label_smoothing": "0.0", "class_balance": None, "patience": "3", "seed": "5", "split_seed": "9", "split_by": "image",
+              "fractions": "0.6,0.2,0.2", "precision": "fp32", "device": "cpu", "sync_bn": None, "target_sensitivity": "0.95",
+              "ema": "0.99", "refit_head": "2.0", "refit_views": "1", "method": "cnn", "backbone": "pbc", "augment": "{hue: 0.04}"}
+    assert set(values) == {f.name for f in fields(TrainConfig)}, "a new option needs a case here"
+    argv = ["train", "data", "--out", "run"]
+    for name, value in values.items():
+        argv += [f"--{name.replace('_', '-')}"] + ([value] if value is not None else [])
+    args = build_parser().parse_args(argv)
+    from_flags = load_config(None, {f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    assert from_flags.split_seed == 9 and from_flags.seed == 5 and from_flags.split_seed_value == 9
+    assert from_flags.crop_context is True and from_flags.sync_bn is True and from_flags.fractions == (0.6, 0.2, 0.2)
+    assert from_flags.augment.hue == 0.04 and from_flags.augment.rotate is True and from_flags.arch_kwargs == {"dropout": 0.1}
+    (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(from_flags.to_dict()))
+    assert load_config(tmp_path / "c.yaml", {}) == from_flags  # the same options through YAML
+    merged = load_config(tmp_path / "c.yaml", {"augment": {"blur_p": 0.0}, "class_balance": False})
+    assert merged.augment.hue == 0.04 and merged.augment.blur_p == 0.0 and merged.class_balance is False
+
+
+def test_split_seed_fixes_the_split_while_the_seed_varies(tmp_path):
+    data = make_image_folder(tmp_path / "data", n_per_class=12)
+    for seed in ("1", "2"):
+        assert main(["train", str(data), "--out", str(tmp_path / seed), *TINY, "--epochs", "1", "--seed", seed, "--split-seed", "0"]) == 0
+    assert (tmp_path / "1" / "splits.csv").read_bytes() == (tmp_path / "2" / "splits.csv").read_bytes()
+    assert main(["train", str(data), "--out", str(tmp_path / "3"), *TINY, "--epochs", "1", "--seed", "3"]) == 0
+    assert (tmp_path / "3" / "splits.csv").read_bytes() != (tmp_path / "1" / "splits.csv").read_bytes()

@@ -196,3 +196,21 @@ def test_summary_holds_only_builtin_values_for_json_and_weights_only_checkpoints
         return type(value) in (int, float, str, bool)
 
     assert walk(summary)
+
+
+def test_temperature_is_bounded_and_not_fitted_on_too_few_images():
+    import torch
+
+    from leukoscope.calibration import MIN_IMAGES, T_MAX, T_MIN, fit_temperature, temperature_warning
+
+    labels = torch.arange(60) % 2
+    separated = torch.nn.functional.one_hot(labels, 2).float() * 3  # every image right: NLL falls as T -> 0
+    t = fit_temperature(separated, labels)
+    assert t == pytest.approx(T_MIN, rel=1e-3)
+    assert "stopped at its bound" in temperature_warning(60, t)
+    assert fit_temperature(separated[:MIN_IMAGES - 1], labels[:MIN_IMAGES - 1]) == 1.0
+    assert "not fitted" in temperature_warning(MIN_IMAGES - 1, 1.0)
+    noisy = torch.randn(40, 2) * 0.01  # no signal: flatten as far as allowed
+    assert fit_temperature(noisy, labels[:40]) <= T_MAX
+    assert "only 40 validation images" in temperature_warning(40, 1.3)
+    assert temperature_warning(500, 1.3) is None

@@ -21,11 +21,11 @@ import torch
 from leukoscope.checkpoint import load_checkpoint, save_checkpoint
 from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
-from leukoscope.evaluate import headline, predict_logits, softmax
+from leukoscope.evaluate import headline, predict_logits
 from leukoscope.inference import TTA_MODES, Predictor
-from leukoscope.metrics import summarize, wilson_interval
+from leukoscope.metrics import WBC_TYPES, softmax, summarize, wilson_interval
 
-WBC5 = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+WBC5 = list(WBC_TYPES)
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "leukoscope" / "weights"
 
 

@@ -7,6 +7,7 @@ import csv
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
@@ -27,16 +28,77 @@ def _probability(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (and a suggestion for a misspelt choice) instead of usage dumps."""
+
+    def error(self, message: str):
+        import re
+
+        from .errors import did_you_mean
+
+        if match := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+            choices = [c.strip(" '") for c in match.group(2).split(",")]
+            message += did_you_mean(match.group(1), choices)
+        raise LeukoscopeError(f"{self.prog}: {message}")
+
+
 def _add_tta(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tta", nargs="?", const="dihedral", metavar="MODE",
-                        help="test-time augmentation: dihedral (8 rotations/flips, what a bare --tta means), flip (the image and "
-                             "its mirror image: 2x the cost) or none (default: the model's own setting)")
+    from .inference import TTA_MODES
+
+    parser.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
+                        help="test-time augmentation: none, flip (the image and its mirror image: 2x the cost) or dihedral "
+                             "(8 rotations/flips) (default: the model's own setting)")
     parser.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
 
 
 def _add_backend(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", default="auto",
+    from .inference import BACKENDS
+
+    parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="what runs a CNN checkpoint: auto (default: ONNX Runtime for CellNet, else PyTorch), torch or onnx")
+
+
+def _yaml_mapping(text: str) -> dict:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a mapping such as '{{key: value}}', got {text!r}")
+    return value
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per TrainConfig option, typed, with the option's own help: nothing is restated here.
+
+    Every flag defaults to None ("not given"), so that the config file's value stands unless overridden.
+    """
+    import typing
+
+    from .config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        base = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        kwargs: dict = {"dest": f.name, "default": None, "help": (f.metadata.get("help") or "").replace("%", "%%")}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "fractions":
+            kwargs["type"] = _fractions
+        elif base in (int, float, str):
+            kwargs["type"] = {int: _positive_int if f.name in POSITIVE else int, float: float, str: str}[base]
+            kwargs["choices"] = f.metadata.get("choices")
+            if f.name == "target_sensitivity":
+                kwargs["type"] = _probability
+        else:  # a mapping (arch_kwargs, augment), given as YAML
+            kwargs["type"], kwargs["metavar"] = _yaml_mapping, "YAML"
+        parser.add_argument(flag, **kwargs)
+
+
+POSITIVE = {"image_size", "min_image_size", "epochs", "batch_size", "patience"}
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -47,7 +109,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import TrainConfig, load_config
     from .train import read_run_for_resume, train
 
     if args.resume:
@@ -60,11 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if not args.data or not args.out:
         raise LeukoscopeError("train needs DATA and --out (or --resume RUN)")
-    overrides = {"arch": args.arch, "image_size": args.image_size, "epochs": args.epochs, "batch_size": args.batch_size,
-                 "lr": args.lr, "seed": args.seed, "split_by": args.split_by, "fractions": args.fractions,
-                 "precision": args.precision, "patience": args.patience, "target_sensitivity": args.target_sensitivity,
-                 "method": args.method, "backbone": args.backbone, "crop": args.crop, "min_image_size": args.min_image_size,
-                 "refit_head": args.refit_head, "ema": args.ema, "optimizer": args.optimizer}
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     config = load_config(args.config, overrides)
     command = "leukoscope " + " ".join(shlex.quote(a) for a in args.argv)
     metrics = train(args.data, args.out, config, command=command, force=args.force)
@@ -226,7 +284,10 @@ def _print_summary(metrics: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leukoscope", description="Blood-cell image classification with honest evaluation.")
+    from .classical import METHODS
+    from .config import OPTIMIZERS
+
+    parser = _Parser(prog="leukoscope", description="Blood-cell image classification with honest evaluation.")
     parser.add_argument("--version", action="version", version=f"leukoscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -236,28 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from RUN/last.pt (same data and options)")
     p.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out (its splits.csv is kept)")
     p.add_argument("--config", help="YAML file of training options (command-line flags override it)")
-    p.add_argument("--arch", help="model architecture (see `leukoscope models`)")
-    p.add_argument("--image-size", type=_positive_int)
-    p.add_argument("--min-image-size", type=_positive_int,
-                   help="progressive resizing: start training at this size, reach --image-size by 75%% of the epochs")
-    p.add_argument("--crop", type=float, help="keep this central fraction of each image before resizing (default 1.0)")
-    p.add_argument("--epochs", type=_positive_int)
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", help="adamw (default) or sgd with Nesterov momentum (give it a larger --lr, e.g. 0.1)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--patience", type=_positive_int,
-                   help="early-stopping patience in epochs (default: 3/4 of --epochs, at least 10; a falling validation loss counts as progress)")
-    p.add_argument("--split-by", choices=["patient", "image"], help="group splits by patient (default) or split by image")
-    p.add_argument("--fractions", type=_fractions, help="train,val,test fractions, e.g. 0.7,0.15,0.15")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the decision threshold on val for this sensitivity (e.g. 0.98)")
-    p.add_argument("--refit-head", type=float, metavar="C",
-                   help="after training, refit the linear classifier on the training images' features, clean plus refit_views augmented views (logistic regression, inverse L2 strength C)")
-    p.add_argument("--ema", type=float, metavar="DECAY",
-                   help="validate and save an exponential moving average of the weights, updated every step with this decay (e.g. 0.998)")
-    p.add_argument("--method", help="cnn (default), svm, mlp, cnn-rf or wbc-two-stage (classical pipeline)")
-    p.add_argument("--backbone", help="cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
+    _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a model on a dataset and write the report")
@@ -332,9 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = did_you_mean(argv[0].lower(), commands)
         print(f"leukoscope: error: unknown command {argv[0]!r}{hint}; commands: {', '.join(commands)}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
-    args.argv = argv
     try:
+        args = parser.parse_args(argv)
+        args.argv = argv
         return args.func(args)
     except LeukoscopeError as err:
         print(f"leukoscope: error: {err}", file=sys.stderr)

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .classical import NEEDS_BACKBONE, check_method
+from .classical import METHODS, NEEDS_BACKBONE, check_method
 from .errors import LeukoscopeError, did_you_mean
 from .models import check_model_name
 from .transforms import AugmentConfig
@@ -17,34 +17,54 @@ from .transforms import AugmentConfig
 OPTIMIZERS = ("adamw", "sgd")
 
 
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
+    """A training option: its default, and the help and choices that its ``--flag`` shows (see cli)."""
+    meta = {"help": help, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class TrainConfig:
-    arch: str = "cellnet"
-    arch_kwargs: dict = field(default_factory=dict)
-    image_size: int = 128
-    min_image_size: int | None = None  # progressive resizing: first epochs train at this size
-    crop: float = 1.0  # central fraction of each image kept before resizing (1.0 = whole image)
-    crop_context: bool = False  # augment training images with the real surroundings of the crop, not reflections of its edge
-    epochs: int = 30
-    batch_size: int = 64
-    optimizer: str = "adamw"  # adamw, or sgd (Nesterov momentum 0.9; wants a larger lr, e.g. 0.1)
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.05
-    class_balance: bool = True
-    patience: int | None = None  # early-stopping patience in epochs; None: 3/4 of the epochs, at least 10 (see patience_epochs)
-    seed: int = 0
-    split_by: str = "patient"
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    precision: str = "auto"
-    device: str = "auto"
-    target_sensitivity: float | None = None
-    ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.998), used for validation and the saved model
-    refit_head: float | None = None  # C of a logistic regression that refits the classifier after training
-    refit_views: int = 3  # augmented views of each training image added to the clean ones for that refit
-    method: str = "cnn"
-    backbone: str | None = None
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Every training option, defined once: YAML keys and ``leukoscope train`` flags both come from here."""
+
+    arch: str = option("cellnet", "model architecture (see `leukoscope models`)")
+    arch_kwargs: dict = option(None, "architecture options as YAML, e.g. '{widths: [32, 64, 128, 256], se: true}'", factory=dict)
+    image_size: int = option(128, "training and inference resolution in pixels")
+    min_image_size: int | None = option(None, "progressive resizing: start training at this size, reach image_size by 75% of the epochs")
+    crop: float = option(1.0, "keep this central fraction of each image before resizing (1.0: the whole image)")
+    crop_context: bool = option(False, "augment from the real surroundings of the crop instead of reflections of its edge (needs crop < 1)")
+    epochs: int = option(30, "training epochs")
+    batch_size: int = option(64, "images per training step")
+    optimizer: str = option("adamw", "adamw, or sgd with Nesterov momentum 0.9 (give it a larger lr, e.g. 0.1)", OPTIMIZERS)
+    lr: float = option(3e-3, "peak learning rate of the one-cycle schedule")
+    weight_decay: float = option(0.05, "weight decay of the convolution and linear weights")
+    label_smoothing: float = option(0.05, "label smoothing of the cross-entropy loss")
+    class_balance: bool = option(True, "weight the loss by inverse class frequency")
+    patience: int | None = option(None, "early-stopping patience in epochs (default: 3/4 of the epochs, at least 10; a falling "
+                                         "validation loss counts as progress)")
+    seed: int = option(0, "seed of initialisation, batch order and augmentation (and of the split, unless split_seed is given)")
+    split_seed: int | None = option(None, "seed of the train/val/test split (default: seed), to vary training on a fixed split")
+    split_by: str = option("patient", "group the split by patient (when ids are known) or split by image", ("patient", "image"))
+    fractions: tuple[float, float, float] = option((0.7, 0.15, 0.15), "train,val,test fractions, e.g. 0.7,0.15,0.15")
+    precision: str = option("auto", "auto (bf16 on CUDA or where the CPU computes it natively and exactly), fp32 or bf16", ("auto", "fp32", "bf16"))
+    device: str = option("auto", "auto (CUDA when available), cpu or cuda", ("auto", "cpu", "cuda"))
+    sync_bn: bool | None = option(None, "under torchrun, BatchNorm statistics over the global batch (default: when a rank's share "
+                                        "of a batch is under 32 images)")
+    target_sensitivity: float | None = option(None, "binary tasks: choose the decision threshold on val for this sensitivity (e.g. 0.98)")
+    ema: float | None = option(None, "validate and save an exponential moving average of the weights with this per-step decay (e.g. 0.998)")
+    refit_head: float | None = option(None, "after training, refit the linear classifier by logistic regression (inverse L2 strength C) "
+                                            "on the training features, clean plus refit_views augmented views")
+    refit_views: int = option(3, "augmented views of each training image added to the clean ones for refit_head")
+    method: str = option("cnn", "cnn, or a classical method: svm, mlp, cnn-rf or wbc-two-stage", METHODS)
+    backbone: str | None = option(None, "cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
+    augment: AugmentConfig = option(None, "augmentation options as YAML, e.g. '{hue: 0.03, blur_p: 0.1}' (unnamed ones keep their defaults)",
+                                    factory=AugmentConfig)
+
+    @property
+    def split_seed_value(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     def train_size(self, epoch: int) -> int:
         """Training resolution of ``epoch`` (1-based).
@@ -113,6 +133,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.split_by in ("patient", "image"), f"split_by must be 'patient' or 'image', got {self.split_by!r}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}"),
             (len(self.fractions) == 3 and abs(sum(self.fractions) - 1) < 1e-6 and min(self.fractions) >= 0,
              f"fractions must be three numbers >= 0 summing to 1, got {list(self.fractions)}"),
         ]
@@ -139,7 +160,12 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> Tr
         if not isinstance(loaded, dict):
             raise LeukoscopeError(f"{path}: expected a mapping of options, got {type(loaded).__name__}")
         values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            value = {**values[key], **value}  # --augment '{hue: 0.05}' changes one key of the file's augment block
+        values[key] = value
     return TrainConfig.from_dict(values, source=str(path) if path else "options")
 
 

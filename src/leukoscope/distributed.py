@@ -47,9 +47,72 @@ def init_world(device_preference: str = "auto") -> tuple[World, torch.device]:
     return world, torch.device("cpu")
 
 
-def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum over ranks of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the global batch, summed across ranks.
+
+    PyTorch's ``nn.SyncBatchNorm`` runs on GPUs only; this one all-reduces per-channel sums (a
+    differentiable all-reduce, so gradients flow through the global statistics too) and runs on
+    gloo as on NCCL. With one process, or in eval mode, it is a plain BatchNorm2d; its state_dict
+    is a BatchNorm2d's, so checkpoints load into the plain model.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        channels, xf = x.shape[1], x.float()
+        count = torch.full((1,), x.numel() / channels, dtype=torch.float32, device=x.device)
+        total = _AllReduceSum.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count]))
+        n = total[-1]
+        mean = total[:channels] / n
+        var = (total[channels : 2 * channels] / n - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.lerp_(mean.detach(), momentum)
+            self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1), momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return (xf * scale[None, :, None, None] + (self.bias - mean * scale)[None, :, None, None]).to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a SyncBatchNorm2d holding the same parameters and statistics."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            synced = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            synced.load_state_dict(child.state_dict())
+            setattr(module, name, synced.to(child.weight.device))
+        else:
+            convert_sync_batchnorm(child)
+    return module
+
+
+SYNC_BN_BELOW = 32  # per-rank batch size under which BatchNorm statistics are synchronised by default
+
+
+def wrap(model: nn.Module, world: World, device: torch.device, sync_bn: bool | None = None, batch_size: int = 64) -> nn.Module:
+    """DistributedDataParallel under torchrun; BatchNorm synchronised across ranks when ``sync_bn``
+    (None: when each rank's share of a batch is under ``SYNC_BN_BELOW`` images, where per-rank
+    statistics get noisy)."""
     if not world.distributed:
         return model
+    if sync_bn or (sync_bn is None and batch_size / world.size < SYNC_BN_BELOW):
+        model = convert_sync_batchnorm(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -22,8 +22,8 @@ from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model, map_classes, parse_class_map, resolve_model_path, tta_mode
 from .io import atomic_write
-from .metrics import (classification_report, expected_calibration_error, sensitivity_specificity, summarize, threshold_for_sensitivity,
-                      wilson_interval)
+from .metrics import (classification_report, expected_calibration_error, sensitivity_specificity, softmax, summarize,
+                      threshold_for_sensitivity, wilson_interval)
 from .progress import note, plural, progress
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
 from .runs import prepare_output_folder
@@ -33,12 +33,6 @@ def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int =
     chunks = range(0, len(images), batch_size)
     logits = [predictor.logits(images[i : i + batch_size], tta).numpy() for i in progress(chunks, desc=desc, unit="batch", leave=False, log=True, disable=desc is None)]
     return np.concatenate(logits) if logits else np.zeros((0, len(predictor.class_names)))
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = logits / temperature
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def assign_splits(dataset: Dataset, model: str | os.PathLike, predictor: Predictor) -> tuple[list[str], str]:

@@ -21,7 +21,7 @@ from PIL import Image
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .errors import LeukoscopeError, did_you_mean
 from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
-from .metrics import positive_index
+from .metrics import positive_index, softmax
 from .models import CellNet
 from .transforms import eval_transform
 
@@ -126,7 +126,7 @@ class Predictor:
         return torch.stack([self.backend(v.contiguous()) for v in views]).mean(0)
 
     def predict_proba(self, batch_uint8: torch.Tensor, tta: bool | str | None = None) -> np.ndarray:
-        return torch.softmax(self.logits(batch_uint8, tta) / self.temperature, dim=1).numpy()
+        return softmax(self.logits(batch_uint8, tta).numpy(), self.temperature).astype(np.float32)
 
     def predict(self, images: Any, batch_size: int = 64, tta: bool | str | None = None) -> list[Prediction]:
         """Predict one or many images given as paths, folders (searched recursively, as the CLI does),

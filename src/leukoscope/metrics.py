@@ -158,6 +158,16 @@ def threshold_for_sensitivity(positive: np.ndarray, scores: np.ndarray, target: 
     return float(pos_scores[max(needed, 1) - 1])
 
 
+WBC_TYPES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")  # the five normal white-cell types
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature`` (numerically stable): the one used everywhere."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
 MALIGNANT_NAMES = ("all", "malignant", "blast", "blasts", "leukemia", "leukaemia", "abnormal", "positive", "cancer", "tumor", "tumour")
 
 

@@ -8,20 +8,18 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure  # the object API: no pyplot state, no backend to choose at import
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .metrics import expected_calibration_error, positive_index, reliability_bins, roc_curve  # noqa: E402
+from .metrics import expected_calibration_error, positive_index, reliability_bins, roc_curve
 
 
 def plot_confusion_matrices(metrics: dict, class_names: Sequence[str], path: Path) -> None:
     """One panel per split, counts with row-normalised colour."""
     splits = [s for s in ("train", "val", "test") if s in metrics and metrics[s]["n"]]
     size = max(3.2, 0.55 * len(class_names) + 2)
-    fig, axes = plt.subplots(1, len(splits), figsize=(size * len(splits), size), squeeze=False)
+    fig = Figure(figsize=(size * len(splits), size))
+    axes = fig.subplots(1, len(splits), squeeze=False)
     for ax, split in zip(axes[0], splits):
         cm = np.array(metrics[split]["confusion_matrix"])
         rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -36,12 +34,12 @@ def plot_confusion_matrices(metrics: dict, class_names: Sequence[str], path: Pat
         ax.set_title(f"{split} (acc {metrics[split]['accuracy']:.4f})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_training_curves(history: list[dict], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for key, style in (("train", "-o"), ("val", "-s")):
         ax_loss.plot(epochs, [h[f"{key}_loss"] for h in history], style, ms=3, label=key)
         ax_acc.plot(epochs, [h[f"{key}_accuracy"] for h in history], style, ms=3, label=key)
@@ -52,13 +50,13 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_roc(y_true, probs: np.ndarray, class_names: Sequence[str], path: Path) -> None:
     """ROC of the malignant class (binary: ``positive_index``) or one curve per class, one-vs-rest."""
     y_true = np.asarray(y_true)
-    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    fig = Figure(figsize=(4.5, 4.2))
+    ax = fig.subplots()
     indices = [positive_index(class_names)] if len(class_names) == 2 else range(len(class_names))
     for c in indices:
         positives = y_true == c
@@ -71,12 +69,12 @@ def plot_roc(y_true, probs: np.ndarray, class_names: Sequence[str], path: Path) 
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_reliability(y_true, raw: np.ndarray, calibrated: np.ndarray, path: Path, bins: int = 15) -> None:
     """Reliability diagram on test: accuracy per confidence bin, before and after temperature scaling."""
-    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    fig = Figure(figsize=(4.8, 4.4))
+    ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ":", color="gray", label="perfect calibration")
     for probs, style, name in ((raw, "-o", "before"), (calibrated, "-s", "after")):
         conf, acc, counts = reliability_bins(probs, y_true, bins)
@@ -88,7 +86,6 @@ def plot_reliability(y_true, raw: np.ndarray, calibrated: np.ndarray, path: Path
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _gallery(out_dir: Path, items: Sequence[dict]) -> str:

@@ -87,7 +87,7 @@ def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig, write: bool
         if recorded is None or len(read_splits(out / "splits.csv")[0]) != len(dataset.samples):
             raise LeukoscopeError(f"{out / 'splits.csv'} lists other images than {dataset.root}; use a new --out folder")
         return recorded
-    splits, kind = make_splits(dataset, config.fractions, config.seed, config.split_by)
+    splits, kind = make_splits(dataset, config.fractions, config.split_seed_value, config.split_by)
     if write:
         write_splits(out / "splits.csv", dataset.samples, splits)
     return splits, kind
@@ -365,7 +365,7 @@ def _train(data, out: Path, config: TrainConfig, command: str, resume: bool, wor
             "seen_images": seen_images(dataset, splits)}
     if resume_state is not None:
         model.load_state_dict(resume_state["weights"])
-    model = wrap(model, world, device)
+    model = wrap(model, world, device, config.sync_bn, config.batch_size)
     context = load_context(dataset, splits, config)
     history, best_epoch = run_epochs(model, tensors, labels, stats, config, meta, out, rngs, device, bf16, world, resume_state, context)
     if world.distributed:
