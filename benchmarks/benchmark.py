@@ -109,23 +109,23 @@ def training_throughput(config_path: Path, num_classes: int, n: int = 640) -> fl
     import numpy as np
 
     from leukoscope.config import load_config
-    from leukoscope.distributed import World
     from leukoscope.models import create_model, training_memory_format
-    from leukoscope.train import build_optimizer, seed_everything, train_epoch
+    from leukoscope.runs import seed_everything
+    from leukoscope.trainer import Trainer, resolve_precision
 
     config = load_config(config_path, {})
     view = config.crop if config.crop_context else 1.0
     side = round(config.image_size / view)
     images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = np.arange(n) % num_classes
+    cpu = torch.device("cpu")
     model = create_model(config.arch, num_classes, **config.arch_kwargs)
-    model = model.to(memory_format=training_memory_format(model, torch.device("cpu")))
-    optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    step = (model, images, np.arange(n) % num_classes, optimizer, scheduler, config, ([0.5] * 3, [0.25] * 3), None, seed_everything(0),
-            torch.device("cpu"), False, World(), config.image_size, None, view)
-    train_epoch(*step)
+    model = model.to(memory_format=training_memory_format(model, cpu))
+    trainer = Trainer(model, config, ([0.5] * 3, [0.25] * 3), seed_everything(0), cpu, bf16=resolve_precision(config, cpu, model),
+                      steps_per_epoch=max(1, n // config.batch_size))  # the precision training would use on this CPU
+    trainer.train_epoch(images, labels, config.image_size, view)
     t = time.perf_counter()
-    train_epoch(*step)
+    trainer.train_epoch(images, labels, config.image_size, view)
     return n / (time.perf_counter() - t)
 
 

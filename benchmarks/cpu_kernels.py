@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import markers, write_block  # noqa: E402
 
 from leukoscope.models import create_model  # noqa: E402
-from leukoscope.train import cpu_has_native_bf16  # noqa: E402
+from leukoscope.trainer import cpu_has_native_bf16  # noqa: E402
 
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 

@@ -22,22 +22,20 @@ TRAIN_ODD_BATCHES = textwrap.dedent(
     """
     import numpy as np, torch
     from leukoscope.config import TrainConfig
-    from leukoscope.distributed import World
     from leukoscope.models import create_model, training_memory_format
-    from leukoscope.train import build_optimizer, seed_everything, train_epoch
+    from leukoscope.runs import seed_everything
+    from leukoscope.trainer import Trainer
 
     for arch in {archs!r}:
         for batch_size in (3, 5, 7, 9):
-            config = TrainConfig(arch=arch, batch_size=batch_size, image_size=64)
+            config = TrainConfig(arch=arch, batch_size=batch_size, image_size=64, epochs=3)
             model = create_model(arch, 2)
             model = model.to(memory_format=training_memory_format(model, torch.device("cpu")))
-            optimizer = build_optimizer(model, config)
-            scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+            trainer = Trainer(model, config, ([0.5] * 3, [0.25] * 3), seed_everything(0), steps_per_epoch=5)
             images = torch.randint(0, 256, (4 * batch_size + 3, 3, 64, 64), dtype=torch.uint8)
             labels = np.arange(len(images)) % 2
             for _ in range(3):
-                train_epoch(model, images, labels, optimizer, scheduler, config, ([0.5] * 3, [0.25] * 3), None,
-                            seed_everything(0), torch.device("cpu"), False, World())
+                trainer.train_epoch(images, labels)
     print("trained")
     """
 )
@@ -81,7 +79,7 @@ def test_bf16_guard_finds_strided_convs_on_one_pixel_maps():
 def test_explicit_bf16_is_refused_where_its_gradients_are_wrong():
     from leukoscope.config import TrainConfig
     from leukoscope.errors import LeukoscopeError
-    from leukoscope.train import resolve_precision
+    from leukoscope.trainer import resolve_precision
 
     model = create_model("cellnet_tiny", 2)
     config = TrainConfig(arch="cellnet_tiny", image_size=32, min_image_size=16, precision="bf16")

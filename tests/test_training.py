@@ -26,7 +26,7 @@ def test_cnn_learns_a_separable_synthetic_set(tmp_path):
 def test_optimizer_choice():
     from torch import nn
 
-    from leukoscope.train import build_optimizer
+    from leukoscope.trainer import build_optimizer
 
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     sgd = build_optimizer(model, TrainConfig(optimizer="sgd", lr=0.1, weight_decay=5e-4))
@@ -61,7 +61,7 @@ def test_cnn_learns_with_progressive_resizing_and_a_refitted_head(tmp_path):
 def test_ema_averages_weights_per_step():
     import torch
 
-    from leukoscope.train import make_ema
+    from leukoscope.trainer import make_ema
 
     model = torch.nn.Linear(1, 1, bias=False)
     ema = make_ema(model, 0.9)

@@ -1,18 +1,34 @@
-"""Output folders of train and evaluate: never overwritten silently.
+"""What every training run shares, whatever its method: the output folder, seeds, the split, the
+decoded images and the temperature.
 
-A run folder that already holds results is refused unless the user says ``--force``; then only a
-folder that leukoscope itself wrote is cleared (a typo such as ``--out ~`` must never delete a
-home directory). A folder holding nothing but a ``splits.csv`` is a split given to reuse.
+Output folders are never overwritten silently: one that already holds results is refused unless
+the user says ``--force``; then only a folder that leukoscope itself wrote is cleared (a typo such
+as ``--out ~`` must never delete a home directory). A folder holding nothing but a ``splits.csv``
+is a split given to reuse.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
+import torch
+
+from .calibration import fit_temperature, temperature_warning
+from .config import TrainConfig, save_config
+from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
+from .data.dataset import decode_many
+from .data.splits import check_split_leaks
 from .errors import LeukoscopeError
+from .progress import note
+
+if TYPE_CHECKING:
+    from .inference import Predictor
 
 SPLITS_FILE = "splits.csv"
 # Files that only leukoscope writes at the top of a run or evaluation folder: their presence
@@ -50,9 +66,90 @@ def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_spli
             shutil.rmtree(path)
         else:
             path.unlink()
-    note = f"; kept {SPLITS_FILE} (same split: delete it to split again)" if SPLITS_FILE in present and keep_splits else ""
-    print(f"--force: cleared {_files(len(others))} of the earlier results in {out}{note}", file=sys.stderr)
+    kept_note = f"; kept {SPLITS_FILE} (same split: delete it to split again)" if SPLITS_FILE in present and keep_splits else ""
+    note(f"--force: cleared {_files(len(others))} of the earlier results in {out}{kept_note}")
 
 
 def _files(n: int) -> str:
     return f"{n} file{'s' if n != 1 else ''}"
+
+
+def seed_everything(seed: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Generator]:
+    """Seed the global RNGs; returns the batch-order and augmentation generators.
+
+    Under torchrun the order generator is the same on every rank and the augmentation one
+    differs per rank (ranks must not augment alike). A single process uses one stream for
+    both, the way the bundled models were trained.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
+    if world_size == 1:
+        return {"order": order, "augment": order}
+    return {"order": order, "augment": torch.Generator().manual_seed(seed + 1000 * rank)}
+
+
+def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig, write: bool = True) -> tuple[list[str], str]:
+    """Reuse ``out/splits.csv`` when present (same images required), else make and write it."""
+    if (out / "splits.csv").is_file():
+        recorded = run_splits(out, dataset.samples)
+        if recorded is None or len(read_splits(out / "splits.csv")[0]) != len(dataset.samples):
+            raise LeukoscopeError(f"{out / 'splits.csv'} lists other images than {dataset.root}; use a new --out folder")
+        return recorded
+    splits, kind = make_splits(dataset, config.fractions, config.split_seed_value, config.split_by)
+    if write:
+        write_splits(out / "splits.csv", dataset.samples, splits)
+    return splits, kind
+
+
+def check_classes(dataset: Dataset, splits: list[str]) -> None:
+    if len(dataset.classes) < 2:
+        raise LeukoscopeError(f"{dataset.root}: need at least 2 classes to train, found {dataset.classes}")
+    train_classes = {s.label for s, k in zip(dataset.samples, splits) if k == "train"}
+    missing = [c for c in dataset.classes if c not in train_classes]
+    if missing:
+        raise LeukoscopeError(f"classes {missing} have no training images after splitting; add data or change --fractions")
+
+
+def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool = True) -> tuple[Dataset, list[str], str]:
+    """Detect the layout, make or reuse the split, refuse leaks, and record config.yaml and run.json."""
+    dataset = detect_layout(data)
+    splits, split_kind = prepare_splits(dataset, out, config, write=write)
+    check_classes(dataset, splits)
+    check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    if write:
+        save_config(config, out / "config.yaml")
+        (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
+    return dataset, splits, split_kind
+
+
+def load_split_images(dataset: Dataset, splits: list[str], size: int, crop: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], Dataset, list[str]]:
+    """Decode every split; unreadable images are dropped from the dataset with a warning."""
+    index = {c: i for i, c in enumerate(dataset.classes)}
+    paths = [dataset.abspath(s) for s in dataset.samples]
+    images, errors = decode_many(paths, size, desc="decode images", crop=crop)
+    bad = [i for i, e in enumerate(errors) if e is not None]
+    for i in bad[:10]:
+        note(f"warning: skipping {paths[i]}: {errors[i]}")
+    keep = [i for i, e in enumerate(errors) if e is None]
+    kept = Dataset(dataset.root, dataset.layout, [dataset.samples[i] for i in keep], dataset.classes, dataset.notes)
+    kept_splits = [splits[i] for i in keep]
+    images = images[keep]
+    tensors, labels = {}, {}
+    for split in SPLITS:
+        mask = [i for i, k in enumerate(kept_splits) if k == split]
+        tensors[split] = images[mask]
+        labels[split] = np.array([index[kept.samples[i].label] for i in mask], dtype=int)
+    return tensors, labels, kept, kept_splits
+
+
+def calibrate(predictor: Predictor, images: torch.Tensor, labels: np.ndarray, batch_size: int = 256) -> float:
+    """Temperature fitted on the validation split (1.0 when it has too few images), with a warning when uncertain."""
+    if len(images) == 0:
+        return 1.0
+    logits = torch.cat([predictor.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    temperature = fit_temperature(logits, torch.from_numpy(labels))
+    if (warning := temperature_warning(len(images), temperature)) is not None:
+        note(f"warning: {warning}")
+    return temperature

@@ -21,7 +21,7 @@ from .errors import LeukoscopeError
 from .evaluate import evaluate, headline, predict_logits
 from .inference import CLASSICAL_NAME, Predictor, resolve_model_path
 from .io import sha256_file
-from .train import calibrate, load_split_images, prepare_run, seed_everything
+from .runs import calibrate, load_split_images, prepare_run, seed_everything
 
 
 def load_backbone(name: str, dataset, splits: list[str], out: Path) -> dict[str, Any]:

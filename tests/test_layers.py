@@ -1,0 +1,60 @@
+"""The package's modules import each other without cycles, lazy imports inside functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import leukoscope
+
+PACKAGE = Path(leukoscope.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every leukoscope module that ``path`` imports, at module level or inside a function."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        found |= {c for c in candidates if c.startswith("leukoscope") and c != name}
+    return found
+
+
+def test_no_import_cycles():
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: {i for i in imports_of(p) if i in modules} for m, p in modules.items()}
+    # a package's __init__ re-exporting its own submodules is not a cycle of the layers
+    graph = {m: {i for i in deps if not (m == i.rsplit(".", 1)[0])} for m, deps in graph.items()}
+    visiting, done, cycles = set(), set(), []
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in done:
+            return
+        if module in visiting:
+            cycles.append(path[path.index(module):] + [module])
+            return
+        visiting.add(module)
+        for dep in sorted(graph[module]):
+            visit(dep, path + [module])
+        visiting.discard(module)
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert not cycles, " ; ".join(" -> ".join(c) for c in cycles)
