@@ -137,3 +137,17 @@ def test_fused_colour_jitter_matches_the_step_by_step_chain():
     assert torch.allclose(fused, reference, atol=1e-5)
     gray = torch.full((1, 3, 1, 1), 0.4)
     assert torch.allclose(hue_matrix(torch.tensor([1.0])) @ gray.view(1, 3, 1), gray.view(1, 3, 1), atol=1e-5)
+
+
+def test_model_card_round_trip_and_bundled_checkpoints():
+    from leukoscope.checkpoint import ModelCard, Preprocessing, load_checkpoint
+    from leukoscope.errors import LeukoscopeError
+    from leukoscope.inference import bundled_models
+
+    card = ModelCard("cellnet", ["blast", "normal"], Preprocessing(96, 0.8, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)), {"se": True}, 1.3, 0.2, 0, "flip")
+    assert ModelCard.from_meta(card.to_meta()) == card
+    for name, path in bundled_models().items():
+        read = ModelCard.from_meta(load_checkpoint(path))
+        assert read.preprocessing.image_size == 112 and len(read.preprocessing.mean) == 3 and read.tta == "none", name
+    with pytest.raises(LeukoscopeError, match="lacks class_names"):
+        ModelCard.from_meta({"arch": "cellnet", "image_size": 64})

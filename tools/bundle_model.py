@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from leukoscope.checkpoint import load_checkpoint, save_checkpoint
+from leukoscope.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
 from leukoscope.evaluate import headline, predict_logits
@@ -70,7 +70,9 @@ def main() -> None:
                         help="the model's default test-time augmentation (metrics re-measured with it)")
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.run / "model.pt")
-    checkpoint["tta"] = args.tta
+    card = ModelCard.from_meta(checkpoint)
+    card.tta = args.tta  # the default inference that the metrics below are measured with
+    checkpoint.update(card.to_meta())
     full = Predictor(checkpoint)
     checkpoint["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
     half = Predictor(checkpoint)

@@ -1,14 +1,18 @@
 """Self-describing checkpoints: weights plus everything needed to rebuild and use the model.
 
-A checkpoint is a plain dict (loadable with ``weights_only=True``) holding ``arch``,
-``arch_kwargs``, ``class_names``, ``image_size``, ``mean``, ``std``, ``temperature``, the
-resolved training ``config``, ``metrics``, library versions and the ``state_dict``.
+A checkpoint is a plain dict (loadable with ``weights_only=True``). What predict, export, explain
+and serve need is its ``ModelCard``: architecture, classes, ``Preprocessing`` (size, crop,
+normalisation), temperature, threshold and test-time augmentation, stored as flat keys that
+``ModelCard.from_meta`` reads back typed and validated. Beside it: the resolved training
+``config``, ``metrics``, the content hashes of the images it saw, library versions and the
+``state_dict``.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,51 @@ from .models import create_model
 
 FORMAT_VERSION = 1
 REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "state_dict")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What happens to an image before the network, on every path: the central ``crop`` of the
+    shorter side, resized to ``image_size``, scaled to [0, 1] and normalised by ``mean``/``std``."""
+
+    image_size: int
+    crop: float = 1.0
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.25, 0.25, 0.25)
+
+
+@dataclass
+class ModelCard:
+    """The typed metadata a model carries: what every command needs to use it, and nothing more."""
+
+    arch: str
+    class_names: list[str]
+    preprocessing: Preprocessing
+    arch_kwargs: dict = field(default_factory=dict)
+    temperature: float = 1.0
+    threshold: float | None = None  # binary models: probability of the positive class from which it is called
+    positive_index: int | None = None  # the malignant class of a binary model (None: by name, see metrics.positive_index)
+    tta: str = "none"  # test-time augmentation used by default: none, flip or dihedral
+
+    KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "crop", "mean", "std", "temperature", "threshold", "positive_index", "tta")
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ModelCard:
+        missing = [k for k in ("arch", "class_names", "image_size") if k not in meta]
+        if missing:
+            raise LeukoscopeError(f"model metadata lacks {', '.join(missing)}")
+        pre = Preprocessing(int(meta["image_size"]), float(meta.get("crop", 1.0)),
+                            tuple(float(v) for v in meta.get("mean", (0.5,) * 3)), tuple(float(v) for v in meta.get("std", (0.25,) * 3)))
+        index = meta.get("positive_index")
+        return cls(str(meta["arch"]), [str(c) for c in meta["class_names"]], pre, dict(meta.get("arch_kwargs") or {}),
+                   float(meta.get("temperature", 1.0)), meta.get("threshold"), None if index is None else int(index), meta.get("tta") or "none")
+
+    def to_meta(self) -> dict[str, Any]:
+        """Flat keys, as checkpoints, ONNX metadata and classical runs store them."""
+        pre = self.preprocessing
+        return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "class_names": list(self.class_names), "image_size": pre.image_size,
+                "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "temperature": self.temperature,
+                "threshold": self.threshold, "positive_index": self.positive_index, "tta": self.tta}
 
 
 def build_checkpoint(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:

@@ -61,7 +61,8 @@ class Explainer:
 
     def heatmaps(self, batch_uint8: torch.Tensor, class_indices: Sequence[int]) -> np.ndarray:
         """(N, S, S) maps in [0, 1] for (N, 3, S, S) uint8 images and the class to explain per image."""
-        x = eval_transform(batch_uint8, self.predictor.checkpoint["mean"], self.predictor.checkpoint["std"]).contiguous()
+        pre = self.predictor.card.preprocessing
+        x = eval_transform(batch_uint8, pre.mean, pre.std).contiguous()
         targets = [ClassifierOutputTarget(int(c)) for c in class_indices]
         with self._lock, torch.enable_grad():
             maps = self.cam(input_tensor=x, targets=targets)

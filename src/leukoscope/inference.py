@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint
 from .errors import LeukoscopeError, did_you_mean
 from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
 from .metrics import positive_index, softmax
@@ -76,7 +76,8 @@ class TorchBackend:
     kind = "cnn"
 
     def __init__(self, checkpoint: dict[str, Any]):
-        self.mean, self.std = list(checkpoint["mean"]), list(checkpoint["std"])
+        pre = ModelCard.from_meta(checkpoint).preprocessing
+        self.mean, self.std = list(pre.mean), list(pre.std)
         self.model = fold_batchnorm(model_from_checkpoint(checkpoint)).to(memory_format=torch.channels_last)
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
@@ -94,13 +95,14 @@ class Predictor:
     def __init__(self, checkpoint: dict[str, Any], source: str = "", backend: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.checkpoint = checkpoint
         self.source = source
-        self.class_names: list[str] = list(checkpoint["class_names"])
-        self.image_size: int = int(checkpoint["image_size"])
-        self.crop: float = float(checkpoint.get("crop", 1.0))  # central fraction of the image the model sees
-        self.temperature = float(checkpoint.get("temperature", 1.0))
-        self.threshold: float | None = checkpoint.get("threshold")
-        self.default_tta = tta_mode(checkpoint.get("tta"))
-        self.positive_index = int(checkpoint.get("positive_index", positive_index(self.class_names)))
+        self.card = card = ModelCard.from_meta(checkpoint)
+        self.class_names: list[str] = card.class_names
+        self.image_size: int = card.preprocessing.image_size
+        self.crop: float = card.preprocessing.crop  # central fraction of the image the model sees
+        self.temperature = card.temperature
+        self.threshold: float | None = card.threshold
+        self.default_tta = tta_mode(card.tta)
+        self.positive_index = card.positive_index if card.positive_index is not None else positive_index(self.class_names)
         self.backend = backend if backend is not None else TorchBackend(checkpoint)
 
     @property

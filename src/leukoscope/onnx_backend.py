@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from . import __version__
-from .checkpoint import model_from_checkpoint
+from .checkpoint import ModelCard, model_from_checkpoint
 from .errors import LeukoscopeError
 from .io import atomic_write, cache_root, sha256_file
 
 OPSET = 17
 GRAPH_FORMAT = 1  # bump when the exported graph changes, so cached graphs are rebuilt
-META_KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "mean", "std", "crop", "temperature", "threshold", "tta",
-             "positive_index", "config", "metrics", "train_command", "data_manifest_sha256", "bundled_name")
+META_KEYS = (*ModelCard.KEYS, "config", "metrics", "train_command", "data_manifest_sha256", "bundled_name")
 
 
 class WithPreprocessing(nn.Module):
@@ -46,8 +45,9 @@ class WithPreprocessing(nn.Module):
 
 def onnx_bytes(checkpoint: dict[str, Any], opset: int = OPSET) -> bytes:
     """The checkpoint's network with its preprocessing, as a serialized ONNX model with metadata."""
-    wrapped = WithPreprocessing(model_from_checkpoint(checkpoint).float(), checkpoint["mean"], checkpoint["std"]).eval()
-    size = int(checkpoint["image_size"])
+    pre = ModelCard.from_meta(checkpoint).preprocessing
+    wrapped = WithPreprocessing(model_from_checkpoint(checkpoint).float(), pre.mean, pre.std).eval()
+    size = pre.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but needs no onnxscript and traces CellNet exactly

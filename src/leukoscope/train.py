@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import ModelCard, Preprocessing, build_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
 from .data.splits import seen_images
 from .distributed import World, close, init_world, unwrap, weights_digest, wrap
@@ -71,8 +71,9 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs)
     model = model.to(device, memory_format=training_memory_format(model, device))
     bf16 = resolve_precision(config, device, model)
-    meta = {"arch": config.arch, "arch_kwargs": config.arch_kwargs, "class_names": dataset.classes, "image_size": config.image_size, "crop": config.crop,
-            "mean": stats[0], "std": stats[1], "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
+    card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1])),
+                     config.arch_kwargs)
+    meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
             "seen_images": seen_images(dataset, splits)}
     if resume_state is not None:
         model.load_state_dict(resume_state["weights"])

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint
+from .checkpoint import ModelCard, Preprocessing, load_checkpoint
 from .classical import NEEDS_BACKBONE
 from .classical.model import ClassicalModel, save_classical
 from .config import TrainConfig
 from .data import run_splits
+from .data.splits import seen_images
 from .errors import LeukoscopeError
 from .evaluate import evaluate, headline, predict_logits
 from .inference import CLASSICAL_NAME, Predictor, resolve_model_path
@@ -56,10 +57,10 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     tensors, labels, dataset, splits = load_split_images(dataset, splits, size, crop)
     model = ClassicalModel(config.method, dataset.classes, size, backbone, config.seed).fit(tensors["train"], labels["train"])
     train_seconds = time.perf_counter() - started
-    meta = {"arch": config.method, "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
-            "backbone_name": config.backbone, "temperature": 1.0}
-    meta["crop"] = crop
-    predictor = Predictor({**meta, "class_names": dataset.classes, "image_size": size}, source=str(out / CLASSICAL_NAME), backend=model)
+    card = ModelCard(config.method, dataset.classes, Preprocessing(size, crop))
+    meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
+            "backbone_name": config.backbone, "seen_images": seen_images(dataset, splits)}
+    predictor = Predictor(meta, source=str(out / CLASSICAL_NAME), backend=model)
     predictor.temperature = meta["temperature"] = calibrate(predictor, tensors["val"], labels["val"])
     t0 = time.perf_counter()
     predict_logits(predictor, tensors["test"])
