@@ -144,10 +144,30 @@ def test_each_method_end_to_end(wbc, method, tmp_path):
 def test_features_are_cached(wbc, tmp_path):
     data, _ = wbc
     assert main(["train", str(data), "--out", str(tmp_path / "a"), "--method", "svm", "--image-size", "48"]) == 0
-    shards = list(FeatureCache().folder.glob("*.npz"))
-    assert shards
+    shards = sorted(FeatureCache().folder.glob("*.npz"))
+    index = json.loads((FeatureCache().folder / "index.json").read_text())
+    assert shards and set(index.values()) == {p.name for p in shards}
     assert main(["train", str(data), "--out", str(tmp_path / "b"), "--method", "svm", "--image-size", "48"]) == 0
-    assert list(FeatureCache().folder.glob("*.npz")) == shards  # nothing new computed
+    assert sorted(FeatureCache().folder.glob("*.npz")) == shards  # nothing new computed
+    assert main(["predict", str(tmp_path / "a"), str(data), "--out", str(tmp_path / "p.csv")]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(other / "new.png")
+    assert main(["predict", str(tmp_path / "a"), str(other), "--out", str(tmp_path / "q.csv")]) == 0
+    assert sorted(FeatureCache().folder.glob("*.npz")) == shards  # predict computed a new image's features but wrote nothing
+
+
+def test_feature_cache_is_keyed_by_the_feature_code(tmp_path, monkeypatch):
+    from leukoscope.classical import features
+
+    cache = FeatureCache(tmp_path)
+    cache.save({"k": np.ones(len(FEATURE_NAMES), np.float32)})
+    assert set(FeatureCache(tmp_path).load(["k", "absent"])) == {"k"}
+    features.code_version.cache_clear()
+    monkeypatch.setattr(features, "__file__", str(tmp_path / "edited_features.py"))
+    (tmp_path / "edited_features.py").write_text("# the feature code changed\n")
+    assert FeatureCache(tmp_path).load(["k"]) == {}  # features of the old code are not served
+    features.code_version.cache_clear()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -55,7 +55,9 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     size = int(backbone["image_size"]) if backbone else config.image_size
     crop = float(backbone.get("crop", 1.0)) if backbone else config.crop
     tensors, labels, dataset, splits = load_split_images(dataset, splits, size, crop)
-    model = ClassicalModel(config.method, dataset.classes, size, backbone, config.seed).fit(tensors["train"], labels["train"])
+    model = ClassicalModel(config.method, dataset.classes, size, backbone, config.seed)
+    model.cache_writes = True  # this run's features are worth keeping; the saved model only reads the cache
+    model.fit(tensors["train"], labels["train"])
     train_seconds = time.perf_counter() - started
     card = ModelCard(config.method, dataset.classes, Preprocessing(size, crop))
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
@@ -70,6 +72,7 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     metrics = evaluate(predictor, dataset, splits, out, info=info, images=tensors, target_sensitivity=config.target_sensitivity)
     meta["metrics"] = headline(metrics)
     meta.update(train_seconds=round(train_seconds, 1), predict_ms_per_image=round(predict_ms, 3), threshold=predictor.threshold)
+    model.cache_writes = False
     save_classical(out / CLASSICAL_NAME, model, meta)
     info.pop("gallery", None)
     (out / "run.json").write_text(json.dumps({**info, "command": command, "status": "done", "method": config.method,

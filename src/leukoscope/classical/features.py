@@ -1,13 +1,16 @@
 """Handcrafted cell features (geometry, colour statistics, GLCM and LBP texture, granularity).
 
 ``cell_features(image)`` segments one RGB image and returns a fixed-length float vector whose
-entries are named by ``FEATURE_NAMES``. ``FeatureCache`` keeps them on disk per file, so a
-re-run on the same images (same size and mtime) does not recompute them.
+entries are named by ``FEATURE_NAMES``. ``FeatureCache`` keeps them on disk by image content and
+by a hash of the feature code itself, so a re-run on the same images does not recompute them and
+a change to the code can never serve stale features.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +21,6 @@ from skimage import color, feature, measure, morphology
 from ..io import cache_root
 from .segment import Segmentation, segment_cell
 
-VERSION = 1
 GEOMETRY = ["area", "perimeter", "circularity", "eccentricity", "solidity", "convexity"]
 GLCM_PROPS = ["contrast", "dissimilarity", "homogeneity", "energy", "correlation"]
 LBP_BINS = 10  # uniform LBP, P=8: values 0..9
@@ -124,26 +126,48 @@ def features_batch(images: np.ndarray, workers: int | None = None) -> np.ndarray
         return np.stack(list(pool.map(_features_of, images, chunksize=32)))
 
 
+@functools.cache
+def code_version() -> str:
+    """A hash of the source of the feature and segmentation code: cached features belong to one version."""
+    from . import segment
+
+    digest = hashlib.sha1()
+    for module_file in (__file__, segment.__file__):
+        digest.update(Path(module_file).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 class FeatureCache:
-    """Per-file handcrafted features on disk, keyed by path, size, mtime, image size and version."""
+    """Handcrafted features on disk, keyed by image content, under a folder per feature-code version.
+
+    Features are written in shards; ``index.json`` maps each key to its shard, so a lookup opens
+    only the shards that hold wanted keys.
+    """
 
     def __init__(self, folder: str | os.PathLike | None = None):
-        self.folder = Path(folder) if folder is not None else cache_root() / "features"
+        root = Path(folder) if folder is not None else cache_root() / "features"
+        self.folder = root / code_version()
 
-    @staticmethod
-    def key(path: Path, image_size: int) -> str:
-        st = path.stat()
-        text = f"v{VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{image_size}"
-        return hashlib.sha1(text.encode()).hexdigest()
+    def _index(self) -> dict[str, str]:
+        try:
+            return json.loads((self.folder / "index.json").read_text())
+        except (OSError, ValueError):
+            return {}
 
     def load(self, keys: list[str]) -> dict[str, np.ndarray]:
+        index, by_shard = self._index(), {}
+        for key in keys:
+            if key in index:
+                by_shard.setdefault(index[key], set()).add(key)
         found = {}
-        for shard in self.folder.glob("*.npz") if self.folder.is_dir() else []:
-            with np.load(shard) as data:
-                wanted = set(keys)
-                for k, v in zip(data["keys"], data["features"]):
-                    if k in wanted and v.shape == (len(FEATURE_NAMES),):
-                        found[str(k)] = v
+        for shard, wanted in by_shard.items():
+            try:
+                with np.load(self.folder / shard) as data:
+                    for k, v in zip(data["keys"], data["features"]):
+                        if str(k) in wanted and v.shape == (len(FEATURE_NAMES),):
+                            found[str(k)] = v
+            except (OSError, ValueError, KeyError):
+                continue  # a damaged or vanished shard: its features are recomputed
         return found
 
     def save(self, features: dict[str, np.ndarray]) -> None:
@@ -153,6 +177,10 @@ class FeatureCache:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         keys = sorted(features)
-        name = hashlib.sha1("".join(keys).encode()).hexdigest()[:16]
-        with atomic_write(self.folder / f"{name}.npz", "wb") as handle:
+        name = hashlib.sha1("".join(keys).encode()).hexdigest()[:16] + ".npz"
+        with atomic_write(self.folder / name, "wb") as handle:
             np.savez(handle, keys=np.array(keys), features=np.stack([features[k] for k in keys]))
+        index = self._index()  # read again just before writing: another process may have added shards
+        index.update({k: name for k in keys})
+        with atomic_write(self.folder / "index.json") as handle:
+            json.dump(index, handle)

@@ -72,6 +72,7 @@ class ClassicalModel:
         self.estimators: dict[str, Any] = {}
         self.kind = method
         self._net = None
+        self.cache_writes = False  # training turns it on; predict and serve only read the feature cache
 
     # features -------------------------------------------------------------------------------
     def handcrafted(self, images: torch.Tensor) -> np.ndarray:
@@ -82,7 +83,8 @@ class ClassicalModel:
         if missing:
             computed = features_batch(images[missing].permute(0, 2, 3, 1).numpy())
             new = {keys[i]: f for i, f in zip(missing, computed)}
-            cache.save(new)
+            if self.cache_writes:
+                cache.save(new)
             found.update(new)
         return np.stack([found[k] for k in keys]) if keys else np.zeros((0, len(FEATURE_NAMES)), np.float32)
 
