@@ -6,6 +6,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 import pytest
 from conftest import DATA, make_image_folder, require
 from PIL import Image
@@ -26,12 +27,24 @@ def run(tmp_path_factory):
 
 
 def test_report_has_reliability_gallery_and_operating_point(run):
-    _, folder = run
+    data, folder = run
     metrics = json.loads((folder / "metrics.json").read_text())
     assert (folder / "reliability.png").is_file() and list((folder / "gallery").glob("*.png"))
     op = metrics["val"]["operating_point"]
     assert op["positive_class"] == "blast" and op["sensitivity"] >= 0.9
-    assert 0 <= metrics["test"]["ece_uncalibrated"] <= 1
+    # recompute, do not trust: the stored calibration errors from the model's own test predictions
+    from leukoscope.data import read_splits
+    from leukoscope.metrics import expected_calibration_error
+    from leukoscope.io import load_rgb
+
+    model = load_model(folder, backend="torch")
+    samples, splits = read_splits(folder / "splits.csv")
+    test = [s for s, k in zip(samples, splits) if k == "test"]
+    batch = torch.from_numpy(np.stack([load_rgb(data / s.path, model.image_size) for s in test])).permute(0, 3, 1, 2).contiguous()
+    labels = np.array([model.class_names.index(s.label) for s in test])
+    assert metrics["test"]["ece"] == pytest.approx(expected_calibration_error(model.predict_proba(batch), labels), abs=1e-6)
+    raw = torch.softmax(model.logits(batch), dim=1).numpy()
+    assert metrics["test"]["ece_uncalibrated"] == pytest.approx(expected_calibration_error(raw, labels), abs=1e-6)
     html = (folder / "report.html").read_text()
     assert "reliability" in html and "Heatmaps (Grad-CAM)" in html and "Operating point" in html
     assert load_model(folder).threshold == pytest.approx(op["threshold"])

@@ -38,6 +38,6 @@ def test_service_under_concurrent_load():
         thread.join(10)
     assert result["statuses"] == {"200": 160} and result["server_errors"] == 0
     assert result["rss_end_mb"] - result["rss_after_warmup_mb"] < 50
-    assert result["p50_ms"] <= result["p99_ms"]
+    assert result["p99_ms"] < 5000 and result["throughput_rps"] > 5  # no request queued for seconds, the service keeps up
     with pytest.raises(ValueError, match="only targets localhost"):
         run_load_test("http://example.com/", images, requests=1)
