@@ -176,3 +176,25 @@ def test_evaluate_elsewhere_recognises_the_models_own_images(tiny_run, tmp_path,
     expected = {k: sum(r["split"] == k for r in splits) for k in ("train", "val", "test")}
     assert {k: metrics[k]["n"] for k in metrics} == expected
     assert f"{expected['train']} images of this data trained the model" in capsys.readouterr().err
+
+
+def test_evaluate_with_a_given_split_reproduces_the_run_and_never_tests_on_training_images(tiny_run, tmp_path, capsys):
+    import json
+    import shutil
+
+    data, run = tiny_run
+    model = tmp_path / "model.pt"
+    shutil.copy(run / "model.pt", model)
+    assert main(["evaluate", str(model), str(data), "--out", str(tmp_path / "a"), "--split", str(run / "splits.csv")]) == 0
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    own = json.loads((run / "metrics.json").read_text())
+    assert {k: metrics[k]["n"] for k in metrics} == {k: own[k]["n"] for k in own}
+    everything_test = tmp_path / "all_test.csv"
+    rows = list(csv.DictReader(open(run / "splits.csv")))
+    with open(everything_test, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**r, "split": "test"} for r in rows)
+    assert main(["evaluate", str(model), str(data), "--out", str(tmp_path / "b"), "--split", str(everything_test)]) == 0
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["test"]["n"] == own["test"]["n"]
+    assert "trained or validated this model" in capsys.readouterr().err

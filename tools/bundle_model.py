@@ -24,6 +24,7 @@ from leukoscope.data.dataset import decode_many
 from leukoscope.evaluate import headline, predict_logits
 from leukoscope.inference import TTA_MODES, Predictor
 from leukoscope.metrics import WBC_TYPES, softmax, summarize, wilson_interval
+from leukoscope.runs import calibrate
 
 WBC5 = list(WBC_TYPES)
 WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "leukoscope" / "weights"
@@ -41,7 +42,8 @@ def split_probs(predictor: Predictor, data: Path, run: Path, split: str) -> tupl
     if any(errors):
         raise SystemExit(f"unreadable {split} images: {[e for e in errors if e][:3]}")
     probs = softmax(predict_logits(predictor, images), predictor.temperature)
-    return np.array([predictor.class_names.index(s.label) for s in members]), probs
+    labels = np.array([predictor.class_names.index(s.label) for s in members])
+    return labels, probs
 
 
 def extra_metrics(names: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, float | list[float]]:
@@ -83,9 +85,16 @@ def main() -> None:
     manifest = args.data / "manifest.csv"
     checkpoint["data_manifest_sha256"] = sha256(manifest) if manifest.is_file() else ""
     checkpoint["splits_sha256"] = sha256(args.run / "splits.csv")
+    if args.tta != "none":  # the temperature is fitted with the inference the model will run by default
+        samples, splits = read_splits(args.run / "splits.csv")
+        val = [s for s, k in zip(samples, splits) if k == "val"]
+        images, _ = decode_many([args.data / s.path for s in val], half.image_size, crop=half.crop)
+        labels = np.array([half.class_names.index(s.label) for s in val])
+        half.temperature = checkpoint["temperature"] = calibrate(half, images, labels)
     for split in ("val", "test"):
         labels, probs = split_probs(half, args.data, args.run, split)
-        checkpoint["metrics"].update(headline({split: summarize(labels, probs, half.class_names)}))
+        calls = np.array([half.decide(p) for p in probs])  # the operating threshold, where the model has one
+        checkpoint["metrics"].update(headline({split: summarize(labels, probs, half.class_names, y_pred=calls)}))
     checkpoint["extra_metrics"] = extra_metrics(half.class_names, labels, probs)
     checkpoint["bundled_name"] = args.name
     WEIGHTS.mkdir(parents=True, exist_ok=True)

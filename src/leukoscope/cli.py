@@ -137,7 +137,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
-                               backend=args.backend, force=args.force, class_map=args.class_map)
+                               backend=args.backend, force=args.force, class_map=args.class_map, split_file=args.split)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
     p.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
+    p.add_argument("--split", metavar="SPLITS_CSV",
+                   help="score each image as the split it has in this splits.csv (a run's), e.g. to reproduce a run's train/val/test")
     p.add_argument("--class-map", metavar="MAP",
                    help="score the model on data with other class names, many to one: e.g. Early=blast,Pre=blast,Pro=blast,Benign=normal "
                         "(probabilities of merged classes are summed; unnamed classes keep their names)")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import SPLITS, Dataset, detect_layout, run_splits
+from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits
 from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
@@ -35,10 +35,25 @@ def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int =
     return np.concatenate(logits) if logits else np.zeros((0, len(predictor.class_names)))
 
 
-def assign_splits(dataset: Dataset, model: str | os.PathLike, predictor: Predictor) -> tuple[list[str], str]:
-    """The split of every image of DATA: the run's splits.csv when DATA is the run's dataset; else,
-    from the content hashes the checkpoint carries, the model's own training and validation images
-    are scored as such and only the rest as test."""
+def splits_from_file(dataset: Dataset, path: str | os.PathLike) -> tuple[list[str], str]:
+    """Each image's split from a run's splits.csv (``evaluate --split``); every image of DATA must be listed."""
+    samples, splits = read_splits(path)
+    lookup = {s.path: k for s, k in zip(samples, splits)}
+    missing = [s.path for s in dataset.samples if s.path not in lookup]
+    if missing:
+        raise LeukoscopeError(f"--split {str(path)!r} does not list {plural(len(missing), 'image')} of {dataset.root} (e.g. {missing[0]}); "
+                              "give the splits.csv of a run on this data")
+    return [lookup[s.path] for s in dataset.samples], f"from {path}"
+
+
+def assign_splits(dataset: Dataset, model: str | os.PathLike, predictor: Predictor, split_file: str | os.PathLike | None = None) -> tuple[list[str], str]:
+    """The split of every image of DATA: ``split_file`` when given; the run's splits.csv when DATA is
+    the run's dataset; else, from the content hashes the checkpoint carries, the model's own training
+    and validation images are scored as such and only the rest as test. In every case an image the
+    model trained on is never scored as test."""
+    if split_file is not None:
+        splits, kind = splits_from_file(dataset, split_file)
+        return _never_test_if_seen(dataset, splits, predictor), kind
     recorded = run_splits(resolve_model_path(model).parent, dataset.samples)
     if recorded is not None:
         return recorded
@@ -195,8 +210,22 @@ def headline(metrics: dict[str, Any]) -> dict[str, dict]:
     return {split: {k: m[k] for k in HEADLINE if k in m} for split, m in metrics.items()}
 
 
+def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predictor) -> list[str]:
+    """A split given by hand still cannot score the model's own training images as test."""
+    seen = predictor.checkpoint.get("seen_images")
+    if not seen or "test" not in splits:
+        return splits
+    by_content, _, _ = splits_from_seen(dataset, seen)
+    moved = [i for i, (given, own) in enumerate(zip(splits, by_content)) if given == "test" and own != "test"]
+    if moved:
+        note(f"warning: {plural(len(moved), 'test image')} of the given split trained or validated this model: scored as "
+             f"{by_content[moved[0]]}, not test")
+    return [by_content[i] if i in set(moved) else k for i, k in enumerate(splits)]
+
+
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
-                     backend: str = "auto", force: bool = False, class_map: str | None = None) -> dict[str, Any]:
+                     backend: str = "auto", force: bool = False, class_map: str | None = None,
+                     split_file: str | None = None) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
 
     ``class_map`` ('Early=blast,Pre=blast,Pro=blast,Benign=normal') scores the model on data whose
@@ -205,7 +234,7 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
     predictor = load_model(model, backend=backend)
     dataset = detect_layout(data)
-    splits, kind = assign_splits(dataset, model, predictor)
+    splits, kind = assign_splits(dataset, model, predictor, split_file)
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
             "tta": predictor.default_tta if tta is None else tta_mode(tta)}
