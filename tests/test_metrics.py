@@ -214,3 +214,30 @@ def test_temperature_is_bounded_and_not_fitted_on_too_few_images():
     assert fit_temperature(noisy, labels[:40]) <= T_MAX
     assert "only 40 validation images" in temperature_warning(40, 1.3)
     assert temperature_warning(500, 1.3) is None
+
+
+@pytest.mark.parametrize("seed, k", [(0, 2), (1, 3), (2, 8)])
+def test_metrics_agree_with_scikit_learn(seed, k):
+    import sklearn.metrics as skm
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, 300)
+    logits = rng.normal(size=(300, k)) + 2.0 * np.eye(k)[y] * rng.random((300, 1))
+    probs = M.softmax(logits)
+    pred = probs.argmax(1)
+    names = ["normal", "blast"] if k == 2 else [f"c{i}" for i in range(k)]
+    summary = M.summarize(y, probs, names, n_boot=10)
+    assert summary["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=range(k)).tolist()
+    assert summary["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert summary["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert summary["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert summary["weighted_f1"] == pytest.approx(skm.f1_score(y, pred, average="weighted"))
+    assert summary["loss"] == pytest.approx(skm.log_loss(y, probs, labels=range(k)))
+    if k == 2:  # the malignant class ("blast", index 1 here) is the positive one
+        assert summary["roc_auc"] == pytest.approx(skm.roc_auc_score(y == 1, probs[:, 1]))
+    else:
+        assert summary["roc_auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    report = skm.classification_report(y, pred, target_names=names, output_dict=True, zero_division=0)
+    for name in names:
+        for ours, theirs in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert summary["per_class"][name][ours] == pytest.approx(report[name][theirs])
