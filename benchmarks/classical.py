@@ -65,12 +65,9 @@ def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], dataset: str) -
         benign = classes.index("Benign")
         truth, called = y != benign, pred != benign
         out.update(binary_accuracy=float((truth == called).mean()), sensitivity=float(called[truth].mean()), specificity=float((~called[~truth]).mean()))
-    else:
-        idx = [classes.index(c) for c in WBC5]
-        keep = np.isin(y, idx)
-        y5 = np.array([idx.index(v) for v in y[keep]])
-        cm5 = confusion_matrix(y5, probs[keep][:, idx].argmax(1), 5)
-        out.update(wbc5_accuracy=float(np.trace(cm5) / cm5.sum()), wbc5_macro_f1=macro_f1(cm5))
+    else:  # the cells of the 5 WBC types, each scored by the method's own call over all classes
+        keep = np.isin(y, [classes.index(c) for c in WBC5])
+        out.update(wbc5_accuracy=float((pred[keep] == y[keep]).mean()))
     return out
 
 
@@ -100,8 +97,8 @@ def render(results: dict) -> tuple[str, str]:
           "prediction time per image on the test split, features included, 2 CPU cores)._", ""]
     page = []
     for dataset, rows in results.items():
-        extra = ["benign vs malignant acc.", "sensitivity", "specificity"] if dataset == "aria_all" else ["5 WBC types acc.", "5 WBC macro-F1"]
-        keys = ["binary_accuracy", "sensitivity", "specificity"] if dataset == "aria_all" else ["wbc5_accuracy", "wbc5_macro_f1"]
+        extra = ["benign vs malignant acc.", "sensitivity", "specificity"] if dataset == "aria_all" else ["5 WBC types acc. (own call)"]
+        keys = ["binary_accuracy", "sensitivity", "specificity"] if dataset == "aria_all" else ["wbc5_accuracy"]
         header = ["method", "accuracy", "macro-F1", *extra, "train time (s)", "predict (ms/img)"]
         body = [[r["method"], f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}", *(f"{r[k]:.4f}" for k in keys), r["train_seconds"], r["predict_ms"]] for r in rows]
         md += [f"**{dataset}** ({rows[0]['n_test']} test images)", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
