@@ -151,3 +151,22 @@ def test_model_card_round_trip_and_bundled_checkpoints():
         assert read.preprocessing.image_size == 112 and len(read.preprocessing.mean) == 3 and read.tta == "none", name
     with pytest.raises(LeukoscopeError, match="lacks class_names"):
         ModelCard.from_meta({"arch": "cellnet", "image_size": 64})
+
+
+def test_bundled_models_have_cards_that_match_the_docs(capsys):
+    from pathlib import Path
+
+    from leukoscope.card import model_card
+    from leukoscope.checkpoint import load_checkpoint
+    from leukoscope.cli import main
+    from leukoscope.inference import bundled_models
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "models"
+    for name, path in bundled_models().items():
+        card = model_card(name, load_checkpoint(path))
+        assert (docs / f"{name}.md").read_text() == card, f"docs/models/{name}.md is stale: rerun tools/bundle_model.py"
+        assert main(["models", name.upper()]) == 0
+        shown = capsys.readouterr().out
+        assert shown == card.replace(f"`{name}`", f"`{name.upper()}`")
+        for needed in ("not for diagnosis", "95% CI", "Known failure modes", "Another lab", "By image"):
+            assert needed in card, (name, needed)

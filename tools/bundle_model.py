@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from leukoscope.card import model_card
 from leukoscope.checkpoint import ModelCard, load_checkpoint, save_checkpoint
 from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
@@ -27,7 +29,10 @@ from leukoscope.metrics import WBC_TYPES, softmax, summarize, wilson_interval
 from leukoscope.runs import calibrate
 
 WBC5 = list(WBC_TYPES)
-WEIGHTS = Path(__file__).resolve().parents[1] / "src" / "leukoscope" / "weights"
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "src" / "leukoscope" / "weights"
+CONFIGS = ROOT / "configs"
+DOCS = ROOT / "docs" / "models"
 
 
 def sha256(path: Path) -> str:
@@ -97,9 +102,13 @@ def main() -> None:
         checkpoint["metrics"].update(headline({split: summarize(labels, probs, half.class_names, y_pred=calls)}))
     checkpoint["extra_metrics"] = extra_metrics(half.class_names, labels, probs)
     checkpoint["bundled_name"] = args.name
+    card_file = CONFIGS / f"{args.name}.card.yaml"
+    checkpoint["card"] = yaml.safe_load(card_file.read_text()) if card_file.is_file() else {}
     WEIGHTS.mkdir(parents=True, exist_ok=True)
     save_checkpoint(WEIGHTS / f"{args.name}.pt", checkpoint)
     size = (WEIGHTS / f"{args.name}.pt").stat().st_size / 1e6
+    DOCS.mkdir(exist_ok=True)
+    (DOCS / f"{args.name}.md").write_text(model_card(args.name, checkpoint))
     print(f"bundled {args.name}: {size:.1f} MB, fp16 max prob diff {diff:.2e}, test {checkpoint['metrics'].get('test')}, extra {checkpoint['extra_metrics']}")
 
 

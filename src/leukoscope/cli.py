@@ -242,9 +242,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .inference import bundled_models, tta_mode
+    from .inference import bundled_models, resolve_model_path, tta_mode
     from .models import list_models
     from .progress import plural
+
+    if args.name:
+        from .card import model_card
+
+        print(model_card(args.name, load_checkpoint(resolve_model_path(args.name))), end="")
+        return 0
 
     print("architectures: " + ", ".join(list_models()))
     bundled = bundled_models()
@@ -262,6 +268,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px{crop}{tta}, classes {', '.join(ckpt['class_names'])}")
         print(f"    test ({plural(test.get('n', 0), 'image')}, 95% CI): {', '.join(scores)}")
         print(f"    trained by: {ckpt.get('train_command', '?')} (data manifest sha256 {ckpt.get('data_manifest_sha256', '?')[:16]}...)")
+        print(f"    model card: leukoscope models {name}")
     return 0
 
 
@@ -359,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=cmd_check_data)
 
-    p = sub.add_parser("models", help="list architectures and bundled models")
+    p = sub.add_parser("models", help="list architectures and bundled models, or show one model's card")
+    p.add_argument("name", nargs="?", help="a bundled model (or checkpoint) whose model card to print")
     p.set_defaults(func=cmd_models)
     return parser
 

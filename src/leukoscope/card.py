@@ -1,0 +1,54 @@
+"""A bundled model's card, as Markdown: intended use, data, licence, split, metrics with intervals,
+known failure modes. Everything comes from the checkpoint (``checkpoint["card"]``, embedded by
+tools/bundle_model.py from ``configs/NAME.card.yaml``, and the metrics recorded when it was bundled),
+so ``leukoscope models NAME`` and docs/models/NAME.md say the same thing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .metrics import wilson_interval
+
+EXTRA_LABELS = {"wbc5_accuracy": "accuracy on the cells of the 5 WBC types (the model's call over all its classes)",
+                "malignant_sensitivity": "malignant (Early, Pre, Pro) sensitivity", "benign_specificity": "benign specificity"}
+SCORES = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("roc_auc", "ROC AUC"))
+
+
+def _with_ci(values: dict[str, Any], key: str) -> str:
+    interval = values.get(f"{key}_ci")
+    if interval is None and key == "accuracy" and values.get("n"):
+        interval = wilson_interval(round(values["accuracy"] * values["n"]), values["n"])
+    text = f"{values[key]:.2%}"
+    return text + (f" (95% CI {interval[0]:.2%}-{interval[1]:.2%})" if interval else "")
+
+
+def model_card(name: str, checkpoint: dict[str, Any]) -> str:
+    card = checkpoint.get("card", {})
+    metrics = checkpoint.get("metrics", {})
+    crop = checkpoint.get("crop", 1.0)
+    lines = [f"# Model card: `{name}`", "",
+             f"**Intended use.** {card.get('intended_use', 'Research use; not for diagnosis.')}", "",
+             "## Model", "",
+             f"- Architecture: `{checkpoint['arch']}`, {checkpoint['image_size']} px input"
+             + (f" on the central {crop:.0%} of each image" if crop < 1 else "") + f", classes: {', '.join(checkpoint['class_names'])}.",
+             f"- Temperature {checkpoint.get('temperature', 1.0):.3f} (fitted on validation); default test-time augmentation: {checkpoint.get('tta') or 'none'}.",
+             f"- Trained by: `{checkpoint.get('train_command', '?')}`"
+             + (f" in {checkpoint['train_seconds'] / 60:.1f} min" if checkpoint.get("train_seconds") else "") + ".",
+             f"- Data manifest sha256: `{checkpoint.get('data_manifest_sha256', '?')}`.", "",
+             "## Data", "", card.get("data", "-"), "", f"Licence: {card.get('licence', '-')}.", "", f"Citation: {card.get('citation', '-')}", "",
+             "## Split", "", card.get("split", checkpoint.get("split_kind", "-")), "",
+             "## Metrics (measured once, when bundled)", "", "| split | images | " + " | ".join(label for _, label in SCORES) + " |",
+             "|---|---|" + "---|" * len(SCORES)]
+    for split in ("val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            lines.append(f"| {split} | {m.get('n', '?')} | " + " | ".join(_with_ci(m, k) if k in m else "-" for k, _ in SCORES) + " |")
+    extra = checkpoint.get("extra_metrics", {})
+    extras = [f"{EXTRA_LABELS.get(k, k.replace('_', ' '))}: {_with_ci(extra, k)}" for k, v in extra.items()
+              if isinstance(v, float) and not k.endswith("_f1")]
+    if extras:
+        lines += ["", "On test: " + "; ".join(extras) + "."]
+    lines += ["", "Intervals: Wilson for proportions, stratified bootstrap for balanced accuracy, macro-F1 and AUC.", "",
+              "## Known failure modes", ""]
+    lines += [f"- {mode}" for mode in card.get("failure_modes", ["not measured"])]
+    return "\n".join(lines) + "\n"
