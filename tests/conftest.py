@@ -131,3 +131,17 @@ def make_hostile_corpus(root: Path, seed: int = 0) -> dict[str, bool]:
     (root / "broken_link.png").symlink_to(root / "does_not_exist.png")
     expected["broken_link.png"] = False
     return expected
+
+
+TINY_TRAIN = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run folder): a one-epoch cellnet_tiny run on 2 x 12 synthetic cells, once per test module."""
+    from leukoscope.cli import main
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_image_folder(root / "data", n_per_class=12)
+    assert main(["train", str(data), "--out", str(root / "run"), *TINY_TRAIN]) == 0
+    return data, root / "run"

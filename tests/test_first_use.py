@@ -8,21 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_TRAIN as TINY
 from conftest import make_image_folder
 from leukoscope import load_model
 from leukoscope.cli import main
 from leukoscope.errors import LeukoscopeError
 from leukoscope.inference import map_classes, parse_class_map
 
-TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("first_use")
-    data = make_image_folder(root / "data", n_per_class=12)
-    assert main(["train", str(data), "--out", str(root / "run"), *TINY]) == 0
-    return data, root / "run"
 
 
 def test_misspelt_command_gets_a_suggestion(capsys):

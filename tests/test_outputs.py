@@ -10,13 +10,13 @@ import threading
 
 import pytest
 
+from conftest import TINY_TRAIN as TINY
 from conftest import make_image_folder
 from leukoscope.cli import main
 from leukoscope.errors import LeukoscopeError
 from leukoscope.io import atomic_write, is_stream_output
 from leukoscope.runs import prepare_output_folder
 
-TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
 
 
 def test_regular_file_is_replaced_atomically_keeping_its_mode(tmp_path):
@@ -75,14 +75,6 @@ def test_character_device_and_dash_are_streams(tmp_path, capsysbinary):
     assert capsysbinary.readouterr().out == b"bytes to stdout"
     with pytest.raises(IsADirectoryError):
         is_stream_output(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("outputs")
-    data = make_image_folder(root / "data", n_per_class=12)
-    assert main(["train", str(data), "--out", str(root / "run"), *TINY]) == 0
-    return data, root / "run"
 
 
 def test_predict_to_stdout_keeps_logs_on_stderr(tiny_run, capsys):
