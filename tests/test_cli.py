@@ -159,7 +159,8 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
               "crop_context": None, "epochs": "7", "batch_size": "16", "optimizer": "sgd", "lr": "0.1", "weight_decay": "0.01",
               "label_smoothing": "0.0", "class_balance": None, "patience": "3", "seed": "5", "split_seed": "9", "split_by": "image",
               "fractions": "0.6,0.2,0.2", "precision": "fp32", "device": "cpu", "sync_bn": None, "target_sensitivity": "0.95",
-              "ema": "0.99", "refit_head": "2.0", "refit_views": "1", "method": "cnn", "backbone": "pbc", "augment": "{hue: 0.04}"}
+              "ema": "0.99", "refit_head": "2.0", "refit_views": "1", "method": "cnn", "backbone": "pbc", "augment": "{hue: 0.04}",
+              "init": "pbc", "freeze_epochs": "2", "backbone_lr": "0.1", "cv": "3"}
     assert set(values) == {f.name for f in fields(TrainConfig)}, "a new option needs a case here"
     argv = ["train", "data", "--out", "run"]
     for name, value in values.items():
@@ -167,6 +168,8 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
     args = build_parser().parse_args(argv)
     from_flags = load_config(None, {f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     assert from_flags.split_seed == 9 and from_flags.seed == 5 and from_flags.split_seed_value == 9
+    assert from_flags.init == "pbc" and from_flags.freeze_epochs == 2 and from_flags.backbone_lr == 0.1 and from_flags.cv == 3
+    assert from_flags.arch == "cellnet_tiny" and from_flags.image_size == 48  # given options win over the parent's
     assert from_flags.crop_context is True and from_flags.sync_bn is True and from_flags.fractions == (0.6, 0.2, 0.2)
     assert from_flags.augment.hue == 0.04 and from_flags.augment.rotate is True and from_flags.arch_kwargs == {"dropout": 0.1}
     (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(from_flags.to_dict()))

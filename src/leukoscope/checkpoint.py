@@ -14,6 +14,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import LeukoscopeError
+from .errors import LeukoscopeError, did_you_mean
 from .io import atomic_write
 from .models import create_model
 
@@ -115,3 +116,36 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
     model.load_state_dict(state)
     return model.eval()
+
+
+CHECKPOINT_NAME = "model.pt"
+CLASSICAL_NAME = "model.joblib"
+
+
+def bundled_models() -> dict[str, Path]:
+    """Models shipped inside the package, by name (file stem under leukoscope/weights)."""
+    folder = resources.files("leukoscope") / "weights"
+    if not folder.is_dir():
+        return {}
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".pt")}
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A run folder (its model.pt), a checkpoint file, or a bundled model name."""
+    path = Path(model)
+    if path.is_dir():
+        for name in (CHECKPOINT_NAME, CLASSICAL_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise LeukoscopeError(f"run folder {str(path)!r} has no {CHECKPOINT_NAME} or {CLASSICAL_NAME}; train into it first")
+    if path.is_file():
+        return path
+    bundled = bundled_models()
+    by_lower = {name.lower(): path for name, path in bundled.items()}
+    if str(model).lower() in by_lower:  # "PBC" is "pbc"
+        return by_lower[str(model).lower()]
+    names = ", ".join(sorted(bundled)) or "none installed"
+    raise LeukoscopeError(
+        f"model {str(model)!r} is neither a run folder, a checkpoint file nor a bundled model"
+        f"{did_you_mean(str(model).lower(), by_lower)}; bundled models: {names}"
+    )

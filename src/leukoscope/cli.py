@@ -128,6 +128,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(args.data, args.out, config, command=command, force=args.force)
     if not metrics:  # a torchrun rank other than 0: rank 0 reports
         return 0
+    if "cv" in metrics:
+        print(f"cross-validation written to {Path(args.out) / 'cv.json'}")
+        return 0
     _print_summary(metrics)
     print(f"run written to {args.out} (report: {Path(args.out) / 'report.html'})")
     return 0

@@ -57,6 +57,12 @@ class TrainConfig:
     refit_head: float | None = option(None, "after training, refit the linear classifier by logistic regression (inverse L2 strength C) "
                                             "on the training features, clean plus refit_views augmented views")
     refit_views: int = option(3, "augmented views of each training image added to the clean ones for refit_head")
+    init: str | None = option(None, "fine-tune from this model (run folder, checkpoint or bundled name): its backbone and input "
+                                    "settings (architecture, size, crop, normalisation) with a new head")
+    freeze_epochs: int = option(0, "with init: train only the new head for this many epochs first")
+    backbone_lr: float = option(1.0, "with init: the backbone's learning rate as a fraction of lr (e.g. 0.1)")
+    cv: int | None = option(None, "k-fold cross-validation over train+val (grouped and stratified like the split) instead of one "
+                                  "training: writes cv.json with each fold's validation metrics and their mean and std")
     method: str = option("cnn", "cnn, or a classical method: svm, mlp, cnn-rf or wbc-two-stage", METHODS)
     backbone: str | None = option(None, "cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
     augment: AugmentConfig = option(None, "augmentation options as YAML, e.g. '{hue: 0.03, blur_p: 0.1}' (unnamed ones keep their defaults)",
@@ -128,6 +134,13 @@ class TrainConfig:
             (not self.crop_context or self.crop < 1.0, "crop_context needs crop < 1 (with the whole image there is no context around it)"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (self.freeze_epochs >= 0, f"freeze_epochs must be >= 0, got {self.freeze_epochs}"),
+            (0 < self.backbone_lr <= 1, f"backbone_lr must be in (0, 1] (a fraction of lr), got {self.backbone_lr}"),
+            (self.cv is None or self.cv >= 2, f"cv must be at least 2 folds, got {self.cv}"),
+            ((self.init is None and self.freeze_epochs == 0 and self.backbone_lr == 1.0) or self.method == "cnn",
+             "init, freeze_epochs and backbone_lr apply to CNN training (method cnn)"),
+            (self.freeze_epochs == 0 and self.backbone_lr == 1.0 or self.init is not None,
+             "freeze_epochs and backbone_lr need init (a model to fine-tune)"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
@@ -166,7 +179,20 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> Tr
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             value = {**values[key], **value}  # --augment '{hue: 0.05}' changes one key of the file's augment block
         values[key] = value
+    if values.get("init"):  # a fine-tuned model keeps its parent's input settings unless told otherwise
+        values = {**inherited_settings(values["init"]), **values}
     return TrainConfig.from_dict(values, source=str(path) if path else "options")
+
+
+def inherited_settings(init: str) -> dict[str, Any]:
+    """Architecture, its options, image size and crop of the model ``init`` names."""
+    from .checkpoint import ModelCard, load_checkpoint, resolve_model_path
+
+    path = resolve_model_path(init)
+    if path.suffix.lower() != ".pt":
+        return {}  # refused with its reason when training starts
+    card = ModelCard.from_meta(load_checkpoint(path))
+    return {"arch": card.arch, "arch_kwargs": card.arch_kwargs, "image_size": card.preprocessing.image_size, "crop": card.preprocessing.crop}
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

@@ -27,6 +27,7 @@ from .metrics import (classification_report, expected_calibration_error, sensiti
 from .progress import note, plural, progress
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
 from .runs import prepare_output_folder
+from .transfer import describe
 
 
 def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | str | None = None, desc: str | None = None) -> np.ndarray:
@@ -237,7 +238,7 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
-            "tta": predictor.default_tta if tta is None else tta_mode(tta)}
+            "tta": predictor.default_tta if tta is None else tta_mode(tta), "parent": describe(predictor.checkpoint.get("parent"))}
     if class_map:
         mapping = parse_class_map(class_map, predictor.class_names)
         predictor, tta = map_classes(predictor, mapping, tta), None

@@ -10,7 +10,6 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint
+from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, ModelCard, bundled_models, load_checkpoint, model_from_checkpoint, resolve_model_path
 from .errors import LeukoscopeError, did_you_mean
 from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
 from .metrics import positive_index, softmax
@@ -28,37 +27,6 @@ from .transforms import eval_transform
 TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # flip: image + mirror image; dihedral: 4 rotations x 2 flips
 TTA_MODES = tuple(TTA_VIEWS)
 BACKENDS = ("auto", "torch", "onnx")  # what runs a CNN checkpoint; see load_model
-CHECKPOINT_NAME = "model.pt"
-CLASSICAL_NAME = "model.joblib"
-
-
-def bundled_models() -> dict[str, Path]:
-    """Models shipped inside the package, by name (file stem under leukoscope/weights)."""
-    folder = resources.files("leukoscope") / "weights"
-    if not folder.is_dir():
-        return {}
-    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".pt")}
-
-
-def resolve_model_path(model: str | os.PathLike) -> Path:
-    """A run folder (its model.pt), a checkpoint file, or a bundled model name."""
-    path = Path(model)
-    if path.is_dir():
-        for name in (CHECKPOINT_NAME, CLASSICAL_NAME):
-            if (path / name).is_file():
-                return path / name
-        raise LeukoscopeError(f"run folder {str(path)!r} has no {CHECKPOINT_NAME} or {CLASSICAL_NAME}; train into it first")
-    if path.is_file():
-        return path
-    bundled = bundled_models()
-    by_lower = {name.lower(): path for name, path in bundled.items()}
-    if str(model).lower() in by_lower:  # "PBC" is "pbc"
-        return by_lower[str(model).lower()]
-    names = ", ".join(sorted(bundled)) or "none installed"
-    raise LeukoscopeError(
-        f"model {str(model)!r} is neither a run folder, a checkpoint file nor a bundled model"
-        f"{did_you_mean(str(model).lower(), by_lower)}; bundled models: {names}"
-    )
 
 
 @dataclass

@@ -112,10 +112,20 @@ def check_classes(dataset: Dataset, splits: list[str]) -> None:
         raise LeukoscopeError(f"classes {missing} have no training images after splitting; add data or change --fractions")
 
 
-def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool = True) -> tuple[Dataset, list[str], str]:
-    """Detect the layout, make or reuse the split, refuse leaks, and record config.yaml and run.json."""
-    dataset = detect_layout(data)
-    splits, split_kind = prepare_splits(dataset, out, config, write=write)
+def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool = True,
+                given: tuple[Dataset, list[str], str] | None = None) -> tuple[Dataset, list[str], str]:
+    """Detect the layout, make or reuse the split, refuse leaks, and record config.yaml and run.json.
+
+    ``given`` (dataset, splits, kind) is a split made by the caller (a cross-validation fold): it is
+    checked and recorded in ``out/splits.csv`` like any other.
+    """
+    if given is not None:
+        dataset, splits, split_kind = given
+        if write:
+            write_splits(out / "splits.csv", dataset.samples, splits)
+    else:
+        dataset = detect_layout(data)
+        splits, split_kind = prepare_splits(dataset, out, config, write=write)
     check_classes(dataset, splits)
     check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
     if write:

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +22,21 @@ import torch
 
 from .checkpoint import ModelCard, Preprocessing, build_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
-from .data.splits import seen_images
+from .data import Dataset
+from .data.splits import make_folds, seen_images
 from .distributed import World, close, init_world, unwrap, weights_digest, wrap
 from .errors import LeukoscopeError
 from .evaluate import evaluate, headline
 from .inference import Predictor
 from .models import create_model, training_memory_format
-from .progress import note
+from .io import atomic_write
+from .progress import note, progress
 from .refit import refit_classifier
 from .runs import calibrate, load_split_images, prepare_output_folder, prepare_run, seed_everything
 from .runtime import keep_freed_memory
 from .train_classical import train_classical
 from .trainer import Trainer, channel_stats, class_weights, load_context, resolve_precision
+from .transfer import describe, head_name, init_from_parent, load_parent, parent_stats
 
 
 def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, command: str = "", resume: bool = False,
@@ -47,39 +51,89 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
         prepare_output_folder(out, force=force)
     if resume and config.method != "cnn":
         raise LeukoscopeError(f"--resume applies to CNN training; re-run the {config.method} training instead (features are cached)")
+    if config.cv:
+        if resume or config.method != "cnn":
+            raise LeukoscopeError("--cv runs CNN trainings from scratch: give no --resume and no classical --method")
+        return cross_validate(data, Path(out), config, command)
     return TRAINERS[config.method](data, Path(out), config, command, resume)
 
 
-def train_cnn(data: str | os.PathLike, out: Path, config: TrainConfig, command: str = "", resume: bool = False) -> dict[str, Any]:
+def train_cnn(data: str | os.PathLike, out: Path, config: TrainConfig, command: str = "", resume: bool = False,
+              given: tuple | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     keep_freed_memory()
     world, device = init_world(config.device)
     try:
-        return _train_cnn(data, out, config, command, resume, world, device, started)
+        return _train_cnn(data, out, config, command, resume, world, device, started, given)
     finally:
         close(world)
 
 
-def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool, world: World, device: torch.device, started: float) -> dict[str, Any]:
+CV_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "loss")
+
+
+def cross_validate(data: str | os.PathLike, out: Path, config: TrainConfig, command: str = "") -> dict[str, Any]:
+    """k-fold cross-validation over the train and val images of the split; the test split is not touched.
+
+    Folds are stratified by class and grouped exactly like the split (patients, identical bytes).
+    Each fold trains a model into ``out/cv/fold_N`` and is scored on its held-out fold; ``cv.json``
+    holds every fold's validation metrics and their mean and standard deviation. Choose recipes on
+    these numbers, never on a test split.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    dataset, splits, split_kind = prepare_run(data, out, config, command)
+    pool = [i for i, k in enumerate(splits) if k != "test"]
+    folds = make_folds(dataset, pool, config.cv, config.split_seed_value, config.split_by)
+    subset = Dataset(dataset.root, dataset.layout, [dataset.samples[i] for i in pool], dataset.classes, dataset.notes)
+    fold_config = replace(config, cv=None)
+    rows = []
+    for fold in progress(range(config.cv), desc=f"cross-validation, {config.cv} folds", unit="fold"):
+        fold_splits = ["val" if f == fold else "train" for f in folds]
+        metrics = train_cnn(data, out / "cv" / f"fold_{fold + 1}", fold_config, command, given=(subset, fold_splits, split_kind))
+        rows.append({"fold": fold + 1, "n_train": fold_splits.count("train"), "n_val": fold_splits.count("val"),
+                     **{m: metrics["val"][m] for m in CV_METRICS}})
+        note(f"fold {fold + 1}/{config.cv}: " + ", ".join(f"{m} {rows[-1][m]:.4f}" for m in CV_METRICS))
+    summary = {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows], ddof=1))} for m in CV_METRICS}
+    result = {"k": config.cv, "split_kind": split_kind, "images": len(pool), "config": config.to_dict(), "command": command,
+              "folds": rows, "summary": summary}
+    with atomic_write(out / "cv.json") as handle:
+        json.dump(result, handle, indent=2)
+    print(f"{'fold':>6} " + " ".join(f"{m:>17}" for m in CV_METRICS))
+    for r in rows:
+        print(f"{r['fold']:>6} " + " ".join(f"{r[m]:>17.4f}" for m in CV_METRICS))
+    print(f"{'mean':>6} " + " ".join(f"{summary[m]['mean']:>9.4f} ± {summary[m]['std']:.4f}" for m in CV_METRICS))
+    return {"cv": result}
+
+
+def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool, world: World, device: torch.device, started: float,
+               given: tuple | None = None) -> dict[str, Any]:
     resume_state = load_resume_state(out) if resume else None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     rngs = seed_everything(config.seed, world.rank, world.size)
-    dataset, splits, split_kind = prepare_run(data, out, config, command, write=world.is_main)
+    dataset, splits, split_kind = prepare_run(data, out, config, command, write=world.is_main, given=given)
     tensors, labels, dataset, splits = load_split_images(dataset, splits, config.image_size, config.crop)
-    stats = channel_stats(tensors["train"])
     model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs)
+    parent, head = None, None
+    if config.init:
+        if world.distributed and config.freeze_epochs:
+            raise LeukoscopeError("--freeze-epochs cannot run under torchrun (DistributedDataParallel needs every weight trainable)")
+        parent, record = load_parent(config.init, config)
+        init_from_parent(model, parent)
+        head = head_name(model)
+        note(describe(record))
+    stats = parent_stats(parent) if parent else channel_stats(tensors["train"])  # a backbone expects its own normalisation
     model = model.to(device, memory_format=training_memory_format(model, device))
     bf16 = resolve_precision(config, device, model)
     card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1])),
                      config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
-            "seen_images": seen_images(dataset, splits)}
+            "seen_images": seen_images(dataset, splits), **({"parent": record} if parent else {})}
     if resume_state is not None:
         model.load_state_dict(resume_state["weights"])
     model = wrap(model, world, device, config.sync_bn, config.batch_size)
     trainer = Trainer(model, config, stats, rngs, device, world, bf16, class_weights(labels["train"], len(dataset.classes), config.class_balance),
-                      steps_per_epoch=max(1, len(tensors["train"]) // config.batch_size))
+                      steps_per_epoch=max(1, len(tensors["train"]) // config.batch_size), head=head)
     context = load_context(dataset, splits, config)
     history, best_epoch = trainer.fit(tensors, labels, meta, out, resume_state, context)
     if world.distributed:
@@ -98,7 +152,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     predictor.temperature = checkpoint["temperature"] = calibrate(predictor, tensors["val"], labels["val"])
     info = {"model": str(out / "model.pt"), "arch": config.arch, "data": str(data), "layout": dataset.layout,
             "split_kind": split_kind, "config": config.to_dict(), "train_seconds": round(train_seconds, 1),
-            "temperature": round(checkpoint["temperature"], 4), "world_size": world.size}
+            "temperature": round(checkpoint["temperature"], 4), "world_size": world.size, "parent": describe(meta.get("parent"))}
     metrics = evaluate(predictor, dataset, splits, out, info=info, history=history, images=tensors, target_sensitivity=config.target_sensitivity)
     checkpoint["metrics"] = headline(metrics)
     checkpoint["train_seconds"] = round(train_seconds, 1)

@@ -27,6 +27,7 @@ from .errors import LeukoscopeError
 from .metrics import balanced_accuracy, confusion_matrix
 from .models import cpu_bf16_safe, training_memory_format
 from .progress import note, progress
+from .transfer import is_head
 from .transforms import eval_transform, train_transform
 
 
@@ -80,10 +81,18 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model: nn.Module, config: TrainConfig, head: str | None = None) -> torch.optim.Optimizer:
+    """AdamW (or SGD) without weight decay on biases and norms; with ``head`` (fine-tuning), the
+    backbone's groups run at ``config.backbone_lr`` times the learning rate (each group's ``lr_scale``)."""
+    groups = []
+    for in_head in ((False, True) if head else (False,)):
+        named = [(n, p) for n, p in model.named_parameters() if head is None or is_head(n, head) == in_head]
+        scale = 1.0 if in_head or head is None else config.backbone_lr
+        for decayed in (True, False):
+            params = [p for _, p in named if (p.ndim > 1) == decayed]
+            if params:
+                groups.append({"params": params, "weight_decay": config.weight_decay if decayed else 0.0, "lr": config.lr * scale,
+                               "lr_scale": scale})
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr)
@@ -140,13 +149,24 @@ class Trainer:
     bf16: bool = False
     class_weights: torch.Tensor | None = None
     steps_per_epoch: int = 1
+    head: str | None = None  # fine-tuning: the new classifier's name (see transfer.head_name); the rest is the backbone
 
     def __post_init__(self) -> None:
-        self.optimizer = build_optimizer(self.model, self.config)
+        self.optimizer = build_optimizer(unwrap(self.model), self.config, self.head)
         total = self.steps_per_epoch * self.config.epochs + self.config.epochs
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=self.config.lr, total_steps=total, pct_start=0.15)
+        max_lr = [self.config.lr * g["lr_scale"] for g in self.optimizer.param_groups]
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=max_lr, total_steps=total, pct_start=0.15)
         self.ema = make_ema(unwrap(self.model), self.config.ema)
         self.layout = training_memory_format(unwrap(self.model), self.device)
+        self.frozen = False
+
+    def freeze_backbone(self, frozen: bool) -> None:
+        """Train the head alone (``frozen``): the backbone's weights get no gradient and its BatchNorm
+        statistics stay as the parent left them."""
+        self.frozen = frozen and self.head is not None
+        for name, parameter in unwrap(self.model).named_parameters():
+            if self.head is not None and not is_head(name, self.head):
+                parameter.requires_grad_(not self.frozen)
 
     @property
     def evaluated(self) -> nn.Module:
@@ -160,6 +180,10 @@ class Trainer:
         """
         config, world = self.config, self.world
         self.model.train()
+        if self.frozen:
+            for module in unwrap(self.model).modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         order = torch.randperm(len(images), generator=self.rngs["order"])
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         if len(batches) > 1 and len(batches[-1]) < 2 * world.size:
@@ -208,6 +232,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             size = config.train_size(epoch)
+            self.freeze_backbone(epoch <= config.freeze_epochs)
             train_loss, train_acc = self.train_epoch(train_images, labels["train"], size, view)
             sync_buffers(self.model, world)
             evaluated = self.evaluated
@@ -234,6 +259,7 @@ class Trainer:
                 write_history(out / "history.csv", state["history"])
             if state["stale"] >= patience and world.is_main:
                 note(f"early stopping at epoch {epoch}: no validation improvement for {patience} epochs")
+        self.freeze_backbone(False)
         unwrap(self.model).load_state_dict(state["best_state"])
         return state["history"], state["best_epoch"]
 

@@ -74,6 +74,15 @@ def make_splits(
         raise LeukoscopeError(f"--split-by must be 'patient' or 'image', got {by!r}")
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise LeukoscopeError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    groups, use_patients = split_groups(dataset, by)
+    assignment = _deal_groups(groups, dataset.samples, fractions, np.random.default_rng(seed))
+    kind = "patient" if use_patients else ("image" if by == "image" else "image (no patient ids known)")
+    return assignment, kind
+
+
+def split_groups(dataset: Dataset, by: str = "patient") -> tuple[list[list[int]], bool]:
+    """Indices that must stay together in any split: one patient's images (when splitting by patient
+    and ids are known) and byte-identical files. Returns (groups, grouped by patient)."""
     samples = dataset.samples
     uf = _UnionFind(len(samples))
     use_patients = by == "patient" and dataset.has_patients
@@ -87,9 +96,31 @@ def make_splits(
     members: dict[int, list[int]] = defaultdict(list)
     for i in range(len(samples)):
         members[uf.find(i)].append(i)
-    assignment = _deal_groups(list(members.values()), samples, fractions, np.random.default_rng(seed))
-    kind = "patient" if use_patients else ("image" if by == "image" else "image (no patient ids known)")
-    return assignment, kind
+    return list(members.values()), use_patients
+
+
+def make_folds(dataset: Dataset, pool: list[int], k: int, seed: int = 0, by: str = "patient") -> list[int]:
+    """The fold (0..k-1) of each index in ``pool``: stratified by class and grouped as the split is
+    (a patient or identical bytes never in two folds), with scikit-learn's StratifiedGroupKFold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    group_of = {}
+    for g, members in enumerate(split_groups(dataset, by)[0]):
+        for i in members:
+            group_of[i] = g
+    labels = [dataset.samples[i].label for i in pool]
+    smallest = min(Counter(labels).values())
+    groups = len({group_of[i] for i in pool})
+    if smallest < k or groups < k:
+        most = min(smallest, groups)
+        raise LeukoscopeError(f"--cv {k}: train+val holds {groups} groups (patients or images) and its smallest class {smallest} "
+                              f"images; use at most {most} folds")
+    folds = [0] * len(pool)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for fold, (_, held) in enumerate(splitter.split(pool, labels, [group_of[i] for i in pool])):
+        for j in held:
+            folds[j] = fold
+    return folds
 
 
 def _deal_groups(groups, samples: list[Sample], fractions, rng) -> list[str]:

@@ -1,0 +1,127 @@
+"""Fine-tuning from our own models (--init): backbone kept, head new, freezing, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TRAIN, make_image_folder
+from leukoscope import load_model
+from leukoscope.checkpoint import load_checkpoint
+from leukoscope.cli import main
+from leukoscope.errors import LeukoscopeError
+from leukoscope.models import create_model
+from leukoscope.transfer import head_name, init_from_parent
+
+
+def _three_classes(root):
+    """The two synthetic classes plus a third: the normal cells with their colour channels reversed."""
+    data = make_image_folder(root, n_per_class=10, seed=3)
+    (data / "third").mkdir()
+    for i, path in enumerate(sorted((data / "normal").glob("*.png"))):
+        Image.fromarray(np.asarray(Image.open(path))[::-1, :, ::-1].copy()).save(data / "third" / f"third_{i}.png")
+    return data
+
+
+@pytest.mark.parametrize("arch, head", [("cellnet_tiny", "classifier"), ("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3")])
+def test_init_keeps_the_backbone_and_replaces_the_head(arch, head):
+    parent_model = create_model(arch, 2)
+    parent = {"state_dict": parent_model.state_dict()}
+    child = create_model(arch, 5)
+    assert head_name(child) == head
+    copied = init_from_parent(child, parent)
+    child_state = child.state_dict()
+    assert copied and all(torch.equal(child_state[n], parent["state_dict"][n]) for n in copied)
+    assert child_state[f"{head}.weight"].shape[0] == 5 and not any(n.startswith(head + ".") for n in copied)
+
+
+def test_fine_tuning_with_a_frozen_backbone(tiny_run, tmp_path):
+    _, parent_run = tiny_run
+    data = _three_classes(tmp_path / "three")
+    out = tmp_path / "child"
+    assert main(["train", str(data), "--out", str(out), "--init", str(parent_run), "--epochs", "2", "--batch-size", "8",
+                 "--freeze-epochs", "2"]) == 0
+    parent, child = load_checkpoint(parent_run / "model.pt"), load_checkpoint(out / "model.pt")
+    assert child["class_names"] == ["blast", "normal", "third"] and child["arch"] == "cellnet_tiny"
+    assert child["image_size"] == parent["image_size"] and child["mean"] == parent["mean"]  # the parent's input settings
+    head = "classifier"
+    for name, tensor in parent["state_dict"].items():
+        if not name.startswith(head):
+            assert torch.equal(child["state_dict"][name], tensor), f"{name} changed while frozen"
+    assert child["state_dict"]["classifier.weight"].shape == (3, parent["state_dict"]["classifier.weight"].shape[1])
+    assert child["parent"]["sha256"] and child["parent"]["name"] == str(parent_run)
+    assert "fine-tuned from" in (out / "report.html").read_text().lower()
+    assert len(load_model(out).predict(data / "third")) == 10
+
+
+def test_unfrozen_fine_tuning_moves_the_backbone_at_its_own_rate(tiny_run, tmp_path):
+    _, parent_run = tiny_run
+    data = _three_classes(tmp_path / "three")
+    out = tmp_path / "child"
+    assert main(["train", str(data), "--out", str(out), "--init", str(parent_run), "--epochs", "2", "--batch-size", "8",
+                 "--backbone-lr", "0.1"]) == 0
+    parent, child = load_checkpoint(parent_run / "model.pt"), load_checkpoint(out / "model.pt")
+    changed = [n for n, t in parent["state_dict"].items() if t.is_floating_point() and not n.startswith("classifier")
+               and not torch.equal(child["state_dict"][n], t)]
+    assert changed  # trained, not frozen
+
+
+def test_refusals(tiny_run, tmp_path, capsys):
+    data, parent_run = tiny_run
+    cases = [
+        (["--init", str(parent_run), "--arch", "resnet18"], "it cannot initialise --arch resnet18"),
+        (["--freeze-epochs", "2"], "freeze_epochs and backbone_lr need init"),
+        (["--init", str(parent_run), "--method", "svm"], "apply to CNN training"),
+        (["--init", "pcb"], "did you mean 'pbc'"),
+    ]
+    for i, (flags, message) in enumerate(cases):
+        assert main(["train", str(data), "--out", str(tmp_path / f"r{i}"), *TINY_TRAIN, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    onnx = tmp_path / "m.onnx"
+    assert main(["export", str(parent_run), "--out", str(onnx)]) == 0
+    assert main(["train", str(data), "--out", str(tmp_path / "r9"), *TINY_TRAIN, "--init", str(onnx)]) == 2
+    assert "without PyTorch weights" in capsys.readouterr().err
+
+
+def test_folds_are_stratified_and_never_split_a_patient(tmp_path):
+    from collections import Counter
+
+    from leukoscope.data import detect_layout
+    from leukoscope.data.splits import make_folds
+
+    rng = np.random.default_rng(0)
+    for label, tag in (("all", ""), ("hem", "H")):
+        (tmp_path / label).mkdir()
+        for patient in range(6):
+            for cell in range(4):
+                image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                Image.fromarray(image).save(tmp_path / label / f"UID_{tag}{patient + 1}_{cell}_1_{label}.bmp")
+    dataset = detect_layout(tmp_path)
+    pool = list(range(len(dataset.samples)))
+    folds = make_folds(dataset, pool, 3, seed=0)
+    by_patient = {}
+    for i, fold in zip(pool, folds):
+        by_patient.setdefault(dataset.samples[i].patient, set()).add(fold)
+    assert all(len(f) == 1 for f in by_patient.values())  # a patient's cells in one fold
+    per_fold = Counter((fold, dataset.samples[i].label) for i, fold in zip(pool, folds))
+    assert all(per_fold[(f, c)] == 8 for f in range(3) for c in ("all", "hem"))  # 2 patients x 4 cells of each class
+    with pytest.raises(LeukoscopeError, match="use at most"):
+        make_folds(dataset, pool[:5], 3)
+
+
+def test_cross_validation_writes_every_fold(tmp_path, capsys):
+    import json
+
+    data = make_image_folder(tmp_path / "data", n_per_class=15)
+    assert main(["train", str(data), "--out", str(tmp_path / "cv"), *TINY_TRAIN, "--cv", "3"]) == 0
+    result = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert result["k"] == 3 and [f["fold"] for f in result["folds"]] == [1, 2, 3]
+    assert sum(f["n_val"] for f in result["folds"]) == result["images"] < 30  # test images are held out
+    accs = [f["accuracy"] for f in result["folds"]]
+    assert result["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert result["summary"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+    assert "± " in capsys.readouterr().out
+    splits = [line.split(",")[-1] for line in (tmp_path / "cv" / "cv" / "fold_1" / "splits.csv").read_text().splitlines()[1:]]
+    assert set(splits) == {"train", "val"}
