@@ -25,7 +25,7 @@ from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
 from leukoscope.evaluate import headline, predict_logits
 from leukoscope.inference import TTA_MODES, Predictor
-from leukoscope.metrics import WBC_TYPES, softmax, summarize, wilson_interval
+from leukoscope.metrics import WBC_TYPES, positive_index, softmax, summarize, wilson_interval
 from leukoscope.runs import calibrate
 
 WBC5 = list(WBC_TYPES)
@@ -51,10 +51,16 @@ def split_probs(predictor: Predictor, data: Path, run: Path, split: str) -> tupl
     return labels, probs
 
 
-def extra_metrics(names: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, float | list[float]]:
-    """Task-level test numbers with Wilson 95% intervals, from the model's own (all-class) calls."""
+def extra_metrics(names: list[str], labels: np.ndarray, probs: np.ndarray, calls: np.ndarray | None = None) -> dict[str, float | list[float]]:
+    """Task-level test numbers with Wilson 95% intervals, from the model's own calls (its threshold, if any)."""
     out: dict[str, float | list[float]] = {}
-    calls = probs.argmax(1)
+    calls = probs.argmax(1) if calls is None else calls
+    if len(names) == 2:
+        pos = positive_index(names)
+        for key, mask, hit in ((f"{names[pos]}_sensitivity", labels == pos, calls == pos),
+                               (f"{names[1 - pos]}_specificity", labels != pos, calls != pos)):
+            hits, n = int((hit & mask).sum()), int(mask.sum())
+            out[key], out[f"{key}_ci"] = hits / n, list(wilson_interval(hits, n))
     if "Benign" in names:
         benign = names.index("Benign")
         malignant_true, malignant_pred = labels != benign, calls != benign
@@ -100,7 +106,7 @@ def main() -> None:
         labels, probs = split_probs(half, args.data, args.run, split)
         calls = np.array([half.decide(p) for p in probs])  # the operating threshold, where the model has one
         checkpoint["metrics"].update(headline({split: summarize(labels, probs, half.class_names, y_pred=calls)}))
-    checkpoint["extra_metrics"] = extra_metrics(half.class_names, labels, probs)
+    checkpoint["extra_metrics"] = extra_metrics(half.class_names, labels, probs, calls)
     checkpoint["bundled_name"] = args.name
     card_file = CONFIGS / f"{args.name}.card.yaml"
     checkpoint["card"] = yaml.safe_load(card_file.read_text()) if card_file.is_file() else {}

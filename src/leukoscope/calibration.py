@@ -30,17 +30,25 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, min_images: int 
         return F.cross_entropy(logits * inverse_t, labels).item()
 
     result = minimize_scalar(nll, bounds=(1 / T_MAX, 1 / T_MIN), method="bounded", options={"xatol": 1e-5})
-    return float(np.clip(1 / result.x, T_MIN, T_MAX))
+    temperature = float(np.clip(1 / result.x, T_MIN, T_MAX))
+    # At the lower bound the likelihood still wanted sharper probabilities: validation is (nearly)
+    # perfectly separated and says nothing about calibration, so no sharpening is applied.
+    return 1.0 if np.isclose(temperature, T_MIN, rtol=1e-3) else temperature
 
 
-def temperature_warning(n_images: int, temperature: float) -> str | None:
-    """A warning to show beside a fitted temperature, or None when it can be trusted."""
+def temperature_warning(n_images: int, temperature: float, separated: bool = False) -> str | None:
+    """A warning to show beside a fitted temperature, or None when it can be trusted.
+
+    ``separated``: the fit wanted to sharpen beyond T_MIN and fell back to T = 1.
+    """
     if n_images < MIN_IMAGES:
         return f"only {n_images} validation image{'s' if n_images != 1 else ''}: temperature not fitted (T = 1, probabilities uncalibrated)"
-    at_bound = np.isclose(temperature, T_MIN, rtol=1e-3) or np.isclose(temperature, T_MAX, rtol=1e-3)
-    if at_bound:
-        return (f"temperature T = {temperature:.2f} stopped at its bound [{T_MIN}, {T_MAX}]: the validation split "
-                f"({n_images} images) cannot calibrate this model well")
+    if separated:
+        return (f"the validation split ({n_images} images) is separated perfectly, so it cannot calibrate the model: T = 1 "
+                "(probabilities as trained, uncalibrated)")
+    if np.isclose(temperature, T_MAX, rtol=1e-3):
+        return (f"temperature T = {temperature:.2f} stopped at its bound {T_MAX}: the validation split ({n_images} images) "
+                "cannot calibrate this model well")
     if n_images < FEW_IMAGES:
         return f"temperature T = {temperature:.2f} fitted on only {n_images} validation images: calibration is uncertain"
     return None

@@ -10,7 +10,8 @@ from typing import Any
 from .metrics import wilson_interval
 
 EXTRA_LABELS = {"wbc5_accuracy": "accuracy on the cells of the 5 WBC types (the model's call over all its classes)",
-                "malignant_sensitivity": "malignant (Early, Pre, Pro) sensitivity", "benign_specificity": "benign specificity"}
+                "malignant_sensitivity": "malignant (Early, Pre, Pro) sensitivity", "benign_specificity": "benign specificity",
+                "blast_sensitivity": "blast sensitivity at the operating threshold", "normal_specificity": "normal specificity"}
 SCORES = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("roc_auc", "ROC AUC"))
 
 

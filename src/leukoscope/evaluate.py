@@ -139,7 +139,10 @@ def choose_threshold(predictor: Predictor, results: dict, target: float) -> None
     if "val" not in results:
         raise LeukoscopeError("--target-sensitivity needs a validation split to choose the threshold on")
     val, pos = results["val"], predictor.positive_index
-    predictor.threshold = threshold_for_sensitivity(val["y"] == pos, val["probs"][:, pos], target)
+    # Never above 0.5 (the argmax rule): a sensitivity target may only lower the bar. On a small,
+    # well-separated validation split the highest threshold that keeps the target is just below the
+    # least confident blast, which would miss any new blast a little below it.
+    predictor.threshold = min(0.5, threshold_for_sensitivity(val["y"] == pos, val["probs"][:, pos], target))
     predictor.checkpoint["threshold"], predictor.checkpoint["positive_index"] = predictor.threshold, pos
 
 

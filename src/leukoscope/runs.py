@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .calibration import fit_temperature, temperature_warning
+from .calibration import MIN_IMAGES, fit_temperature, temperature_warning
 from .config import TrainConfig, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
 from .data.dataset import decode_many
@@ -160,6 +160,7 @@ def calibrate(predictor: Predictor, images: torch.Tensor, labels: np.ndarray, ba
         return 1.0
     logits = torch.cat([predictor.logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
     temperature = fit_temperature(logits, torch.from_numpy(labels))
-    if (warning := temperature_warning(len(images), temperature)) is not None:
+    separated = temperature == 1.0 and len(images) >= MIN_IMAGES and bool((logits.argmax(1).numpy() == labels).all())
+    if (warning := temperature_warning(len(images), temperature, separated)) is not None:
         note(f"warning: {warning}")
     return temperature
