@@ -125,3 +125,19 @@ def test_cross_validation_writes_every_fold(tmp_path, capsys):
     assert "± " in capsys.readouterr().out
     splits = [line.split(",")[-1] for line in (tmp_path / "cv" / "cv" / "fold_1" / "splits.csv").read_text().splitlines()[1:]]
     assert set(splits) == {"train", "val"}
+
+
+def test_track_logs_options_and_validation_metrics_to_a_local_mlflow_store(tmp_path):
+    mlflow = pytest.importorskip("mlflow", reason="the [track] extra (mlflow-skinny) is not installed")
+    data = make_image_folder(tmp_path / "data", n_per_class=12)
+    store = tmp_path / "mlruns"
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--track", str(store)]) == 0
+    mlflow.set_tracking_uri(store.resolve().as_uri())  # the run set MLFLOW_ALLOW_FILE_STORE for this process
+    runs = mlflow.search_runs(experiment_names=["data"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["arch"] == "cellnet_tiny" and run.data.params["augment.hue"] == "0.0"
+    assert "val_accuracy" in run.data.metrics and "train_accuracy" in run.data.metrics
+    assert not any(key.startswith("test_") for key in run.data.metrics)  # never the test split
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "report.html", "history.csv"} <= artifacts

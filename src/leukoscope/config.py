@@ -63,6 +63,8 @@ class TrainConfig:
     backbone_lr: float = option(1.0, "with init: the backbone's learning rate as a fraction of lr (e.g. 0.1)")
     cv: int | None = option(None, "k-fold cross-validation over train+val (grouped and stratified like the split) instead of one "
                                   "training: writes cv.json with each fold's validation metrics and their mean and std")
+    track: str | None = option(None, "log this run's options, train/val metrics and files to a local MLflow store in this folder "
+                                     "(needs pip install 'leukoscope[track]')")
     method: str = option("cnn", "cnn, or a classical method: svm, mlp, cnn-rf or wbc-two-stage", METHODS)
     backbone: str | None = option(None, "cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
     augment: AugmentConfig = option(None, "augmentation options as YAML, e.g. '{hue: 0.03, blur_p: 0.1}' (unnamed ones keep their defaults)",

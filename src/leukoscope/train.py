@@ -9,6 +9,7 @@ shares (folder, seeds, split, decoding, temperature) in ``runs``, classical meth
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -34,6 +35,7 @@ from .progress import note, progress
 from .refit import refit_classifier
 from .runs import calibrate, load_split_images, prepare_output_folder, prepare_run, seed_everything
 from .runtime import keep_freed_memory
+from .tracking import log_run, require_mlflow
 from .train_classical import train_classical
 from .trainer import Trainer, channel_stats, class_weights, load_context, resolve_precision
 from .transfer import describe, head_name, init_from_parent, load_parent, parent_stats
@@ -51,11 +53,26 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
         prepare_output_folder(out, force=force)
     if resume and config.method != "cnn":
         raise LeukoscopeError(f"--resume applies to CNN training; re-run the {config.method} training instead (features are cached)")
+    if config.track:
+        require_mlflow()  # before hours of training, not after
     if config.cv:
         if resume or config.method != "cnn":
             raise LeukoscopeError("--cv runs CNN trainings from scratch: give no --resume and no classical --method")
-        return cross_validate(data, Path(out), config, command)
-    return TRAINERS[config.method](data, Path(out), config, command, resume)
+        metrics = cross_validate(data, Path(out), config, command)
+    else:
+        metrics = TRAINERS[config.method](data, Path(out), config, command, resume)
+    if config.track and metrics:  # rank 0 only: other ranks return no metrics
+        history = read_history(Path(out) / "history.csv")
+        run_id = log_run(config.track, Path(out), data, config.to_dict(), metrics, history)
+        note(f"tracked in MLflow store {config.track} (run {run_id})")
+    return metrics
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
 def train_cnn(data: str | os.PathLike, out: Path, config: TrainConfig, command: str = "", resume: bool = False,
