@@ -33,13 +33,17 @@ test: setup browser
 browser:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)); } || echo "chromium not installed: the browser test will be skipped"
 
-# Train and bundle the shipped models (about 33 minutes on 2 CPU cores; blast fine-tunes the new pbc). Both predict without
-# TTA by default (--tta flip or --tta to turn it on).
+# Train and bundle the shipped models (about 33 minutes on 2 CPU cores; blast fine-tunes the new pbc), each on the split
+# it was bundled with (configs/NAME.splits.csv). They predict without TTA by default (--tta flip or --tta dihedral to turn it on).
 models: setup
+	mkdir -p runs/aria-all runs/pbc runs/blast
+	cp configs/aria-all.splits.csv runs/aria-all/splits.csv
 	$(BIN)/leukoscope train $(SHARED)/aria_all --out runs/aria-all --config configs/aria-all.yaml --force
 	$(BIN)/python tools/bundle_model.py runs/aria-all --name aria-all --data $(SHARED)/aria_all
+	cp configs/pbc.splits.csv runs/pbc/splits.csv
 	$(BIN)/leukoscope train $(SHARED)/pbc --out runs/pbc --config configs/pbc.yaml --force
 	$(BIN)/python tools/bundle_model.py runs/pbc --name pbc --data $(SHARED)/pbc
+	cp configs/blast.splits.csv runs/blast/splits.csv
 	$(BIN)/leukoscope train $(SHARED)/all_idb2 --out runs/blast --config configs/blast.yaml --force
 	$(BIN)/python tools/bundle_model.py runs/blast --name blast --data $(SHARED)/all_idb2
 

@@ -1,5 +1,6 @@
 from collections import defaultdict
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -15,7 +16,8 @@ def _patient_dataset(tmp_path, n_patients=12, per_patient=5):
         for i in range(per_patient):
             path = tmp_path / label / f"UID_{p}_{i}_1_{label}.bmp"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.new("RGB", (3, 3), (p, i, 7)).save(path)  # distinct bytes per image
+            pixels = np.random.default_rng(100 * p + i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)  # distinct pictures, not only distinct bytes
             samples.append(Sample(path.relative_to(tmp_path).as_posix(), label, f"P{p}"))
     return Dataset(tmp_path, "test", samples, ["all", "hem"])
 
@@ -76,3 +78,32 @@ def test_bad_fractions_rejected(tmp_path, fractions):
     ds = _patient_dataset(tmp_path, n_patients=4, per_patient=1)
     with pytest.raises(LeukoscopeError, match="fractions"):
         make_splits(ds, fractions)
+
+
+def test_near_duplicates_stay_in_one_split_and_are_reported(tmp_path):
+    """A picture saved again as JPEG and slightly resized is not byte-identical, but is the same picture."""
+    from PIL import Image
+
+    from conftest import make_image_folder
+    from leukoscope.data import detect_layout, make_splits
+    from leukoscope.data.check import check_data
+    from leukoscope.data.splits import near_duplicate_pairs
+
+    data = make_image_folder(tmp_path / "data", n_per_class=20, size=64)
+    original = data / "blast" / "blast_000.png"
+    copy = Image.open(original).convert("RGB").resize((70, 70))
+    copy.save(data / "blast" / "copy_of_000.jpg", quality=85)
+    copy.save(data / "normal" / "mislabelled_copy.jpg", quality=70)
+    dataset = detect_layout(data)
+    index = {s.path: i for i, s in enumerate(dataset.samples)}
+    pairs = {tuple(sorted((dataset.samples[i].path, dataset.samples[j].path))) for i, j in near_duplicate_pairs([dataset.abspath(s) for s in dataset.samples])}
+    assert ("blast/blast_000.png", "blast/copy_of_000.jpg") in pairs
+    distinct = [p for p in pairs if "copy" not in p[0] + p[1] and "blast_000" not in p[0] + p[1]]
+    assert not distinct, distinct  # different synthetic cells are not near-duplicates
+    for seed in range(5):
+        splits, _ = make_splits(dataset, (0.6, 0.2, 0.2), seed)
+        group = {splits[index[p]] for p in ("blast/blast_000.png", "blast/copy_of_000.jpg", "normal/mislabelled_copy.jpg")}
+        assert len(group) == 1, (seed, group)
+    report = check_data(data)
+    assert any(len(d["labels"]) == 2 for d in report["near_duplicates"])
+    assert any("across classes" in w for w in report["warnings"])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..io import ImageReadError, load_rgb
 from .layouts import detect_layout
-from .splits import duplicate_groups
+from .splits import duplicate_groups, near_duplicate_pairs
 
 
 def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None]:
@@ -38,18 +38,24 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
     for group in duplicate_groups(paths):
         labels = sorted({dataset.samples[i].label for i in group})
         duplicates.append({"paths": [dataset.samples[i].path for i in group], "labels": labels, "conflict": len(labels) > 1})
+    near = [{"paths": [dataset.samples[i].path, dataset.samples[j].path],
+             "labels": sorted({dataset.samples[i].label, dataset.samples[j].label})} for i, j in near_duplicate_pairs(paths)]
     counts = Counter(s.label for s in dataset.samples)
     patients: dict[str, set] = defaultdict(set)
     for s in dataset.samples:
         if s.patient:
             patients[s.label].add(s.patient)
     conflicts = [d for d in duplicates if d["conflict"]]
+    near_conflicts = [d for d in near if len(d["labels"]) > 1]
     errors = [f"{len(unreadable)} unreadable file(s)"] * bool(unreadable) + [f"{len(conflicts)} duplicate(s) with different labels"] * bool(conflicts)
+    warnings = [f"{len(duplicates) - len(conflicts)} duplicate group(s) within one class"] * bool(len(duplicates) - len(conflicts))
+    warnings += [f"{len(near)} near-duplicate pair(s) (perceptual hash), {len(near_conflicts)} of them across classes; "
+                 "splits keep each pair together"] * bool(near)
     return {
         "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes, "images": len(dataset.samples),
         "classes": {c: {"images": counts[c], "patients": len(patients[c])} for c in dataset.classes},
-        "sizes": _size_stats(sizes), "unreadable": unreadable, "duplicates": duplicates,
-        "errors": errors, "warnings": [f"{len(duplicates) - len(conflicts)} duplicate group(s) within one class"] * bool(len(duplicates) - len(conflicts)),
+        "sizes": _size_stats(sizes), "unreadable": unreadable, "duplicates": duplicates, "near_duplicates": near,
+        "errors": errors, "warnings": warnings,
         "ok": not errors,
     }
 
@@ -77,6 +83,9 @@ def format_report(report: dict[str, Any]) -> str:
     for dup in report["duplicates"][:20]:
         kind = "CONFLICT (different labels)" if dup["conflict"] else "duplicate"
         lines.append(f"{kind}: {', '.join(dup['paths'][:4])} [{', '.join(dup['labels'])}]")
+    for near in sorted(report["near_duplicates"], key=lambda d: len(d["labels"]), reverse=True)[:20]:
+        kind = "near-duplicate ACROSS CLASSES" if len(near["labels"]) > 1 else "near-duplicate"
+        lines.append(f"{kind}: {', '.join(near['paths'])} [{', '.join(near['labels'])}]")
     lines += [""] + [f"note: {n}" for n in report["notes"]] + [f"warning: {w}" for w in report["warnings"]]
     lines += [f"error: {e}" for e in report["errors"]] + [f"result: {'OK' if report['ok'] else 'PROBLEMS FOUND'}"]
     return "\n".join(lines)
