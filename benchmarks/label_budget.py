@@ -101,6 +101,7 @@ def plot(rows: list[dict], path: Path) -> None:
         high = [r["bacc_ci"][1] - r["balanced_accuracy"] for r in mine]
         ax.errorbar(x, y, yerr=[low, high], fmt=style, capsize=3, label=start)
     ax.set(xscale="log", xlabel="labelled images per class (bccd_wbc)", ylabel="test balanced accuracy", title="How much must a lab label?")
+    ax.minorticks_off()
     ax.set_xticks([r["n"] for r in rows], [str(r["n"]) for r in rows])
     ax.grid(alpha=0.3)
     ax.legend()
