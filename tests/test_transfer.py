@@ -141,3 +141,32 @@ def test_track_logs_options_and_validation_metrics_to_a_local_mlflow_store(tmp_p
     assert not any(key.startswith("test_") for key in run.data.metrics)  # never the test split
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"config.yaml", "report.html", "history.csv"} <= artifacts
+
+
+def test_adapt_changes_only_the_normalisation_statistics(tiny_run):
+    from leukoscope.adapt import MIN_IMAGES, adapt_batchnorm
+
+    _, run = tiny_run
+    model = load_model(run, backend="torch")
+    images = torch.randint(0, 256, (MIN_IMAGES, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    adapted = adapt_batchnorm(model, images)
+    before, after = model.checkpoint["state_dict"], adapted.checkpoint["state_dict"]
+    changed = {n for n in before if not torch.equal(before[n].float(), after[n].float())}
+    assert changed and all(n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in changed)
+    assert any(n.endswith("running_mean") for n in changed)
+    assert adapted.temperature == model.temperature and adapted.class_names == model.class_names
+    with pytest.raises(LeukoscopeError, match=f"at least {MIN_IMAGES} images"):
+        adapt_batchnorm(model, images[: MIN_IMAGES - 1])
+
+
+def test_adapt_on_the_command_line(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted((data / "blast").glob("*.png"))[:3]:
+        (few / path.name).write_bytes(path.read_bytes())
+    assert main(["predict", str(run), str(few), "--out", str(tmp_path / "p.csv"), "--adapt"]) == 2
+    assert "needs at least 32 images" in capsys.readouterr().err
+    many = make_image_folder(tmp_path / "many", n_per_class=20, seed=5)
+    assert main(["predict", str(run), str(many), "--out", str(tmp_path / "q.csv"), "--adapt"]) == 0
+    assert "re-estimated on 40 images" in capsys.readouterr().err

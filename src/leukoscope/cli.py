@@ -140,7 +140,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
-                               backend=args.backend, force=args.force, class_map=args.class_map, split_file=args.split)
+                               backend=args.backend, force=args.force, class_map=args.class_map, split_file=args.split,
+                               adapt=args.adapt)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -153,10 +154,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     tta = None if args.tta is None else tta_mode(args.tta)
-    predictor = load_model(args.model, backend=args.backend)
+    predictor = load_model(args.model, backend="torch" if args.adapt else args.backend)
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
+    if args.adapt:
+        from .adapt import adapt_batchnorm
+        from .data.dataset import decode_many
+
+        images, errors = decode_many(paths, predictor.image_size, desc="decode for --adapt", crop=predictor.crop)
+        predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]])
+        print(f"normalisation statistics re-estimated on {plural(len(images) - sum(e is not None for e in errors), 'image')}", file=sys.stderr)
     failures = 0
     with atomic_write(args.out, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -315,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="dataset folder")
     p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
     p.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
+    p.add_argument("--adapt", action="store_true",
+                   help="re-estimate the network's normalisation statistics on the test images first (AdaBN, no labels used)")
     p.add_argument("--split", metavar="SPLITS_CSV",
                    help="score each image as the split it has in this splits.csv (a run's), e.g. to reproduce a run's train/val/test")
     p.add_argument("--class-map", metavar="MAP",
@@ -330,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--adapt", action="store_true",
+                   help="re-estimate the network's normalisation statistics on these images first (AdaBN; one lab's folder, 32+ images)")
     _add_tta(p)
     _add_backend(p)
     p.set_defaults(func=cmd_predict)
