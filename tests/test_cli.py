@@ -63,7 +63,8 @@ def test_evaluate_and_predict_round_trip(synthetic_run, tmp_path, capsys):
     assert main(["predict", str(run / "model.pt"), str(data), "--out", str(out)]) == 0
     rows = _rows(out)
     assert len(rows) == 32
-    assert list(rows[0]) == ["path", "label", "confidence", "p_blast", "p_normal", "error"]
+    assert list(rows[0]) == ["path", "label", "confidence", "p_blast", "p_normal", "ood_score", "in_domain", "error"]
+    assert all(float(r["ood_score"]) >= 0 and r["in_domain"] in ("true", "false") for r in rows)
     for row in rows:
         assert row["label"] in ("blast", "normal") and not row["error"]
         assert abs(float(row["p_blast"]) + float(row["p_normal"]) - 1) < 1e-4

@@ -50,3 +50,17 @@ def test_bundled_pbc_model_is_robust_to_perturbation(held_out_wbc, name):
     called = [p.label for p in predictor.predict(perturbed)]  # the model's own 8-class call
     accuracy = float(np.mean(np.array(called) == np.array(labels)))
     assert accuracy >= 0.85, f"{name}: {accuracy:.3f} on {len(paths)} held-out images"
+
+
+def test_ood_score_is_higher_on_another_lab_than_on_held_out_images(held_out_wbc):
+    """A small real sample: 40 held-out PBC cells against 40 BCCD fields from another lab."""
+    from leukoscope.metrics import binary_auc
+
+    predictor, paths, _ = held_out_wbc
+    other = sorted(require(DATA / "bccd_wbc").rglob("*.jpg"))[::8][:40]
+    own = np.array([p.ood_score for p in predictor.predict(paths)])
+    foreign = predictor.predict(other)
+    scores = np.array([p.ood_score for p in foreign])
+    assert binary_auc(np.r_[np.zeros(len(own)), np.ones(len(scores))].astype(bool), np.r_[own, scores]) > 0.9
+    assert sum(p.in_domain is False for p in foreign) > 0.75 * len(foreign)
+    assert sum(p.in_domain is False for p in predictor.predict(paths)) < 0.25 * len(paths)

@@ -35,7 +35,10 @@ def model_card(name: str, checkpoint: dict[str, Any]) -> str:
              f"- Temperature {checkpoint.get('temperature', 1.0):.3f} (fitted on validation); default test-time augmentation: {checkpoint.get('tta') or 'none'}.",
              f"- Trained by: `{checkpoint.get('train_command', '?')}`"
              + (f" in {checkpoint['train_seconds'] / 60:.1f} min" if checkpoint.get("train_seconds") else "") + ".",
-             f"- Data manifest sha256: `{checkpoint.get('data_manifest_sha256', '?')}`.", "",
+             f"- Data manifest sha256: `{checkpoint.get('data_manifest_sha256', '?')}`.",
+             (f"- Out-of-distribution alarm: each prediction's `ood_score` (Mahalanobis distance of its features to the training "
+              f"classes); `in_domain` is false above {checkpoint['ood_threshold']:.1f}, which 95% of the validation images stay below."
+              if checkpoint.get("ood_threshold") is not None else "- No out-of-distribution alarm."), "",
              "## Data", "", card.get("data", "-"), "", f"Licence: {card.get('licence', '-')}.", "", f"Citation: {card.get('citation', '-')}", "",
              "## Split", "", card.get("split", checkpoint.get("split_kind", "-")), "",
              "## Metrics (measured once, when bundled)", "", "| split | images | " + " | ".join(label for _, label in SCORES) + " |",

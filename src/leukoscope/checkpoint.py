@@ -53,8 +53,10 @@ class ModelCard:
     threshold: float | None = None  # binary models: probability of the positive class from which it is called
     positive_index: int | None = None  # the malignant class of a binary model (None: by name, see metrics.positive_index)
     tta: str = "none"  # test-time augmentation used by default: none, flip or dihedral
+    ood_threshold: float | None = None  # out-of-domain above this Mahalanobis score (the network outputs it: see ood)
 
-    KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "crop", "mean", "std", "temperature", "threshold", "positive_index", "tta")
+    KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "crop", "mean", "std", "temperature", "threshold", "positive_index", "tta",
+            "ood_threshold")
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ModelCard:
@@ -65,14 +67,15 @@ class ModelCard:
                             tuple(float(v) for v in meta.get("mean", (0.5,) * 3)), tuple(float(v) for v in meta.get("std", (0.25,) * 3)))
         index = meta.get("positive_index")
         return cls(str(meta["arch"]), [str(c) for c in meta["class_names"]], pre, dict(meta.get("arch_kwargs") or {}),
-                   float(meta.get("temperature", 1.0)), meta.get("threshold"), None if index is None else int(index), meta.get("tta") or "none")
+                   float(meta.get("temperature", 1.0)), meta.get("threshold"), None if index is None else int(index), meta.get("tta") or "none",
+                   meta.get("ood_threshold"))
 
     def to_meta(self) -> dict[str, Any]:
         """Flat keys, as checkpoints, ONNX metadata and classical runs store them."""
         pre = self.preprocessing
         return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "class_names": list(self.class_names), "image_size": pre.image_size,
                 "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "temperature": self.temperature,
-                "threshold": self.threshold, "positive_index": self.positive_index, "tta": self.tta}
+                "threshold": self.threshold, "positive_index": self.positive_index, "tta": self.tta, "ood_threshold": self.ood_threshold}
 
 
 def build_checkpoint(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:

@@ -168,12 +168,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failures = 0
     with atomic_write(args.out, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "error"])
+        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "ood_score", "in_domain", "error"])
+        outside = 0
         for pred in progress(predictor.predict_iter(paths, batch_size=args.batch_size, tta=tta), total=len(paths), desc="predict", unit="image"):
             probs = [f"{pred.probabilities[c]:.6f}" if pred.probabilities else "" for c in predictor.class_names]
             confidence = f"{pred.confidence:.6f}" if not pred.error else ""
-            writer.writerow([pred.source, pred.label, confidence, *probs, pred.error])
+            ood = "" if pred.in_domain is None else f"{pred.ood_score:.3f}"
+            writer.writerow([pred.source, pred.label, confidence, *probs, ood, "" if pred.in_domain is None else str(pred.in_domain).lower(), pred.error])
             failures += bool(pred.error)
+            outside += pred.in_domain is False
+    if outside > 0.25 * max(len(paths) - failures, 1):
+        print(f"warning: {outside} of {plural(len(paths) - failures, 'image')} look unlike this model's training images "
+              "(in_domain false): its calls on them are unreliable; see --adapt, or fine-tune with train --init", file=sys.stderr)
     where = "standard output" if args.out == "-" else args.out
     print(f"{plural(len(paths) - failures, 'image')} predicted, {failures} failed; written to {where}", file=log)
     return 1 if failures else 0

@@ -22,6 +22,7 @@ from .errors import LeukoscopeError, did_you_mean
 from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
 from .metrics import positive_index, softmax
 from .models import CellNet
+from .ood import WithOOD
 from .transforms import eval_transform
 
 TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # flip: image + mirror image; dihedral: 4 rotations x 2 flips
@@ -36,6 +37,8 @@ class Prediction:
     confidence: float = float("nan")
     probabilities: dict[str, float] = field(default_factory=dict)
     error: str = ""
+    ood_score: float = float("nan")  # higher: less like the training images (see ood); NaN where the model has no alarm
+    in_domain: bool | None = None  # ood_score below the threshold fitted on validation
 
 
 class TorchBackend:
@@ -46,7 +49,10 @@ class TorchBackend:
     def __init__(self, checkpoint: dict[str, Any]):
         pre = ModelCard.from_meta(checkpoint).preprocessing
         self.mean, self.std = list(pre.mean), list(pre.std)
-        self.model = fold_batchnorm(model_from_checkpoint(checkpoint)).to(memory_format=torch.channels_last)
+        model = model_from_checkpoint(checkpoint)
+        if checkpoint.get("ood") is not None:
+            model = WithOOD(model, checkpoint["ood"]).eval()  # one more output column: the OOD score
+        self.model = fold_batchnorm(model).to(memory_format=torch.channels_last)
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         return self.model(eval_transform(batch_uint8, self.mean, self.std)).float()
@@ -72,6 +78,7 @@ class Predictor:
         self.default_tta = tta_mode(card.tta)
         self.positive_index = card.positive_index if card.positive_index is not None else positive_index(self.class_names)
         self.backend = backend if backend is not None else TorchBackend(checkpoint)
+        self.ood_threshold = card.ood_threshold  # set: the backend's last output column is the OOD score
 
     @property
     def kind(self) -> str:
@@ -88,12 +95,21 @@ class Predictor:
         ``tta`` is a mode of ``TTA_MODES`` (True = dihedral, False = none); ``None`` follows the
         model's own setting (``checkpoint["tta"]``, none unless a model was validated with it).
         """
+        return self.logits_and_ood(batch_uint8, tta)[0]
+
+    @torch.inference_mode()
+    def logits_and_ood(self, batch_uint8: torch.Tensor, tta: bool | str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits and, where the model has an OOD alarm, the OOD score of each image (views averaged)."""
         mode = self.default_tta if tta is None else tta_mode(tta)
         if mode == "none":
-            return self.backend(batch_uint8)
-        mirrors = (batch_uint8, batch_uint8.flip(3))
-        views = mirrors if mode == "flip" else [torch.rot90(v, k, dims=(2, 3)) for v in mirrors for k in range(4)]
-        return torch.stack([self.backend(v.contiguous()) for v in views]).mean(0)
+            out = self.backend(batch_uint8)
+        else:
+            mirrors = (batch_uint8, batch_uint8.flip(3))
+            views = mirrors if mode == "flip" else [torch.rot90(v, k, dims=(2, 3)) for v in mirrors for k in range(4)]
+            out = torch.stack([self.backend(v.contiguous()) for v in views]).mean(0)
+        if self.ood_threshold is None:
+            return out, None
+        return out[:, :-1], out[:, -1]
 
     def predict_proba(self, batch_uint8: torch.Tensor, tta: bool | str | None = None) -> np.ndarray:
         return softmax(self.logits(batch_uint8, tta).numpy(), self.temperature).astype(np.float32)
@@ -126,11 +142,15 @@ class Predictor:
     def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool | str | None) -> Iterator[Prediction]:
         good = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
         row: dict[int, np.ndarray] = {}
+        ood: dict[int, float] = {}
         if good:
             batch = torch.from_numpy(np.stack([decoded[i][0] for i in good])).permute(0, 3, 1, 2)
-            row = dict(zip(good, self.predict_proba(batch, tta)))
+            logits, scores = self.logits_and_ood(batch, tta)
+            row = dict(zip(good, softmax(logits.numpy(), self.temperature).astype(np.float32)))
+            if scores is not None:
+                ood = dict(zip(good, scores.tolist()))
         for i, item in enumerate(chunk):
-            yield self._prediction(item, start + i, row.get(i), decoded[i][1])
+            yield self._prediction(item, start + i, row.get(i), decoded[i][1], ood.get(i))
 
     def decide(self, probs: np.ndarray) -> int:
         """The predicted class index: argmax, or the stored operating threshold for binary models."""
@@ -148,7 +168,7 @@ class Predictor:
         except (ImageReadError, ValueError) as err:
             return None, str(err)
 
-    def _prediction(self, item: Any, index: int, probs: np.ndarray | None, error: str) -> Prediction:
+    def _prediction(self, item: Any, index: int, probs: np.ndarray | None, error: str, ood: float | None = None) -> Prediction:
         source = str(item) if isinstance(item, (str, os.PathLike)) else f"<image {index}>"
         if probs is None:
             return Prediction(source, error=error or "unreadable image")
@@ -158,6 +178,8 @@ class Predictor:
             label=self.class_names[top],
             confidence=float(probs[top]),
             probabilities={c: float(p) for c, p in zip(self.class_names, probs)},
+            ood_score=float("nan") if ood is None else float(ood),
+            in_domain=None if ood is None else bool(ood <= self.ood_threshold),
         )
 
 
@@ -177,7 +199,7 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
     Applied to our CellNet only, whose graph is known to trace; other architectures run as built.
     """
-    if isinstance(model, CellNet):
+    if isinstance(model, CellNet) or (isinstance(model, WithOOD) and isinstance(model.model, CellNet)):
         from torch.fx.experimental.optimization import fuse
 
         return fuse(model.eval())
@@ -256,7 +278,7 @@ def map_classes(predictor: Predictor, mapping: dict[str, str], tta: bool | str |
         return torch.stack([log_probs[:, g].logsumexp(dim=1) for g in groups], dim=1)
 
     backend.kind = predictor.kind  # type: ignore[attr-defined]
-    meta = {**predictor.meta, "class_names": targets, "temperature": 1.0, "threshold": None, "tta": "none",
+    meta = {**predictor.meta, "class_names": targets, "temperature": 1.0, "threshold": None, "tta": "none", "ood_threshold": None,
             "class_map": {c: mapping[c] for c in predictor.class_names}}  # no state_dict: heatmaps need the unmapped model
     meta.pop("positive_index", None)
     return Predictor(meta, source=predictor.source, backend=backend)

@@ -24,6 +24,7 @@ from . import __version__
 from .checkpoint import ModelCard, model_from_checkpoint
 from .errors import LeukoscopeError
 from .io import atomic_write, cache_root, sha256_file
+from .ood import WithOOD
 
 OPSET = 17
 GRAPH_FORMAT = 1  # bump when the exported graph changes, so cached graphs are rebuilt
@@ -46,7 +47,10 @@ class WithPreprocessing(nn.Module):
 def onnx_bytes(checkpoint: dict[str, Any], opset: int = OPSET) -> bytes:
     """The checkpoint's network with its preprocessing, as a serialized ONNX model with metadata."""
     pre = ModelCard.from_meta(checkpoint).preprocessing
-    wrapped = WithPreprocessing(model_from_checkpoint(checkpoint).float(), pre.mean, pre.std).eval()
+    network = model_from_checkpoint(checkpoint).float()
+    if checkpoint.get("ood") is not None:
+        network = WithOOD(network, checkpoint["ood"])  # the OOD score as one more output column
+    wrapped = WithPreprocessing(network, pre.mean, pre.std).eval()
     size = pre.image_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     buffer = io.BytesIO()

@@ -30,6 +30,7 @@ from .errors import LeukoscopeError
 from .evaluate import evaluate, headline
 from .inference import Predictor
 from .models import create_model, training_memory_format
+from .ood import fit_ood, supports_ood
 from .io import atomic_write
 from .progress import note, progress
 from .refit import refit_classifier
@@ -165,6 +166,10 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
              f"train accuracy {accuracy:.4f}")
     train_seconds = time.perf_counter() - started + (resume_state or {}).get("train_seconds", 0.0)
     checkpoint = build_checkpoint(model.cpu(), {**meta, "epoch": best_epoch})
+    if supports_ood(model):  # the out-of-distribution alarm: training features, threshold on validation
+        alarm = fit_ood(model, tensors["train"], labels["train"], tensors["val"], *stats)
+        checkpoint["ood_threshold"] = alarm.pop("threshold")
+        checkpoint["ood"] = alarm
     predictor = Predictor(checkpoint, source=str(out / "model.pt"))
     predictor.temperature = checkpoint["temperature"] = calibrate(predictor, tensors["val"], labels["val"])
     info = {"model": str(out / "model.pt"), "arch": config.arch, "data": str(data), "layout": dataset.layout,

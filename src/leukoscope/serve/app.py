@@ -29,6 +29,7 @@ from ..errors import LeukoscopeError
 from ..explain import Explainer, png_bytes
 from ..inference import Predictor
 from ..io import ImageReadError, decode_bytes
+from ..metrics import softmax
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 25_000_000
@@ -150,13 +151,17 @@ def _data_url(image: np.ndarray) -> str:
 
 def classify(predictor: Predictor, images: list[np.ndarray], explainer: Explainer | None) -> list[dict[str, Any]]:
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    probs = predictor.predict_proba(batch)
+    logits, scores = predictor.logits_and_ood(batch)
+    probs = softmax(logits.numpy(), predictor.temperature)
     results = []
-    for image, p in zip(images, probs):
+    for k, (image, p) in enumerate(zip(images, probs)):
         top = predictor.decide(p)
         result = {"label": predictor.class_names[top], "confidence": float(p[top]),
                   "probabilities": {c: float(v) for c, v in zip(predictor.class_names, p)},
                   "preview": _data_url(image)}  # the region the model saw, in any accepted format
+        if scores is not None:
+            result["ood_score"] = float(scores[k])
+            result["in_domain"] = bool(scores[k] <= predictor.ood_threshold)
         if explainer is not None:
             result["heatmap"] = _data_url(explainer.overlay(image, top))
         results.append(result)
