@@ -154,7 +154,7 @@ def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: 
     for name, (label, _) in runs_of.items():
         r = tp[name]
         lines.append(f"| {label} | {r['t_small']:.2f} | {r['t_large']:.2f} | {r['images_per_s']:.1f} | {r['ratio']:.1f} | {r['peak_rss_mb']:.0f} |")
-    extra = "; ".join(f"{k} {v:.4f}" for k, v in b["extra"].items())
+    extra = "; ".join(f"{k} {v:.4f}" for k, v in b["extra"].items() if isinstance(v, float))
     lines += ["", f"**Speed-up of the default path over the reference: {tp['default']['ratio']:.1f}x.**", "",
              "### Efficiency", "",
              f"Model: {flops:.3f} GFLOP per view at {size} px (forward, FlopCounterMode), {views} view(s) per image by default. "
