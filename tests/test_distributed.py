@@ -96,3 +96,27 @@ def test_conversion_keeps_parameters_and_the_checkpoint_format():
 def test_single_process_is_left_alone():
     model = create_model("cellnet_tiny", 2)
     assert wrap(model, World(), torch.device("cpu"), sync_bn=True) is model
+
+
+def test_sharded_prediction_on_two_gloo_ranks_matches_one_process(tiny_run, tmp_path):
+    import csv
+
+    from leukoscope.cli import main
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found beside the Python interpreter")
+    data, run = tiny_run
+    (data / "broken.png").write_bytes(b"not an image")  # a failed row keeps its place too
+    single = tmp_path / "single.csv"
+    assert main(["predict", str(run), str(data), "--out", str(single), "--backend", "torch"]) == 1
+    sharded = tmp_path / "sharded.csv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "leukoscope", "predict", str(run), str(data),
+                             "--out", str(sharded), "--backend", "torch"], env=env, capture_output=True, text=True, timeout=300)
+    (data / "broken.png").unlink()
+    assert result.returncode != 0 or "1 failed" in result.stdout + result.stderr
+    assert "rank 0/2: predicted 13 of 25 images" in result.stdout and "rank 1/2: predicted 12 of 25 images" in result.stdout
+    rows = lambda path: list(csv.reader(open(path, newline="")))  # noqa: E731
+    assert rows(sharded) == rows(single)
+    assert not list(tmp_path.glob("sharded.csv.rank-*"))  # parts merged and removed

@@ -7,6 +7,7 @@ def test_plural():
     assert plural(1, "leukocyte") == "1 leukocyte"
     assert plural(0, "image") == "0 images" and plural(2, "image") == "2 images"
     assert plural(1234, "cell") == "1,234 cells" and plural(2, "mouse", "mice") == "2 mice"
+    assert plural(15, "batch") == "15 batches" and plural(1, "batch") == "1 batch" and plural(3, "epoch") == "3 epochs"
 
 
 def test_one_line_per_stage_in_a_log(capsys):

@@ -149,8 +149,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import iter_inputs, load_model, tta_mode
-    from .io import atomic_write, is_stream_output
-    from .progress import plural, progress
+    from .io import is_stream_output
+    from .predict import predict_csv
+    from .progress import plural
 
     log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     tta = None if args.tta is None else tta_mode(args.tta)
@@ -165,18 +166,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         images, errors = decode_many(paths, predictor.image_size, desc="decode for --adapt", crop=predictor.crop)
         predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]])
         print(f"normalisation statistics re-estimated on {plural(len(images) - sum(e is not None for e in errors), 'image')}", file=sys.stderr)
-    failures = 0
-    with atomic_write(args.out, newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "ood_score", "in_domain", "error"])
-        outside = 0
-        for pred in progress(predictor.predict_iter(paths, batch_size=args.batch_size, tta=tta), total=len(paths), desc="predict", unit="image"):
-            probs = [f"{pred.probabilities[c]:.6f}" if pred.probabilities else "" for c in predictor.class_names]
-            confidence = f"{pred.confidence:.6f}" if not pred.error else ""
-            ood = "" if pred.in_domain is None else f"{pred.ood_score:.3f}"
-            writer.writerow([pred.source, pred.label, confidence, *probs, ood, "" if pred.in_domain is None else str(pred.in_domain).lower(), pred.error])
-            failures += bool(pred.error)
-            outside += pred.in_domain is False
+    total, failures, outside = predict_csv(predictor, paths, args.out, args.batch_size, tta)
+    if total == 0:  # a torchrun rank other than 0: rank 0 merges and reports
+        return 0
     if outside > 0.25 * max(len(paths) - failures, 1):
         print(f"warning: {outside} of {plural(len(paths) - failures, 'image')} look unlike this model's training images "
               "(in_domain false): its calls on them are unreliable; see --adapt, or fine-tune with train --init", file=sys.stderr)

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 def plural(n: int, noun: str, many: str | None = None) -> str:
     """'1 image', '2 images', '1 leukocyte', '3 leukocytes'."""
-    return f"{n:,} {noun if n == 1 else many or noun + 's'}"
+    regular = noun + ("es" if noun.endswith(("s", "sh", "tch", "x", "z")) else "s")  # batches, but epochs
+    return f"{n:,} {noun if n == 1 else many or regular}"
 
 
 def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None, unit: str = "it", leave: bool = True,

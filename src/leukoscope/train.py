@@ -50,15 +50,15 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
     its splits.csv) or ``resume`` (continue from ``out/last.pt`` exactly where the last completed
     epoch left off). Under torchrun (WORLD_SIZE > 1) every rank trains; only rank 0 writes.
     """
-    if not resume and int(os.environ.get("RANK", "0")) == 0:
-        prepare_output_folder(out, force=force)
     if resume and config.method != "cnn":
         raise LeukoscopeError(f"--resume applies to CNN training; re-run the {config.method} training instead (features are cached)")
+    if config.cv and (resume or config.method != "cnn"):
+        raise LeukoscopeError("--cv runs CNN trainings from scratch: give no --resume and no classical --method")
     if config.track:
         require_mlflow()  # before hours of training, not after
+    if not resume and int(os.environ.get("RANK", "0")) == 0:  # refusals first: --force clears nothing on a bad command
+        prepare_output_folder(out, force=force)
     if config.cv:
-        if resume or config.method != "cnn":
-            raise LeukoscopeError("--cv runs CNN trainings from scratch: give no --resume and no classical --method")
         metrics = cross_validate(data, Path(out), config, command)
     else:
         metrics = TRAINERS[config.method](data, Path(out), config, command, resume)

@@ -1,0 +1,90 @@
+"""``leukoscope predict``: prediction rows into a CSV, in one process or sharded across torchrun ranks.
+
+Under ``torchrun --nproc_per_node N [--nnodes M ...] -m leukoscope predict ...`` every rank
+predicts every N-th input (its share, in input order) into ``OUT.rank-R.csv`` beside the output;
+rank 0 waits for all of them and merges them into one CSV in input order, with the same rows as a
+single process, then removes the parts. On a cluster, OUT must be on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .distributed import World, barrier, close, init_world
+from .errors import LeukoscopeError
+from .inference import Prediction, Predictor
+from .io import atomic_write, is_stream_output
+from .progress import progress
+
+
+def header(predictor: Predictor) -> list[str]:
+    return ["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "ood_score", "in_domain", "error"]
+
+
+def row(predictor: Predictor, pred: Prediction) -> list[str]:
+    probs = [f"{pred.probabilities[c]:.6f}" if pred.probabilities else "" for c in predictor.class_names]
+    confidence = f"{pred.confidence:.6f}" if not pred.error else ""
+    ood = "" if pred.in_domain is None else f"{pred.ood_score:.3f}"
+    return [pred.source, pred.label, confidence, *probs, ood, "" if pred.in_domain is None else str(pred.in_domain).lower(), pred.error]
+
+
+def write_rows(predictor: Predictor, predictions: Iterable[Prediction], out: str | os.PathLike, total: int) -> tuple[int, int]:
+    """Write the CSV; returns (failed, out of domain)."""
+    failed = outside = 0
+    with atomic_write(out, newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header(predictor))
+        for pred in progress(predictions, total=total, desc="predict", unit="image"):
+            writer.writerow(row(predictor, pred))
+            failed += bool(pred.error)
+            outside += pred.in_domain is False
+    return failed, outside
+
+
+def part_path(out: str | os.PathLike, rank: int) -> Path:
+    return Path(f"{out}.rank-{rank}.csv")
+
+
+def predict_csv(predictor: Predictor, paths: Sequence[Path], out: str | os.PathLike, batch_size: int = 64,
+                tta: str | None = None) -> tuple[int, int, int]:
+    """Predict ``paths`` into the CSV ``out``, sharded when run under torchrun; returns (images, failed, out of domain)
+    over all ranks (0, 0, 0 on ranks other than 0, which only write their part)."""
+    world = World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    if not world.distributed:
+        failed, outside = write_rows(predictor, predictor.predict_iter(list(paths), batch_size=batch_size, tta=tta), out, len(paths))
+        return len(paths), failed, outside
+    if is_stream_output(out):
+        raise LeukoscopeError("sharded prediction writes parts beside --out: give a file path, not - or a device")
+    world, _ = init_world("cpu")
+    try:
+        mine = list(paths)[world.rank :: world.size]
+        write_rows(predictor, predictor.predict_iter(mine, batch_size=batch_size, tta=tta), part_path(out, world.rank), len(mine))
+        print(f"rank {world.rank}/{world.size}: predicted {len(mine)} of {len(paths)} images", flush=True)
+        barrier(world)
+        if not world.is_main:
+            return 0, 0, 0
+        return merge_parts(out, world.size, len(paths))
+    finally:
+        close(world)
+
+
+def merge_parts(out: str | os.PathLike, size: int, total: int) -> tuple[int, int, int]:
+    """Interleave the ranks' parts back into input order (input i went to rank i % size)."""
+    parts = []
+    for rank in range(size):
+        with open(part_path(out, rank), newline="", encoding="utf-8") as handle:
+            parts.append(list(csv.reader(handle)))
+    head, bodies = parts[0][0], [p[1:] for p in parts]
+    ordered = [bodies[i % size][i // size] for i in range(total)]
+    with atomic_write(out, newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(head)
+        writer.writerows(ordered)
+    for rank in range(size):
+        part_path(out, rank).unlink()
+    error = head.index("error")
+    in_domain = head.index("in_domain")
+    return total, sum(bool(r[error]) for r in ordered), sum(r[in_domain] == "false" for r in ordered)
