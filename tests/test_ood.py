@@ -37,3 +37,14 @@ def test_torch_and_onnx_backends_agree_on_the_score(tiny_run):
     torch_scores = np.array([p.ood_score for p in load_model(run, backend="torch").predict(paths)])
     onnx_scores = np.array([p.ood_score for p in load_model(run, backend="onnx").predict(paths)])
     assert np.isfinite(torch_scores).all() and np.allclose(torch_scores, onnx_scores, rtol=1e-3, atol=1e-3)
+
+
+def test_the_report_shows_how_much_is_out_of_domain(tiny_run):
+    import json
+
+    _, run = tiny_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split in ("train", "val", "test"):
+        assert 0 <= metrics[split]["out_of_domain"] <= 1 and len(metrics[split]["out_of_domain_ci"]) == 2
+    assert metrics["val"]["out_of_domain"] <= 0.25  # the threshold keeps 95% of validation below it
+    assert "out of domain" in (run / "report.html").read_text()

@@ -31,9 +31,21 @@ from .transfer import describe
 
 
 def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | str | None = None, desc: str | None = None) -> np.ndarray:
-    chunks = range(0, len(images), batch_size)
-    logits = [predictor.logits(images[i : i + batch_size], tta).numpy() for i in progress(chunks, desc=desc, unit="batch", leave=False, log=True, disable=desc is None)]
-    return np.concatenate(logits) if logits else np.zeros((0, len(predictor.class_names)))
+    return predict_logits_and_ood(predictor, images, batch_size, tta, desc)[0]
+
+
+def predict_logits_and_ood(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | str | None = None,
+                           desc: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits of (N, 3, S, S) uint8 images and their OOD scores (None for a model without the alarm)."""
+    logits, scores = [], []
+    for i in progress(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, log=True, disable=desc is None):
+        batch_logits, batch_scores = predictor.logits_and_ood(images[i : i + batch_size], tta)
+        logits.append(batch_logits.numpy())
+        if batch_scores is not None:
+            scores.append(batch_scores.numpy())
+    if not logits:
+        return np.zeros((0, len(predictor.class_names))), None
+    return np.concatenate(logits), (np.concatenate(scores) if scores else None)
 
 
 def splits_from_file(dataset: Dataset, path: str | os.PathLike) -> tuple[list[str], str]:
@@ -103,6 +115,10 @@ def evaluate(
         metrics[split] = summarize(r["y"], r["probs"], predictor.class_names, [s.patient for s in r["members"]], y_pred=calls)
         metrics[split]["ece_uncalibrated"] = expected_calibration_error(r["raw"], r["y"])
         metrics[split]["unreadable"] = r["unreadable"]
+        if r["ood"] is not None and len(r["ood"]):
+            flagged = int((r["ood"] > predictor.ood_threshold).sum())
+            metrics[split]["out_of_domain"] = flagged / len(r["ood"])
+            metrics[split]["out_of_domain_ci"] = list(wilson_interval(flagged, len(r["ood"])))
         if predictor.threshold is not None and len(predictor.class_names) == 2:
             metrics[split]["operating_point"] = operating_point(predictor, r["y"], r["probs"])
         rows += [[s.path, split, s.label, predictor.class_names[c], float(p[c])] for s, p, c in zip(r["members"], r["probs"], calls)]
@@ -128,9 +144,9 @@ def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], sp
         tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.image_size, desc=f"decode {split}", crop=predictor.crop)
     ok = [i for i, e in enumerate(errors) if e is None]
     index = {c: i for i, c in enumerate(predictor.class_names)}
-    logits = predict_logits(predictor, tensor[ok], tta=tta, desc=f"predict {split}")
+    logits, ood = predict_logits_and_ood(predictor, tensor[ok], tta=tta, desc=f"predict {split}")
     return {"members": [members[i] for i in ok], "images": tensor[ok], "y": np.array([index[members[i].label] for i in ok], dtype=int),
-            "raw": softmax(logits), "probs": softmax(logits, predictor.temperature), "unreadable": len(members) - len(ok)}
+            "raw": softmax(logits), "probs": softmax(logits, predictor.temperature), "unreadable": len(members) - len(ok), "ood": ood}
 
 
 def choose_threshold(predictor: Predictor, results: dict, target: float) -> None:

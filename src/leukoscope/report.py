@@ -160,10 +160,11 @@ def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], 
     splits = [s for s in ("train", "val", "test") if s in metrics]
     summary = _table(
         ["split", "n", "loss", "accuracy (95% CI)", "balanced acc. (95% CI)", "macro-F1 (95% CI)", "weighted F1", "ROC AUC (95% CI)",
-         "ECE before T", "ECE after T"],
+         "ECE before T", "ECE after T", "out of domain (95% CI)"],
         [[s, metrics[s]["n"], metrics[s]["loss"], _ci(metrics[s], "accuracy"), _ci(metrics[s], "balanced_accuracy"),
           _ci(metrics[s], "macro_f1"), metrics[s]["weighted_f1"], _ci(metrics[s], "roc_auc"),
-          metrics[s].get("ece_uncalibrated", float("nan")), metrics[s]["ece"]] for s in splits],
+          metrics[s].get("ece_uncalibrated", float("nan")), metrics[s]["ece"],
+          _ci(metrics[s], "out_of_domain") if "out_of_domain" in metrics[s] else "n/a"] for s in splits],
     )
     per_class = ""
     for s in splits:
@@ -186,7 +187,8 @@ Probabilities are temperature-scaled (T = {html.escape(str(info.get('temperature
 {('<b>' + html.escape(info['parent'].capitalize()) + '.</b>') if info.get('parent') else ''}</p>
 <h2>Summary</h2>{summary}
 <p class="note">Intervals are 95%: Wilson for accuracy and recall, stratified bootstrap (1,000 resamples) for balanced accuracy,
-macro-F1 and ROC AUC. Macro averages are over the classes present in a split's true or predicted labels.
+macro-F1 and ROC AUC. Macro averages are over the classes present in a split's true or predicted labels. "Out of domain" is the
+share of images the model's out-of-distribution alarm flags (about 5% of in-domain images by construction).
 {'In this binary task the positive class (ROC, sensitivity) is <b>' + html.escape(class_names[positive_index(class_names)]) + '</b>.' if len(class_names) == 2 else ''}
 {html.escape(info['class_map_note']) if info.get('class_map_note') else ''}</p>
 {_operating_points(metrics, splits)}
