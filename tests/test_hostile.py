@@ -88,3 +88,31 @@ def test_segment_survives_the_corpus(tmp_path):
             assert "at least 8x8" in rows[name]["error"], name
         else:
             assert bool(rows[name]["error"]) != ok, (name, rows[name]["error"])
+
+
+def test_fast_jpeg_decoding_gives_the_pixels_of_pil_draft_mode(tmp_path):
+    """simplejpeg (libjpeg-turbo) at PIL's draft scale: identical pixels, EXIF orientation still honoured."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import DATA, synthetic_cell
+    from leukoscope.io import _decode, load_rgb
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate(((360, 363), (640, 480), (224, 224), (1000, 90))):
+        image = Image.fromarray(synthetic_cell(rng, max(w, h), 0.5, 20)).resize((w, h))
+        image.save(tmp_path / f"cell{i}.jpg", quality=90)
+        paths.append(tmp_path / f"cell{i}.jpg")
+    real = DATA / "pbc" / "neutrophil"
+    paths += sorted(real.glob("*.jpg"))[:20] if real.is_dir() else []
+    for path in paths:
+        for size, crop in ((112, 0.7), (128, 1.0), (64, 1.0)):
+            assert np.array_equal(load_rgb(path, size, crop=crop), _decode(Path(path), size, True, str(path), crop=crop)), (path, size)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(synthetic_cell(rng, 80, 0.5, 20)).resize((120, 80)).save(rotated, exif=exif)
+    assert load_rgb(rotated).shape == (120, 80, 3)  # EXIF honoured (PIL path)

@@ -60,6 +60,10 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = Tru
         raise ImageReadError("file not found" if not path.is_symlink() else "broken symlink")
     if path.stat().st_size == 0:
         raise ImageReadError("empty file")
+    if draft and size is not None and path.suffix.lower() in (".jpg", ".jpeg"):
+        fast = decode_jpeg_scaled(path.read_bytes(), size, crop)
+        if fast is not None:
+            return fast
     return _decode(path, size, draft, str(path), crop=crop)
 
 
@@ -67,7 +71,32 @@ def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIX
     """Like ``load_rgb`` for an image held in memory (an upload); refuses more than ``max_pixels``."""
     if not data:
         raise ImageReadError("empty file")
+    if size is not None and (fast := decode_jpeg_scaled(data, size, crop, max_pixels)) is not None:
+        return fast
     return _decode(io.BytesIO(data), size, True, "", max_pixels, crop)
+
+
+def decode_jpeg_scaled(data: bytes, size: int, crop: float = 1.0, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
+    """A JPEG decoded by libjpeg-turbo at the smallest DCT scale that still covers ``size`` (simplejpeg),
+    then cropped and resized: the same pixels as PIL's draft mode, about 25% faster (measured on
+    PBC and aria_all; tests/test_hostile.py). None where it does not apply (not a JPEG, an EXIF
+    orientation to honour, CMYK, a damaged or oversized file): the caller then decodes with PIL."""
+    if data[:2] != b"\xff\xd8" or b"Exif" in data[:65536]:
+        return None
+    try:
+        import simplejpeg
+
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        if height * width > max_pixels:
+            return None
+        need = int(np.ceil(size / crop))
+        # PIL's draft mode scales by 1/2, 1/4 or 1/8 only (libjpeg-turbo offers every M/8): take the same factor
+        ratio = min(width // need, height // need)
+        scale = next(s for s in (8, 4, 2, 1) if ratio >= s or s == 1)
+        decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale))
+        return resize_center_crop(decoded, size, crop)
+    except (ImportError, ValueError, OSError):
+        return None
 
 
 def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
