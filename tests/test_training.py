@@ -104,3 +104,35 @@ def test_patience_scales_with_the_epoch_count():
     assert TrainConfig(epochs=20, patience=4).patience_epochs == 4
     with pytest.raises(LeukoscopeError, match="patience must be >= 1"):
         TrainConfig.from_dict({"patience": 0})
+
+
+def test_class_weights_hand_computed():
+    import numpy as np
+
+    from leukoscope.trainer import class_weights
+
+    labels = np.array([0, 0, 0, 1])  # 4 images, 2 classes: weight = 4 / (2 * count)
+    assert class_weights(labels, 2, True).tolist() == pytest.approx([4 / 6, 2.0])
+    assert class_weights(np.array([0, 0, 2]), 3, True).tolist() == pytest.approx([3 / 6, 3 / 3, 3 / 3])  # an absent class counts as 1
+    assert class_weights(labels, 2, False) is None
+
+
+def test_backbone_learning_rate_groups():
+    from leukoscope.models import create_model
+    from leukoscope.trainer import Trainer
+    from leukoscope.runs import seed_everything
+
+    config = TrainConfig(arch="cellnet_tiny", lr=0.01, backbone_lr=0.1, init="x", epochs=2)
+    model = create_model("cellnet_tiny", 3)
+    trainer = Trainer(model, config, ([0.5] * 3, [0.25] * 3), seed_everything(0), steps_per_epoch=4, head="classifier")
+    head_params = {id(p) for p in model.classifier.parameters()}
+    for group in trainer.optimizer.param_groups:
+        in_head = {id(p) in head_params for p in group["params"]}
+        assert len(in_head) == 1  # a group is all head or all backbone
+        assert group["lr_scale"] == (1.0 if in_head == {True} else 0.1)
+        assert group["max_lr"] == pytest.approx(0.01 * group["lr_scale"])
+    trainer.freeze_backbone(True)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("classifier"))
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    trainer.freeze_backbone(False)
+    assert all(p.requires_grad for p in model.parameters())
