@@ -11,7 +11,6 @@ import threading
 import pytest
 
 from conftest import TINY_TRAIN as TINY
-from conftest import make_image_folder
 from leukoscope.cli import main
 from leukoscope.errors import LeukoscopeError
 from leukoscope.io import atomic_write, is_stream_output

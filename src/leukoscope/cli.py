@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import shlex
 import sys
 from collections.abc import Sequence
@@ -300,9 +299,6 @@ def _print_summary(metrics: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .classical import METHODS
-    from .config import OPTIMIZERS
-
     parser = _Parser(prog="leukoscope", description="Blood-cell image classification with honest evaluation.")
     parser.add_argument("--version", action="version", version=f"leukoscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, ModelCard, bundled_models, load_checkpoint, model_from_checkpoint, resolve_model_path
+from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resolve_model_path
+from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
 from .errors import LeukoscopeError, did_you_mean
 from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
 from .metrics import positive_index, softmax

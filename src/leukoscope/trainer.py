@@ -76,11 +76,6 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    x = images.float().div(255)
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-
-
 def build_optimizer(model: nn.Module, config: TrainConfig, head: str | None = None) -> torch.optim.Optimizer:
     """AdamW (or SGD) without weight decay on biases and norms; with ``head`` (fine-tuning), the
     backbone's groups run at ``config.backbone_lr`` times the learning rate (each group's ``lr_scale``)."""

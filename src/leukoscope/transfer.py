@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from .checkpoint import ModelCard, load_checkpoint, resolve_model_path
