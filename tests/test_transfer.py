@@ -37,13 +37,17 @@ def test_init_keeps_the_backbone_and_replaces_the_head(arch, head):
     assert child_state[f"{head}.weight"].shape[0] == 5 and not any(n.startswith(head + ".") for n in copied)
 
 
-def test_fine_tuning_with_a_frozen_backbone(tiny_run, tmp_path):
+def _fine_tune(tiny_run, tmp_path, *flags):
+    """Train the three-class set from the tiny run's model; returns (data, parent run, parent, child, child run)."""
     _, parent_run = tiny_run
     data = _three_classes(tmp_path / "three")
     out = tmp_path / "child"
-    assert main(["train", str(data), "--out", str(out), "--init", str(parent_run), "--epochs", "2", "--batch-size", "8",
-                 "--freeze-epochs", "2"]) == 0
-    parent, child = load_checkpoint(parent_run / "model.pt"), load_checkpoint(out / "model.pt")
+    assert main(["train", str(data), "--out", str(out), "--init", str(parent_run), "--epochs", "2", "--batch-size", "8", *flags]) == 0
+    return data, parent_run, load_checkpoint(parent_run / "model.pt"), load_checkpoint(out / "model.pt"), out
+
+
+def test_fine_tuning_with_a_frozen_backbone(tiny_run, tmp_path):
+    data, parent_run, parent, child, out = _fine_tune(tiny_run, tmp_path, "--freeze-epochs", "2")
     assert child["class_names"] == ["blast", "normal", "third"] and child["arch"] == "cellnet_tiny"
     assert child["image_size"] == parent["image_size"] and child["mean"] == parent["mean"]  # the parent's input settings
     head = "classifier"
@@ -57,12 +61,7 @@ def test_fine_tuning_with_a_frozen_backbone(tiny_run, tmp_path):
 
 
 def test_unfrozen_fine_tuning_moves_the_backbone_at_its_own_rate(tiny_run, tmp_path):
-    _, parent_run = tiny_run
-    data = _three_classes(tmp_path / "three")
-    out = tmp_path / "child"
-    assert main(["train", str(data), "--out", str(out), "--init", str(parent_run), "--epochs", "2", "--batch-size", "8",
-                 "--backbone-lr", "0.1"]) == 0
-    parent, child = load_checkpoint(parent_run / "model.pt"), load_checkpoint(out / "model.pt")
+    _, _, parent, child, _ = _fine_tune(tiny_run, tmp_path, "--backbone-lr", "0.1")
     changed = [n for n, t in parent["state_dict"].items() if t.is_floating_point() and not n.startswith("classifier")
                and not torch.equal(child["state_dict"][n], t)]
     assert changed  # trained, not frozen

@@ -15,12 +15,14 @@ EXTRA_LABELS = {"wbc5_accuracy": "accuracy on the cells of the 5 WBC types (the 
 SCORES = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("roc_auc", "ROC AUC"))
 
 
-def _with_ci(values: dict[str, Any], key: str) -> str:
+def with_interval(values: dict[str, Any], key: str, label: str = "95% CI ") -> str:
+    """'98.45% (95% CI 97.49%-99.04%)': a stored metric with its recorded interval, or, for an accuracy
+    stored without one (older checkpoints), Wilson's interval from its image count."""
     interval = values.get(f"{key}_ci")
     if interval is None and key == "accuracy" and values.get("n"):
         interval = wilson_interval(round(values["accuracy"] * values["n"]), values["n"])
     text = f"{values[key]:.2%}"
-    return text + (f" (95% CI {interval[0]:.2%}-{interval[1]:.2%})" if interval else "")
+    return text + (f" ({label}{interval[0]:.2%}-{interval[1]:.2%})" if interval else "")
 
 
 def model_card(name: str, checkpoint: dict[str, Any]) -> str:
@@ -46,9 +48,9 @@ def model_card(name: str, checkpoint: dict[str, Any]) -> str:
     for split in ("val", "test"):
         if split in metrics:
             m = metrics[split]
-            lines.append(f"| {split} | {m.get('n', '?')} | " + " | ".join(_with_ci(m, k) if k in m else "-" for k, _ in SCORES) + " |")
+            lines.append(f"| {split} | {m.get('n', '?')} | " + " | ".join(with_interval(m, k) if k in m else "-" for k, _ in SCORES) + " |")
     extra = checkpoint.get("extra_metrics", {})
-    extras = [f"{EXTRA_LABELS.get(k, k.replace('_', ' '))}: {_with_ci(extra, k)}" for k, v in extra.items()
+    extras = [f"{EXTRA_LABELS.get(k, k.replace('_', ' '))}: {with_interval(extra, k)}" for k, v in extra.items()
               if isinstance(v, float) and not k.endswith("_f1")]
     if extras:
         lines += ["", "On test: " + "; ".join(extras) + "."]

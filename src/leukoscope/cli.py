@@ -254,9 +254,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .models import list_models
     from .progress import plural
 
-    if args.name:
-        from .card import model_card
+    from .card import model_card, with_interval
 
+    if args.name:
         print(model_card(args.name, load_checkpoint(resolve_model_path(args.name))), end="")
         return 0
 
@@ -267,9 +267,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     for name, path in sorted(bundled.items()):
         ckpt = load_checkpoint(path)
         test = ckpt.get("metrics", {}).get("test", {})
-        scores = [_with_interval(test, k) for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in test]
+        scores = [f"{k} {with_interval(test, k, '')}" for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in test]
         extra = ckpt.get("extra_metrics", {})
-        scores += [_with_interval(extra, k) for k, v in extra.items() if isinstance(v, float) and not k.endswith("_f1")]
+        scores += [f"{k} {with_interval(extra, k, '')}" for k, v in extra.items() if isinstance(v, float) and not k.endswith("_f1")]
         crop = f", central {ckpt['crop']:.0%} of each image" if ckpt.get("crop", 1.0) < 1 else ""
         mode = tta_mode(ckpt.get("tta"))
         tta = f", {mode} TTA by default" if mode != "none" else ""
@@ -278,17 +278,6 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(f"    trained by: {ckpt.get('train_command', '?')} (data manifest sha256 {ckpt.get('data_manifest_sha256', '?')[:16]}...)")
         print(f"    model card: leukoscope models {name}")
     return 0
-
-
-def _with_interval(values: dict, key: str) -> str:
-    """'accuracy 98.45% (97.49-99.05)': the interval as recorded, or Wilson's from n for an accuracy."""
-    from .metrics import wilson_interval
-
-    interval = values.get(f"{key}_ci")
-    if interval is None and key == "accuracy" and values.get("n"):
-        interval = wilson_interval(round(values["accuracy"] * values["n"]), values["n"])
-    text = f"{key} {values[key]:.2%}"
-    return text + (f" ({interval[0]:.2%}-{interval[1]:.2%})".replace("%-", "-") if interval else "")
 
 
 def _print_summary(metrics: dict) -> None:

@@ -236,11 +236,11 @@ def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predicto
     if not seen or "test" not in splits:
         return splits
     by_content, _, _ = splits_from_seen(dataset, seen)
-    moved = [i for i, (given, own) in enumerate(zip(splits, by_content)) if given == "test" and own != "test"]
+    moved = {i for i, (given, own) in enumerate(zip(splits, by_content)) if given == "test" and own != "test"}
     if moved:
         note(f"warning: {plural(len(moved), 'test image')} of the given split trained or validated this model: scored as "
-             f"{by_content[moved[0]]}, not test")
-    return [by_content[i] if i in set(moved) else k for i, k in enumerate(splits)]
+             f"{by_content[min(moved)]}, not test")
+    return [by_content[i] if i in moved else k for i, k in enumerate(splits)]
 
 
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,

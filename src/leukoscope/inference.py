@@ -140,18 +140,20 @@ class Predictor:
                 pending = submit(start + batch_size)  # empty past the end
                 yield from self._predict_decoded(items[start : start + batch_size], start, decoded, tta)
 
+    def predict_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str], tta: bool | str | None = None) -> list[Prediction]:
+        """Predictions for images already as the model sees them (S x S x 3 uint8): one batch, one decision rule."""
+        batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+        logits, scores = self.logits_and_ood(batch, tta)
+        probs = softmax(logits.numpy(), self.temperature).astype(np.float32)
+        ood = [None] * len(images) if scores is None else scores.tolist()
+        return [self._prediction(source, p, score) for source, p, score in zip(sources, probs, ood)]
+
     def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool | str | None) -> Iterator[Prediction]:
+        sources = [str(item) if isinstance(item, (str, os.PathLike)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
         good = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
-        row: dict[int, np.ndarray] = {}
-        ood: dict[int, float] = {}
-        if good:
-            batch = torch.from_numpy(np.stack([decoded[i][0] for i in good])).permute(0, 3, 1, 2)
-            logits, scores = self.logits_and_ood(batch, tta)
-            row = dict(zip(good, softmax(logits.numpy(), self.temperature).astype(np.float32)))
-            if scores is not None:
-                ood = dict(zip(good, scores.tolist()))
-        for i, item in enumerate(chunk):
-            yield self._prediction(item, start + i, row.get(i), decoded[i][1], ood.get(i))
+        done = dict(zip(good, self.predict_arrays([decoded[i][0] for i in good], [sources[i] for i in good], tta))) if good else {}
+        for i, source in enumerate(sources):
+            yield done.get(i) or Prediction(source, error=decoded[i][1] or "unreadable image")
 
     def decide(self, probs: np.ndarray) -> int:
         """The predicted class index: argmax, or the stored operating threshold for binary models."""
@@ -169,10 +171,7 @@ class Predictor:
         except (ImageReadError, ValueError) as err:
             return None, str(err)
 
-    def _prediction(self, item: Any, index: int, probs: np.ndarray | None, error: str, ood: float | None = None) -> Prediction:
-        source = str(item) if isinstance(item, (str, os.PathLike)) else f"<image {index}>"
-        if probs is None:
-            return Prediction(source, error=error or "unreadable image")
+    def _prediction(self, source: str, probs: np.ndarray, ood: float | None = None) -> Prediction:
         top = self.decide(probs)
         return Prediction(
             source,

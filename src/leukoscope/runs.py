@@ -25,7 +25,7 @@ from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_
 from .data.dataset import decode_many
 from .data.splits import check_split_leaks
 from .errors import LeukoscopeError
-from .progress import note
+from .progress import note, plural
 
 if TYPE_CHECKING:
     from .inference import Predictor
@@ -53,12 +53,12 @@ def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_spli
         return
     if not force:
         resume = " or `leukoscope train --resume RUN` to continue it" if command == "train" and (out / "last.pt").is_file() else ""
-        raise LeukoscopeError(f"--out {str(out)!r} already holds {_files(len(others))} (e.g. {others[0]}); "
+        raise LeukoscopeError(f"--out {str(out)!r} already holds {plural(len(others), 'file')} (e.g. {others[0]}); "
                               f"choose a new folder, or add --force to replace them{resume}")
     if command != "train" and any((out / name).is_file() for name in MODELS):
         raise LeukoscopeError(f"--out {str(out)!r} is a training run (it holds a model); write the {command} outputs to another folder")
     if not any((out / marker).is_file() for marker in MARKERS):
-        raise LeukoscopeError(f"--out {str(out)!r} holds {_files(len(others))} that leukoscope did not write (e.g. {others[0]}); "
+        raise LeukoscopeError(f"--out {str(out)!r} holds {plural(len(others), 'file')} that leukoscope did not write (e.g. {others[0]}); "
                               "--force only clears a folder of leukoscope results: choose a new folder")
     for name in others:
         path = out / name
@@ -67,11 +67,7 @@ def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_spli
         else:
             path.unlink()
     kept_note = f"; kept {SPLITS_FILE} (same split: delete it to split again)" if SPLITS_FILE in present and keep_splits else ""
-    note(f"--force: cleared {_files(len(others))} of the earlier results in {out}{kept_note}")
-
-
-def _files(n: int) -> str:
-    return f"{n} file{'s' if n != 1 else ''}"
+    note(f"--force: cleared {plural(len(others), 'file')} of the earlier results in {out}{kept_note}")
 
 
 def seed_everything(seed: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Generator]:

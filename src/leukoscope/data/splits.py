@@ -8,6 +8,7 @@ dealt to splits class by class, each going to the split furthest below its targe
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from collections import Counter, defaultdict
@@ -66,18 +67,30 @@ NEAR_DUPLICATE_BITS = 10  # 256-bit perceptual hashes at most this many bits apa
 
 def perceptual_hashes(paths: list[Path]) -> np.ndarray:
     """(N, 32) bytes: the 256-bit DCT pHash (imagehash) of each image; all ones for an unreadable file."""
-    import imagehash
-    from PIL import Image
-
     out = np.full((len(paths), 32), 255, dtype=np.uint8)
     for k, path in enumerate(paths):
         try:
-            with Image.open(path) as im:
-                im.draft("RGB", (64, 64))  # pHash looks at 64x64: decode small
-                out[k] = np.packbits(imagehash.phash(im, hash_size=16).hash.ravel())
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-            continue  # unreadable files are dropped (with a warning) when images are decoded
+            stat = os.stat(path)
+        except OSError:
+            continue
+        digest = _perceptual_hash(str(path), stat.st_size, stat.st_mtime_ns)
+        if digest is not None:
+            out[k] = np.frombuffer(digest, dtype=np.uint8)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _perceptual_hash(path: str, size: int, mtime_ns: int) -> bytes | None:
+    """One file's pHash, kept for the process: a split, its folds and the checks ask for the same files."""
+    import imagehash
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))  # pHash looks at 64x64: decode small
+            return np.packbits(imagehash.phash(im, hash_size=16).hash.ravel()).tobytes()
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return None  # unreadable files are dropped (with a warning) when images are decoded
 
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)

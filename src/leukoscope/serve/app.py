@@ -17,7 +17,6 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +28,6 @@ from ..errors import LeukoscopeError
 from ..explain import Explainer, png_bytes
 from ..inference import Predictor
 from ..io import ImageReadError, decode_bytes
-from ..metrics import softmax
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 25_000_000
@@ -150,20 +148,14 @@ def _data_url(image: np.ndarray) -> str:
 
 
 def classify(predictor: Predictor, images: list[np.ndarray], explainer: Explainer | None) -> list[dict[str, Any]]:
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    logits, scores = predictor.logits_and_ood(batch)
-    probs = softmax(logits.numpy(), predictor.temperature)
     results = []
-    for k, (image, p) in enumerate(zip(images, probs)):
-        top = predictor.decide(p)
-        result = {"label": predictor.class_names[top], "confidence": float(p[top]),
-                  "probabilities": {c: float(v) for c, v in zip(predictor.class_names, p)},
+    for image, pred in zip(images, predictor.predict_arrays(images, [""] * len(images))):
+        result = {"label": pred.label, "confidence": pred.confidence, "probabilities": pred.probabilities,
                   "preview": _data_url(image)}  # the region the model saw, in any accepted format
-        if scores is not None:
-            result["ood_score"] = float(scores[k])
-            result["in_domain"] = bool(scores[k] <= predictor.ood_threshold)
+        if pred.in_domain is not None:
+            result["ood_score"], result["in_domain"] = pred.ood_score, pred.in_domain
         if explainer is not None:
-            result["heatmap"] = _data_url(explainer.overlay(image, top))
+            result["heatmap"] = _data_url(explainer.overlay(image, predictor.class_names.index(pred.label)))
         results.append(result)
     return results
 
