@@ -114,7 +114,7 @@ def training_throughput(config_path: Path, num_classes: int, n: int = 640) -> fl
     from leukoscope.trainer import Trainer, resolve_precision
 
     config = load_config(config_path, {})
-    view = config.crop if config.crop_context else 1.0
+    view = 1.0 / config.context  # the fraction of the decoded (context) image the model's view covers
     side = round(config.image_size / view)
     images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = np.arange(n) % num_classes

@@ -34,7 +34,7 @@ from leukoscope.data import detect_layout, read_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
 from leukoscope.evaluate import predict_logits  # noqa: E402
 from leukoscope.io import sha256_file  # noqa: E402
-from leukoscope.metrics import WBC_TYPES, confusion_matrix, macro_f1, softmax  # noqa: E402
+from leukoscope.metrics import WBC_TYPES, accuracy, macro_f1, softmax  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -59,8 +59,7 @@ def train_method(method: str, data: Path, cnn_run: Path, out: Path) -> None:
 
 def scores(y: np.ndarray, probs: np.ndarray, classes: list[str], dataset: str) -> dict:
     pred = probs.argmax(1)
-    cm = confusion_matrix(y, pred, len(classes))
-    out = {"accuracy": float(np.trace(cm) / cm.sum()), "macro_f1": macro_f1(cm)}
+    out = {"accuracy": accuracy(y, pred), "macro_f1": macro_f1(y, pred)}
     if dataset == "aria_all":
         benign = classes.index("Benign")
         truth, called = y != benign, pred != benign
@@ -76,7 +75,7 @@ def measure(run: Path, data: Path, dataset: str) -> dict:
     samples, splits = read_splits(run / "splits.csv")
     ds = detect_layout(data)
     test = [s for s, k in zip(samples, splits) if k == "test"]
-    images, errors = decode_many([ds.root / s.path for s in test], predictor.image_size, crop=predictor.crop)
+    images, errors = decode_many([ds.root / s.path for s in test], predictor.view)
     assert not any(errors)
     predict_logits(predictor, images[:8])  # warm-up
     with tempfile.TemporaryDirectory() as empty:  # an empty feature cache: time the real feature extraction

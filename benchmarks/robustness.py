@@ -25,7 +25,7 @@ from doc import markers, write_block  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
 from leukoscope.data import detect_layout, make_splits, write_splits  # noqa: E402
-from leukoscope.io import load_rgb, resize_center_crop, sha256_file  # noqa: E402
+from leukoscope.io import frame, load_rgb, sha256_file  # noqa: E402
 from leukoscope.metrics import WBC_TYPES  # noqa: E402
 from leukoscope.perturb import PERTURBATIONS  # noqa: E402
 
@@ -53,7 +53,7 @@ def test_split(data: Path, predictor):
 
 def accuracy(predictor, items, perturb, wbc5: bool) -> float:
     def prep(path):
-        return resize_center_crop(perturb(load_rgb(path)), predictor.image_size, predictor.crop)
+        return frame(perturb(load_rgb(path)), predictor.view)[0]
 
     with ThreadPoolExecutor(4) as pool:
         arrays = list(pool.map(prep, [p for p, _ in items]))

@@ -36,7 +36,7 @@ def main() -> None:
         dataset, splits = model_splits(DATA / FOLDERS[name], predictor)
         for split in ("val", "test"):
             members = [s for s, k in zip(dataset.samples, splits) if k == split]
-            images, _ = decode_many([dataset.abspath(s) for s in members], predictor.image_size, crop=predictor.crop)
+            images, _ = decode_many([dataset.abspath(s) for s in members], predictor.view)
             y = np.array([predictor.class_names.index(s.label) for s in members])
             seconds = {}
             for mode in TTA_MODES:

@@ -63,7 +63,7 @@ def test_evaluate_and_predict_round_trip(synthetic_run, tmp_path, capsys):
     assert main(["predict", str(run / "model.pt"), str(data), "--out", str(out)]) == 0
     rows = _rows(out)
     assert len(rows) == 32
-    assert list(rows[0]) == ["path", "label", "confidence", "p_blast", "p_normal", "ood_score", "in_domain", "error"]
+    assert list(rows[0]) == ["path", "label", "confidence", "p_blast", "p_normal", "ood_score", "in_domain", "localised", "error"]
     assert all(float(r["ood_score"]) >= 0 and r["in_domain"] in ("true", "false") for r in rows)
     for row in rows:
         assert row["label"] in ("blast", "normal") and not row["error"]
@@ -161,7 +161,8 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
               "label_smoothing": "0.0", "class_balance": None, "patience": "3", "seed": "5", "split_seed": "9", "split_by": "image",
               "fractions": "0.6,0.2,0.2", "precision": "fp32", "device": "cpu", "sync_bn": None, "target_sensitivity": "0.95",
               "ema": "0.99", "refit_head": "2.0", "refit_views": "1", "method": "cnn", "backbone": "pbc", "augment": "{hue: 0.04}",
-              "init": "pbc", "freeze_epochs": "2", "backbone_lr": "0.1", "cv": "3", "track": "mlruns"}
+              "init": "pbc", "freeze_epochs": "2", "backbone_lr": "0.1", "cv": "3", "track": "mlruns", "cell": "0.6",
+              "colour_norm": "white"}
     assert set(values) == {f.name for f in fields(TrainConfig)}, "a new option needs a case here"
     argv = ["train", "data", "--out", "run"]
     for name, value in values.items():
@@ -172,6 +173,7 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
     assert from_flags.init == "pbc" and from_flags.freeze_epochs == 2 and from_flags.backbone_lr == 0.1 and from_flags.cv == 3
     assert from_flags.arch == "cellnet_tiny" and from_flags.image_size == 48  # given options win over the parent's
     assert from_flags.crop_context is True and from_flags.sync_bn is True and from_flags.fractions == (0.6, 0.2, 0.2)
+    assert from_flags.cell == 0.6 and from_flags.colour_norm == "white" and from_flags.context == 1.3
     assert from_flags.augment.hue == 0.04 and from_flags.augment.rotate is True and from_flags.arch_kwargs == {"dropout": 0.1}
     (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(from_flags.to_dict()))
     assert load_config(tmp_path / "c.yaml", {}) == from_flags  # the same options through YAML

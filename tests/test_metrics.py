@@ -13,24 +13,42 @@ def test_confusion_matrix_and_scores_hand_computed():
     y_pred = [0, 0, 1, 1, 2, 2]
     cm = M.confusion_matrix(y_true, y_pred, 3)
     assert cm.tolist() == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
-    assert M.accuracy(cm) == pytest.approx(4 / 6)
+    assert M.accuracy(y_true, y_pred) == pytest.approx(4 / 6)
     # recalls: 2/3, 1/2, 1 -> balanced accuracy 13/18
-    assert M.balanced_accuracy(cm) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
-    prf = M.per_class_prf(cm)
+    assert M.balanced_accuracy(y_true, y_pred) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    assert M._cm_balanced_accuracy(cm) == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    prf = M.per_class_prf(y_true, y_pred, 3)
     # precisions: 2/2, 1/2, 1/2
     assert prf["precision"].tolist() == pytest.approx([1.0, 0.5, 0.5])
     f1 = [2 * 1 * (2 / 3) / (1 + 2 / 3), 0.5, 2 * 0.5 / 1.5]
     assert prf["f1"].tolist() == pytest.approx(f1)
-    assert M.macro_f1(cm) == pytest.approx(np.mean(f1))
-    assert M.weighted_f1(cm) == pytest.approx((3 * f1[0] + 2 * f1[1] + 1 * f1[2]) / 6)
+    assert M.macro_f1(y_true, y_pred) == pytest.approx(np.mean(f1))
+    assert M._cm_macro_f1(cm) == pytest.approx(np.mean(f1))
+    assert M.weighted_f1(y_true, y_pred) == pytest.approx((3 * f1[0] + 2 * f1[1] + 1 * f1[2]) / 6)
 
 
 def test_zero_division_is_zero_not_nan():
-    cm = M.confusion_matrix([0, 0], [0, 0], 2)
-    prf = M.per_class_prf(cm)
+    prf = M.per_class_prf([0, 0], [0, 0], 2)
     assert prf["precision"][1] == 0.0 and prf["recall"][1] == 0.0
-    assert M.balanced_accuracy(cm) == 1.0  # class 1 absent from y_true is skipped
-    assert M.macro_f1(cm) == 1.0  # class 1 neither true nor predicted
+    assert M.balanced_accuracy([0, 0], [0, 0]) == 1.0  # class 1 absent from y_true is skipped
+    assert M.macro_f1([0, 0], [0, 0]) == 1.0  # class 1 neither true nor predicted
+    cm = M.confusion_matrix([0, 0], [0, 0], 2)
+    assert M._cm_balanced_accuracy(cm) == 1.0 and M._cm_macro_f1(cm) == 1.0
+
+
+def test_the_bootstraps_fast_statistics_agree_with_scikit_learn():
+    """The bootstrap computes balanced accuracy and macro-F1 from bincount confusion matrices."""
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        k = int(rng.integers(2, 7))
+        y = rng.integers(0, k, int(rng.integers(1, 60)))
+        pred = np.where(rng.random(len(y)) < 0.6, y, rng.integers(0, k, len(y)))
+        cm = M._counts(y, pred, k)
+        assert cm.tolist() == skm.confusion_matrix(y, pred, labels=list(range(k))).tolist()
+        assert M._cm_macro_f1(cm) == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))
+        assert M._cm_balanced_accuracy(cm) == pytest.approx(M.balanced_accuracy(y, pred))
 
 
 def test_binary_auc_hand_computed_with_ties():
@@ -135,7 +153,7 @@ def test_bootstrap_interval_is_seeded_stratified_and_brackets_the_value():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], [50, 30, 20])
     pred = np.where(rng.random(100) < 0.8, y, (y + 1) % 3)
-    stat = lambda t, p: M.balanced_accuracy(M.confusion_matrix(t, p, 3))  # noqa: E731
+    stat = lambda t, p: M.balanced_accuracy(t, p)  # noqa: E731
     seen_sizes = []
 
     def counting(t, p):

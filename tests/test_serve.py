@@ -157,5 +157,12 @@ def test_page_in_headless_chromium(live_server, tmp_path):
         page.wait_for_function("document.querySelectorAll('.card .verdict').length == 2", timeout=30_000)
         page.wait_for_function("document.querySelector('.card .pics img').naturalWidth > 0")  # the newest card: a TIFF, shown
         assert page.locator(".card").first.locator(".pics img").first.get_attribute("src").startswith("data:image/png;base64,")
+        field = sorted((require(DATA / "bccd_wbc") / "neutrophil").glob("*.jpg"))[0]  # a smear field: count its white cells
+        page.check("#field")
+        page.set_input_files("#files", str(field))
+        page.wait_for_selector(".card.field .verdict.count", timeout=30_000)
+        page.wait_for_function("document.querySelector('.card.field img.overlay').naturalWidth > 0")
+        assert "white cell" in page.inner_text(".card.field .verdict.count")
+        assert page.locator(".card.field .cells tr").count() >= 2  # a header and at least one detected cell
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()

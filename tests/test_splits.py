@@ -107,3 +107,19 @@ def test_near_duplicates_stay_in_one_split_and_are_reported(tmp_path):
     report = check_data(data)
     assert any(len(d["labels"]) == 2 for d in report["near_duplicates"])
     assert any("across classes" in w for w in report["warnings"])
+
+
+def test_split_by_patient_keeps_patients_whole_and_by_image_does_not(tmp_path):
+    ds = _patient_dataset(tmp_path, n_patients=12, per_patient=5)
+    by_patient, kind = make_splits(ds, seed=0, by="patient")
+    assert kind == "patient"
+    spans = {}
+    for sample, split in zip(ds.samples, by_patient):
+        spans.setdefault(sample.patient, set()).add(split)
+    assert all(len(s) == 1 for s in spans.values())
+    by_image, kind = make_splits(ds, seed=0, by="image")
+    assert kind == "image"
+    spans = {}
+    for sample, split in zip(ds.samples, by_image):
+        spans.setdefault(sample.patient, set()).add(split)
+    assert any(len(s) > 1 for s in spans.values())  # an image-level split mixes a patient's images

@@ -136,3 +136,68 @@ def test_backbone_learning_rate_groups():
     assert all(p.requires_grad for p in model.classifier.parameters())
     trainer.freeze_backbone(False)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_label_smoothing_is_the_loss_that_trains():
+    """A broken option (ignored, or applied twice) changes the first step's loss: compare with the formula."""
+    import numpy as np
+
+    from leukoscope.models import create_model
+    from leukoscope.runs import seed_everything
+    from leukoscope.trainer import Trainer
+
+    losses = {}
+    for smoothing in (0.0, 0.4):
+        config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1, batch_size=8, label_smoothing=smoothing, precision="fp32",
+                             augment=AugmentConfig(rotate=False, flip=False, scale=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0,
+                                                   saturation=0.0, stain=0.0, blur_p=0.0))
+        torch.manual_seed(0)
+        model = create_model("cellnet_tiny", 3)
+        images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        labels = np.arange(8) % 3
+        trainer = Trainer(model, config, ([0.5] * 3, [0.25] * 3), seed_everything(0), torch.device("cpu"), bf16=False, steps_per_epoch=1)
+        with torch.no_grad():
+            model.train()
+            from leukoscope.transforms import train_transform
+
+            x = train_transform(images, [0.5] * 3, [0.25] * 3, config.augment, torch.Generator().manual_seed(0))
+            logits = model(x)
+        log_p = torch.log_softmax(logits, 1)
+        y = torch.from_numpy(labels)
+        expected = (-(1 - smoothing) * log_p[torch.arange(8), y] - smoothing * log_p.mean(1)).mean()
+        assert torch.nn.functional.cross_entropy(logits, y, label_smoothing=smoothing) == pytest.approx(float(expected), rel=1e-5)
+        losses[smoothing] = trainer.train_epoch(images, labels)[0]
+    assert losses[0.4] != pytest.approx(losses[0.0], rel=1e-3)
+
+
+def test_a_cell_centric_model_records_its_window_and_ignores_where_the_cell_sits(tmp_path):
+    """Train on synthetic smear fields (class = nucleus colour, the cell anywhere): the checkpoint
+    records the window, predict reports the cell as located, and moving the cell in the field
+    barely moves the probabilities (a central-crop model would see a different picture)."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from test_localise import NUCLEUS, field
+
+    from leukoscope.cli import main
+    from leukoscope.inference import load_model
+
+    rng = np.random.default_rng(0)
+    for label, colour in (("blast", NUCLEUS), ("normal", (60, 40, 170))):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(16):
+            image = field(240, 320, [(rng.uniform(50, 190), rng.uniform(50, 270), rng.uniform(20, 30))], seed=i)
+            image[np.all(image == NUCLEUS, axis=-1)] = colour
+            Image.fromarray(image).save(tmp_path / "data" / label / f"{i}.png")
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "data"), "--out", str(run), "--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "2",
+                 "--batch-size", "8", "--cell", "0.6", "--colour-norm", "white", "--crop-context"]) == 0
+    model = load_model(run)
+    assert model.view.cell == 0.6 and model.view.colour == "white" and model.checkpoint["cell"] == 0.6
+    assert main(["predict", str(run), str(tmp_path / "data"), "--out", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv", newline="") as handle:
+        assert {r["localised"] for r in csv.DictReader(handle)} == {"true"}
+    here, there = field(240, 320, [(80, 90, 25)], seed=3, red_cells=0), field(240, 320, [(160, 230, 25)], seed=3, red_cells=0)
+    a, b = (np.array(list(p.probabilities.values())) for p in model.predict([here, there]))
+    assert np.abs(a - b).max() < 0.05

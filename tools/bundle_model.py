@@ -39,22 +39,31 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def split_probs(predictor: Predictor, data: Path, run: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, probabilities) of one split of the run, at the model's default inference (TTA or not)."""
+def split_probs(predictor: Predictor, data: Path, run: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(labels, probabilities, paths) of one split of the run, at the model's default inference (TTA or not)."""
     samples, splits = read_splits(run / "splits.csv")
     members = [s for s, k in zip(samples, splits) if k == split]
-    images, errors = decode_many([data / s.path for s in members], predictor.image_size, crop=predictor.crop)
+    images, errors = decode_many([data / s.path for s in members], predictor.view)
     if any(errors):
         raise SystemExit(f"unreadable {split} images: {[e for e in errors if e][:3]}")
     probs = softmax(predict_logits(predictor, images), predictor.temperature)
     labels = np.array([predictor.class_names.index(s.label) for s in members])
-    return labels, probs
+    return labels, probs, [s.path for s in members]
 
 
-def extra_metrics(names: list[str], labels: np.ndarray, probs: np.ndarray, calls: np.ndarray | None = None) -> dict[str, float | list[float]]:
-    """Task-level test numbers with Wilson 95% intervals, from the model's own calls (its threshold, if any)."""
+def extra_metrics(names: list[str], labels: np.ndarray, probs: np.ndarray, calls: np.ndarray | None = None,
+                  paths: list[str] | None = None) -> dict[str, float | list[float]]:
+    """Task-level test numbers with Wilson 95% intervals, from the model's own calls (its threshold, if any).
+
+    Images of a multi-lab folder (tools/make_wbc_data.py names them ``<lab>__<file>``) are also
+    scored per lab: ``<lab>_accuracy``."""
     out: dict[str, float | list[float]] = {}
     calls = probs.argmax(1) if calls is None else calls
+    labs = [Path(p).name.split("__", 1)[0] if "__" in Path(p).name else "" for p in paths or []]
+    for lab in sorted(set(labs) - {""}):
+        mask = np.array([x == lab for x in labs])
+        hits, n = int((calls[mask] == labels[mask]).sum()), int(mask.sum())
+        out[f"{lab}_accuracy"], out[f"{lab}_accuracy_ci"], out[f"{lab}_n"] = hits / n, list(wilson_interval(hits, n)), n
     if len(names) == 2:
         pos = positive_index(names)
         for key, mask, hit in ((f"{names[pos]}_sensitivity", labels == pos, calls == pos),
@@ -99,14 +108,14 @@ def main() -> None:
     if args.tta != "none":  # the temperature is fitted with the inference the model will run by default
         samples, splits = read_splits(args.run / "splits.csv")
         val = [s for s, k in zip(samples, splits) if k == "val"]
-        images, _ = decode_many([args.data / s.path for s in val], half.image_size, crop=half.crop)
+        images, _ = decode_many([args.data / s.path for s in val], half.view)
         labels = np.array([half.class_names.index(s.label) for s in val])
         half.temperature = checkpoint["temperature"] = calibrate(half, images, labels)
     for split in ("val", "test"):
-        labels, probs = split_probs(half, args.data, args.run, split)
+        labels, probs, paths = split_probs(half, args.data, args.run, split)
         calls = np.array([half.decide(p) for p in probs])  # the operating threshold, where the model has one
         checkpoint["metrics"].update(headline({split: summarize(labels, probs, half.class_names, y_pred=calls)}))
-    checkpoint["extra_metrics"] = extra_metrics(half.class_names, labels, probs, calls)
+    checkpoint["extra_metrics"] = extra_metrics(half.class_names, labels, probs, calls, paths)
     checkpoint["bundled_name"] = args.name
     card_file = CONFIGS / f"{args.name}.card.yaml"
     checkpoint["card"] = yaml.safe_load(card_file.read_text()) if card_file.is_file() else {}

@@ -6,7 +6,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "count"]
 
 
 def load_model(model: str, **kwargs: Any):
@@ -17,3 +17,11 @@ def load_model(model: str, **kwargs: Any):
     from .inference import load_model as _load
 
     return _load(model, **kwargs)
+
+
+def count(paths, model: Any = "wbc", **kwargs: Any):
+    """Find and classify every white cell of the smear fields in ``paths`` (files and folders);
+    returns one ``CountedCell`` record per cell (and per unreadable file, with ``error``)."""
+    from .counting import count as _count
+
+    return _count(paths, model=model, **kwargs)

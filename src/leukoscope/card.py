@@ -11,7 +11,9 @@ from .metrics import wilson_interval
 
 EXTRA_LABELS = {"wbc5_accuracy": "accuracy on the cells of the 5 WBC types (the model's call over all its classes)",
                 "malignant_sensitivity": "malignant (Early, Pre, Pro) sensitivity", "benign_specificity": "benign specificity",
-                "blast_sensitivity": "blast sensitivity at the operating threshold", "normal_specificity": "normal specificity"}
+                "blast_sensitivity": "blast sensitivity at the operating threshold", "normal_specificity": "normal specificity",
+                "pbc_accuracy": "accuracy on the PBC images", "bccd_wbc_accuracy": "accuracy on the BCCD images (the 8-class call)"}
+COLOUR = {"white": "colours white-balanced on each window's background", "reinhard": "colours mapped onto the training images' optical-density statistics"}
 SCORES = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("roc_auc", "ROC AUC"))
 
 
@@ -28,12 +30,14 @@ def with_interval(values: dict[str, Any], key: str, label: str = "95% CI ") -> s
 def model_card(name: str, checkpoint: dict[str, Any]) -> str:
     card = checkpoint.get("card", {})
     metrics = checkpoint.get("metrics", {})
-    crop = checkpoint.get("crop", 1.0)
+    crop, cell, colour = checkpoint.get("crop", 1.0), checkpoint.get("cell"), checkpoint.get("colour") or "none"
+    framing = (f" on a window centred on the located white cell, its nucleus spanning {cell:.0%} of it" if cell
+               else f" on the central {crop:.0%} of each image" if crop < 1 else "") + (f", {COLOUR[colour]}" if colour in COLOUR else "")
     lines = [f"# Model card: `{name}`", "",
              f"**Intended use.** {card.get('intended_use', 'Research use; not for diagnosis.')}", "",
              "## Model", "",
              f"- Architecture: `{checkpoint['arch']}`, {checkpoint['image_size']} px input"
-             + (f" on the central {crop:.0%} of each image" if crop < 1 else "") + f", classes: {', '.join(checkpoint['class_names'])}.",
+             + framing + f"; classes: {', '.join(checkpoint['class_names'])}.",
              f"- Temperature {checkpoint.get('temperature', 1.0):.3f} (fitted on validation); default test-time augmentation: {checkpoint.get('tta') or 'none'}.",
              f"- Trained by: `{checkpoint.get('train_command', '?')}`"
              + (f" in {checkpoint['train_seconds'] / 60:.1f} min" if checkpoint.get("train_seconds") else "") + ".",

@@ -23,7 +23,8 @@ from torch import nn
 
 from . import __version__
 from .errors import LeukoscopeError, did_you_mean
-from .io import atomic_write
+from .io import View, atomic_write
+from .stain import MODES as COLOUR_MODES
 from .models import create_model
 
 FORMAT_VERSION = 1
@@ -33,12 +34,22 @@ REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "state_dict")
 @dataclass(frozen=True)
 class Preprocessing:
     """What happens to an image before the network, on every path: the central ``crop`` of the
-    shorter side, resized to ``image_size``, scaled to [0, 1] and normalised by ``mean``/``std``."""
+    shorter side (or, with ``cell``, a window centred on the located white cell, which fills
+    ``cell`` of it), resized to ``image_size``, colour-normalised onto ``stain`` where set,
+    scaled to [0, 1] and normalised by ``mean``/``std``. ``colour`` names the colour normalisation
+    (see stain: none, white, or reinhard onto the ``stain`` target)."""
 
     image_size: int
     crop: float = 1.0
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.25, 0.25, 0.25)
+    cell: float | None = None
+    stain: tuple[float, ...] | None = None
+    colour: str = "none"
+
+    @property
+    def view(self) -> View:
+        return View(self.image_size, self.crop, self.cell, self.stain, colour=self.colour)
 
 
 @dataclass
@@ -56,15 +67,24 @@ class ModelCard:
     ood_threshold: float | None = None  # out-of-domain above this Mahalanobis score (the network outputs it: see ood)
 
     KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "crop", "mean", "std", "temperature", "threshold", "positive_index", "tta",
-            "ood_threshold")
+            "ood_threshold", "cell", "stain", "colour")
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ModelCard:
         missing = [k for k in ("arch", "class_names", "image_size") if k not in meta]
         if missing:
             raise LeukoscopeError(f"model metadata lacks {', '.join(missing)}")
+        cell, stain = meta.get("cell"), meta.get("stain")
+        if cell is not None and not 0.1 <= float(cell) <= 1.0:
+            raise LeukoscopeError(f"model metadata: cell must be between 0.1 and 1.0, got {cell}")
+        if stain is not None and len(stain) != 6:
+            raise LeukoscopeError(f"model metadata: stain must hold 6 numbers (OD mean and std per channel), got {len(stain)}")
+        colour = str(meta.get("colour") or "none")
+        if colour not in COLOUR_MODES or (colour == "reinhard" and stain is None):
+            raise LeukoscopeError(f"model metadata: colour must be one of {', '.join(COLOUR_MODES)} (reinhard with a stain target), got {colour!r}")
         pre = Preprocessing(int(meta["image_size"]), float(meta.get("crop", 1.0)),
-                            tuple(float(v) for v in meta.get("mean", (0.5,) * 3)), tuple(float(v) for v in meta.get("std", (0.25,) * 3)))
+                            tuple(float(v) for v in meta.get("mean", (0.5,) * 3)), tuple(float(v) for v in meta.get("std", (0.25,) * 3)),
+                            None if cell is None else float(cell), None if stain is None else tuple(float(v) for v in stain), colour)
         index = meta.get("positive_index")
         return cls(str(meta["arch"]), [str(c) for c in meta["class_names"]], pre, dict(meta.get("arch_kwargs") or {}),
                    float(meta.get("temperature", 1.0)), meta.get("threshold"), None if index is None else int(index), meta.get("tta") or "none",
@@ -74,7 +94,8 @@ class ModelCard:
         """Flat keys, as checkpoints, ONNX metadata and classical runs store them."""
         pre = self.preprocessing
         return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "class_names": list(self.class_names), "image_size": pre.image_size,
-                "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "temperature": self.temperature,
+                "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "cell": pre.cell,
+                "stain": None if pre.stain is None else list(pre.stain), "colour": pre.colour, "temperature": self.temperature,
                 "threshold": self.threshold, "positive_index": self.positive_index, "tta": self.tta, "ood_threshold": self.ood_threshold}
 
 

@@ -52,9 +52,12 @@ def _add_tta(parser: argparse.ArgumentParser) -> None:
 
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     from .inference import BACKENDS
+    from .runtime import DEVICES
 
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="what runs a CNN checkpoint: auto (default: ONNX Runtime for CellNet, else PyTorch), torch or onnx")
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto (default: CUDA when available), cpu or cuda (PyTorch with bf16 autocast)")
 
 
 def _yaml_mapping(text: str) -> dict:
@@ -140,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
                                backend=args.backend, force=args.force, class_map=args.class_map, split_file=args.split,
-                               adapt=args.adapt)
+                               adapt=args.adapt, device=args.device)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -154,7 +157,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     tta = None if args.tta is None else tta_mode(args.tta)
-    predictor = load_model(args.model, backend="torch" if args.adapt else args.backend)
+    predictor = load_model(args.model, backend="torch" if args.adapt else args.backend, device=args.device)
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
@@ -162,7 +165,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from .adapt import adapt_batchnorm
         from .data.dataset import decode_many
 
-        images, errors = decode_many(paths, predictor.image_size, desc="decode for --adapt", crop=predictor.crop)
+        images, errors = decode_many(paths, predictor.view, desc="decode for --adapt")
         predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]])
         print(f"normalisation statistics re-estimated on {plural(len(images) - sum(e is not None for e in errors), 'image')}", file=sys.stderr)
     total, failures, outside = predict_csv(predictor, paths, args.out, args.batch_size, tta)
@@ -197,7 +200,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     predictor = load_model(args.model, backend="torch")
     paths = iter_inputs(args.images) if args.images else []
-    images = check_images(paths, predictor.image_size, crop=predictor.crop)
+    images = check_images(paths, predictor.view)
     diff = export_onnx(predictor, args.out, images, tolerance=args.tolerance)
     what = f"{len(images)} real images" if paths else f"{len(images)} random images (pass --images for real cells)"
     print(f"exported {args.out}: max |p_onnx - p_torch| = {diff:.2e} on {what} (tolerance {args.tolerance})",
@@ -209,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .inference import load_model
     from .serve import serve
 
-    predictor = load_model(args.model, backend=args.backend)
+    predictor = load_model(args.model, backend=args.backend, device=args.device)
     print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs: /docs)")
     serve(predictor, name=Path(str(args.model)).name, host=args.host, port=args.port)
     return 0
@@ -245,6 +248,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"{row['path']}: smear field, {plural(int(row['leukocytes']), 'leukocyte')} found")
     failed = sum(bool(r["error"]) for r in rows)
     print(f"{plural(len(rows) - failed, 'image')} segmented, {failed} failed; masks and overlays in {args.out} (index: {Path(args.out) / 'segmentation.csv'})")
+    return 1 if failed else 0
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    from .counting import count_command
+    from .runs import prepare_output_folder
+    from .progress import plural
+
+    prepare_output_folder(args.out, force=args.force, keep_splits=False, command="count")
+    summary, failed = count_command(args.inputs, args.model, args.out, args.group_by)
+    for row in (r for r in summary if r["image"] == "TOTAL"):
+        blast = f", blasts {row['blast_percent']:.1f}%" if "blast_percent" in row else ""
+        print(f"{row['slide']}: {plural(row['n_cells'], 'white cell')}{blast}")
+    print(f"cells.csv, summary.csv, overlays/ and report.html in {args.out}" + (f"; {plural(failed, 'unreadable file')}" if failed else ""))
     return 1 if failed else 0
 
 
@@ -358,6 +375,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["auto", "single", "field"], default="auto",
                    help="single cell, smear field with several leukocytes, or auto (default)")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("count", help="find and classify every white cell of smear fields: a differential count",
+                       description="Detect every white cell in each field, classify it, and write cells.csv, summary.csv (per image, "
+                                   "per slide and in total, with blast_percent for a model with a blast class), overlay PNGs and "
+                                   "report.html into --out.")
+    p.add_argument("inputs", nargs="+", help="field images and/or folders (a folder is one slide)")
+    p.add_argument("--model", default="wbc", help="bundled name (wbc for a differential, blast for the blast percentage), run folder "
+                                                 "or checkpoint (default: wbc)")
+    p.add_argument("--out", required=True, help="folder for cells.csv, summary.csv, overlays/ and report.html")
+    p.add_argument("--group-by", choices=["input", "parent"], default="input",
+                   help="slides: each folder given (input, default) or each image's own folder (parent)")
+    p.add_argument("--force", action="store_true", help="replace the results of an earlier count in --out")
+    p.set_defaults(func=cmd_count)
 
     p = sub.add_parser("check-data", help="report classes, patients, sizes, unreadable files and duplicates")
     p.add_argument("data", help="dataset folder")

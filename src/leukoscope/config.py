@@ -12,9 +12,11 @@ import yaml
 from .classical import METHODS, NEEDS_BACKBONE, check_method
 from .errors import LeukoscopeError, did_you_mean
 from .models import check_model_name
+from .stain import MODES as COLOUR_MODES
 from .transforms import AugmentConfig
 
 OPTIMIZERS = ("adamw", "sgd")
+CELL_CONTEXT = 1.3  # cell windows decoded 1.3x wider for training augmentation (crop_context)
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None, factory: Any = None) -> Any:
@@ -34,7 +36,13 @@ class TrainConfig:
     image_size: int = option(128, "training and inference resolution in pixels")
     min_image_size: int | None = option(None, "progressive resizing: start training at this size, reach image_size by 75% of the epochs")
     crop: float = option(1.0, "keep this central fraction of each image before resizing (1.0: the whole image)")
-    crop_context: bool = option(False, "augment from the real surroundings of the crop instead of reflections of its edge (needs crop < 1)")
+    crop_context: bool = option(False, "augment from the real surroundings of the crop (or cell window) instead of reflections of its "
+                                       "edge (needs crop < 1 or cell)")
+    cell: float | None = option(None, "cell-centric window: locate the white cell and scale a window centred on it so that the cell's "
+                                      "diameter fills this fraction of it (e.g. 0.6); crop is then unused")
+    colour_norm: str = option("none", "colour normalisation of each window: white (subtract the background's optical density, so "
+                                      "every lab's background is white), reinhard (map OD mean and std onto the training average) "
+                                      "or none", COLOUR_MODES)
     epochs: int = option(30, "training epochs")
     batch_size: int = option(64, "images per training step")
     optimizer: str = option("adamw", "adamw, or sgd with Nesterov momentum 0.9 (give it a larger lr, e.g. 0.1)", OPTIMIZERS)
@@ -69,6 +77,13 @@ class TrainConfig:
     backbone: str | None = option(None, "cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
     augment: AugmentConfig = option(None, "augmentation options as YAML, e.g. '{hue: 0.03, blur_p: 0.1}' (unnamed ones keep their defaults)",
                                     factory=AugmentConfig)
+
+    @property
+    def context(self) -> float:
+        """With crop_context: how much wider than the model's view training images are decoded."""
+        if not self.crop_context:
+            return 1.0
+        return CELL_CONTEXT if self.cell is not None else 1.0 / self.crop
 
     @property
     def split_seed_value(self) -> int:
@@ -133,7 +148,10 @@ class TrainConfig:
             (self.refit_views >= 0, f"refit_views must be >= 0, got {self.refit_views}"),
             (self.refit_head is None or self.refit_head > 0, f"refit_head must be > 0 (inverse regularisation), got {self.refit_head}"),
             (0.2 <= self.crop <= 1.0, f"crop must be between 0.2 and 1.0, got {self.crop}"),
-            (not self.crop_context or self.crop < 1.0, "crop_context needs crop < 1 (with the whole image there is no context around it)"),
+            (not self.crop_context or self.crop < 1.0 or self.cell is not None,
+             "crop_context needs crop < 1 or cell (with the whole image there is no context around it)"),
+            (self.colour_norm in COLOUR_MODES, f"colour_norm must be one of {', '.join(COLOUR_MODES)}, got {self.colour_norm!r}"),
+            (self.cell is None or 0.1 <= self.cell <= 1.0, f"cell must be between 0.1 and 1.0 (the cell's share of the window), got {self.cell}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.freeze_epochs >= 0, f"freeze_epochs must be >= 0, got {self.freeze_epochs}"),
@@ -187,14 +205,16 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> Tr
 
 
 def inherited_settings(init: str) -> dict[str, Any]:
-    """Architecture, its options, image size and crop of the model ``init`` names."""
+    """Architecture, its options, image size, crop, cell window and colour normalisation of the model ``init`` names."""
     from .checkpoint import ModelCard, load_checkpoint, resolve_model_path
 
     path = resolve_model_path(init)
     if path.suffix.lower() != ".pt":
         return {}  # refused with its reason when training starts
     card = ModelCard.from_meta(load_checkpoint(path))
-    return {"arch": card.arch, "arch_kwargs": card.arch_kwargs, "image_size": card.preprocessing.image_size, "crop": card.preprocessing.crop}
+    pre = card.preprocessing
+    return {"arch": card.arch, "arch_kwargs": card.arch_kwargs, "image_size": pre.image_size, "crop": pre.crop, "cell": pre.cell,
+            "colour_norm": pre.colour}
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

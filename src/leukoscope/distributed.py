@@ -33,10 +33,12 @@ class World:
 
 def init_world(device_preference: str = "auto") -> tuple[World, torch.device]:
     """Join the torchrun process group when WORLD_SIZE > 1; returns the world and this rank's device."""
+    from .runtime import resolve_device
+
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and device_preference in ("auto", "cuda")
+    device = resolve_device(device_preference)
+    cuda = device.type == "cuda"
     if size <= 1:
-        device = torch.device("cuda" if cuda else "cpu") if device_preference == "auto" else torch.device(device_preference)
         return World(), device
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():

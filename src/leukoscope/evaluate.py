@@ -141,7 +141,7 @@ def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], sp
     if images is not None and split in images:
         tensor, errors = images[split], [None] * len(members)
     else:
-        tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.image_size, desc=f"decode {split}", crop=predictor.crop)
+        tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.view, desc=f"decode {split}")
     ok = [i for i, e in enumerate(errors) if e is None]
     index = {c: i for i, c in enumerate(predictor.class_names)}
     logits, ood = predict_logits_and_ood(predictor, tensor[ok], tta=tta, desc=f"predict {split}")
@@ -245,21 +245,21 @@ def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predicto
 
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
                      backend: str = "auto", force: bool = False, class_map: str | None = None,
-                     split_file: str | None = None, adapt: bool = False) -> dict[str, Any]:
+                     split_file: str | None = None, adapt: bool = False, device: str = "auto") -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
 
     ``class_map`` ('Early=blast,Pre=blast,Pro=blast,Benign=normal') scores the model on data whose
     classes differ: each model class counts as the data class it maps to.
     """
     prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
-    predictor = load_model(model, backend="torch" if adapt else backend)
+    predictor = load_model(model, backend="torch" if adapt else backend, device=device)
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
         from .adapt import adapt_batchnorm
 
         test = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "test"]
-        images, errors = decode_many(test, predictor.image_size, desc="decode for --adapt", crop=predictor.crop)
+        images, errors = decode_many(test, predictor.view, desc="decode for --adapt")
         predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]])
         note(f"normalisation statistics re-estimated on the {plural(len(test), 'test image')} (AdaBN)")
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,

@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint import model_from_checkpoint
 from .errors import LeukoscopeError, did_you_mean
 from .inference import Predictor
-from .io import ImageReadError, atomic_write, load_rgb
+from .io import ImageReadError, atomic_write, load_view
 from .models import CellNet
 from .transforms import eval_transform
 
@@ -104,7 +104,7 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
     rows, used, failed = [], set(), 0
     for path in paths:
         try:
-            image = load_rgb(path, model.image_size, crop=model.crop)
+            image = load_view(path, model.view)[0]
         except ImageReadError as err:
             rows.append([str(path), "", "", "", "", str(err)])
             failed += 1
@@ -113,7 +113,7 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
         called = model.decide(probs)  # the operating threshold where the model has one, as predict and serve
         cls = called if class_name is None else names.index(class_name)
         overlay = explainer.overlay(image, cls)
-        name = _unique(Path(path).stem, used) + "_cam.png"
+        name = unique_name(Path(path).stem, used) + "_cam.png"
         caption = f"{names[called]} {probs[called]:.3f} | heatmap for {names[cls]} ({method})"
         with atomic_write(out_dir / name, "wb") as handle:
             handle.write(png_bytes(panel(image, overlay, caption)))
@@ -125,7 +125,7 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
     return len(rows) - failed, failed
 
 
-def _unique(stem: str, used: set[str]) -> str:
+def unique_name(stem: str, used: set[str]) -> str:
     name, i = stem, 1
     while name in used:
         i += 1

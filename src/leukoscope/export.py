@@ -14,17 +14,21 @@ import torch
 
 from .errors import LeukoscopeError
 from .inference import Predictor, TorchBackend
-from .io import atomic_write, load_rgb
+from .io import View, atomic_write, load_view
 from .onnx_backend import OnnxBackend, onnx_bytes
 
 TOLERANCE = 1e-3  # max absolute difference of any class probability, ONNX Runtime vs PyTorch
 
 
-def check_images(paths: Sequence[os.PathLike], size: int, limit: int = 64, crop: float = 1.0) -> torch.Tensor:
-    """Decoded real images to compare the export on; random images when none are given."""
+def check_images(paths: Sequence[os.PathLike], view: View, limit: int = 64) -> torch.Tensor:
+    """Real images as the model sees them, to compare the export on; random images when none are given.
+
+    The graph starts after framing (cell location, stain normalisation): those stay in Python, as
+    ``leukoscope.io.frame``, before the graph."""
     arrays = []
+    size = view.size
     for path in list(paths)[:limit]:
-        arrays.append(load_rgb(path, size, crop=crop))
+        arrays.append(load_view(path, view)[0])
     if not arrays:
         generator = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=generator)

@@ -20,7 +20,7 @@ from PIL import Image
 from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resolve_model_path
 from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
 from .errors import LeukoscopeError, did_you_mean
-from .io import ImageReadError, iter_image_files, load_rgb, resize_center_crop, to_rgb
+from .io import ImageReadError, frame, iter_image_files, load_view, to_rgb
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
@@ -40,23 +40,28 @@ class Prediction:
     error: str = ""
     ood_score: float = float("nan")  # higher: less like the training images (see ood); NaN where the model has no alarm
     in_domain: bool | None = None  # ood_score below the threshold fitted on validation
+    localised: bool | None = None  # cell-centric models: whether the white cell was found (else the whole image was used)
 
 
 class TorchBackend:
-    """Runs a checkpoint's network on uint8 batches: BatchNorm folded, channels_last, fp32."""
+    """Runs a checkpoint's network on uint8 batches: BatchNorm folded, channels_last; fp32 on CPU,
+    bf16 autocast on CUDA. Outputs come back to the CPU as fp32."""
 
     kind = "cnn"
 
-    def __init__(self, checkpoint: dict[str, Any]):
+    def __init__(self, checkpoint: dict[str, Any], device: torch.device | str = "cpu"):
         pre = ModelCard.from_meta(checkpoint).preprocessing
         self.mean, self.std = list(pre.mean), list(pre.std)
+        self.device = torch.device(device)
         model = model_from_checkpoint(checkpoint)
         if checkpoint.get("ood") is not None:
             model = WithOOD(model, checkpoint["ood"]).eval()  # one more output column: the OOD score
-        self.model = fold_batchnorm(model).to(memory_format=torch.channels_last)
+        self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
-        return self.model(eval_transform(batch_uint8, self.mean, self.std)).float()
+        x = eval_transform(batch_uint8.to(self.device, non_blocking=True), self.mean, self.std)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.model(x).float().cpu()
 
 
 class Predictor:
@@ -72,8 +77,8 @@ class Predictor:
         self.source = source
         self.card = card = ModelCard.from_meta(checkpoint)
         self.class_names: list[str] = card.class_names
-        self.image_size: int = card.preprocessing.image_size
-        self.crop: float = card.preprocessing.crop  # central fraction of the image the model sees
+        self.view = card.preprocessing.view  # the square of each image the model sees: see io.frame
+        self.image_size: int = self.view.size
         self.temperature = card.temperature
         self.threshold: float | None = card.threshold
         self.default_tta = tta_mode(card.tta)
@@ -150,9 +155,11 @@ class Predictor:
 
     def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool | str | None) -> Iterator[Prediction]:
         sources = [str(item) if isinstance(item, (str, os.PathLike)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
-        good = [i for i, (arr, _) in enumerate(decoded) if arr is not None]
+        good = [i for i, (arr, _, _) in enumerate(decoded) if arr is not None]
         done = dict(zip(good, self.predict_arrays([decoded[i][0] for i in good], [sources[i] for i in good], tta))) if good else {}
         for i, source in enumerate(sources):
+            if i in done:
+                done[i].localised = decoded[i][2]
             yield done.get(i) or Prediction(source, error=decoded[i][1] or "unreadable image")
 
     def decide(self, probs: np.ndarray) -> int:
@@ -161,15 +168,18 @@ class Predictor:
             return self.positive_index if probs[self.positive_index] >= self.threshold else 1 - self.positive_index
         return int(np.argmax(probs))
 
-    def _decode(self, item: Any) -> tuple[np.ndarray | None, str]:
+    def _decode(self, item: Any) -> tuple[np.ndarray | None, str, bool | None]:
+        """(image as the model sees it, error, whether the cell was located); one framing for every kind of input."""
         try:
             if isinstance(item, Image.Image):
-                return resize_center_crop(to_rgb(item), self.image_size, self.crop), ""
-            if isinstance(item, np.ndarray):
-                return resize_center_crop(_array_to_rgb(item), self.image_size, self.crop), ""
-            return load_rgb(item, self.image_size, crop=self.crop), ""
+                image, found = frame(np.asarray(to_rgb(item)), self.view)
+            elif isinstance(item, np.ndarray):
+                image, found = frame(_array_to_rgb(item), self.view)
+            else:
+                image, found = load_view(item, self.view)
+            return image, "", found
         except (ImageReadError, ValueError) as err:
-            return None, str(err)
+            return None, str(err), None
 
     def _prediction(self, source: str, probs: np.ndarray, ood: float | None = None) -> Prediction:
         top = self.decide(probs)
@@ -206,24 +216,29 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _array_to_rgb(array: np.ndarray) -> Image.Image:
+def _array_to_rgb(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(f"expected an HxWx3 image array, got shape {array.shape}")
     if array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image array, got {array.dtype}")
-    return to_rgb(Image.fromarray(array))
+    return np.asarray(to_rgb(Image.fromarray(array)))
 
 
-def load_model(model: str | os.PathLike, backend: str = "auto") -> Predictor:
+def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "auto") -> Predictor:
     """Load a run folder, a checkpoint, an exported ``.onnx``, a classical ``.joblib`` or a bundled name.
 
     ``backend`` picks what runs a CNN checkpoint: ``torch``, ``onnx`` (ONNX Runtime on a graph
     exported once and cached) or ``auto``: ONNX Runtime for CellNet checkpoints, which it runs
     ~1.5x faster on CPU with the same probabilities (within 1e-3), PyTorch for other architectures.
-    Heatmaps and export always rebuild the PyTorch network from the checkpoint.
+    Heatmaps and export always rebuild the PyTorch network from the checkpoint. ``device``:
+    ``auto`` (CUDA when available), ``cpu`` or ``cuda``; on CUDA a checkpoint runs on PyTorch
+    (bf16 autocast), ``auto`` backend included.
     """
+    from .runtime import resolve_device
+
+    target = resolve_device(device)
     if backend not in BACKENDS:
         raise LeukoscopeError(f"unknown backend {backend!r}{did_you_mean(backend, BACKENDS)}; choose from {', '.join(BACKENDS)}")
     path = resolve_model_path(model)
@@ -241,6 +256,10 @@ def load_model(model: str | os.PathLike, backend: str = "auto") -> Predictor:
         meta, classical = load_classical(path)
         return Predictor(meta, source=str(path), backend=classical)
     checkpoint = load_checkpoint(path)
+    if target.type == "cuda":
+        if backend == "onnx":
+            raise LeukoscopeError("--backend onnx runs on the CPU; with --device cuda use --backend auto or torch")
+        return Predictor(checkpoint, source=str(path), backend=TorchBackend(checkpoint, target))
     if backend == "onnx" or (backend == "auto" and str(checkpoint["arch"]).startswith("cellnet")):
         from .onnx_backend import cached_onnx_backend
 

@@ -1,4 +1,4 @@
-"""Reading images and writing files safely. Bottom layer: no torch, no project imports."""
+"""Reading images and writing files safely. Bottom layer: no torch; only the localise and stain helpers below it."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import localise, stain
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".webp")
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
@@ -148,6 +151,52 @@ def resize_center_crop(im: Image.Image | np.ndarray, size: int, crop: float = 1.
     if side == size:
         return np.asarray(im.crop(box))
     return np.asarray(im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None))
+
+
+@dataclass(frozen=True)
+class View:
+    """The square of an image a model sees, at ``size`` x ``size``, and its colour normalisation.
+
+    ``crop``: the central fraction of the shorter side (a centred cell, as CellaVision tiles are).
+    ``cell``: a window centred on the located white cell, whose diameter fills this fraction of
+    the window (see localise); ``crop`` is then unused. ``colour``: the colour normalisation of
+    each window (see stain: none, white or reinhard, whose target OD statistics are ``stain``).
+    ``context`` > 1: training decodes that factor more around the same centre, for augmentation
+    to rotate or shift into view.
+    """
+
+    size: int
+    crop: float = 1.0
+    cell: float | None = None
+    stain: tuple[float, ...] | None = None
+    context: float = 1.0
+    colour: str = "none"
+
+    def with_context(self, factor: float) -> View:
+        return replace(self, size=round(self.size * factor), context=factor)
+
+
+def frame(rgb: np.ndarray, view: View) -> tuple[np.ndarray, bool | None]:
+    """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, and whether a cell was located (None
+    when the view is not cell-centric). The one function every path (files, uploads, arrays, PIL
+    images; train, evaluate, predict, serve, explain, export) goes through."""
+    if view.cell is not None:
+        out, found = localise.cell_window(rgb, view.size, view.cell, view.context)
+    else:
+        crop = min(1.0, view.crop * view.context)
+        out, found = resize_center_crop(rgb, view.size, crop), None
+    return stain.apply(out, view.colour, view.stain), found
+
+
+def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None]:
+    """A file (path) or an upload (bytes) decoded whole and framed as ``view`` shows it; see ``frame``.
+
+    No reduced-scale (draft) JPEG decoding here: a path, its bytes, its decoded array and a PIL
+    image of it give the same pixels, so the same probabilities (draft decoding moved some
+    probabilities by up to 0.4; docs/benchmarks.md, "Decoding").
+    """
+    rgb = decode_bytes(source, None, max_pixels) if isinstance(source, bytes) else load_rgb(source)
+    return frame(rgb, view)
 
 
 def cache_root() -> Path:

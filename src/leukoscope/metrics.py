@@ -1,98 +1,69 @@
-"""Pure classification metrics on integer labels and probability arrays (numpy only).
+"""Classification metrics on integer labels and probability arrays.
 
 Every function takes ``y_true`` (n,) ints in [0, k) and either ``y_pred`` (n,) ints or
-``probs`` (n, k). Undefined ratios (0/0) are reported as 0.0, as scikit-learn does.
+``probs`` (n, k). The standard metrics are scikit-learn's (accuracy, balanced accuracy, F1,
+ROC AUC and curve, log loss, confusion matrix, classification report); this module adds what it
+lacks: calibration error and reliability bins, Wilson and stratified-bootstrap intervals, and the
+operating threshold for a target sensitivity. Undefined ratios (0/0) are 0.0, as scikit-learn's
+``zero_division=0`` makes them.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from sklearn import metrics as skm
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
-    """Rows are true classes, columns predicted classes."""
-    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return cm
+    """Rows are true classes, columns predicted classes (scikit-learn's, with every class a row)."""
+    return skm.confusion_matrix(np.asarray(y_true, int), np.asarray(y_pred, int), labels=list(range(num_classes))).astype(np.int64)
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    num, den = np.asarray(num, float), np.asarray(den, float)
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+def per_class_prf(y_true, y_pred, num_classes: int) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support for each class."""
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=list(range(num_classes)), zero_division=0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
-def per_class_prf(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Precision, recall, F1 and support for each class of a confusion matrix."""
-    tp = np.diag(cm).astype(float)
-    precision = _safe_div(tp, cm.sum(axis=0))
-    recall = _safe_div(tp, cm.sum(axis=1))
-    f1 = _safe_div(2 * precision * recall, precision + recall)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": cm.sum(axis=1)}
+def accuracy(y_true, y_pred) -> float:
+    return float(skm.accuracy_score(y_true, y_pred)) if len(y_true) else 0.0
 
 
-def accuracy(cm: np.ndarray) -> float:
-    total = cm.sum()
-    return float(np.trace(cm) / total) if total else 0.0
-
-
-def balanced_accuracy(cm: np.ndarray) -> float:
+def balanced_accuracy(y_true, y_pred) -> float:
     """Mean recall over the classes present in y_true."""
-    support = cm.sum(axis=1)
-    present = support > 0
-    if not present.any():
+    if len(y_true) == 0:
         return 0.0
-    return float((np.diag(cm)[present] / support[present]).mean())
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true": exactly what we want it to ignore
+        warnings.simplefilter("ignore", UserWarning)
+        return float(skm.balanced_accuracy_score(y_true, y_pred))
 
 
-def seen_classes(cm: np.ndarray) -> np.ndarray:
-    """Classes that occur in y_true or y_pred: the ones every macro average is taken over."""
-    return (cm.sum(axis=0) + cm.sum(axis=1)) > 0
-
-
-def macro_f1(cm: np.ndarray) -> float:
+def macro_f1(y_true, y_pred) -> float:
     """Unweighted mean F1 over classes that occur in y_true or y_pred (scikit-learn's default labels)."""
-    prf = per_class_prf(cm)
-    seen = seen_classes(cm)
-    return float(prf["f1"][seen].mean()) if seen.any() else 0.0
+    return float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)) if len(y_true) else 0.0
 
 
-def weighted_f1(cm: np.ndarray) -> float:
+def weighted_f1(y_true, y_pred) -> float:
     """F1 averaged with class support as weights (the C-NMC 2019 challenge metric)."""
-    prf = per_class_prf(cm)
-    total = prf["support"].sum()
-    return float((prf["f1"] * prf["support"]).sum() / total) if total else 0.0
+    return float(skm.f1_score(y_true, y_pred, average="weighted", zero_division=0)) if len(y_true) else 0.0
 
 
 def binary_auc(y_true, scores) -> float:
-    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half).
-
-    Returns NaN when only one class is present, since the AUC is then undefined.
-    """
-    y_true, scores = np.asarray(y_true, bool), np.asarray(scores, float)
-    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve; NaN when only one class is present (the AUC is then undefined)."""
+    y_true = np.asarray(y_true, bool)
+    if y_true.all() or not y_true.any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), dtype=float)
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    u = ranks[y_true].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    return float(skm.roc_auc_score(y_true, np.asarray(scores, float)))
 
 
 def roc_auc(y_true, probs: np.ndarray, positive: int = 1) -> float:
     """Binary AUC of the ``positive`` class, or macro one-vs-rest AUC for k > 2.
 
-    Classes absent from y_true are skipped in the macro average.
+    Classes absent from y_true are skipped in the macro average (scikit-learn's multi-class
+    ``roc_auc_score`` refuses such a split, which small test splits often are).
     """
     y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
     if probs.shape[1] == 2:
@@ -104,24 +75,39 @@ def roc_auc(y_true, probs: np.ndarray, positive: int = 1) -> float:
 
 def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
     """False- and true-positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
-    y_true, scores = np.asarray(y_true, bool), np.asarray(scores, float)
-    order = np.argsort(-scores, kind="mergesort")
-    y_sorted, s_sorted = y_true[order], scores[order]
-    cut = np.r_[np.nonzero(np.diff(s_sorted))[0], len(s_sorted) - 1]
-    tps = np.cumsum(y_sorted)[cut]
-    fps = (cut + 1) - tps
-    tpr = np.r_[0.0, tps / max(tps[-1], 1)]
-    fpr = np.r_[0.0, fps / max(fps[-1], 1)]
+    y_true = np.asarray(y_true, bool)
+    if y_true.all() or not y_true.any():
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0]) if y_true.any() else np.array([0.0, 0.0])
+    fpr, tpr, _ = skm.roc_curve(y_true, np.asarray(scores, float), drop_intermediate=False)
     return fpr, tpr
 
 
-def log_loss(y_true, probs: np.ndarray, eps: float = 1e-12) -> float:
+def log_loss(y_true, probs: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class."""
     y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
     if len(y_true) == 0:
         return float("nan")
-    picked = np.clip(probs[np.arange(len(y_true)), y_true], eps, 1.0)
-    return float(-np.log(picked).mean())
+    return float(skm.log_loss(y_true, probs, labels=list(range(probs.shape[1]))))
+
+
+def _counts(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """A confusion matrix by bincount: the bootstrap's inner loop, 1,000 times per metric, where
+    scikit-learn's input validation costs ~20x more. tests/test_metrics.py checks both agree."""
+    return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
+
+
+def _cm_balanced_accuracy(cm: np.ndarray) -> float:
+    support = cm.sum(axis=1)
+    present = support > 0
+    return float((np.diag(cm)[present] / support[present]).mean()) if present.any() else 0.0
+
+
+def _cm_macro_f1(cm: np.ndarray) -> float:
+    tp = np.diag(cm).astype(float)
+    predicted, actual = cm.sum(axis=0), cm.sum(axis=1)
+    seen = (predicted + actual) > 0
+    f1 = np.divide(2 * tp, predicted + actual, out=np.zeros_like(tp), where=(predicted + actual) > 0)  # 2TP / (2TP + FP + FN)
+    return float(f1[seen].mean()) if seen.any() else 0.0
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -257,17 +243,17 @@ def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: S
         y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, int)
     y_pred = np.asarray(y_pred, int)
     cm = confusion_matrix(y_true, y_pred, k)
-    prf = per_class_prf(cm)
+    prf = per_class_prf(y_true, y_pred, k)
     positive = positive_index(class_names) if k == 2 else 1
 
     def from_calls(metric):
-        return lambda y, pred: metric(confusion_matrix(y, pred, k))
+        return lambda y, pred: metric(_counts(y, pred, k))
 
     def auc(y, p):
         return roc_auc(y, p, positive)
 
     nan2 = [float("nan")] * 2
-    seen = seen_classes(cm)
+    seen = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
     wilson_mean = [float(v) for v in np.mean([wilson_interval(int(cm[i, i]), int(cm[i].sum())) for i in np.flatnonzero(cm.sum(axis=1))], axis=0)] \
         if cm.sum() else nan2
 
@@ -280,13 +266,13 @@ def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: S
     result = {
         "n": int(len(y_true)),
         "loss": log_loss(y_true, probs),
-        "accuracy": accuracy(cm),
+        "accuracy": accuracy(y_true, y_pred),
         "accuracy_ci": list(wilson_interval(int(np.trace(cm)), int(cm.sum()))),
-        "balanced_accuracy": balanced_accuracy(cm),
-        "balanced_accuracy_ci": averaged(balanced_accuracy),
-        "macro_f1": macro_f1(cm),
-        "macro_f1_ci": averaged(macro_f1),
-        "weighted_f1": weighted_f1(cm),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
+        "balanced_accuracy_ci": averaged(_cm_balanced_accuracy),
+        "macro_f1": macro_f1(y_true, y_pred),
+        "macro_f1_ci": averaged(_cm_macro_f1),
+        "weighted_f1": weighted_f1(y_true, y_pred),
         "roc_auc": auc(y_true, probs) if len(y_true) else float("nan"),
         "roc_auc_ci": list(bootstrap_interval(auc, y_true, probs, strata=y_true, n_boot=n_boot)) if len(y_true) else nan2,
         "ece": expected_calibration_error(probs, y_true),
@@ -303,26 +289,14 @@ def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: S
 
 
 def classification_report(summary: dict, class_names: Sequence[str], digits: int = 4) -> str:
-    """Text table in the layout of scikit-learn's classification_report.
-
-    Macro averages are over the classes that occur in y_true or y_pred, as ``macro_f1`` is.
-    """
-    width = max(len("weighted avg"), *(len(c) for c in class_names))
-    head = f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}\n\n"
-    rows = []
-    for name in class_names:
-        r = summary["per_class"][name]
-        rows.append(f"{name:>{width}} {r['precision']:9.{digits}f} {r['recall']:9.{digits}f} {r['f1']:9.{digits}f} {r['support']:9d}")
-    n = summary["n"]
-    per = [summary["per_class"][c] for c in class_names]
-    seen = seen_classes(np.asarray(summary["confusion_matrix"]))  # the same classes as summary["macro_f1"]
-    macro = [np.mean([r[k] for r, s in zip(per, seen) if s]) if seen.any() else 0.0 for k in ("precision", "recall", "f1")]
-    weights = np.array([r["support"] for r in per], float)
-    weighted = [float(np.dot([r[k] for r in per], weights) / max(weights.sum(), 1)) for k in ("precision", "recall", "f1")]
-    tail = [
-        "",
-        f"{'accuracy':>{width}} {'':>9} {'':>9} {summary['accuracy']:9.{digits}f} {n:9d}",
-        f"{'macro avg':>{width}} {macro[0]:9.{digits}f} {macro[1]:9.{digits}f} {macro[2]:9.{digits}f} {n:9d}",
-        f"{'weighted avg':>{width}} {weighted[0]:9.{digits}f} {weighted[1]:9.{digits}f} {weighted[2]:9.{digits}f} {n:9d}",
-    ]
-    return head + "\n".join(rows + tail) + "\n"
+    """scikit-learn's classification report of a summarised split (its calls rebuilt from the confusion matrix);
+    classes that are neither true nor called in it are left out, so its macro average is ``macro_f1``."""
+    cm = np.asarray(summary["confusion_matrix"], int)
+    true, pred = np.nonzero(cm)
+    counts = cm[true, pred]
+    y_true, y_pred = np.repeat(true, counts), np.repeat(pred, counts)
+    if len(y_true) == 0:
+        return "no images\n"
+    seen = np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1))  # classes never true nor called are left out, as in macro_f1
+    return skm.classification_report(y_true, y_pred, labels=seen.tolist(), target_names=[class_names[i] for i in seen], digits=digits,
+                                     zero_division=0)

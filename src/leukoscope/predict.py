@@ -21,14 +21,15 @@ from .progress import progress
 
 
 def header(predictor: Predictor) -> list[str]:
-    return ["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "ood_score", "in_domain", "error"]
+    return ["path", "label", "confidence", *(f"p_{c}" for c in predictor.class_names), "ood_score", "in_domain", "localised", "error"]
 
 
 def row(predictor: Predictor, pred: Prediction) -> list[str]:
     probs = [f"{pred.probabilities[c]:.6f}" if pred.probabilities else "" for c in predictor.class_names]
     confidence = f"{pred.confidence:.6f}" if not pred.error else ""
     ood = "" if pred.in_domain is None else f"{pred.ood_score:.3f}"
-    return [pred.source, pred.label, confidence, *probs, ood, "" if pred.in_domain is None else str(pred.in_domain).lower(), pred.error]
+    flag = lambda value: "" if value is None else str(value).lower()  # noqa: E731
+    return [pred.source, pred.label, confidence, *probs, ood, flag(pred.in_domain), flag(pred.localised), pred.error]
 
 
 def write_rows(predictor: Predictor, predictions: Iterable[Prediction], out: str | os.PathLike, total: int) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_
 from .data.dataset import decode_many
 from .data.splits import check_split_leaks
 from .errors import LeukoscopeError
+from .io import View
 from .progress import note, plural
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 SPLITS_FILE = "splits.csv"
 # Files that only leukoscope writes at the top of a run or evaluation folder: their presence
 # marks a folder as ours, safe to clear with --force.
-MARKERS = ("run.json", "model.pt", "last.pt", "model.joblib", "metrics.json", "report.html")
+MARKERS = ("run.json", "model.pt", "last.pt", "model.joblib", "metrics.json", "report.html", "cells.csv")
 MODELS = ("model.pt", "last.pt", "model.joblib")
 
 
@@ -130,11 +131,11 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
     return dataset, splits, split_kind
 
 
-def load_split_images(dataset: Dataset, splits: list[str], size: int, crop: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], Dataset, list[str]]:
+def load_split_images(dataset: Dataset, splits: list[str], view: View) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], Dataset, list[str]]:
     """Decode every split; unreadable images are dropped from the dataset with a warning."""
     index = {c: i for i, c in enumerate(dataset.classes)}
     paths = [dataset.abspath(s) for s in dataset.samples]
-    images, errors = decode_many(paths, size, desc="decode images", crop=crop)
+    images, errors = decode_many(paths, view, desc="decode images")
     bad = [i for i, e in enumerate(errors) if e is not None]
     for i in bad[:10]:
         note(f"warning: skipping {paths[i]}: {errors[i]}")

@@ -27,3 +27,20 @@ def keep_freed_memory() -> bool:
         return False
     settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(preference: str = "auto"):
+    """The torch device for ``auto`` (CUDA when available), ``cpu`` or ``cuda``; a clear error when
+    CUDA is asked for and absent (rather than a traceback deep inside PyTorch)."""
+    import torch
+
+    from .errors import LeukoscopeError
+
+    if preference not in DEVICES:
+        raise LeukoscopeError(f"unknown device {preference!r}; choose from {', '.join(DEVICES)}")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise LeukoscopeError("--device cuda: no CUDA device is available to PyTorch here; use --device cpu (or auto)")
+    return torch.device("cuda" if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()) else "cpu")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,6 +25,7 @@ import torch
 from .checkpoint import ModelCard, Preprocessing, build_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_config
 from .data import Dataset
+from .data.dataset import decode_many
 from .data.splits import make_folds, seen_images
 from .distributed import World, close, init_world, unwrap, weights_digest, wrap
 from .errors import LeukoscopeError
@@ -31,11 +33,12 @@ from .evaluate import evaluate, headline
 from .inference import Predictor
 from .models import create_model, training_memory_format
 from .ood import fit_ood, supports_ood
-from .io import atomic_write
-from .progress import note, progress
+from .io import View, atomic_write
+from .progress import note, plural, progress
 from .refit import refit_classifier
 from .runs import calibrate, load_split_images, prepare_output_folder, prepare_run, seed_everything
 from .runtime import keep_freed_memory
+from .stain import fit_target
 from .tracking import log_run, require_mlflow
 from .train_classical import train_classical
 from .trainer import Trainer, channel_stats, class_weights, load_context, resolve_precision
@@ -130,7 +133,6 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
         out.mkdir(parents=True, exist_ok=True)
     rngs = seed_everything(config.seed, world.rank, world.size)
     dataset, splits, split_kind = prepare_run(data, out, config, command, write=world.is_main, given=given)
-    tensors, labels, dataset, splits = load_split_images(dataset, splits, config.image_size, config.crop)
     model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs)
     parent, head = None, None
     if config.init:
@@ -140,11 +142,13 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
         init_from_parent(model, parent)
         head = head_name(model)
         note(describe(record))
+    view = training_view(dataset, splits, config, parent)
+    tensors, labels, dataset, splits = load_split_images(dataset, splits, view)
     stats = parent_stats(parent) if parent else channel_stats(tensors["train"])  # a backbone expects its own normalisation
     model = model.to(device, memory_format=training_memory_format(model, device))
     bf16 = resolve_precision(config, device, model)
-    card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1])),
-                     config.arch_kwargs)
+    card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
+                                                                 config.cell, view.stain, view.colour), config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
             "seen_images": seen_images(dataset, splits), **({"parent": record} if parent else {})}
     if resume_state is not None:
@@ -152,7 +156,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     model = wrap(model, world, device, config.sync_bn, config.batch_size)
     trainer = Trainer(model, config, stats, rngs, device, world, bf16, class_weights(labels["train"], len(dataset.classes), config.class_balance),
                       steps_per_epoch=max(1, len(tensors["train"]) // config.batch_size), head=head)
-    context = load_context(dataset, splits, config)
+    context = load_context(dataset, splits, config, view)
     history, best_epoch = trainer.fit(tensors, labels, meta, out, resume_state, context)
     if world.distributed:
         print(f"rank {world.rank}/{world.size}: final weights sha256 {weights_digest(model)}", flush=True)
@@ -183,6 +187,22 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     (out / "run.json").write_text(json.dumps({**info, "command": command, "status": "done", "layout_notes": dataset.notes, "epochs_run": len(history),
                                               "resumed": resume, "precision": "bf16" if bf16 else "fp32", "device": str(device)}, indent=2))
     return metrics
+
+
+def training_view(dataset: Dataset, splits: list[str], config: TrainConfig, parent: dict[str, Any] | None) -> View:
+    """The view the model will see; with reinhard colour normalisation, its target: the parent's (the
+    backbone learnt on that colour) or the mean OD statistics of up to 500 training windows."""
+    view = View(config.image_size, config.crop, config.cell, colour=config.colour_norm)
+    if config.colour_norm != "reinhard":
+        return view
+    if parent is not None and (target := ModelCard.from_meta(parent).preprocessing.stain) is not None:
+        return replace(view, stain=target)
+    train = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
+    sample = random.Random(config.seed).sample(train, min(500, len(train)))
+    images, errors = decode_many(sample, view, desc="fit the colour target")
+    target = fit_target(image.permute(1, 2, 0).numpy() for image, error in zip(images, errors) if error is None)
+    note(f"colour target (optical density mean, std per channel) from {plural(len(sample), 'training image')}: {target}")
+    return replace(view, stain=target)
 
 
 def _train_classical(data, out: Path, config: TrainConfig, command: str = "", resume: bool = False) -> dict[str, Any]:

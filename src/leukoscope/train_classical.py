@@ -52,14 +52,15 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     seed_everything(config.seed)
     dataset, splits, split_kind = prepare_run(data, out, config, command)
     backbone = load_backbone(config.backbone, dataset, splits, out) if config.method in NEEDS_BACKBONE else None
-    size = int(backbone["image_size"]) if backbone else config.image_size
-    crop = float(backbone.get("crop", 1.0)) if backbone else config.crop
-    tensors, labels, dataset, splits = load_split_images(dataset, splits, size, crop)
-    model = ClassicalModel(config.method, dataset.classes, size, backbone, config.seed)
+    backbone_pre = ModelCard.from_meta(backbone).preprocessing if backbone else None  # the backbone's own view of each image
+    pre = Preprocessing(config.image_size, config.crop, cell=config.cell) if backbone_pre is None else \
+        Preprocessing(backbone_pre.image_size, backbone_pre.crop, cell=backbone_pre.cell, stain=backbone_pre.stain, colour=backbone_pre.colour)
+    tensors, labels, dataset, splits = load_split_images(dataset, splits, pre.view)
+    model = ClassicalModel(config.method, dataset.classes, pre.image_size, backbone, config.seed)
     model.cache_writes = True  # this run's features are worth keeping; the saved model only reads the cache
     model.fit(tensors["train"], labels["train"])
     train_seconds = time.perf_counter() - started
-    card = ModelCard(config.method, dataset.classes, Preprocessing(size, crop))
+    card = ModelCard(config.method, dataset.classes, pre)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
             "backbone_name": config.backbone, "seen_images": seen_images(dataset, splits)}
     predictor = Predictor(meta, source=str(out / CLASSICAL_NAME), backend=model)

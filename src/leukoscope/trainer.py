@@ -24,7 +24,8 @@ from .data import Dataset
 from .data.dataset import decode_many
 from .distributed import World, all_sum, broadcast_flag, shard, sync_buffers, unwrap
 from .errors import LeukoscopeError
-from .metrics import balanced_accuracy, confusion_matrix
+from .io import View
+from .metrics import accuracy, balanced_accuracy
 from .models import cpu_bf16_safe, training_memory_format
 from .progress import note, progress
 from .transfer import is_head
@@ -56,19 +57,20 @@ def resolve_precision(config: TrainConfig, device: torch.device, model: torch.nn
     return config.precision == "bf16"
 
 
-def load_context(dataset: Dataset, splits: list[str], config: TrainConfig) -> tuple[torch.Tensor, float] | None:
-    """With ``crop_context``: the training images decoded whole, at the scale of the crop.
+def load_context(dataset: Dataset, splits: list[str], config: TrainConfig, view: View) -> tuple[torch.Tensor, float] | None:
+    """With ``crop_context``: the training images decoded wider than ``view``, at its scale.
 
-    The central ``crop`` of each is exactly what the eval preset sees; the rest is real context
-    that augmentation may rotate, shift or zoom into view. Returns (images, crop) or None.
+    The central part of each (``1 / config.context``) is what the eval preset sees (up to the colour
+    normalisation, whose statistics then cover the wider window); the rest is real context that
+    augmentation may rotate, shift or zoom into view. Returns (images, that fraction) or None.
     The training split is decoded a second time on purpose (about 5 s for pbc): the clean
     training images keep the eval preset's exact geometry for the refit and the train metrics.
     """
     if not config.crop_context:
         return None
     paths = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
-    images, _ = decode_many(paths, round(config.image_size / config.crop), desc="decode training context")
-    return images, config.crop
+    images, _ = decode_many(paths, view.with_context(config.context), desc="decode training context")
+    return images, 1.0 / config.context
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -119,8 +121,8 @@ def validate(model, images, labels, stats, num_classes, device, batch_size=256) 
         return {"loss": float("nan"), "accuracy": float("nan"), "balanced_accuracy": float("nan")}
     logits = torch.cat([model(eval_transform(images[i : i + batch_size], *stats).to(device)).float().cpu() for i in range(0, len(images), batch_size)])
     y = torch.from_numpy(labels)
-    cm = confusion_matrix(labels, logits.argmax(1).numpy(), num_classes)
-    return {"loss": F.cross_entropy(logits, y).item(), "accuracy": float(np.trace(cm) / cm.sum()), "balanced_accuracy": balanced_accuracy(cm)}
+    called = logits.argmax(1).numpy()
+    return {"loss": F.cross_entropy(logits, y).item(), "accuracy": accuracy(labels, called), "balanced_accuracy": balanced_accuracy(labels, called)}
 
 
 def write_history(path: Path, history: list[dict]) -> None:

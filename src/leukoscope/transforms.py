@@ -4,7 +4,7 @@ Augmentation runs on whole batches as tensor ops (one affine grid sample per bat
 several times faster on 2 CPU cores than per-image PIL transforms. The train preset draws,
 per image: a rotation by any angle, horizontal/vertical flips, a scale and shift jitter, mild
 brightness/contrast/saturation/stain (per-channel gain) jitter, an optional hue rotation, and
-occasional Gaussian blur.
+occasional Gaussian blur, and optionally a stain jitter in HED space (Tellez et al. 2019).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ class AugmentConfig:
     hue: float = 0.0  # max hue rotation, as a fraction of the colour circle (0.05 = 18 degrees)
     blur_p: float = 0.2
     blur_sigma: tuple[float, float] = (0.3, 1.2)
+    hed: float = 0.0  # HED stain jitter: each stain's density scaled by U(1 - hed, 1 + hed) ...
+    hed_shift: float = 0.0  # ... and shifted by U(-hed_shift, hed_shift) (Tellez et al. 2019: 0.05 and 0.05 "light")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -73,6 +75,7 @@ def train_transform(
     size = size if size is not None or view == 1.0 else round(x.shape[-1] * view)
     x = _random_affine(x, config, generator, size, view)
     x = _random_colour(x, config, generator)
+    x = _random_hed(x, config, generator)
     x = _random_blur(x, config, generator)
     return normalize(x.clamp_(0, 1), mean, std).contiguous(memory_format=torch.channels_last)
 
@@ -135,6 +138,28 @@ def hue_matrix(angle: torch.Tensor) -> torch.Tensor:
     rotation = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, cos, -sin], 1),
                             torch.stack([zero, sin, cos], 1)], 1)
     return torch.linalg.inv(_RGB_TO_YIQ) @ rotation @ _RGB_TO_YIQ
+
+
+def _hed_matrices() -> tuple[torch.Tensor, torch.Tensor]:
+    from skimage.color.colorconv import hed_from_rgb, rgb_from_hed  # Ruifrok & Johnston's stain vectors
+
+    return torch.from_numpy(hed_from_rgb).float(), torch.from_numpy(rgb_from_hed).float()
+
+
+def _random_hed(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Per image, scale and shift the haematoxylin, eosin and DAB densities (scikit-image's
+    ``rgb2hed``/``hed2rgb`` convention, batched as two 3x3 matmuls in optical density)."""
+    if config.hed <= 0 and config.hed_shift <= 0:
+        return x
+    n = x.shape[0]
+    to_hed, to_rgb = _hed_matrices()
+    scale = _uniform(3 * n, 1 - config.hed, 1 + config.hed, g).view(n, 1, 3).to(x.dtype)
+    shift = _uniform(3 * n, -config.hed_shift, config.hed_shift, g).view(n, 1, 3).to(x.dtype)
+    log_adjust = math.log(1e-6)
+    od = torch.log(x.clamp_min(1e-6)).flatten(2).transpose(1, 2) / log_adjust  # (N, HW, 3)
+    stains = (od @ to_hed.to(x.dtype)) * scale + shift  # unclamped: an exact round trip at scale 1, shift 0
+    out = torch.exp((stains * log_adjust) @ to_rgb.to(x.dtype)).clamp(0, 1)
+    return out.transpose(1, 2).reshape(x.shape)
 
 
 def _random_blur(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:

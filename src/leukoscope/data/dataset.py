@@ -12,23 +12,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from ..io import ImageReadError, load_rgb
+from ..io import ImageReadError, View, load_view
 from ..progress import progress
 
 
 def decode_many(
-    paths: Sequence[str | os.PathLike], size: int, workers: int | None = None, desc: str | None = None, crop: float = 1.0
+    paths: Sequence[str | os.PathLike], view: View | int, workers: int | None = None, desc: str | None = None,
 ) -> tuple[torch.Tensor, list[str | None]]:
-    """Return (N, 3, size, size) uint8 and a per-path error message (None when decoded).
+    """Return (N, 3, S, S) uint8 of each image as ``view`` shows it (an int: the whole image at that
+    size) and a per-path error message (None when decoded).
 
     Unreadable images are left black in the tensor; callers drop or report them.
     """
-    out = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
+    view = View(view) if isinstance(view, int) else view
+    out = torch.zeros((len(paths), 3, view.size, view.size), dtype=torch.uint8)
     errors: list[str | None] = [None] * len(paths)
 
     def work(i: int) -> None:
         try:
-            out[i] = torch.from_numpy(np.array(load_rgb(paths[i], size, crop=crop))).permute(2, 0, 1)
+            out[i] = torch.from_numpy(np.array(load_view(paths[i], view)[0])).permute(2, 0, 1)
         except ImageReadError as err:
             errors[i] = str(err)
 

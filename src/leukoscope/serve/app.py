@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import LeukoscopeError
 from ..explain import Explainer, png_bytes
 from ..inference import Predictor
-from ..io import ImageReadError, decode_bytes
+from ..io import ImageReadError, load_view
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 25_000_000
@@ -118,7 +118,37 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
             result["filename"] = filename
         return {"model": name, "results": results, "seconds": round(time.perf_counter() - started, 4)}
 
+    @app.post("/count", dependencies=[only_query()])
+    async def count(files: list[UploadFile] = File(..., description="one or several smear fields")) -> dict[str, Any]:
+        """Every white cell of each field: boxes, labels and an overlay per field, and the differential over all of them."""
+        if len(files) > MAX_FILES:
+            raise HTTPException(413, f"at most {MAX_FILES} files per request, got {len(files)}")
+        uploads = [(f.filename or "", await read_upload(f, max_bytes)) for f in files]
+        async with slots:
+            started = time.perf_counter()
+            results, summary = await run_in_threadpool(count_fields, uploads, predictor, max_pixels)
+        return {"model": name, "results": results, "summary": summary, "seconds": round(time.perf_counter() - started, 4)}
+
     return app
+
+
+def count_fields(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per field its cells and overlay; the summary row over every field. The first bad upload is a 4xx naming it."""
+    from ..counting import as_dicts, count_image, overlay, summarise
+    from ..io import decode_bytes
+
+    results, everything = [], []
+    for filename, data in uploads:
+        try:
+            rgb = decode_bytes(data, None, max_pixels)
+        except ImageReadError as err:
+            raise UploadError(413 if "too large" in str(err) else 422, filename, str(err)) from None
+        cells, _ = count_image(predictor, rgb, "upload", filename)
+        everything.extend(cells)
+        results.append({"filename": filename, "width": rgb.shape[1], "height": rgb.shape[0], "cells": as_dicts(cells),
+                        "overlay": _data_url(overlay(rgb, cells, predictor.class_names))})
+    total = summarise(everything, [("upload", f) for f, _ in uploads], predictor.class_names)[-1]
+    return results, {k: v for k, v in total.items() if k not in ("slide", "image")}
 
 
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
@@ -132,12 +162,13 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
-def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> list[np.ndarray]:
-    """Each upload as the model sees it (its crop, at its size); the first bad one is a 4xx naming the file."""
+def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> list[tuple[np.ndarray, bool | None]]:
+    """Each upload as the model sees it (its crop or cell window, at its size) and whether a cell was
+    located; the first bad one is a 4xx naming the file."""
     images = []
     for name, data in uploads:
         try:
-            images.append(decode_bytes(data, predictor.image_size, max_pixels, predictor.crop))
+            images.append(load_view(data, predictor.view, max_pixels))
         except ImageReadError as err:
             raise UploadError(413 if "too large" in str(err) else 422, name, str(err)) from None
     return images
@@ -147,13 +178,16 @@ def _data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def classify(predictor: Predictor, images: list[np.ndarray], explainer: Explainer | None) -> list[dict[str, Any]]:
+def classify(predictor: Predictor, decoded: list[tuple[np.ndarray, bool | None]], explainer: Explainer | None) -> list[dict[str, Any]]:
+    images = [image for image, _ in decoded]
     results = []
-    for image, pred in zip(images, predictor.predict_arrays(images, [""] * len(images))):
+    for (image, found), pred in zip(decoded, predictor.predict_arrays(images, [""] * len(images))):
         result = {"label": pred.label, "confidence": pred.confidence, "probabilities": pred.probabilities,
                   "preview": _data_url(image)}  # the region the model saw, in any accepted format
         if pred.in_domain is not None:
             result["ood_score"], result["in_domain"] = pred.ood_score, pred.in_domain
+        if found is not None:
+            result["localised"] = found
         if explainer is not None:
             result["heatmap"] = _data_url(explainer.overlay(image, predictor.class_names.index(pred.label)))
         results.append(result)

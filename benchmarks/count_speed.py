@@ -1,0 +1,76 @@
+"""Seconds per smear field for `leukoscope count` (decode, detect, classify every cell), at 1712x1368 and 2592x1944.
+
+Fields of those sizes are made from real BCCD fields: a 2x2 mosaic of four fields (four or more
+white cells), resized to the target size and saved as JPEG (quality 90), as a camera writes them.
+Writes the COUNT-SPEED block of docs/benchmarks.md.
+
+Usage: python benchmarks/count_speed.py [--model wbc] [--fields 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc import markers, write_block  # noqa: E402
+
+from leukoscope.counting import iter_counts  # noqa: E402
+from leukoscope.inference import load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "bccd_wbc"
+SIZES = [(1712, 1368), (2592, 1944)]
+
+
+def mosaics(folder: Path, n: int, size: tuple[int, int], out: Path) -> list[Path]:
+    paths = sorted(folder.rglob("*.jpg"))
+    rng = np.random.default_rng(0)
+    made = []
+    for i in range(n):
+        tiles = [np.asarray(Image.open(paths[j]).convert("RGB")) for j in rng.choice(len(paths), 4, replace=False)]
+        mosaic = np.concatenate([np.concatenate(tiles[:2], 1), np.concatenate(tiles[2:], 1)], 0)
+        path = out / f"field_{size[0]}_{i}.jpg"
+        Image.fromarray(mosaic).resize(size, Image.BILINEAR).save(path, quality=90)
+        made.append(path)
+    return made
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="wbc")
+    parser.add_argument("--fields", type=int, default=8)
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"count_speed: needs {DATA}")
+    predictor = load_model(args.model)
+    lines = [f"Model `{args.model}`, {torch.get_num_threads()} threads; median (max) seconds per field over {args.fields} fields, "
+             "after one warm-up field. Each field is a JPEG mosaic of four real BCCD fields.", "",
+             "| field | cells per field | seconds per field |", "|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in SIZES:
+            paths = mosaics(DATA, args.fields + 1, size, Path(tmp))
+            pairs = [("bench", p) for p in paths]
+            seconds, cells = [], []
+            for k, pair in enumerate(pairs):
+                start = time.perf_counter()
+                _, found, _ = next(iter_counts(predictor, [pair]))
+                if k:  # the first field warms up the model and the thread pools
+                    seconds.append(time.perf_counter() - start)
+                    cells.append(len(found))
+            lines.append(f"| {size[0]}x{size[1]} | {statistics.median(cells):.0f} | {statistics.median(seconds):.3f} ({max(seconds):.3f}) |")
+            print(lines[-1], flush=True)
+    start, end = markers("COUNT-SPEED")
+    write_block("COUNT-SPEED", "\n".join([start, *lines, end]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Leave-one-lab-out: how white-cell models do on a lab they were not trained on.
+
+Rows (each trained by this script, on the pinned splits of configs/):
+- trained on PBC only, tested on every BCCD field: the central crop of the bundled `pbc` recipe,
+  then the cell-centric window, then the window with colour normalisation (white balance, or
+  Reinhard with HED stain jitter);
+- trained on PBC plus 60% of BCCD (the `wbc` recipe and its ablations), tested on the BCCD images
+  they never saw (the 20% test part) and on PBC's test split.
+Each BCCD test is scored with and without test-time adaptation (AdaBN on the BCCD test images).
+The 5 white-cell types are scored from the full 8-class decision (a BCCD neutrophil called
+"ig" is wrong). The OOD AUROC separates PBC test images (in-domain) from BCCD test images by
+each model's ood_score. Writes the CROSS-LAB block of docs/benchmarks.md.
+
+Usage: python benchmarks/cross_lab.py [--epochs N] [--rows NAME ...] [--runs runs/cross_lab]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from doc import markers, write_block  # noqa: E402
+
+from leukoscope.adapt import adapt_batchnorm  # noqa: E402
+from leukoscope.data import detect_layout, read_splits  # noqa: E402
+from leukoscope.data.dataset import decode_many  # noqa: E402
+from leukoscope.data.splits import splits_from_seen  # noqa: E402
+from leukoscope.inference import load_model  # noqa: E402
+from leukoscope.metrics import binary_auc, wilson_interval  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+# name -> (data, base config, overrides): the rows of the table
+WHITE = {"colour_norm": "white"}
+REINHARD_HED = {"colour_norm": "reinhard", "augment": {"hed": 0.2, "hed_shift": 0.02}}
+ROWS = {
+    "pbc: central crop": ("pbc", "configs/pbc.yaml", {}),
+    "pbc: cell window": ("pbc", "configs/wbc.yaml", {}),
+    "pbc: cell window + white balance": ("pbc", "configs/wbc.yaml", WHITE),
+    "pbc: cell window + Reinhard + HED jitter": ("pbc", "configs/wbc.yaml", REINHARD_HED),
+    "pbc+bccd: central crop": ("wbc", "configs/pbc.yaml", {}),
+    "pbc+bccd: cell window (the wbc recipe)": ("wbc", "configs/wbc.yaml", {}),
+    "pbc+bccd: cell window + white balance": ("wbc", "configs/wbc.yaml", WHITE),
+}
+
+
+def train_row(name: str, out: Path, epochs: int | None, wbc_data: Path) -> Path:
+    data, base, overrides = ROWS[name]
+    config = yaml.safe_load((ROOT / base).read_text())
+    for key, value in overrides.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    if epochs is not None:
+        config["epochs"] = epochs
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.in.yaml").write_text(yaml.safe_dump(config))
+    if (out / "model.pt").is_file():
+        return out
+    splits = ROOT / "configs" / ("pbc.splits.csv" if data == "pbc" else "wbc.splits.csv")
+    (out / "splits.csv").write_bytes(splits.read_bytes())
+    folder = SHARED / "pbc" if data == "pbc" else wbc_data
+    subprocess.run([sys.executable, "-m", "leukoscope", "train", str(folder), "--out", str(out), "--config", str(out / "config.in.yaml"),
+                    "--force"], check=True)
+    return out
+
+
+def unseen(model, folder: Path) -> tuple[list[Path], list[str]]:
+    """Images of ``folder`` the model neither trained nor validated on, and their labels."""
+    dataset = detect_layout(folder)
+    splits, _, _ = splits_from_seen(dataset, model.checkpoint.get("seen_images") or {})
+    chosen = [s for s, k in zip(dataset.samples, splits) if k == "test"]
+    return [dataset.abspath(s) for s in chosen], [s.label for s in chosen]
+
+
+def score(model, paths: list[Path], labels: list[str], adapt: bool) -> dict:
+    if adapt:
+        images, errors = decode_many(paths, model.view)
+        model = adapt_batchnorm(model, images[[i for i, e in enumerate(errors) if e is None]])
+    predictions = model.predict(paths)
+    right = sum(p.label == y for p, y in zip(predictions, labels))
+    low, high = wilson_interval(right, len(labels))
+    found = [p.localised for p in predictions if p.localised is not None]
+    return {"n": len(labels), "right": right, "accuracy": right / len(labels), "ci": [low, high],
+            "ood": [p.ood_score for p in predictions], "localised": float(np.mean(found)) if found else None}
+
+
+def evaluate_row(run: Path) -> dict:
+    model = load_model(run)
+    bccd_paths, bccd_labels = unseen(model, SHARED / "bccd_wbc")
+    samples, splits = read_splits(ROOT / "configs" / "pbc.splits.csv")
+    pbc_test = [(SHARED / "pbc" / s.path, s.label) for s, k in zip(samples, splits) if k == "test"]
+    pbc = score(model, [p for p, _ in pbc_test], [y for _, y in pbc_test], adapt=False)
+    plain, adapted = score(model, bccd_paths, bccd_labels, False), score(model, bccd_paths, bccd_labels, True)
+    auroc = binary_auc(np.r_[np.zeros(len(pbc["ood"])), np.ones(len(plain["ood"]))], np.r_[pbc["ood"], plain["ood"]])
+    drop = ("ood",)
+    return {"pbc_test": {k: v for k, v in pbc.items() if k not in drop}, "bccd": {k: v for k, v in plain.items() if k not in drop},
+            "bccd_adapt": {k: v for k, v in adapted.items() if k not in drop}, "ood_auroc": auroc,
+            "train_seconds": model.checkpoint.get("train_seconds")}
+
+
+def cell(result: dict) -> str:
+    low, high = result["ci"]
+    return f"{100 * result['accuracy']:.1f}% ({100 * low:.1f}-{100 * high:.1f}) of {result['n']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "cross_lab")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW")
+    parser.add_argument("--epochs", type=int, default=None, help="train each row this many epochs (default: its config's)")
+    parser.add_argument("--wbc-data", type=Path, default=ROOT / "runs" / "data" / "wbc", help="made by tools/make_wbc_data.py")
+    args = parser.parse_args()
+    if not (SHARED / "bccd_wbc").is_dir() or not (SHARED / "pbc").is_dir():
+        sys.exit(f"cross_lab: needs {SHARED}/pbc and {SHARED}/bccd_wbc")
+    if not args.wbc_data.is_dir():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "make_wbc_data.py"), "--out", str(args.wbc_data)], check=True)
+    results = {}
+    for name in args.rows:
+        folder = name.split(" (")[0].replace(": ", "_").replace(" + ", "_").replace(" ", "-")
+        run = train_row(name, args.runs / folder, args.epochs, args.wbc_data)
+        results[name] = evaluate_row(run)
+        print(name, json.dumps(results[name]), flush=True)
+    (args.runs / "results.json").write_text(json.dumps(results, indent=2))
+    lines = [f"{len(results)} rows; epochs: {args.epochs or 'each config'}s; 95% Wilson intervals. BCCD: its fields the row's model never saw "
+             "(all 351 for PBC-only rows; the 20% test part otherwise). PBC: the pinned test split (1,029 images).", "",
+             "| trained on: preprocessing | BCCD, 5 types | BCCD with --adapt | PBC test, 8 types | OOD AUROC PBC vs BCCD | cell located on BCCD |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        located = "" if r["bccd"]["localised"] is None else f"{100 * r['bccd']['localised']:.0f}%"
+        lines.append(f"| {name} | {cell(r['bccd'])} | {cell(r['bccd_adapt'])} | {cell(r['pbc_test'])} | {r['ood_auroc']:.3f} | {located} |")
+    start, end = markers("CROSS-LAB")
+    write_block("CROSS-LAB", "\n".join([start, *lines, end]))
+
+
+if __name__ == "__main__":
+    main()

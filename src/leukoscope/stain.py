@@ -1,0 +1,91 @@
+"""Colour normalisation in optical density (Beer-Lambert space), on the window the model sees.
+
+By Beer-Lambert, a lamp or camera with another colour balance shifts each channel's optical
+density ``-log(I)`` by a constant, and a heavier or lighter stain scales it. Two normalisations:
+
+- ``white``: subtract the OD of the window's brightest pixels (the smear background) per
+  channel, so that the background is white whatever the lamp and camera: a lab's colour cast is
+  removed while stained structures keep their colours relative to the background. Windows
+  without a bright background (C-NMC's segmented cells on black) are left as they are.
+- ``reinhard``: map each window's per-channel OD mean and standard deviation onto fixed targets
+  (the training images' average; Reinhard et al. 2001 in OD space). Its statistics depend on the
+  window's content (an eosinophil's red granules move the mean), so it also removes some of
+  what tells cell types apart.
+
+Both work as uint8 in and out, so previews show exactly what the model saw. Bottom layer: numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+_LEVELS = np.arange(256, dtype=np.float32)
+_OD = -np.log((_LEVELS + 1.0) / 256.0)  # uint8 -> optical density, 0 for white, ~5.5 for black
+MIN_STD = 0.02  # an almost flat image is not stretched into noise
+MODES = ("none", "white", "reinhard")
+
+
+def apply(rgb: np.ndarray, mode: str, target: tuple[float, ...] | None = None) -> np.ndarray:
+    """``rgb`` normalised by ``mode`` (see the module docstring); ``reinhard`` needs its ``target``."""
+    if mode == "none":
+        return rgb
+    if mode == "white":
+        return white_balance(rgb)
+    if mode == "reinhard":
+        if target is None:
+            raise ValueError("reinhard colour normalisation needs a target (6 OD statistics)")
+        return normalise(rgb, target)
+    raise ValueError(f"unknown colour normalisation {mode!r}; choose from {', '.join(MODES)}")
+
+
+def od_stats(rgb: np.ndarray) -> np.ndarray:
+    """Per-channel OD mean and standard deviation of an (H, W, 3) uint8 image: 6 values."""
+    od = _OD[rgb.reshape(-1, 3)]
+    return np.concatenate([od.mean(0), od.std(0)])
+
+
+def fit_target(images: Iterable[np.ndarray]) -> tuple[float, ...]:
+    """The target OD statistics: the mean of the images' own statistics."""
+    stats = np.array([od_stats(image) for image in images])
+    if len(stats) == 0:
+        raise ValueError("no images to fit the colour target on")
+    return tuple(round(float(v), 5) for v in stats.mean(0))
+
+
+def normalise(rgb: np.ndarray, target: tuple[float, ...] | np.ndarray) -> np.ndarray:
+    """``rgb`` (H, W, 3 uint8) with each channel's OD mean and std mapped onto ``target``.
+
+    A lookup table per channel (256 entries) keeps it at about a pixel pass; returns uint8.
+    """
+    target = np.asarray(target, dtype=np.float32)
+    stats = od_stats(rgb)
+    mean, std = stats[:3], np.maximum(stats[3:], MIN_STD)
+    od = (_OD[:, None] - mean) / std * target[3:] + target[:3]  # (256, 3): each level's new OD per channel
+    table = np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
+    out = np.empty_like(rgb)
+    for c in range(3):
+        out[..., c] = table[rgb[..., c], c]
+    return out
+
+
+BACKGROUND_SHARE = 0.1  # the brightest tenth of a window's pixels: smear background (or plasma) in any stained field
+MAX_BACKGROUND_OD = 1.2  # brighter than this (summed over channels) or there is no background to balance on
+
+
+def white_balance(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` with the lamp's colour cast removed: the optical density of the brightest pixels
+    (the background) is subtracted per channel, so the background becomes white whatever the lamp,
+    camera white balance or slide thickness; stained structures keep their colour relative to it."""
+    od = _OD[rgb.reshape(-1, 3)]
+    total = od.sum(1)
+    background = od[total <= np.quantile(total, BACKGROUND_SHARE)].mean(0)
+    if background.sum() > MAX_BACKGROUND_OD:
+        return rgb
+    shifted = _OD[:, None] - background  # (256, 3): each level's OD after the shift, per channel
+    table = np.clip(np.rint(256.0 * np.exp(-np.maximum(shifted, 0)) - 1.0), 0, 255).astype(np.uint8)
+    out = np.empty_like(rgb)
+    for c in range(3):
+        out[..., c] = table[rgb[..., c], c]
+    return out

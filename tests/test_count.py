@@ -1,0 +1,135 @@
+"""`leukoscope count`: detection, per-cell classification, per-image and per-slide roll-up, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from conftest import ARIA, DATA, require
+from PIL import Image
+from test_localise import field
+
+import leukoscope
+from leukoscope.cli import main
+from leukoscope.counting import CELL_COLUMNS, count_image
+from leukoscope.data import detect_layout
+from leukoscope.data.splits import splits_from_seen
+from leukoscope.inference import bundled_models, load_model
+from leukoscope.localise import find_cells
+
+
+def _rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def fields(tmp_path):
+    """Two slides of synthetic fields with known cells (two of them touching), an empty field and a broken file."""
+    truth = {"slide_a/f1.png": [(80, 90, 28), (80, 146, 28), (200, 300, 24)], "slide_a/empty.png": [],
+             "slide_b/f2.png": [(150, 200, 26)]}
+    for name, cells in truth.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(field(300, 420, cells, seed=len(name))).save(tmp_path / name)
+    (tmp_path / "slide_b" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return tmp_path, truth
+
+
+def test_count_writes_cells_summary_overlays_and_report(tiny_run, fields, tmp_path, capsys):
+    _, run = tiny_run
+    root, truth = fields
+    out = tmp_path / "count"
+    assert main(["count", str(root / "slide_a"), str(root / "slide_b"), "--model", str(run), "--out", str(out)]) == 1  # a broken file
+    cells = _rows(out / "cells.csv")
+    assert list(cells[0]) == CELL_COLUMNS
+    good = [c for c in cells if not c["error"]]
+    per_image = {name: sum(c["image"].endswith(name) for c in good) for name in truth}
+    assert per_image == {name: len(t) for name, t in truth.items()}  # touching cells are two; the empty field none
+    assert [c["error"] for c in cells if c["error"]] and all(c["image"].endswith("broken.jpg") for c in cells if c["error"])
+    summary = _rows(out / "summary.csv")
+    totals = {r["slide"]: r for r in summary if r["image"] == "TOTAL"}
+    assert set(totals) == {"slide_a", "slide_b", "ALL"}
+    counted = {c: int(totals["ALL"][f"n_{c}"]) for c in ("blast", "normal")}
+    assert int(totals["ALL"]["n_cells"]) == sum(counted.values()) == 4
+    assert abs(float(totals["ALL"]["blast_percent"]) - 100 * counted["blast"] / 4) < 0.01
+    assert int(totals["slide_a"]["n_cells"]) == 3 and int(totals["slide_b"]["n_cells"]) == 1
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["empty.png", "f1.png", "f2.png"]
+    assert "Differential count" in (out / "report.html").read_text()
+    assert main(["count", str(root / "slide_a"), "--model", str(run), "--out", str(out)]) == 2  # earlier results are kept
+    assert "--force" in capsys.readouterr().err
+
+
+def test_group_by_parent_and_the_python_api(tiny_run, fields):
+    _, run = tiny_run
+    root, _ = fields
+    records = leukoscope.count(root, model=str(run), group_by="parent")
+    assert {r.slide for r in records} == {"slide_a", "slide_b"}
+    assert sum(not r.error for r in records) == 4 and sum(bool(r.error) for r in records) == 1
+    whole = leukoscope.count(root, model=str(run))  # the folder given is one slide
+    assert {r.slide for r in whole} == {root.name}
+
+
+def test_an_empty_field_gives_zero_cells(tiny_run):
+    model = load_model(tiny_run[1])
+    cells, windows = count_image(model, field(200, 260, [], red_cells=30))
+    assert cells == [] and windows == []
+
+
+def _unseen_fields(model, folder, limit: int, seed: int = 0):
+    dataset = detect_layout(folder)
+    splits, _, _ = splits_from_seen(dataset, model.checkpoint.get("seen_images") or {})
+    chosen = [s for s, k in zip(dataset.samples, splits) if k == "test"]
+    rng = np.random.default_rng(seed)
+    return [chosen[i] for i in rng.choice(len(chosen), min(limit, len(chosen)), replace=False)], dataset
+
+
+def test_real_bccd_fields_the_labelled_cell_is_found_and_named():
+    """Held-out BCCD fields (never seen by `wbc`): one white cell is labelled per field."""
+    folder = require(DATA / "bccd_wbc")
+    if "wbc" not in bundled_models():
+        pytest.skip("bundled model wbc not built (make models)")
+    model = load_model("wbc")
+    samples, dataset = _unseen_fields(model, folder, 40)
+    found = named = 0
+    for sample in samples:
+        rgb = np.asarray(Image.open(dataset.abspath(sample)).convert("RGB"))
+        cells, _ = count_image(model, rgb)
+        found += bool(cells)
+        named += sample.label in {c.label for c in cells}
+    assert found >= 0.95 * len(samples), f"a white cell found in {found} of {len(samples)} fields"
+    assert named >= 0.6 * len(samples), f"the labelled type among the detected cells in {named} of {len(samples)} fields"
+
+
+def test_real_aria_fields_hold_detected_cells_and_count_runs_with_the_blast_model(tmp_path):
+    folder = require(ARIA)
+    paths = sorted(folder.rglob("*.jpg"))[::150][:16]
+    detected = [len(find_cells(np.asarray(Image.open(p).convert("RGB")))) for p in paths]
+    assert sum(n >= 1 for n in detected) >= 0.9 * len(paths), detected
+    if "blast" not in bundled_models():
+        pytest.skip("bundled model blast not built (make models)")
+    assert main(["count", *map(str, paths[:4]), "--model", "blast", "--out", str(tmp_path / "c")]) == 0
+    total = [r for r in _rows(tmp_path / "c" / "summary.csv") if r["image"] == "TOTAL"][-1]
+    assert int(total["n_cells"]) >= 4 and 0 <= float(total["blast_percent"]) <= 100
+
+
+def test_count_service_endpoint(tiny_run):
+    from fastapi.testclient import TestClient
+
+    from leukoscope.serve.app import create_app
+
+    client = TestClient(create_app(load_model(tiny_run[1]), "tiny"))
+    image = field(300, 420, [(80, 90, 28), (80, 146, 28), (200, 300, 24)])
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    response = client.post("/count", files={"files": ("f.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    result = body["results"][0]
+    assert len(result["cells"]) == 3 and result["filename"] == "f.png" and result["overlay"].startswith("data:image/png;base64,")
+    assert body["summary"]["n_cells"] == 3 and set(body["summary"]) >= {"n_blast", "pct_blast", "blast_percent"}
+    bad = client.post("/count", files={"files": ("x.jpg", b"\xff\xd8 broken", "image/jpeg")})
+    assert bad.status_code == 422 and "x.jpg" in json.dumps(bad.json())

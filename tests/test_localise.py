@@ -1,0 +1,136 @@
+"""The cell localiser, the cell-centric window, the OD colour normalisation and the HED jitter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, require
+
+from leukoscope.io import View, frame, load_rgb, load_view
+from leukoscope.localise import cell_window, crop_square, find_cell, find_cells
+from leukoscope.stain import fit_target, normalise, od_stats
+from leukoscope.transforms import AugmentConfig, _random_hed
+
+BACKGROUND = (232, 222, 200)  # a pale, slightly warm smear background
+RED_CELL = (215, 160, 160)
+NUCLEUS = (95, 50, 150)  # Romanowsky purple: blue well above green
+CYTOPLASM = (215, 195, 212)  # pale: the localiser measures the stained nucleus
+
+
+def paint_disc(image: np.ndarray, y: float, x: float, radius: float, colour) -> None:
+    yy, xx = np.ogrid[: image.shape[0], : image.shape[1]]
+    image[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = colour
+
+
+def field(height: int, width: int, cells: list[tuple[float, float, float]], seed: int = 0, red_cells: int = 30) -> np.ndarray:
+    """A synthetic smear: red cells anywhere, then white cells (y, x, nucleus radius) with a cytoplasm ring."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = BACKGROUND
+    radius = 0.5 * np.median([r for _, _, r in cells]) if cells else 12
+    for _ in range(red_cells):
+        paint_disc(image, rng.uniform(0, height), rng.uniform(0, width), radius * rng.uniform(0.9, 1.1), RED_CELL)
+    for y, x, r in cells:
+        paint_disc(image, y, x, 1.4 * r, CYTOPLASM)
+    for y, x, r in cells:
+        paint_disc(image, y, x, r, NUCLEUS)
+    return image
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_localiser_finds_the_cell_at_three_scales(scale):
+    rng = np.random.default_rng(int(scale * 10))
+    h, w = round(300 * scale), round(400 * scale)
+    y, x, r = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w, 30 * scale
+    cell = find_cell(field(h, w, [(y, x, r)], seed=int(scale * 10)))
+    assert cell is not None
+    assert abs(cell.y - y) <= 0.1 * 2 * r and abs(cell.x - x) <= 0.1 * 2 * r  # centre within 10% of the nucleus's diameter
+    assert abs(cell.diameter - 2 * r) <= 0.15 * 2 * r  # size within 15%
+
+
+def test_a_cell_at_the_edge_and_an_empty_field():
+    cell = find_cell(field(240, 320, [(230, 20, 25)], red_cells=20))
+    assert cell is not None and abs(cell.y - 230) < 12 and abs(cell.x - 20) < 12
+    empty = field(240, 320, [], red_cells=40)
+    assert find_cell(empty) is None
+    window, found = cell_window(empty, 64, 0.6)
+    assert window.shape == (64, 64, 3) and found is False  # the whole image, and it says so
+
+
+def test_one_real_cell_at_two_magnifications_gives_matching_windows():
+    path = sorted(require(DATA / "pbc" / "lymphocyte").glob("*.jpg"))[0]
+    image = load_rgb(path)
+    h, w = image.shape[:2]
+    from PIL import Image
+
+    small = np.asarray(Image.fromarray(image).resize((w * 3 // 5, h * 3 // 5), Image.BILINEAR))
+    canvas = np.empty((h, w, 3), np.uint8)  # the smaller cell placed off-centre in a frame of the same size
+    canvas[:] = np.median(image.reshape(-1, 3), axis=0)
+    canvas[20 : 20 + small.shape[0], 30 : 30 + small.shape[1]] = small
+    a, found_a = cell_window(image, 96, 0.6)
+    b, found_b = cell_window(canvas, 96, 0.6)
+    assert found_a and found_b
+    difference = np.abs(a.astype(float) - b.astype(float)).mean()
+    assert difference < 12, difference  # same cell, same framing; only resampling blur differs
+    plain = np.abs(frame(image, View(96))[0].astype(float) - frame(canvas, View(96))[0].astype(float)).mean()
+    assert plain > 2 * difference  # a central crop does not undo the magnification
+
+
+def test_touching_cells_are_counted_as_two_and_positions_match():
+    truth = [(80, 90, 28), (80, 146, 28), (200, 300, 24), (60, 330, 20)]  # the first two touch
+    cells = find_cells(field(300, 420, truth, red_cells=25))
+    assert len(cells) == len(truth)
+    for y, x, _ in truth:
+        assert min(np.hypot(c.y - y, c.x - x) for c in cells) < 10
+    assert find_cells(field(300, 420, [], red_cells=40)) == []
+
+
+def test_a_lobed_nucleus_is_one_cell():
+    """A band-form / segmented neutrophil nucleus: a curved band with constrictions between lobes."""
+    image = field(240, 320, [], red_cells=15)
+    paint_disc(image, 120, 160, 45, CYTOPLASM)
+    for angle in np.linspace(0, 4.4, 60):  # a C-shaped band 12 px thick, pinched to 6 px at two places
+        pinched = min(abs(angle - 1.5), abs(angle - 3.0)) < 0.15
+        paint_disc(image, 120 + 25 * np.sin(angle), 160 + 25 * np.cos(angle), 3 if pinched else 6, NUCLEUS)
+    assert len(find_cells(image)) == 1
+
+
+def test_crop_square_pads_outside_the_image_with_the_border_colour():
+    image = np.zeros((50, 50, 3), np.uint8)
+    image[:] = (200, 100, 50)
+    image[20:30, 20:30] = 0
+    out = crop_square(image, 0, 0, 40, 40)  # centred on the corner: three quarters outside
+    assert out.shape == (40, 40, 3) and tuple(out[2, 2]) == (200, 100, 50)
+
+
+def test_colour_normalisation_maps_statistics_onto_the_target():
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 230, (64, 64, 3), dtype=np.uint8)
+    target = fit_target([rng.integers(60, 250, (32, 32, 3), dtype=np.uint8) for _ in range(4)])
+    out = normalise(image, target)
+    assert np.allclose(od_stats(out), target, atol=0.03)
+    darker = (image * 0.7).astype(np.uint8)  # a heavier stain or a dimmer lamp: the same picture after normalisation
+    assert np.abs(normalise(darker, target).astype(int) - out.astype(int)).mean() < 6
+
+
+def test_a_path_its_bytes_and_its_array_give_the_same_window(tmp_path):
+    image = field(240, 320, [(100, 200, 26)])
+    from PIL import Image
+
+    path = tmp_path / "f.jpg"
+    Image.fromarray(image).save(path, quality=95)
+    view = View(64, cell=0.6, stain=(0.3, 0.5, 0.35, 0.35, 0.5, 0.15), colour="reinhard")
+    from_path, found = load_view(path, view)
+    from_bytes, _ = load_view(path.read_bytes(), view)
+    from_array, _ = frame(load_rgb(path), view)
+    assert found and np.array_equal(from_path, from_bytes) and np.array_equal(from_path, from_array)
+
+
+def test_hed_jitter_is_exact_at_identity_and_changes_colour_otherwise():
+    x = torch.rand(3, 3, 16, 16) * 0.9 + 0.05
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(_random_hed(x, AugmentConfig(hed=1e-9, hed_shift=1e-9), g), x, atol=1e-5)
+    jittered = _random_hed(x, AugmentConfig(hed=0.2, hed_shift=0.02), g)
+    assert jittered.shape == x.shape and 0.005 < (jittered - x).abs().mean() < 0.2
+    assert jittered.min() >= 0 and jittered.max() <= 1

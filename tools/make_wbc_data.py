@@ -1,0 +1,69 @@
+"""Build the multi-lab white-cell training set of the bundled `wbc` model: PBC and BCCD in one folder.
+
+The folder holds symbolic links only (no image is copied): ``OUT/<class>/<lab>__<file>``, one class
+folder per PBC type (BCCD's five types are a subset). Its ``splits.csv`` keeps each PBC image in
+the split of the bundled `pbc` model (configs/pbc.splits.csv: the two models share their PBC test
+images) and splits BCCD by image, stratified by class and seeded: 60% train, 20% val, 20% test
+(BCCD has no patient ids; near-identical fields are grouped, as every split here).
+
+Usage: python tools/make_wbc_data.py --shared ../shared/data --out runs/data/wbc [--splits configs/wbc.splits.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LABS = ("pbc", "bccd_wbc")
+SEPARATOR = "__"
+
+
+def link_tree(shared: Path, out: Path) -> list[tuple[str, str, str]]:
+    """Create the links; returns (path in OUT, class, lab) per image."""
+    if out.exists():
+        shutil.rmtree(out)
+    rows = []
+    for lab in LABS:
+        with open(shared / lab / "manifest.csv", newline="") as handle:
+            for entry in csv.DictReader(handle):
+                name = f"{lab}{SEPARATOR}{Path(entry['file']).name}"
+                link = out / entry["cls"] / name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink((shared / lab / entry["file"]).resolve(), link)
+                rows.append((f"{entry['cls']}/{name}", entry["cls"], lab))
+    return sorted(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "data" / "wbc")
+    parser.add_argument("--splits", type=Path, default=None, help="write the split here (default: OUT/../wbc.splits.csv)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = link_tree(args.shared, args.out)
+    print(f"{len(rows)} links under {args.out}")
+    if args.splits is None:
+        return
+    from leukoscope.data import Dataset, detect_layout, make_splits, write_splits
+
+    with open(ROOT / "configs" / "pbc.splits.csv", newline="") as handle:
+        pbc_split = {r["path"]: r["split"] for r in csv.DictReader(handle)}
+    dataset = detect_layout(args.out)
+    bccd = [s for s in dataset.samples if Path(s.path).name.startswith("bccd_wbc" + SEPARATOR)]
+    bccd_splits, _ = make_splits(Dataset(dataset.root, dataset.layout, bccd, dataset.classes, []), (0.6, 0.2, 0.2), args.seed, by="image")
+    by_path = dict(zip((s.path for s in bccd), bccd_splits))
+    splits = []
+    for s in dataset.samples:
+        lab, name = Path(s.path).name.split(SEPARATOR, 1)
+        splits.append(by_path[s.path] if lab == "bccd_wbc" else pbc_split[f"{s.label}/{name}"])
+    write_splits(args.splits, dataset.samples, splits)
+    print(f"split written to {args.splits}: " + ", ".join(f"{k} {splits.count(k)}" for k in ("train", "val", "test")))
+
+
+if __name__ == "__main__":
+    main()
