@@ -63,9 +63,9 @@ benchmark: setup
 	$(BIN)/python benchmarks/tta.py
 	$(BIN)/python benchmarks/load_test.py --model pbc --requests 400
 
-# Leave-one-lab-out white-cell table (PBC -> BCCD, PBC + part of BCCD -> the rest): six trainings, about 40 minutes.
+# Leave-one-lab-out white-cell table (PBC -> BCCD, PBC + part of BCCD -> the rest): six trainings, about 25 minutes.
 cross-lab: setup
-	$(BIN)/python benchmarks/cross_lab.py --epochs 15
+	$(BIN)/python benchmarks/cross_lab.py --epochs 12
 
 compare: setup
 	$(BIN)/python benchmarks/classical.py --dataset pbc --cnn-run runs/pbc

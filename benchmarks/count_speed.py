@@ -1,8 +1,11 @@
-"""Seconds per smear field for `leukoscope count` (decode, detect, classify every cell), at 1712x1368 and 2592x1944.
+"""`leukoscope count` on real fields: what it finds on BCCD, and seconds per field at 1712x1368 and 2592x1944.
 
-Fields of those sizes are made from real BCCD fields: a 2x2 mosaic of four fields (four or more
-white cells), resized to the target size and saved as JPEG (quality 90), as a camera writes them.
-Writes the COUNT-SPEED block of docs/benchmarks.md.
+Detection and naming: on the BCCD fields the model never saw (each labelled with the type of
+its white cell), the share of fields where a white cell is found, where exactly one is, and where
+the labelled type is among the detected cells' calls.
+Speed: fields of those sizes are made from real BCCD fields: a 2x2 mosaic of four fields (four
+or more white cells), resized to the target size and saved as JPEG (quality 90), as a camera
+writes them. Writes the COUNT-SPEED block of docs/benchmarks.md.
 
 Usage: python benchmarks/count_speed.py [--model wbc] [--fields 8]
 """
@@ -24,7 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import markers, write_block  # noqa: E402
 
 from leukoscope.counting import iter_counts  # noqa: E402
+from leukoscope.data import detect_layout  # noqa: E402
+from leukoscope.data.splits import splits_from_seen  # noqa: E402
 from leukoscope.inference import load_model  # noqa: E402
+from leukoscope.metrics import wilson_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bccd_wbc"
@@ -44,6 +50,26 @@ def mosaics(folder: Path, n: int, size: tuple[int, int], out: Path) -> list[Path
     return made
 
 
+def share(hits: int, n: int) -> str:
+    low, high = wilson_interval(hits, n)
+    return f"{hits}/{n} = {100 * hits / n:.1f}% ({100 * low:.1f}-{100 * high:.1f})"
+
+
+def detection_lines(predictor) -> list[str]:
+    dataset = detect_layout(DATA)
+    splits, _, _ = splits_from_seen(dataset, predictor.checkpoint.get("seen_images") or {})
+    unseen = [s for s, k in zip(dataset.samples, splits) if k == "test"]
+    pairs = [(s.label, dataset.abspath(s)) for s in unseen]
+    found = one = named = 0
+    for (label, _), (_, cells, _) in zip(pairs, iter_counts(predictor, pairs)):
+        found += bool(cells)
+        one += len(cells) == 1
+        named += label in {c.label for c in cells}
+    n = len(pairs)
+    return [f"On the {n} BCCD fields the model never saw (95% Wilson intervals): a white cell found in {share(found, n)}, exactly one "
+            f"in {share(one, n)} (some fields hold a second white cell), the labelled type among the calls in {share(named, n)}.", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="wbc")
@@ -52,7 +78,7 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"count_speed: needs {DATA}")
     predictor = load_model(args.model)
-    lines = [f"Model `{args.model}`, {torch.get_num_threads()} threads; median (max) seconds per field over {args.fields} fields, "
+    lines = detection_lines(predictor) + [f"Model `{args.model}`, {torch.get_num_threads()} threads; median (max) seconds per field over {args.fields} fields, "
              "after one warm-up field. Each field is a JPEG mosaic of four real BCCD fields.", "",
              "| field | cells per field | seconds per field |", "|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -91,14 +91,14 @@ def test_segment_survives_the_corpus(tmp_path):
 
 
 def test_fast_jpeg_decoding_gives_the_pixels_of_pil_draft_mode(tmp_path):
-    """simplejpeg (libjpeg-turbo) at PIL's draft scale: identical pixels, EXIF orientation still honoured."""
+    """simplejpeg (libjpeg-turbo), whole or at PIL's draft scale: identical pixels, EXIF orientation still honoured."""
     from pathlib import Path
 
     import numpy as np
     from PIL import Image
 
     from conftest import DATA, synthetic_cell
-    from leukoscope.io import _decode, load_rgb
+    from leukoscope.io import _decode, decode_bytes, load_rgb
 
     rng = np.random.default_rng(0)
     paths = []
@@ -111,6 +111,8 @@ def test_fast_jpeg_decoding_gives_the_pixels_of_pil_draft_mode(tmp_path):
     for path in paths:
         for size, crop in ((112, 0.7), (128, 1.0), (64, 1.0)):
             assert np.array_equal(load_rgb(path, size, crop=crop), _decode(Path(path), size, True, str(path), crop=crop)), (path, size)
+        assert np.array_equal(load_rgb(path), _decode(Path(path), None, False, str(path))), path  # whole: simplejpeg = PIL
+        assert np.array_equal(decode_bytes(Path(path).read_bytes()), load_rgb(path))
     rotated = tmp_path / "rotated.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view

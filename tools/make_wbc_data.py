@@ -1,7 +1,8 @@
 """Build the multi-lab white-cell training set of the bundled `wbc` model: PBC and BCCD in one folder.
 
 The folder holds symbolic links only (no image is copied): ``OUT/<class>/<lab>__<file>``, one class
-folder per PBC type (BCCD's five types are a subset). Its ``splits.csv`` keeps each PBC image in
+folder per PBC type (BCCD's five types are a subset), and ``OUT/manifest.csv`` (``file,cls,lab,sha256``
+from the two sets' manifests), whose sha256 the bundled model records. Its ``splits.csv`` keeps each PBC image in
 the split of the bundled `pbc` model (configs/pbc.splits.csv: the two models share their PBC test
 images) and splits BCCD by image, stratified by class and seeded: 60% train, 20% val, 20% test
 (BCCD has no patient ids; near-identical fields are grouped, as every split here).
@@ -34,8 +35,13 @@ def link_tree(shared: Path, out: Path) -> list[tuple[str, str, str]]:
                 link = out / entry["cls"] / name
                 link.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink((shared / lab / entry["file"]).resolve(), link)
-                rows.append((f"{entry['cls']}/{name}", entry["cls"], lab))
-    return sorted(rows)
+                rows.append((f"{entry['cls']}/{name}", entry["cls"], lab, entry["sha256"]))
+    rows.sort()
+    with open(out / "manifest.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "cls", "lab", "sha256"])
+        writer.writerows(rows)
+    return [row[:3] for row in rows]
 
 
 def main() -> None:

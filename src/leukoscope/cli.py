@@ -287,7 +287,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         scores = [f"{k} {with_interval(test, k, '')}" for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in test]
         extra = ckpt.get("extra_metrics", {})
         scores += [f"{k} {with_interval(extra, k, '')}" for k, v in extra.items() if isinstance(v, float) and not k.endswith("_f1")]
-        crop = f", central {ckpt['crop']:.0%} of each image" if ckpt.get("crop", 1.0) < 1 else ""
+        crop = (f", window on the located cell (nucleus {ckpt['cell']:.0%} of it)" if ckpt.get("cell")
+                else f", central {ckpt['crop']:.0%} of each image" if ckpt.get("crop", 1.0) < 1 else "")
+        crop += f", colour {ckpt['colour']}" if ckpt.get("colour") not in (None, "none") else ""
         mode = tta_mode(ckpt.get("tta"))
         tta = f", {mode} TTA by default" if mode != "none" else ""
         print(f"{name}: {ckpt['arch']} @ {ckpt['image_size']}px{crop}{tta}, classes {', '.join(ckpt['class_names'])}")

@@ -2,17 +2,17 @@
 
 Models trained on one lab's tiles see the cell at that lab's magnification and framing; another
 lab's camera shows it smaller, larger or off-centre. A cell-centric window removes both shifts:
-the window is centred on the white cell and scaled so that the cell's diameter fills a fixed
-fraction of it, whatever the magnification or where the cell sits in a field.
+the window is centred on the white cell and scaled so that its nucleus spans a fixed fraction
+of it, whatever the magnification or where the cell sits in a field.
 
-The localiser is cheap on purpose (well under a millisecond on a 360 px tile, less than the
-network): on a ~100 px subsample it thresholds a nucleus stain score (Romanowsky stains colour
-leukocyte nuclei dark blue-purple: blue well above green and green well below the image's
-median, which red cells and the background are not), with Otsu's threshold; it closes small gaps between lobes, and keeps the connected region
+The localiser is cheap on purpose (about a millisecond on a 360 px tile, less than the network
+costs per image): on a ~100 px subsample it thresholds a nucleus stain score (Romanowsky stains
+colour leukocyte nuclei blue-purple, blue well above green, which red cells and the background
+are not) at Otsu's threshold, closes small gaps between lobes, and keeps the connected region
 that is large and central. Two touching nuclei are split by a watershed on the distance
-transform. The cell's diameter is estimated from its nucleus (the larger of the nucleus's
-extent and its equivalent diameter), so a cell and its window scale together. Bottom layer:
-numpy, scipy and scikit-image only.
+transform. The size is the nucleus's (the larger of its extent and its equivalent diameter):
+the nucleus is what stains reliably in every lab, and a cell and its window scale together.
+Bottom layer: numpy, scipy and scikit-image only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 WORK_SIDE = 100  # the shorter side of the subsample the localiser works on
 MIN_SCORE = 25  # blue minus green below this is never nucleus, whatever Otsu says (an empty field)
@@ -45,20 +46,8 @@ def nucleus_mask(rgb: np.ndarray, work_side: int = WORK_SIDE) -> tuple[np.ndarra
     step = max(1, min(h, w) // work_side)
     small = rgb[::step, ::step]
     score = small[..., 2].astype(np.int16) - small[..., 1].astype(np.int16)
-    mask = score > max(otsu(score), MIN_SCORE)
+    mask = score > max(threshold_otsu(score, nbins=64) if score.min() < score.max() else score.max(), MIN_SCORE)
     return ndimage.binary_closing(mask, iterations=2, border_value=0) | mask, step
-
-
-def otsu(values: np.ndarray, bins: int = 64) -> float:
-    """Otsu's threshold of integer-valued ``values`` (a 64-bin histogram is plenty for a threshold)."""
-    hist, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    s0 = np.cumsum(hist * centres)
-    m0 = s0 / np.maximum(w0, 1)
-    m1 = (s0[-1] - s0) / np.maximum(w1, 1)
-    return float(centres[np.argmax(w0 * w1 * (m0 - m1) ** 2)])
 
 
 def split_touching(region: np.ndarray, min_peak: float | None = None) -> np.ndarray:
@@ -170,7 +159,7 @@ def _central_part(parts: np.ndarray, sl: tuple[slice, slice], side: np.ndarray) 
 
 
 def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0) -> tuple[np.ndarray, bool]:
-    """A ``size`` x ``size`` window centred on the cell, whose diameter fills ``fill`` of the window,
+    """A ``size`` x ``size`` window centred on the cell, whose nucleus spans ``fill`` of the window,
     and whether a cell was found (if not: the whole image's central square).
 
     ``context`` > 1 widens the window by that factor around the same centre (training decodes the
