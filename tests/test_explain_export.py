@@ -111,3 +111,31 @@ def test_explain_bundled_model_on_real_cells(tmp_path):
     assert main(["explain", "pbc", str(image), "--out", str(tmp_path)]) == 0
     row = next(csv.DictReader(open(tmp_path / "explanations.csv")))
     assert row["predicted"] == "eosinophil" and (tmp_path / row["heatmap"]).is_file()
+
+
+def test_int8_export_needs_calibration_and_refuses_a_graph_off_parity(run, tmp_path, capsys):
+    """The tiny 3-epoch model's calls sit near its threshold: int8 moves too many of them, so nothing is written."""
+    data, folder = run
+    out = tmp_path / "model.int8.onnx"
+    assert main(["export", str(folder), "--out", str(out), "--precision", "int8"]) == 2  # calibration images are required
+    assert "--calibration" in capsys.readouterr().err and not out.exists()
+    assert main(["export", str(folder), "--out", str(out), "--precision", "int8", "--calibration", str(data), "--images", str(data)]) == 2
+    assert "not written" in capsys.readouterr().err and not out.exists()
+
+
+def test_int8_export_of_bundled_pbc_keeps_its_calls_on_real_cells(tmp_path, capsys):
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    import onnx
+
+    cells = require(DATA / "pbc")
+    out = tmp_path / "pbc.int8.onnx"
+    assert main(["export", "pbc", "--out", str(out), "--precision", "int8", "--calibration", str(cells),
+                 "--images", str(cells / "monocyte")]) == 0
+    assert "calibrated on 256 images" in capsys.readouterr().out
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(out)).graph.node)  # really quantised
+    model = load_model(out)
+    assert model.meta["precision"] == "int8" and model.meta["calibration_images"] == 256
+    sample = sorted((cells / "eosinophil").glob("*.jpg"))[::20]  # other cells than the check images
+    fp32, int8 = load_model("pbc", backend="torch").predict(sample), model.predict(sample)
+    assert np.mean([a.label == b.label for a, b in zip(fp32, int8)]) >= 0.95

@@ -15,9 +15,10 @@ import torch
 from .errors import LeukoscopeError
 from .inference import Predictor, TorchBackend
 from .io import View, atomic_write, load_view
-from .onnx_backend import OnnxBackend, onnx_bytes
+from .onnx_backend import OnnxBackend, onnx_bytes, quantize_int8
 
 TOLERANCE = 1e-3  # max absolute difference of any class probability, ONNX Runtime vs PyTorch
+INT8_AGREEMENT = 0.99  # an int8 graph must make the fp32 model's call on at least this share of the check images
 
 
 def check_images(paths: Sequence[os.PathLike], view: View, limit: int = 64) -> torch.Tensor:
@@ -27,7 +28,8 @@ def check_images(paths: Sequence[os.PathLike], view: View, limit: int = 64) -> t
     ``leukoscope.io.frame``, before the graph."""
     arrays = []
     size = view.size
-    for path in list(paths)[:limit]:
+    paths = list(paths)
+    for path in paths[:: max(1, len(paths) // limit)][:limit]:  # spread over the folder (its classes), not its first files
         arrays.append(load_view(path, view)[0])
     if not arrays:
         generator = torch.Generator().manual_seed(0)
@@ -35,14 +37,20 @@ def check_images(paths: Sequence[os.PathLike], view: View, limit: int = 64) -> t
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tensor, tolerance: float = TOLERANCE) -> float:
+def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tensor, tolerance: float = TOLERANCE,
+                calibration: torch.Tensor | None = None) -> float | tuple[float, float]:
     """Write ``out`` and return the max probability difference to PyTorch on ``images``.
 
-    Raises (and writes nothing) when the difference exceeds ``tolerance``.
+    Raises (and writes nothing) when the difference exceeds ``tolerance``. With ``calibration``
+    images the graph is quantised to int8 (``quantize_int8``) and the check is the share of
+    ``images`` on which it makes the fp32 model's call (at least INT8_AGREEMENT); returns
+    (max probability difference, that share).
     """
     if "state_dict" not in predictor.checkpoint:
         raise LeukoscopeError(f"only PyTorch models can be exported; {predictor.source!r} is a {predictor.kind} model")
     data = onnx_bytes(predictor.checkpoint)
+    if calibration is not None:
+        return _export_int8(predictor, out, images, data, calibration)
     exported = Predictor(predictor.checkpoint, source=str(out), backend=OnnxBackend(data))
     torch_backed = isinstance(predictor.backend, TorchBackend)
     reference = predictor if torch_backed else Predictor(predictor.checkpoint, source=predictor.source)  # always PyTorch
@@ -53,3 +61,18 @@ def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tens
     with atomic_write(out, "wb") as handle:
         handle.write(data)
     return diff
+
+
+def _export_int8(predictor: Predictor, out: str | os.PathLike, images: torch.Tensor, data: bytes, calibration: torch.Tensor) -> tuple[float, float]:
+    quantized = quantize_int8(data, calibration)
+    fp32 = Predictor(predictor.checkpoint, source=predictor.source, backend=OnnxBackend(data)).predict_proba(images)
+    int8 = Predictor(predictor.checkpoint, source=str(out), backend=OnnxBackend(quantized)).predict_proba(images)
+    diff = float(np.abs(int8 - fp32).max())
+    agreement = float(np.mean([predictor.decide(a) == predictor.decide(b) for a, b in zip(int8, fp32)]))  # its decision rule, threshold included
+    if agreement < INT8_AGREEMENT:
+        raise LeukoscopeError(f"the int8 graph makes the fp32 call on {agreement:.1%} of the check images (needs {INT8_AGREEMENT:.0%}); "
+                              "not written: calibrate on more (or more typical) training images, or export fp32")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out, "wb") as handle:
+        handle.write(quantized)
+    return diff, agreement
