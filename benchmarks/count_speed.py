@@ -70,6 +70,46 @@ def detection_lines(predictor) -> list[str]:
             f"in {share(one, n)} (some fields hold a second white cell), the labelled type among the calls in {share(named, n)}.", ""]
 
 
+def blast_mosaic_lines(model: str = "blast", side: int = 2) -> list[str]:
+    """ALL-IDB2 cells the blast model never saw, tiled side x side into fields: is each tile's own
+    (centred) cell found in its own box, and called right? A proxy for annotated fields: the tiles
+    are crops of ALL-IDB1 fields, neighbours cut at the tile edges included."""
+    folder = DATA.parent / "all_idb2"
+    predictor = load_model(model)
+    dataset = detect_layout(folder)
+    splits, _, _ = splits_from_seen(dataset, predictor.checkpoint.get("seen_images") or {})
+    unseen = [s for s, k in zip(dataset.samples, splits) if k == "test"]
+    tiles = [(s.label, np.asarray(Image.open(dataset.abspath(s)).convert("RGB").resize((257, 257)))) for s in unseen]
+    own = right = fields = verdicts = 0
+    for start in range(0, len(tiles) - side * side + 1, side * side):
+        group = tiles[start : start + side * side]
+        mosaic = np.concatenate([np.concatenate([t for _, t in group[r * side : (r + 1) * side]], 1) for r in range(side)], 0)
+        _, cells, _ = next(iter_counts(predictor, [("mosaic", _as_path(mosaic))]))
+        fields += 1
+        called_blast = False
+        for i, (label, _) in enumerate(group):
+            cy, cx = (i // side + 0.5) * 257, (i % side + 0.5) * 257
+            inside = [c for c in cells if c.x0 <= cx <= c.x1 and c.y0 <= cy <= c.y1]
+            mine = [c for c in inside if abs((c.x0 + c.x1) / 2 - cx) < 64 and abs((c.y0 + c.y1) / 2 - cy) < 64]
+            own += len(mine) == 1
+            right += len(mine) == 1 and mine[0].label == label
+        called_blast = any(c.label == "blast" for c in cells)
+        verdicts += called_blast == any(label == "blast" for label, _ in group)
+    n = fields * side * side
+    return [f"`{model}` on {fields} fields tiled {side}x{side} from the {len(tiles)} ALL-IDB2 cells it never saw (its test split): "
+            f"the tile's own cell alone in one detected box {share(own, n)}, and called right {share(right, n)}; "
+            f"the field's verdict (any blast or none) right on {verdicts} of {fields}.", ""]
+
+
+_TMP = Path(tempfile.mkdtemp(prefix="leukoscope-count-"))
+
+
+def _as_path(image: np.ndarray) -> Path:
+    path = _TMP / "mosaic.png"
+    Image.fromarray(image).save(path)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="wbc")
@@ -78,7 +118,7 @@ def main() -> None:
     if not DATA.is_dir():
         sys.exit(f"count_speed: needs {DATA}")
     predictor = load_model(args.model)
-    lines = detection_lines(predictor) + [f"Model `{args.model}`, {torch.get_num_threads()} threads; median (max) seconds per field over {args.fields} fields, "
+    lines = detection_lines(predictor) + blast_mosaic_lines() + [f"Model `{args.model}`, {torch.get_num_threads()} threads; median (max) seconds per field over {args.fields} fields, "
              "after one warm-up field. Each field is a JPEG mosaic of four real BCCD fields.", "",
              "| field | cells per field | seconds per field |", "|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,14 +58,15 @@ def train_row(name: str, out: Path, epochs: int | None, wbc_data: Path) -> Path:
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     if epochs is not None:
         config["epochs"] = epochs
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.in.yaml").write_text(yaml.safe_dump(config))
     if (out / "model.pt").is_file():
         return out
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = out.parent / f"{out.name}.yaml"  # beside the run: a run folder holds only what leukoscope wrote
+    recipe.write_text(yaml.safe_dump(config))
     splits = ROOT / "configs" / ("pbc.splits.csv" if data == "pbc" else "wbc.splits.csv")
     (out / "splits.csv").write_bytes(splits.read_bytes())
     folder = SHARED / "pbc" if data == "pbc" else wbc_data
-    subprocess.run([sys.executable, "-m", "leukoscope", "train", str(folder), "--out", str(out), "--config", str(out / "config.in.yaml"),
+    subprocess.run([sys.executable, "-m", "leukoscope", "train", str(folder), "--out", str(out), "--config", str(recipe),
                     "--force"], check=True)
     return out
 
