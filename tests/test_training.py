@@ -170,7 +170,8 @@ def test_label_smoothing_is_the_loss_that_trains():
     assert losses[0.4] != pytest.approx(losses[0.0], rel=1e-3)
 
 
-def test_a_cell_centric_model_records_its_window_and_ignores_where_the_cell_sits(tmp_path):
+@pytest.mark.parametrize("colour", ["white", "reinhard"])
+def test_a_cell_centric_model_records_its_window_and_ignores_where_the_cell_sits(tmp_path, colour):
     """Train on synthetic smear fields (class = nucleus colour, the cell anywhere): the checkpoint
     records the window, predict reports the cell as located, and moving the cell in the field
     barely moves the probabilities (a central-crop model would see a different picture)."""
@@ -184,17 +185,20 @@ def test_a_cell_centric_model_records_its_window_and_ignores_where_the_cell_sits
     from leukoscope.inference import load_model
 
     rng = np.random.default_rng(0)
-    for label, colour in (("blast", NUCLEUS), ("normal", (60, 40, 170))):
+    for label, nucleus in (("blast", NUCLEUS), ("normal", (60, 40, 170))):
         (tmp_path / "data" / label).mkdir(parents=True)
         for i in range(16):
             image = field(240, 320, [(rng.uniform(50, 190), rng.uniform(50, 270), rng.uniform(20, 30))], seed=i)
-            image[np.all(image == NUCLEUS, axis=-1)] = colour
+            image[np.all(image == NUCLEUS, axis=-1)] = nucleus
             Image.fromarray(image).save(tmp_path / "data" / label / f"{i}.png")
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "data"), "--out", str(run), "--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "2",
-                 "--batch-size", "8", "--cell", "0.6", "--colour-norm", "white", "--crop-context"]) == 0
+                 "--batch-size", "8", "--cell", "0.6", "--colour-norm", colour, "--crop-context"]) == 0
     model = load_model(run)
-    assert model.view.cell == 0.6 and model.view.colour == "white" and model.checkpoint["cell"] == 0.6
+    assert model.view.cell == 0.6 and model.view.colour == colour and model.checkpoint["cell"] == 0.6
+    assert (model.view.stain is not None) == (colour == "reinhard")  # a fitted target: 6 OD statistics
+    if colour == "reinhard":
+        assert len(model.view.stain) == 6 and all(v > 0 for v in model.view.stain)
     assert main(["predict", str(run), str(tmp_path / "data"), "--out", str(tmp_path / "p.csv")]) == 0
     with open(tmp_path / "p.csv", newline="") as handle:
         assert {r["localised"] for r in csv.DictReader(handle)} == {"true"}

@@ -4,8 +4,9 @@ Detection is ``localise.find_cells`` (nucleus stain score, touching nuclei split
 the distance transform). Each cell is classified in a window centred on it, as the model's own
 preprocessing frames a cell: the window of a cell-centric model (``cell`` in its card), or, for
 a model trained on centred single-cell tiles, a window in which the nucleus fills DEFAULT_FILL of
-it (about what a CellaVision or ALL-IDB2 tile shows). Fields larger than MAX_WORK_SIDE are
-located on a reduced copy (the nucleus mask needs ~200 px) and cut from the full image.
+it (about what a CellaVision or ALL-IDB2 tile shows). Cells are located on a reduced copy of the
+field (~200 px on its shorter side; the nucleus mask needs no more) and cut from the full image,
+so a 2592x1944 field costs little more than a 640x480 one.
 
 Cells called ``platelet`` are listed but left out of the differential (they are not white cells).
 """

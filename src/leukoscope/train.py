@@ -199,7 +199,7 @@ def training_view(dataset: Dataset, splits: list[str], config: TrainConfig, pare
         return replace(view, stain=target)
     train = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
     sample = random.Random(config.seed).sample(train, min(500, len(train)))
-    images, errors = decode_many(sample, view, desc="fit the colour target")
+    images, errors = decode_many(sample, replace(view, colour="none"), desc="fit the colour target")  # the windows before normalisation
     target = fit_target(image.permute(1, 2, 0).numpy() for image, error in zip(images, errors) if error is None)
     note(f"colour target (optical density mean, std per channel) from {plural(len(sample), 'training image')}: {target}")
     return replace(view, stain=target)
