@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,26 +23,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import markers, write_block  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
-from leukoscope.data import detect_layout, make_splits, write_splits  # noqa: E402
+from leukoscope.data import detect_layout, read_splits  # noqa: E402
 from leukoscope.io import frame, load_rgb, sha256_file  # noqa: E402
 from leukoscope.metrics import WBC_TYPES  # noqa: E402
 from leukoscope.perturb import PERTURBATIONS  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 WBC5 = list(WBC_TYPES)
 FOLDERS = {"pbc": "pbc", "aria-all": "aria_all"}
 
 
 def model_splits(data: Path, predictor):
-    """(dataset, splits) of the model's run, rebuilt from its config; checked against its recorded sha256."""
+    """(dataset, splits) of the model's run: the split it was bundled with (configs/NAME.splits.csv),
+    checked against the sha256 its checkpoint recorded."""
     dataset = detect_layout(data)
-    config = predictor.checkpoint["config"]
-    splits, _ = make_splits(dataset, tuple(config["fractions"]), config["seed"], config["split_by"])
-    with tempfile.TemporaryDirectory() as tmp:
-        write_splits(Path(tmp) / "splits.csv", dataset.samples, splits)
-        if predictor.checkpoint.get("splits_sha256") not in (None, "", sha256_file(Path(tmp) / "splits.csv")):
-            raise SystemExit("could not rebuild the model's split (splits.csv sha256 differs)")
-    return dataset, splits
+    pinned = ROOT / "configs" / f"{predictor.checkpoint.get('bundled_name', '')}.splits.csv"
+    if not pinned.is_file() or predictor.checkpoint.get("splits_sha256") not in (None, "", sha256_file(pinned)):
+        raise SystemExit(f"could not find the split the model was bundled with ({pinned})")
+    samples, pinned_splits = read_splits(pinned)
+    by_path = dict(zip((s.path for s in samples), pinned_splits))
+    return dataset, [by_path[s.path] for s in dataset.samples]
 
 
 def test_split(data: Path, predictor):
