@@ -27,7 +27,7 @@ demo: setup
 	@echo "report: $(RUN)/report.html"
 
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 # The browser test drives Debian's Chromium (no browser download); installed here when run as root.
 browser:
