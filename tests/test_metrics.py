@@ -49,6 +49,11 @@ def test_the_bootstraps_fast_statistics_agree_with_scikit_learn():
         assert cm.tolist() == skm.confusion_matrix(y, pred, labels=list(range(k))).tolist()
         assert M._cm_macro_f1(cm) == pytest.approx(skm.f1_score(y, pred, average="macro", zero_division=0))
         assert M._cm_balanced_accuracy(cm) == pytest.approx(M.balanced_accuracy(y, pred))
+        probs = rng.dirichlet(np.ones(k), len(y))
+        probs[:, 0] = np.round(probs[:, 0], 1)  # ties, which count one half
+        for c in range(k):
+            assert M._rank_auc(y == c, probs[:, c]) == pytest.approx(M.binary_auc(y == c, probs[:, c]), nan_ok=True)
+        assert M._fast_roc_auc(y, probs, 1) == pytest.approx(M.roc_auc(y, probs, 1), nan_ok=True)
 
 
 def test_binary_auc_hand_computed_with_ties():

@@ -96,6 +96,28 @@ def _counts(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(y_true * k + y_pred, minlength=k * k).reshape(k, k)
 
 
+def _rank_auc(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC by the Mann-Whitney U statistic (ties count one half): the bootstrap's inner loop,
+    where scikit-learn's ``roc_auc_score`` and its input checks cost ~3 ms a call (measured: 77 s of
+    a 92 s test run). tests/test_metrics.py checks it equals scikit-learn's."""
+    from scipy.stats import rankdata
+
+    n_pos = int(y_true.sum())
+    n_neg = len(y_true) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _fast_roc_auc(y_true: np.ndarray, probs: np.ndarray, positive: int) -> float:
+    """``roc_auc`` through ``_rank_auc``: the binary AUC of ``positive``, or the macro one-vs-rest AUC over present classes."""
+    if probs.shape[1] == 2:
+        return _rank_auc(y_true == positive, probs[:, positive])
+    aucs = [a for c in range(probs.shape[1]) if not np.isnan(a := _rank_auc(y_true == c, probs[:, c]))]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
 def _cm_balanced_accuracy(cm: np.ndarray) -> float:
     support = cm.sum(axis=1)
     present = support > 0
@@ -249,8 +271,8 @@ def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: S
     def from_calls(metric):
         return lambda y, pred: metric(_counts(y, pred, k))
 
-    def auc(y, p):
-        return roc_auc(y, p, positive)
+    def auc(y, p):  # the bootstrap's statistic: rank-based, equal to scikit-learn's (tested)
+        return _fast_roc_auc(y, p, positive)
 
     nan2 = [float("nan")] * 2
     seen = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
@@ -273,7 +295,7 @@ def summarize(y_true, probs: np.ndarray, class_names: Sequence[str], patients: S
         "macro_f1": macro_f1(y_true, y_pred),
         "macro_f1_ci": averaged(_cm_macro_f1),
         "weighted_f1": weighted_f1(y_true, y_pred),
-        "roc_auc": auc(y_true, probs) if len(y_true) else float("nan"),
+        "roc_auc": roc_auc(y_true, probs, positive) if len(y_true) else float("nan"),
         "roc_auc_ci": list(bootstrap_interval(auc, y_true, probs, strata=y_true, n_boot=n_boot)) if len(y_true) else nan2,
         "ece": expected_calibration_error(probs, y_true),
         "confusion_matrix": cm.tolist(),
