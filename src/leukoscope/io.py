@@ -65,7 +65,7 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = Tru
         raise ImageReadError("empty file")
     if path.suffix.lower() in (".jpg", ".jpeg") and (size is None or draft):
         data = path.read_bytes()
-        fast = decode_jpeg_whole(data) if size is None else decode_jpeg_scaled(data, size, crop)
+        fast = decode_jpeg_fast(data, size, crop)
         if fast is not None:
             return fast
     return _decode(path, size, draft, str(path), crop=crop)
@@ -75,16 +75,19 @@ def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIX
     """Like ``load_rgb`` for an image held in memory (an upload); refuses more than ``max_pixels``."""
     if not data:
         raise ImageReadError("empty file")
-    fast = decode_jpeg_whole(data, max_pixels) if size is None else decode_jpeg_scaled(data, size, crop, max_pixels)
+    fast = decode_jpeg_fast(data, size, crop, max_pixels)
     if fast is not None:
         return fast
     return _decode(io.BytesIO(data), size, True, "", max_pixels, crop)
 
 
-def decode_jpeg_whole(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
-    """A whole JPEG decoded by libjpeg-turbo through simplejpeg: the pixels of PIL's decoder
-    (both libjpeg-turbo, accurate IDCT and upsampling), about 2x faster measured on PBC's 360 px
-    JPEGs (0.45 ms against 1.0 ms). None where it does not apply (as ``decode_jpeg_scaled``)."""
+def decode_jpeg_fast(data: bytes, size: int | None = None, crop: float = 1.0, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
+    """A JPEG decoded by libjpeg-turbo through simplejpeg, with the pixels of PIL's decoder (both
+    libjpeg-turbo, accurate IDCT and upsampling; tests/test_hostile.py): whole (``size`` None), about
+    2x faster than PIL on PBC's 360 px JPEGs (0.45 ms against 1.0 ms); or, with ``size``, at the
+    smallest DCT scale that still covers it as PIL's draft mode does (about 25% faster), then cropped
+    and resized. None where it does not apply (not a JPEG, an EXIF orientation to honour, CMYK, a
+    damaged or oversized file): the caller then decodes with PIL."""
     if data[:2] != b"\xff\xd8" or b"Exif" in data[:65536]:
         return None
     try:
@@ -93,24 +96,8 @@ def decode_jpeg_whole(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray |
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         if height * width > max_pixels:
             return None
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except (ImportError, ValueError, OSError):
-        return None
-
-
-def decode_jpeg_scaled(data: bytes, size: int, crop: float = 1.0, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
-    """A JPEG decoded by libjpeg-turbo at the smallest DCT scale that still covers ``size`` (simplejpeg),
-    then cropped and resized: the same pixels as PIL's draft mode, about 25% faster (measured on
-    PBC and aria_all; tests/test_hostile.py). None where it does not apply (not a JPEG, an EXIF
-    orientation to honour, CMYK, a damaged or oversized file): the caller then decodes with PIL."""
-    if data[:2] != b"\xff\xd8" or b"Exif" in data[:65536]:
-        return None
-    try:
-        import simplejpeg
-
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        if height * width > max_pixels:
-            return None
+        if size is None:
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
         need = int(np.ceil(size / crop))
         # PIL's draft mode scales by 1/2, 1/4 or 1/8 only (libjpeg-turbo offers every M/8): take the same factor
         ratio = min(width // need, height // need)
