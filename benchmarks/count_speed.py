@@ -28,7 +28,7 @@ from doc import markers, write_block  # noqa: E402
 
 from leukoscope.counting import iter_counts  # noqa: E402
 from leukoscope.data import detect_layout  # noqa: E402
-from leukoscope.data.splits import splits_from_seen  # noqa: E402
+from leukoscope.data.splits import unseen_samples  # noqa: E402
 from leukoscope.inference import load_model  # noqa: E402
 from leukoscope.metrics import wilson_interval  # noqa: E402
 
@@ -57,8 +57,7 @@ def share(hits: int, n: int) -> str:
 
 def detection_lines(predictor) -> list[str]:
     dataset = detect_layout(DATA)
-    splits, _, _ = splits_from_seen(dataset, predictor.checkpoint.get("seen_images") or {})
-    unseen = [s for s, k in zip(dataset.samples, splits) if k == "test"]
+    unseen = unseen_samples(dataset, predictor.checkpoint.get("seen_images"))
     pairs = [(s.label, dataset.abspath(s)) for s in unseen]
     found = one = named = 0
     for (label, _), (_, cells, _) in zip(pairs, iter_counts(predictor, pairs)):
@@ -77,8 +76,7 @@ def blast_mosaic_lines(model: str = "blast", side: int = 2) -> list[str]:
     folder = DATA.parent / "all_idb2"
     predictor = load_model(model)
     dataset = detect_layout(folder)
-    splits, _, _ = splits_from_seen(dataset, predictor.checkpoint.get("seen_images") or {})
-    unseen = [s for s, k in zip(dataset.samples, splits) if k == "test"]
+    unseen = unseen_samples(dataset, predictor.checkpoint.get("seen_images"))
     tiles = [(s.label, np.asarray(Image.open(dataset.abspath(s)).convert("RGB").resize((257, 257)))) for s in unseen]
     own = right = fields = verdicts = 0
     for start in range(0, len(tiles) - side * side + 1, side * side):

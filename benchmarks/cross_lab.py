@@ -32,7 +32,7 @@ from doc import markers, write_block  # noqa: E402
 from leukoscope.adapt import adapt_batchnorm  # noqa: E402
 from leukoscope.data import detect_layout, read_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
-from leukoscope.data.splits import splits_from_seen  # noqa: E402
+from leukoscope.data.splits import unseen_samples  # noqa: E402
 from leukoscope.inference import load_model  # noqa: E402
 from leukoscope.metrics import binary_auc, wilson_interval  # noqa: E402
 
@@ -75,8 +75,7 @@ def train_row(name: str, out: Path, epochs: int | None, wbc_data: Path) -> Path:
 def unseen(model, folder: Path) -> tuple[list[Path], list[str]]:
     """Images of ``folder`` the model neither trained nor validated on, and their labels."""
     dataset = detect_layout(folder)
-    splits, _, _ = splits_from_seen(dataset, model.checkpoint.get("seen_images") or {})
-    chosen = [s for s, k in zip(dataset.samples, splits) if k == "test"]
+    chosen = unseen_samples(dataset, model.checkpoint.get("seen_images"))
     return [dataset.abspath(s) for s in chosen], [s.label for s in chosen]
 
 

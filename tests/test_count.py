@@ -15,7 +15,7 @@ import leukoscope
 from leukoscope.cli import main
 from leukoscope.counting import CELL_COLUMNS, count_image
 from leukoscope.data import detect_layout
-from leukoscope.data.splits import splits_from_seen
+from leukoscope.data.splits import unseen_samples
 from leukoscope.inference import bundled_models, load_model
 from leukoscope.localise import find_cells
 
@@ -79,8 +79,7 @@ def test_an_empty_field_gives_zero_cells(tiny_run):
 
 def _unseen_fields(model, folder, limit: int, seed: int = 0):
     dataset = detect_layout(folder)
-    splits, _, _ = splits_from_seen(dataset, model.checkpoint.get("seen_images") or {})
-    chosen = [s for s, k in zip(dataset.samples, splits) if k == "test"]
+    chosen = unseen_samples(dataset, model.checkpoint.get("seen_images"))
     rng = np.random.default_rng(seed)
     return [chosen[i] for i in rng.choice(len(chosen), min(limit, len(chosen)), replace=False)], dataset
 

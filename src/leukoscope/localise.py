@@ -82,21 +82,31 @@ def find_cell(rgb: np.ndarray) -> Cell | None:
     labels, count = ndimage.label(mask)
     if count == 0:
         return None
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    centres = np.array(ndimage.center_of_mass(mask, labels, range(1, count + 1))).reshape(-1, 2)
-    side = np.array(mask.shape, dtype=float)
-    off_centre = np.linalg.norm((centres - side / 2) / side, axis=1)  # 0 at the centre, ~0.7 in a corner
-    score = areas * (1.0 - 0.6 * off_centre)
-    best = int(np.argmax(score))
-    if areas[best] < MIN_AREA * mask.size:
+    best, area = _most_central(labels, (0, 0), mask.shape)
+    if area < MIN_AREA * mask.size:
         return None
-    sl = ndimage.find_objects(labels, max_label=best + 1)[best]
-    region = labels[sl] == best + 1
+    sl = ndimage.find_objects(labels, max_label=best)[best - 1]
+    region = labels[sl] == best
     if _elongated(region):  # two touching nuclei: keep the larger, more central one
         parts = split_touching(region)
         if parts.max() > 1:
-            region = _central_part(parts, sl, side)
+            region = parts == _most_central(parts, (sl[0].start, sl[1].start), mask.shape)[0]
     return _describe(region, sl, step, mask.shape)
+
+
+def _most_central(labels: np.ndarray, offset: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int]:
+    """(label, area) of the region of ``labels`` (1..n) that is large and central in an image of
+    ``shape`` (``labels`` sits at ``offset`` in it): area x (1 - 0.6 x distance from the centre,
+    0 at the centre and ~0.7 in a corner)."""
+    flat = labels.ravel()
+    areas = np.bincount(flat)[1:]
+    ys, xs = np.indices(labels.shape)
+    sums = np.stack([np.bincount(flat, weights=ys.ravel())[1:], np.bincount(flat, weights=xs.ravel())[1:]], axis=1)
+    centres = sums / np.maximum(areas, 1)[:, None] + offset
+    side = np.array(shape, dtype=float)
+    score = areas * (1.0 - 0.6 * np.linalg.norm((centres - side / 2) / side, axis=1))
+    best = int(np.argmax(score))
+    return best + 1, int(areas[best])
 
 
 def _describe(region: np.ndarray, sl: tuple[slice, slice], step: int, shape: tuple[int, int]) -> Cell:
@@ -139,23 +149,10 @@ def find_cells(rgb: np.ndarray) -> list[Cell]:
     return sorted(cells, key=lambda c: (round(c.y / max(c.diameter, 1)), c.x))
 
 
-def _disk(radius: int) -> np.ndarray:
-    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
-    return x * x + y * y <= radius * radius
-
-
 def _elongated(region: np.ndarray) -> bool:
     """Much longer than its area implies: two round nuclei side by side give 1.41, one gives ~1.1."""
     h, w = region.shape
     return max(h, w) > 1.35 * 2 * np.sqrt(region.sum() / np.pi)
-
-
-def _central_part(parts: np.ndarray, sl: tuple[slice, slice], side: np.ndarray) -> np.ndarray:
-    areas = np.bincount(parts.ravel())[1:]
-    centres = np.array(ndimage.center_of_mass(parts > 0, parts, range(1, len(areas) + 1))) + [sl[0].start, sl[1].start]
-    off = np.linalg.norm((centres - side / 2) / side, axis=1)
-    keep = int(np.argmax(areas * (1.0 - 0.6 * off))) + 1
-    return parts == keep
 
 
 def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0) -> tuple[np.ndarray, bool]:

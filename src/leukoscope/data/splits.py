@@ -298,6 +298,12 @@ def seen_images(dataset: Dataset, splits: list[str]) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def unseen_samples(dataset: Dataset, seen: dict[str, list[str]] | None) -> list[Sample]:
+    """The samples of ``dataset`` a model neither trained nor validated on (by content; see ``seen_images``)."""
+    splits, _, _ = splits_from_seen(dataset, seen or {})
+    return [s for s, k in zip(dataset.samples, splits) if k == "test"]
+
+
 def splits_from_seen(dataset: Dataset, seen: dict[str, list[str]]) -> tuple[list[str], int, int]:
     """Each image's split by the model's record: 'train' or 'val' if it saw the image, else 'test'.
 
