@@ -60,6 +60,8 @@ benchmark: setup
 	$(BIN)/python benchmarks/benchmark.py --model wbc --data $(SHARED)/pbc --small 64 --large 1024 --repeats 2
 	$(BIN)/python benchmarks/count_speed.py --model wbc
 	$(BIN)/python benchmarks/int8.py --model pbc
+	$(BIN)/python tools/make_wbc_data.py --shared $(SHARED) --out runs/data/wbc
+	$(BIN)/python benchmarks/int8.py --model wbc --data runs/data/wbc
 	$(BIN)/python benchmarks/robustness.py --model pbc
 	$(BIN)/python benchmarks/tta.py
 	$(BIN)/python benchmarks/load_test.py --model pbc --requests 400

@@ -6,7 +6,8 @@ Throughput is end to end (`leukoscope predict MODEL FOLDER --out preds.csv` in a
 decoding and CSV writing included) and marginal: (large - small) / (t_large - t_small), so that
 start-up is excluded. The reference recipe (benchmarks/reference_predict.py) is measured in the
 same run on the same JPEG folders (the model's own dataset). Each model writes its own block of
-docs/benchmarks.md. Not part of CI.
+docs/benchmarks.md. Where PyTorch sees a GPU, a `--device cuda` row is added (the other rows stay
+on the CPU). Not part of CI.
 """
 
 from __future__ import annotations
@@ -51,12 +52,15 @@ def make_folder(images: list[Path], n: int, dest: Path) -> Path:
 
 
 def pipelines(model: str, default_tta: str) -> dict[str, tuple[str, list[str]]]:
-    """Label and CLI arguments of each measured pipeline: the default, PyTorch, and the other TTA setting."""
-    cli = [str(ROOT / ".venv" / "bin" / "leukoscope"), "predict", model]
+    """Label and CLI arguments of each measured pipeline: the default, fp32, PyTorch (and CUDA), and the other TTA setting."""
+    cli = [str(ROOT / ".venv" / "bin" / "leukoscope"), "predict", model, "--device", "cpu"]
     default = "ONNX Runtime" + ("" if default_tta == "none" else f", {default_tta} TTA ({TTA_VIEWS[default_tta]} views)")
     other = (["--tta", "flip"], "2 views") if default_tta == "none" else (["--no-tta"], "1 view")
-    return {"default": (f"`leukoscope predict {model}` (default: {default})", cli),
+    return {"default": (f"`leukoscope predict {model}` (default: {default}, `--precision auto`)", cli),
+            "fp32": (f"`leukoscope predict {model} --precision fp32` (ONNX Runtime fp32)", [*cli, "--precision", "fp32"]),
             "torch": (f"`leukoscope predict {model} --backend torch` (PyTorch)", [*cli, "--backend", "torch"]),
+            **({"cuda": (f"`leukoscope predict {model} --device cuda` (PyTorch, bf16 autocast, {torch.cuda.get_device_name(0)})",
+                         [*cli, "--device", "cuda"])} if torch.cuda.is_available() else {}),  # the later --device wins
             "other": (f"`leukoscope predict {model} {' '.join(other[0])}` ({other[1]}, ONNX Runtime)", [*cli, *other[0]]),
             "reference": ("reference: ResNet-18 224 px fp32 eager, PIL, batch 64",
                           [sys.executable, str(ROOT / "benchmarks" / "reference_predict.py")])}
@@ -86,6 +90,19 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     t = time.perf_counter()
     for _ in range(reps):
         torch.matmul(a, b)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def int8_peak(n: int = 2048, reps: int = 10) -> float | None:
+    """int8 matmul GOP/s (torch._int_mm: VNNI/AMX where the CPU has them), or None where PyTorch has no CPU kernel."""
+    a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+    try:
+        torch._int_mm(a, a)
+    except (RuntimeError, AttributeError):
+        return None
+    t = time.perf_counter()
+    for _ in range(reps):
+        torch._int_mm(a, a)
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
@@ -159,9 +176,10 @@ def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: 
              "### Efficiency", "",
              f"Model: {flops:.3f} GFLOP per view at {size} px (forward, FlopCounterMode), {views} view(s) per image by default. "
              f"Achieved {achieved:.1f} GFLOP/s end to end; "
-             f"measured matmul peak {peaks['fp32']:.0f} GFLOP/s fp32 and {peaks['bf16']:.2f} GFLOP/s bf16 (emulated on CPUs without "
-             f"native bf16, hence inference runs in fp32). Fraction of the fastest measured peak: "
-             f"{achieved / max(peaks.values()):.1%}.", "",
+             f"measured matmul peak {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} GFLOP/s bf16 and "
+             + (f"{peaks['int8']:.0f} GOP/s int8" if peaks.get("int8") else "no int8 kernel") + ". Fraction of each peak: "
+             + ", ".join(f"{k} {achieved / v:.1%}" for k, v in peaks.items() if v) + " (the default path runs the convolutions in int8 "
+             "where `--precision auto` measured int8 faster, else in fp32; decoding and framing take most of the time).", "",
              "### Training", "",
              f"The training step of `configs/{model}.yaml` (augmentation, forward, backward, AdamW; synthetic images of its size) ran at "
              f"{train_ips:.0f} images/s in this run. The whole bundled run below averaged the images/s in the last column "
@@ -190,7 +208,7 @@ def main() -> None:
     predictor, flops = model_flops(args.model)
     runs_of = pipelines(args.model, predictor.default_tta)
     tp = throughput(runs_of, images, args.small, args.large, args.repeats)
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=512, reps=3)}
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16, n=512, reps=3), "int8": int8_peak()}
     train_ips = training_throughput(ROOT / "configs" / f"{args.model}.yaml", len(predictor.class_names))
     command = f"benchmarks/benchmark.py --model {args.model} --small {args.small} --large {args.large}"
     block = render(tp, runs_of, TTA_VIEWS[predictor.default_tta], flops, predictor.image_size, peaks, train_ips,

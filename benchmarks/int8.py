@@ -1,11 +1,12 @@
 """int8 against fp32 for a bundled model: accuracy on its validation split and the model's own speed.
 
-The int8 graph is what `leukoscope export MODEL --precision int8 --calibration ...` writes: ONNX
-Runtime static quantisation of the convolutions (QDQ, per channel), calibrated on 256 training
-images of the model's pinned split. Measured on the validation split (never test): accuracy of
-both, the share of identical calls, and the largest probability difference; then images/s of the
-model alone (ONNX Runtime, batch 64, images already decoded) for both graphs. Whether int8 is
-faster depends on the CPU (VNNI / AMX). Writes the INT8-<model> block of docs/benchmarks.md.
+The int8 graph is the one the model ships (`weights/NAME.int8.onnx`, what `predict --precision
+int8|auto` runs; built by tools/bundle_model.py with leukoscope.quantize: ONNX Runtime static
+quantisation of the convolutions, QDQ, per channel, calibrated on 256 training images of the
+model's pinned split). Measured on the validation split (never test): accuracy of both, the share
+of identical calls, and the largest probability difference; then images/s of the model alone
+(ONNX Runtime, batch 64, images already decoded) for both graphs. Whether int8 is faster depends
+on the CPU (VNNI / AMX). Writes the INT8-<model> block of docs/benchmarks.md.
 
 Usage: python benchmarks/int8.py [--model pbc] [--data ../shared/data/pbc]
 """
@@ -27,7 +28,8 @@ from leukoscope.data import read_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
 from leukoscope.inference import Predictor, load_model  # noqa: E402
 from leukoscope.metrics import wilson_interval  # noqa: E402
-from leukoscope.onnx_backend import OnnxBackend, onnx_bytes, quantize_int8  # noqa: E402
+from leukoscope.onnx_backend import OnnxBackend, onnx_bytes  # noqa: E402
+from leukoscope.quantize import graph_meta, int8_path, load_int8  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,20 +52,21 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.model, backend="torch")
     samples, splits = read_splits(ROOT / "configs" / f"{args.model}.splits.csv")
-    train = [s for s, k in zip(samples, splits) if k == "train"]
     val = [s for s, k in zip(samples, splits) if k == "val"]
-    calibration, _ = decode_many([args.data / s.path for s in train[:: max(1, len(train) // 256)][:256]], model.view)
     images, _ = decode_many([args.data / s.path for s in val], model.view, desc="decode val")
     labels = np.array([model.class_names.index(s.label) for s in val])
-    fp32_graph = onnx_bytes(model.checkpoint)
-    backends = {"fp32": OnnxBackend(fp32_graph), "int8": OnnxBackend(quantize_int8(fp32_graph, calibration))}
+    int8 = load_int8(model.checkpoint, model.source, build=False)
+    if int8 is None:
+        sys.exit(f"{args.model} ships no int8 graph of this checkpoint (make models)")
+    calibration = graph_meta(int8_path(model.source))["parity"]["calibration_images"]
+    backends = {"fp32": OnnxBackend(onnx_bytes(model.checkpoint)), "int8": int8}
     probs, calls = {}, {}
     for name, backend in backends.items():
         predictor = Predictor(model.checkpoint, source=name, backend=backend)
         probs[name] = np.concatenate([predictor.predict_proba(images[i : i + 256]) for i in range(0, len(images), 256)])
         calls[name] = np.array([predictor.decide(p) for p in probs[name]])
     n = len(labels)
-    lines = [f"`{args.model}`, validation split ({n} images), int8 calibrated on {len(calibration)} training images; "
+    lines = [f"`{args.model}`, validation split ({n} images), int8 calibrated on {calibration} training images; "
              f"{torch.get_num_threads()} threads. 95% Wilson intervals.", "",
              "| graph | val accuracy | model alone, images/s (batch 64) |", "|---|---|---|"]
     for name, backend in backends.items():

@@ -113,12 +113,16 @@ def test_explain_bundled_model_on_real_cells(tmp_path):
     assert row["predicted"] == "eosinophil" and (tmp_path / row["heatmap"]).is_file()
 
 
-def test_int8_export_needs_calibration_and_refuses_a_graph_off_parity(run, tmp_path, capsys):
+def test_int8_export_refuses_a_graph_off_parity(run, tmp_path, capsys, monkeypatch):
     """The tiny 3-epoch model's calls sit near its threshold: int8 moves too many of them, so nothing is written."""
+    from leukoscope import quantize
+
     data, folder = run
     out = tmp_path / "model.int8.onnx"
-    assert main(["export", str(folder), "--out", str(out), "--precision", "int8"]) == 2  # calibration images are required
-    assert "--calibration" in capsys.readouterr().err and not out.exists()
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_LOSS", -1.0)  # the run's own graph must then gain 100 points: refused
+    assert main(["export", str(folder), "--out", str(out), "--precision", "int8"]) == 2
+    assert "points of validation accuracy" in capsys.readouterr().err and not out.exists()
+    assert not (folder / "model.int8.onnx").exists()
     assert main(["export", str(folder), "--out", str(out), "--precision", "int8", "--calibration", str(data), "--images", str(data)]) == 2
     assert "not written" in capsys.readouterr().err and not out.exists()
 

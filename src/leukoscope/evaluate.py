@@ -245,14 +245,14 @@ def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predicto
 
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
                      backend: str = "auto", force: bool = False, class_map: str | None = None,
-                     split_file: str | None = None, adapt: bool = False, device: str = "auto") -> dict[str, Any]:
+                     split_file: str | None = None, adapt: bool = False, device: str = "auto", precision: str = "auto") -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
 
     ``class_map`` ('Early=blast,Pre=blast,Pro=blast,Benign=normal') scores the model on data whose
     classes differ: each model class counts as the data class it maps to.
     """
     prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
-    predictor = load_model(model, backend="torch" if adapt else backend, device=device)
+    predictor = load_model(model, backend="torch" if adapt else backend, device=device, precision=precision)
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
@@ -263,7 +263,7 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
         predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]])
         note(f"normalisation statistics re-estimated on the {plural(len(test), 'test image')} (AdaBN)")
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
-            "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
+            "split_kind": kind, "config": predictor.checkpoint.get("config", {}), "precision": precision,
             "tta": predictor.default_tta if tta is None else tta_mode(tta), "parent": describe(predictor.checkpoint.get("parent"))}
     if class_map:
         mapping = parse_class_map(class_map, predictor.class_names)

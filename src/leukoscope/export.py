@@ -38,19 +38,24 @@ def check_images(paths: Sequence[os.PathLike], view: View, limit: int = 64) -> t
 
 
 def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tensor, tolerance: float = TOLERANCE,
-                calibration: torch.Tensor | None = None) -> float | tuple[float, float]:
+                calibration: torch.Tensor | None = None, int8: bool = False) -> float | tuple[float, float]:
     """Write ``out`` and return the max probability difference to PyTorch on ``images``.
 
     Raises (and writes nothing) when the difference exceeds ``tolerance``. With ``calibration``
-    images the graph is quantised to int8 (``quantize_int8``) and the check is the share of
-    ``images`` on which it makes the fp32 model's call (at least INT8_AGREEMENT); returns
-    (max probability difference, that share).
+    images the graph is quantised to int8 (``quantize_int8``); with ``int8`` it is the checkpoint's
+    own int8 graph (see quantize). Then the check is the share of ``images`` on which it makes the
+    fp32 model's call (at least INT8_AGREEMENT); returns (max probability difference, that share).
     """
     if "state_dict" not in predictor.checkpoint:
         raise LeukoscopeError(f"only PyTorch models can be exported; {predictor.source!r} is a {predictor.kind} model")
     data = onnx_bytes(predictor.checkpoint)
+    if int8:
+        from .quantize import int8_path, load_int8
+
+        load_int8(predictor.checkpoint, predictor.source, build=True)
+        return _export_int8(predictor, out, images, data, int8_path(predictor.source).read_bytes())
     if calibration is not None:
-        return _export_int8(predictor, out, images, data, calibration)
+        return _export_int8(predictor, out, images, data, quantize_int8(data, calibration))
     exported = Predictor(predictor.checkpoint, source=str(out), backend=OnnxBackend(data))
     torch_backed = isinstance(predictor.backend, TorchBackend)
     reference = predictor if torch_backed else Predictor(predictor.checkpoint, source=predictor.source)  # always PyTorch
@@ -63,8 +68,7 @@ def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tens
     return diff
 
 
-def _export_int8(predictor: Predictor, out: str | os.PathLike, images: torch.Tensor, data: bytes, calibration: torch.Tensor) -> tuple[float, float]:
-    quantized = quantize_int8(data, calibration)
+def _export_int8(predictor: Predictor, out: str | os.PathLike, images: torch.Tensor, data: bytes, quantized: bytes) -> tuple[float, float]:
     fp32 = Predictor(predictor.checkpoint, source=predictor.source, backend=OnnxBackend(data)).predict_proba(images)
     int8 = Predictor(predictor.checkpoint, source=str(out), backend=OnnxBackend(quantized)).predict_proba(images)
     diff = float(np.abs(int8 - fp32).max())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from PIL import Image
 
 from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resolve_model_path
 from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
+from .decoding import Decoder
 from .errors import LeukoscopeError, did_you_mean
-from .io import ImageReadError, frame, iter_image_files, load_view, to_rgb
+from .io import iter_image_files
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
@@ -131,18 +131,16 @@ class Predictor:
             items.extend(iter_image_files([item]) if is_folder else [item])
         return list(self.predict_iter(items, batch_size=batch_size, tta=tta))
 
-    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | str | None = None, workers: int = 4) -> Iterator[Prediction]:
-        """Yield one Prediction per item, in order; the next batch decodes while this one runs."""
+    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | str | None = None) -> Iterator[Prediction]:
+        """Yield one Prediction per item, in order; the next batch decodes while this one runs (in worker
+        processes for long runs of files, see decoding)."""
         tta = self.default_tta if tta is None else tta_mode(tta)  # a bad mode fails before any decoding
-        with ThreadPoolExecutor(workers) as pool:
-
-            def submit(start: int) -> list:
-                return [pool.submit(self._decode, item) for item in items[start : start + batch_size]]
-
-            pending = submit(0)
+        files = all(isinstance(item, (str, os.PathLike)) for item in items)
+        with Decoder(self.view, len(items) if files else 0) as decoder:
+            pending = decoder.submit(items[:batch_size])
             for start in range(0, len(items), batch_size):
-                decoded = [f.result() for f in pending]
-                pending = submit(start + batch_size)  # empty past the end
+                decoded = decoder.results(pending)
+                pending = decoder.submit(items[start + batch_size : start + 2 * batch_size])  # empty past the end
                 yield from self._predict_decoded(items[start : start + batch_size], start, decoded, tta)
 
     def predict_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str], tta: bool | str | None = None) -> list[Prediction]:
@@ -167,19 +165,6 @@ class Predictor:
         if self.threshold is not None and len(self.class_names) == 2:
             return self.positive_index if probs[self.positive_index] >= self.threshold else 1 - self.positive_index
         return int(np.argmax(probs))
-
-    def _decode(self, item: Any) -> tuple[np.ndarray | None, str, bool | None]:
-        """(image as the model sees it, error, whether the cell was located); one framing for every kind of input."""
-        try:
-            if isinstance(item, Image.Image):
-                image, found = frame(np.asarray(to_rgb(item)), self.view)
-            elif isinstance(item, np.ndarray):
-                image, found = frame(_array_to_rgb(item), self.view)
-            else:
-                image, found = load_view(item, self.view)
-            return image, "", found
-        except (ImageReadError, ValueError) as err:
-            return None, str(err), None
 
     def _prediction(self, source: str, probs: np.ndarray, ood: float | None = None) -> Prediction:
         top = self.decide(probs)
@@ -216,17 +201,7 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _array_to_rgb(array: np.ndarray) -> np.ndarray:
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise ValueError(f"expected an HxWx3 image array, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image array, got {array.dtype}")
-    return np.asarray(to_rgb(Image.fromarray(array)))
-
-
-def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "auto") -> Predictor:
+def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "fp32") -> Predictor:
     """Load a run folder, a checkpoint, an exported ``.onnx``, a classical ``.joblib`` or a bundled name.
 
     ``backend`` picks what runs a CNN checkpoint: ``torch``, ``onnx`` (ONNX Runtime on a graph
@@ -234,15 +209,24 @@ def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "a
     ~1.5x faster on CPU with the same probabilities (within 1e-3), PyTorch for other architectures.
     Heatmaps and export always rebuild the PyTorch network from the checkpoint. ``device``:
     ``auto`` (CUDA when available), ``cpu`` or ``cuda``; on CUDA a checkpoint runs on PyTorch
-    (bf16 autocast), ``auto`` backend included.
+    (bf16 autocast), ``auto`` backend included. ``precision``: ``fp32``, ``int8`` (ONNX Runtime on the
+    checkpoint's int8 graph, see quantize; built from a run folder's own images if missing) or
+    ``auto``: int8 where that graph exists and is faster and at parity on this machine.
     """
     from .runtime import resolve_device
 
     target = resolve_device(device)
     if backend not in BACKENDS:
         raise LeukoscopeError(f"unknown backend {backend!r}{did_you_mean(backend, BACKENDS)}; choose from {', '.join(BACKENDS)}")
+    from .quantize import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise LeukoscopeError(f"unknown precision {precision!r}{did_you_mean(precision, PRECISIONS)}; choose from {', '.join(PRECISIONS)}")
     path = resolve_model_path(model)
     suffix = path.suffix.lower()
+    if precision == "int8" and (suffix in (".onnx", ".joblib") or backend == "torch" or target.type == "cuda"):
+        raise LeukoscopeError("--precision int8 runs a checkpoint's int8 graph on ONNX Runtime (CPU): give a run folder, checkpoint or "
+                              "bundled name, without --backend torch, --device cuda or --adapt (an exported .onnx runs as exported)")
     if backend not in {".onnx": ("auto", "onnx"), ".joblib": ("auto",)}.get(suffix, BACKENDS):
         raise LeukoscopeError(f"{path} runs on its own backend; --backend {backend} is for PyTorch checkpoints (run folder, model.pt or bundled name)")
     if suffix == ".onnx":
@@ -260,10 +244,16 @@ def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "a
         if backend == "onnx":
             raise LeukoscopeError("--backend onnx runs on the CPU; with --device cuda use --backend auto or torch")
         return Predictor(checkpoint, source=str(path), backend=TorchBackend(checkpoint, target))
-    if backend == "onnx" or (backend == "auto" and str(checkpoint["arch"]).startswith("cellnet")):
+    if backend == "onnx" or precision == "int8" or (backend == "auto" and str(checkpoint["arch"]).startswith("cellnet")):
         from .onnx_backend import cached_onnx_backend
+        from .quantize import AutoPrecision, load_int8
 
-        return Predictor(checkpoint, source=str(path), backend=cached_onnx_backend(checkpoint, path))
+        int8 = load_int8(checkpoint, path, build=precision == "int8") if precision != "fp32" else None
+        if precision == "int8":
+            return Predictor(checkpoint, source=str(path), backend=int8)
+        fp32 = cached_onnx_backend(checkpoint, path)
+        chosen = fp32 if int8 is None else AutoPrecision(fp32, int8, len(checkpoint["class_names"]))
+        return Predictor(checkpoint, source=str(path), backend=chosen)
     return Predictor(checkpoint, source=str(path))
 
 

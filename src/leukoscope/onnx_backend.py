@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -152,8 +153,12 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(model)
-        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+        logging.disable(logging.WARNING)  # its advice to run a shape-inference pre-pass, printed on every call, changes nothing here
+        try:
+            quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])
+        finally:
+            logging.disable(logging.NOTSET)
         graph = onnx.load(str(target))
     meta = {**json.loads(props.get("leukoscope", "{}")), "precision": "int8", "calibration_images": int(len(calibration))}
     del graph.metadata_props[:]

@@ -1,0 +1,90 @@
+"""Decoding and framing many image files in parallel: worker processes where framing holds the GIL.
+
+Framing a cell-centric view (``localise.find_cell``: many small numpy and scipy calls) holds
+Python's GIL, so threads barely overlap it: on 2 cores, 2 threads decoded and framed PBC tiles at
+738 images/s against 552 for one, 2 processes at 1,131 (docs/benchmarks.md, "Decoding in worker
+processes"). Runs of at least PROCESS_MIN files on Linux therefore decode in forked worker
+processes (they start in milliseconds with the modules already loaded, and run only numpy, PIL
+and scipy code); short runs, other systems and a single core use threads. Same pixels either way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .io import ImageReadError, View, frame, load_view, to_rgb
+
+PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool costs ~30 ms to start)
+THREADS = 4
+
+Decoded = tuple[np.ndarray | None, str, bool | None]  # (image as the view shows it, error, whether the cell was located)
+
+
+def decode_item(item: Any, view: View) -> Decoded:
+    """A file path, upload bytes, PIL image or HxWx3 uint8 array as ``view`` shows it; one framing for
+    every kind of input. An unreadable one gives (None, its error, None)."""
+    try:
+        if isinstance(item, Image.Image):
+            image, found = frame(np.asarray(to_rgb(item)), view)
+        elif isinstance(item, np.ndarray):
+            image, found = frame(array_to_rgb(item), view)
+        else:
+            image, found = load_view(item, view)
+        return image, "", found
+    except (ImageReadError, ValueError) as err:
+        return None, str(err), None
+
+
+def load_views(items: Sequence[Any], view: View) -> list[Decoded]:
+    return [decode_item(item, view) for item in items]
+
+
+def array_to_rgb(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 image array, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image array, got {array.dtype}")
+    return np.asarray(to_rgb(Image.fromarray(array)))
+
+
+def worker_processes(files: int) -> int:
+    """How many decoding processes a run of ``files`` files gets (0: use threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks of one machine share its cores
+    return cores if files >= PROCESS_MIN and cores >= 2 and sys.platform == "linux" else 0
+
+
+class Decoder:
+    """Submit lists of items (see decode_item), get their ``Decoded`` tuples back in order; a context manager.
+    ``files``: how many files the run decodes (0 for images in memory: threads)."""
+
+    def __init__(self, view: View, files: int, processes: int | None = None):
+        self.view = view
+        self.processes = worker_processes(files) if processes is None else processes
+        self.pool: Executor = (ProcessPoolExecutor(self.processes, mp_context=get_context("fork")) if self.processes
+                               else ThreadPoolExecutor(THREADS))
+
+    def submit(self, paths: Sequence[Any]) -> list[Future]:
+        """Start decoding ``paths``: in pieces, so that every worker has a share."""
+        step = max(1, -(-len(paths) // (2 * max(self.processes, THREADS))))
+        return [self.pool.submit(load_views, list(paths[i : i + step]), self.view) for i in range(0, len(paths), step)]
+
+    @staticmethod
+    def results(futures: list[Future]) -> list[Decoded]:
+        return [item for future in futures for item in future.result()]
+
+    def __enter__(self) -> Decoder:  # noqa: PYI034 (Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,60 @@
+"""Decoding in worker processes gives what threads give, in order, with per-file errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_image_folder
+
+from leukoscope import decoding
+from leukoscope.decoding import Decoder, worker_processes
+from leukoscope.io import View
+
+
+@pytest.fixture
+def files(tmp_path):
+    folder = make_image_folder(tmp_path / "data", n_per_class=6, size=48, ext=".jpg")
+    paths = sorted(folder.rglob("*.jpg"))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    return [*paths[:5], broken, *paths[5:]]
+
+
+@pytest.mark.parametrize("view", [View(32, crop=0.7), View(32, cell=0.6)])
+def test_processes_and_threads_decode_the_same_pixels_in_order(files, view):
+    with Decoder(view, len(files), processes=2) as pool:
+        assert pool.processes == 2
+        by_process = pool.results(pool.submit(files))
+    with Decoder(view, 0) as pool:
+        assert pool.processes == 0
+        by_thread = pool.results(pool.submit(files))
+    assert len(by_process) == len(by_thread) == len(files)
+    for (a, error_a, found_a), (b, error_b, found_b), path in zip(by_process, by_thread, files):
+        if path.name == "broken.jpg":
+            assert a is None and b is None and error_a == error_b and "unreadable" in error_a
+        else:
+            assert np.array_equal(a, b) and error_a == error_b == "" and found_a == found_b
+
+
+def test_only_long_runs_of_files_use_processes(monkeypatch):
+    monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert worker_processes(decoding.PROCESS_MIN - 1) == 0
+    assert worker_processes(decoding.PROCESS_MIN) == (2 if decoding.sys.platform == "linux" else 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert worker_processes(10 * decoding.PROCESS_MIN) == 0  # two torchrun ranks on two cores: one core each, threads
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert worker_processes(10 * decoding.PROCESS_MIN) == 0  # one core: threads
+
+
+def test_predict_iter_in_processes_keeps_input_order_and_errors(files, monkeypatch, tiny_run):
+    from leukoscope import load_model
+
+    model = load_model(tiny_run[1], backend="torch")
+    expected = list(model.predict_iter(files, batch_size=4))
+    monkeypatch.setattr(decoding, "PROCESS_MIN", 1)
+    monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    got = list(model.predict_iter(files, batch_size=4))
+    assert [p.source for p in got] == [str(f) for f in files]
+    assert [p.label for p in got] == [p.label for p in expected] and [p.error for p in got] == [p.error for p in expected]
+    assert got[5].error and not got[0].error

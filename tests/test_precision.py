@@ -1,0 +1,152 @@
+"""int8 inference: graphs built from a run's own images, the bundled ones, --precision auto's choice, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA, make_image_folder, require
+
+from leukoscope import load_model
+from leukoscope.checkpoint import load_checkpoint
+from leukoscope.cli import main
+from leukoscope.data import read_splits
+from leukoscope.errors import LeukoscopeError
+from leukoscope.inference import bundled_models
+from leukoscope.io import sha256_file
+from leukoscope.onnx_backend import OnnxBackend
+from leukoscope import quantize
+from leukoscope.quantize import AutoPrecision, graph_meta, int8_path
+
+TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "3", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8run")
+    data = make_image_folder(root / "data", n_per_class=16)
+    assert main(["train", str(data), "--out", str(root / "run"), *TINY]) == 0
+    return data, root / "run"
+
+
+def test_int8_graph_is_built_from_the_runs_own_images_once_and_checked_on_validation(run, monkeypatch):
+    data, folder = run
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_LOSS", 1.0)  # a 3-epoch model: its parity is not the point here
+    model = load_model(folder, precision="int8")
+    graph = int8_path(folder / "model.pt")
+    assert graph == folder / "model.int8.onnx" and graph.is_file()
+    assert isinstance(model.backend, OnnxBackend)
+    meta = graph_meta(graph)
+    samples, kinds = read_splits(folder / "splits.csv")
+    assert meta["checkpoint_sha256"] == sha256_file(folder / "model.pt")
+    assert meta["parity"]["images"] == kinds.count("val") and meta["parity"]["calibration_images"] == kinds.count("train")
+    assert meta["precision"] == "int8"
+    built = graph.stat().st_mtime_ns
+    images = sorted(data.rglob("*.png"))[:6]
+    int8 = model.predict(images)
+    again = load_model(folder, precision="int8")  # reused, not rebuilt
+    assert graph.stat().st_mtime_ns == built
+    assert [p.probabilities for p in again.predict(images)] == [p.probabilities for p in int8]
+    fp32 = load_model(folder, precision="fp32").predict(images)
+    assert max(abs(a.probabilities[c] - b.probabilities[c]) for a, b in zip(int8, fp32) for c in a.probabilities) < 0.5
+
+
+def test_int8_that_loses_accuracy_is_refused_and_not_written(run, monkeypatch, tmp_path):
+    data, folder = run
+    checkpoint = load_checkpoint(folder / "model.pt")
+    target = tmp_path / "model.pt"
+    target.write_bytes((folder / "model.pt").read_bytes())
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_LOSS", -1.0)  # int8 would have to gain 100 points
+    with pytest.raises(LeukoscopeError, match="points of validation accuracy"):
+        quantize.write_int8(checkpoint, target, data, folder / "splits.csv", load_model(folder).view)
+    assert not int8_path(target).exists()
+
+
+def test_a_stale_int8_graph_is_not_used(run, tmp_path):
+    """A graph left beside a retrained checkpoint (another sha256) is ignored by auto and rebuilt by int8."""
+    data, folder = run
+    checkpoint = load_checkpoint(folder / "model.pt")
+    target = tmp_path / "model.pt"
+    target.write_bytes((folder / "model.pt").read_bytes() + b"\0")  # other bytes, same weights
+    int8_path(target).write_bytes(b"not the graph of this checkpoint")
+    assert quantize.load_int8(checkpoint, target, build=False) is None
+    model = load_model(target, precision="auto")
+    assert not isinstance(model.backend, AutoPrecision)  # plain fp32: no int8 graph of its own
+    with pytest.raises(LeukoscopeError, match="no int8 graph"):  # a bare checkpoint has no run to build one from
+        load_model(target, precision="int8")
+
+
+def test_precision_errors_name_the_fix(run):
+    _, folder = run
+    with pytest.raises(LeukoscopeError, match="did you mean 'int8'"):
+        load_model(folder, precision="int9")
+    with pytest.raises(LeukoscopeError, match="without --backend torch"):
+        load_model(folder, backend="torch", precision="int8")
+
+
+class FakeBackend:
+    def __init__(self, seconds: float, flip: int = 0):
+        self.seconds, self.flip, self.calls = seconds, flip, 0
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.seconds)
+        logits = torch.zeros(len(batch), 3)
+        logits[:, 0] = 1.0
+        logits[: self.flip, 0], logits[: self.flip, 1] = 0.0, 1.0  # the first `flip` images called otherwise
+        logits[:, 2] = 99.0  # the OOD column: never part of the call
+        return logits
+
+
+@pytest.mark.parametrize("int8_seconds, flip, choice", [(0.001, 0, "int8"), (0.001, 2, "fp32"), (0.05, 0, "fp32")])
+def test_auto_precision_picks_int8_only_when_faster_and_at_parity(int8_seconds, flip, choice):
+    fp32, int8 = FakeBackend(0.02), FakeBackend(int8_seconds, flip)
+    auto = AutoPrecision(fp32, int8, classes=2)
+    small = torch.zeros(8, 3, 4, 4, dtype=torch.uint8)
+    auto(small)
+    assert auto.choice is None and int8.calls == 0  # batches below AUTO_MIN_BATCH run fp32 and decide nothing
+    auto(torch.zeros(64, 3, 4, 4, dtype=torch.uint8))
+    assert auto.choice == choice, auto.reason
+    before = (fp32.calls, int8.calls)
+    auto(torch.zeros(64, 3, 4, 4, dtype=torch.uint8))
+    assert (fp32.calls, int8.calls) == ((before[0], before[1] + 1) if choice == "int8" else (before[0] + 1, before[1]))
+
+
+def test_bundled_int8_graphs_were_made_from_their_checkpoints_at_parity():
+    models = bundled_models()
+    if not models:
+        pytest.skip("no bundled models (make models)")
+    for name, path in models.items():
+        graph = int8_path(path)
+        assert graph.is_file(), f"{name}: no int8 graph beside it"
+        meta = graph_meta(graph)
+        assert meta["checkpoint_sha256"] == sha256_file(path), f"{name}: int8 graph of another checkpoint"
+        parity = meta["parity"]
+        assert parity["int8_accuracy"] >= parity["fp32_accuracy"] - quantize.MAX_ACCURACY_LOSS, name
+
+
+def test_predict_int8_on_real_cells_keeps_the_fp32_calls(tmp_path, capsys):
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    cells = sorted((require(DATA / "pbc") / "monocyte").glob("*.jpg"))[:48]
+    fp32, int8, auto = (tmp_path / f"{p}.csv" for p in ("fp32", "int8", "auto"))
+    assert main(["predict", "pbc", *map(str, cells), "--out", str(fp32), "--precision", "fp32"]) == 0
+    assert main(["predict", "pbc", *map(str, cells), "--out", str(int8), "--precision", "int8"]) == 0
+    assert main(["predict", "pbc", *map(str, cells), "--out", str(auto)]) == 0
+    assert "precision auto: " in capsys.readouterr().err  # 48 images: auto measured both and said which it took
+    rows = {p: list(csv.DictReader(open(p))) for p in (fp32, int8, auto)}
+    same = np.mean([a["label"] == b["label"] for a, b in zip(rows[fp32], rows[int8])])
+    assert same >= 0.97 and [r["path"] for r in rows[int8]] == [str(c) for c in cells]
+    diff = max(abs(float(a["p_monocyte"]) - float(b["p_monocyte"])) for a, b in zip(rows[fp32], rows[int8]))
+    assert 0 < diff < 0.25  # really another graph, within the bound measured on validation
+
+
+def test_precision_int8_refuses_adapt_with_a_clear_message(capsys):
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    cells = require(DATA / "pbc") / "monocyte"
+    assert main(["predict", "pbc", str(cells), "--out", "-", "--adapt", "--precision", "int8"]) == 2
+    assert "--adapt" in capsys.readouterr().err
