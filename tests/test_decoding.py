@@ -36,15 +36,17 @@ def test_processes_and_threads_decode_the_same_pixels_in_order(files, view):
             assert np.array_equal(a, b) and error_a == error_b == "" and found_a == found_b
 
 
-def test_only_long_runs_of_files_use_processes(monkeypatch):
+def test_only_long_runs_of_cell_centric_files_use_processes(monkeypatch):
+    cell, crop = View(32, cell=0.6), View(32, crop=0.7)
     monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert worker_processes(decoding.PROCESS_MIN - 1) == 0
-    assert worker_processes(decoding.PROCESS_MIN) == (2 if decoding.sys.platform == "linux" else 0)
+    assert worker_processes(decoding.PROCESS_MIN - 1, cell) == 0
+    assert worker_processes(decoding.PROCESS_MIN, cell) == (2 if decoding.sys.platform == "linux" else 0)
+    assert worker_processes(10 * decoding.PROCESS_MIN, crop) == 0  # a central crop: threads were faster
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert worker_processes(10 * decoding.PROCESS_MIN) == 0  # two torchrun ranks on two cores: one core each, threads
+    assert worker_processes(10 * decoding.PROCESS_MIN, cell) == 0  # two torchrun ranks on two cores: one core each, threads
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert worker_processes(10 * decoding.PROCESS_MIN) == 0  # one core: threads
+    assert worker_processes(10 * decoding.PROCESS_MIN, cell) == 0  # one core: threads
 
 
 def test_predict_iter_in_processes_keeps_input_order_and_errors(files, monkeypatch, tiny_run):
@@ -52,9 +54,10 @@ def test_predict_iter_in_processes_keeps_input_order_and_errors(files, monkeypat
 
     model = load_model(tiny_run[1], backend="torch")
     expected = list(model.predict_iter(files, batch_size=4))
-    monkeypatch.setattr(decoding, "PROCESS_MIN", 1)
-    monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    used = []
+    monkeypatch.setattr(decoding, "worker_processes", lambda count, view: used.append(count) or 2)
     got = list(model.predict_iter(files, batch_size=4))
+    assert used == [len(files)]  # one pool of 2 processes for the whole run
     assert [p.source for p in got] == [str(f) for f in files]
-    assert [p.label for p in got] == [p.label for p in expected] and [p.error for p in got] == [p.error for p in expected]
+    assert [p.probabilities for p in got] == [p.probabilities for p in expected] and [p.error for p in got] == [p.error for p in expected]
     assert got[5].error and not got[0].error

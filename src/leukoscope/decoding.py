@@ -3,9 +3,10 @@
 Framing a cell-centric view (``localise.find_cell``: many small numpy and scipy calls) holds
 Python's GIL, so threads barely overlap it: on 2 cores, 2 threads decoded and framed PBC tiles at
 738 images/s against 552 for one, 2 processes at 1,131 (docs/benchmarks.md, "Decoding in worker
-processes"). Runs of at least PROCESS_MIN files on Linux therefore decode in forked worker
-processes (they start in milliseconds with the modules already loaded, and run only numpy, PIL
-and scipy code); short runs, other systems and a single core use threads. Same pixels either way.
+processes"). Runs of at least PROCESS_MIN files with a cell-centric view on Linux therefore decode
+in forked worker processes (they start in milliseconds with the modules already loaded, and run
+only numpy, PIL and scipy code); short runs, central crops, other systems and a single core use
+threads. Same pixels either way.
 """
 
 from __future__ import annotations
@@ -57,11 +58,13 @@ def array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.asarray(to_rgb(Image.fromarray(array)))
 
 
-def worker_processes(files: int) -> int:
-    """How many decoding processes a run of ``files`` files gets (0: use threads)."""
+def worker_processes(files: int, view: View) -> int:
+    """How many decoding processes a run of ``files`` files gets (0: use threads). Only cell-centric
+    views: a central crop frames without holding the GIL for long, and threads were faster there
+    (`pbc`: 1,202 vs 1,063 images/s end to end in int8)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks of one machine share its cores
-    return cores if files >= PROCESS_MIN and cores >= 2 and sys.platform == "linux" else 0
+    return cores if view.cell is not None and files >= PROCESS_MIN and cores >= 2 and sys.platform == "linux" else 0
 
 
 class Decoder:
@@ -70,7 +73,7 @@ class Decoder:
 
     def __init__(self, view: View, files: int, processes: int | None = None):
         self.view = view
-        self.processes = worker_processes(files) if processes is None else processes
+        self.processes = worker_processes(files, view) if processes is None else processes
         self.pool: Executor = (ProcessPoolExecutor(self.processes, mp_context=get_context("fork")) if self.processes
                                else ThreadPoolExecutor(THREADS))
 
