@@ -33,7 +33,7 @@ test: setup browser
 browser:
 	@test -x /usr/bin/chromium || { [ "$$(id -u)" = 0 ] && (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)); } || echo "chromium not installed: the browser test will be skipped"
 
-# Train and bundle the shipped models (about 25 minutes on 2 CPU cores; blast fine-tunes the new wbc), each on the split
+# Train and bundle the shipped models (about 30 minutes on 2 CPU cores; blast fine-tunes the new wbc), each on the split
 # it was bundled with (configs/NAME.splits.csv). They predict without TTA by default (--tta flip or --tta dihedral to turn it on).
 # wbc trains on PBC plus BCCD, linked into one folder (runs/data/wbc) by tools/make_wbc_data.py.
 models: setup

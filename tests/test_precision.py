@@ -150,3 +150,20 @@ def test_precision_int8_refuses_adapt_with_a_clear_message(capsys):
     cells = require(DATA / "pbc") / "monocyte"
     assert main(["predict", "pbc", str(cells), "--out", "-", "--adapt", "--precision", "int8"]) == 2
     assert "--adapt" in capsys.readouterr().err
+
+
+def test_an_unwritable_run_folder_still_gets_its_int8_graph_from_memory(run, monkeypatch, tmp_path, capsys):
+    data, folder = run
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("model.pt", "run.json", "splits.csv"):
+        (copy / name).write_bytes((folder / name).read_bytes())
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_LOSS", 1.0)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(quantize, "atomic_write", refuse)
+    model = load_model(copy, precision="int8")
+    assert "not saved (Permission denied)" in capsys.readouterr().err
+    assert not int8_path(copy / "model.pt").exists() and len(model.predict(sorted(data.rglob("*.png"))[:3])) == 3

@@ -50,10 +50,10 @@ def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tens
         raise LeukoscopeError(f"only PyTorch models can be exported; {predictor.source!r} is a {predictor.kind} model")
     data = onnx_bytes(predictor.checkpoint)
     if int8:
-        from .quantize import int8_path, load_int8
+        from .quantize import load_int8
 
-        load_int8(predictor.checkpoint, predictor.source, build=True)
-        return _export_int8(predictor, out, images, data, int8_path(predictor.source).read_bytes())
+        own = load_int8(predictor.checkpoint, predictor.source, build=True)
+        return _export_int8(predictor, out, images, data, own.graph_bytes())
     if calibration is not None:
         return _export_int8(predictor, out, images, data, quantize_int8(data, calibration))
     exported = Predictor(predictor.checkpoint, source=str(out), backend=OnnxBackend(data))

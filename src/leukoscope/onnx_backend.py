@@ -82,8 +82,12 @@ class OnnxBackend:
         # Idle ORT threads would otherwise spin and take the cores from the threads decoding the
         # next batch: +5-17% end-to-end images/s on 2 cores (docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(self.source, options, providers=["CPUExecutionProvider"])
+
+    def graph_bytes(self) -> bytes:
+        """The serialized graph this session runs."""
+        return self.source if isinstance(self.source, bytes) else Path(self.source).read_bytes()
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         (logits,) = self.session.run(None, {"images": np.ascontiguousarray(batch_uint8.numpy())})

@@ -29,6 +29,7 @@ from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .io import View, atomic_write, sha256_file
 from .onnx_backend import OnnxBackend, onnx_bytes, quantize_int8
+from .progress import note
 
 PRECISIONS = ("auto", "fp32", "int8")
 CALIBRATION_IMAGES = 256  # calibrating on 256 training images kept `pbc` at parity on validation (docs/benchmarks.md, "int8")
@@ -72,10 +73,10 @@ def build_int8(checkpoint: dict[str, Any], calibration: torch.Tensor, images: to
     return graph, parity
 
 
-def write_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, data: str | os.PathLike, splits: str | os.PathLike,
-               view: View) -> dict[str, float]:
-    """Build the int8 graph of the checkpoint at ``checkpoint_path`` from the training and validation
-    images of ``splits`` (paths under ``data``) and write it beside the checkpoint; returns its parity."""
+def build_for_run(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, data: str | os.PathLike, splits: str | os.PathLike,
+                  view: View) -> tuple[dict[str, float], bytes]:
+    """The int8 graph of the checkpoint at ``checkpoint_path``, built from the training and validation
+    images of ``splits`` (paths under ``data``), and its parity; see ``write_int8``."""
     samples, kinds = read_splits(splits)
     train = [s for s, k in zip(samples, kinds) if k == "train"]
     val = [s for s, k in zip(samples, kinds) if k == "val"]
@@ -90,7 +91,14 @@ def write_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, d
         raise LeukoscopeError(f"int8 needs the model's training images under {data}: {len(unreadable)} unreadable ({unreadable[0]})")
     labels = np.array([checkpoint["class_names"].index(s.label) for s in val])
     graph, parity = build_int8(checkpoint, calibration, images, labels)
-    graph = _with_meta(graph, {"checkpoint_sha256": sha256_file(checkpoint_path), "parity": parity})
+    return parity, _with_meta(graph, {"checkpoint_sha256": sha256_file(checkpoint_path), "parity": parity})
+
+
+def write_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, data: str | os.PathLike, splits: str | os.PathLike,
+               view: View) -> dict[str, float]:
+    """Build the int8 graph of the checkpoint at ``checkpoint_path`` from the training and validation
+    images of ``splits`` (paths under ``data``) and write it beside the checkpoint; returns its parity."""
+    parity, graph = build_for_run(checkpoint, checkpoint_path, data, splits, view)
     with atomic_write(int8_path(checkpoint_path), "wb") as handle:
         handle.write(graph)
     return parity
@@ -133,10 +141,16 @@ def load_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, bu
     from .checkpoint import ModelCard
 
     data = json.loads((run / "run.json").read_text())["data"]
-    parity = write_int8(checkpoint, checkpoint_path, data, run / "splits.csv", ModelCard.from_meta(checkpoint).preprocessing.view)
-    print(f"int8 graph written to {path}: validation accuracy {100 * parity['int8_accuracy']:.2f}% vs {100 * parity['fp32_accuracy']:.2f}% fp32, "
-          f"same call on {100 * parity['agreement']:.1f}% of {parity['images']} images", flush=True)
-    return OnnxBackend(path)
+    parity, graph = build_for_run(checkpoint, checkpoint_path, data, run / "splits.csv", ModelCard.from_meta(checkpoint).preprocessing.view)
+    try:
+        with atomic_write(path, "wb") as handle:
+            handle.write(graph)
+        where = f"written to {path}"
+    except OSError as err:  # a read-only run folder: use it from memory this time
+        where = f"not saved ({err.strerror or err})"
+    note(f"int8 graph {where}: validation accuracy {100 * parity['int8_accuracy']:.2f}% vs {100 * parity['fp32_accuracy']:.2f}% fp32, "
+         f"same call on {100 * parity['agreement']:.1f}% of {parity['images']} images")
+    return OnnxBackend(graph)
 
 
 class AutoPrecision:
