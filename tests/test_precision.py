@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, make_image_folder, require
+from conftest import DATA, require
 
 from leukoscope import load_model
 from leukoscope.checkpoint import load_checkpoint
@@ -21,15 +21,10 @@ from leukoscope.onnx_backend import OnnxBackend
 from leukoscope import quantize
 from leukoscope.quantize import AutoPrecision, graph_meta, int8_path
 
-TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "3", "--batch-size", "8"]
-
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8run")
-    data = make_image_folder(root / "data", n_per_class=16)
-    assert main(["train", str(data), "--out", str(root / "run"), *TINY]) == 0
-    return data, root / "run"
+def run(tiny_run):
+    return tiny_run  # (data, run folder) of a one-epoch tiny CellNet; this module writes its int8 graph beside it
 
 
 def test_int8_graph_is_built_from_the_runs_own_images_once_and_checked_on_validation(run, monkeypatch):

@@ -52,13 +52,14 @@ def _add_tta(parser: argparse.ArgumentParser) -> None:
 
 def _add_backend(parser: argparse.ArgumentParser) -> None:
     from .inference import BACKENDS
+    from .quantize import PRECISIONS
     from .runtime import DEVICES
 
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="what runs a CNN checkpoint: auto (default: ONNX Runtime for CellNet, else PyTorch), torch or onnx")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="auto (default: CUDA when available), cpu or cuda (PyTorch with bf16 autocast)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "int8"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="CPU inference of a checkpoint: int8 (its int8 graph on ONNX Runtime, built from a run's own images if "
                              "missing), fp32, or auto (default: int8 where that graph exists and, measured on the first batch, is "
                              "faster here with the same calls)")
