@@ -162,3 +162,12 @@ def test_an_unwritable_run_folder_still_gets_its_int8_graph_from_memory(run, mon
     model = load_model(copy, precision="int8")
     assert "not saved (Permission denied)" in capsys.readouterr().err
     assert not int8_path(copy / "model.pt").exists() and len(model.predict(sorted(data.rglob("*.png"))[:3])) == 3
+
+
+def test_evaluate_reports_the_precision_that_ran(run, monkeypatch, tmp_path):
+    data, folder = run
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_LOSS", 1.0)
+    for precision in ("int8", "fp32"):
+        out = tmp_path / precision
+        assert main(["evaluate", str(folder), str(data), "--out", str(out), "--precision", precision]) == 0
+        assert f"Inference in <b>{precision}</b>" in (out / "report.html").read_text()

@@ -106,6 +106,8 @@ def evaluate(
                               "map them with --class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal)")
     results = {split: _predict_split(predictor, dataset, splits, split, images, tta) for split in SPLITS}
     results = {k: v for k, v in results.items() if v is not None}
+    if getattr(predictor.backend, "precision", None):  # what ran, once --precision auto has chosen
+        info["precision"] = predictor.backend.precision
     if target_sensitivity is not None:
         choose_threshold(predictor, results, target_sensitivity)
     metrics: dict[str, Any] = {}
@@ -263,7 +265,7 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
         predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]])
         note(f"normalisation statistics re-estimated on the {plural(len(test), 'test image')} (AdaBN)")
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
-            "split_kind": kind, "config": predictor.checkpoint.get("config", {}), "precision": precision,
+            "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
             "tta": predictor.default_tta if tta is None else tta_mode(tta), "parent": describe(predictor.checkpoint.get("parent"))}
     if class_map:
         mapping = parse_class_map(class_map, predictor.class_names)

@@ -59,6 +59,7 @@ class TorchBackend:
         if checkpoint.get("ood") is not None:
             model = WithOOD(model, checkpoint["ood"]).eval()  # one more output column: the OOD score
         self.model = fold_batchnorm(model).to(self.device, memory_format=torch.channels_last)
+        self.precision = "bf16" if self.device.type == "cuda" else "fp32"
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         x = eval_transform(batch_uint8.to(self.device, non_blocking=True), self.mean, self.std)

@@ -74,7 +74,8 @@ class OnnxBackend:
 
     kind = "onnx"
 
-    def __init__(self, model: bytes | str | os.PathLike):
+    def __init__(self, model: bytes | str | os.PathLike, precision: str = "fp32"):
+        self.precision = precision  # of the convolutions: fp32, or int8 for a quantised graph
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -106,7 +107,8 @@ def load_onnx(path: str | os.PathLike) -> tuple[dict[str, Any], OnnxBackend]:
     props = {p.key: p.value for p in graph.metadata_props}
     if "leukoscope" not in props:
         raise LeukoscopeError(f"{path}: an ONNX file without leukoscope metadata; export it with `leukoscope export`")
-    return json.loads(props["leukoscope"]), OnnxBackend(path)
+    meta = json.loads(props["leukoscope"])
+    return meta, OnnxBackend(path, precision=meta.get("precision", "fp32"))
 
 
 def cached_onnx_backend(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike) -> OnnxBackend:

@@ -130,7 +130,7 @@ def load_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, bu
     with ``build``, one built now from a run folder's own images; None when there is none and not ``build``."""
     path = int8_path(checkpoint_path)
     if path.is_file() and graph_meta(path).get("checkpoint_sha256") == sha256_file(checkpoint_path):
-        return OnnxBackend(path)
+        return OnnxBackend(path, precision="int8")
     if not build:
         return None
     run = Path(checkpoint_path).parent
@@ -150,7 +150,7 @@ def load_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, bu
         where = f"not saved ({err.strerror or err})"
     note(f"int8 graph {where}: validation accuracy {100 * parity['int8_accuracy']:.2f}% vs {100 * parity['fp32_accuracy']:.2f}% fp32, "
          f"same call on {100 * parity['agreement']:.1f}% of {parity['images']} images")
-    return OnnxBackend(graph)
+    return OnnxBackend(graph, precision="int8")
 
 
 class AutoPrecision:
@@ -163,6 +163,10 @@ class AutoPrecision:
         self.fp32, self.int8, self.classes = fp32, int8, classes
         self.choice: str | None = None
         self.reason = ""
+
+    @property
+    def precision(self) -> str:
+        return self.choice or "fp32"
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         if self.choice is None and len(batch_uint8) >= AUTO_MIN_BATCH:

@@ -184,6 +184,7 @@ def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], 
 data <code>{html.escape(str(info.get('data', '')))}</code> ({html.escape(str(info.get('layout', '')))}),
 split by <b>{html.escape(str(info.get('split_kind', '')))}</b>, classes: {html.escape(', '.join(class_names))}.
 Probabilities are temperature-scaled (T = {html.escape(str(info.get('temperature', 'n/a')))}, fitted on the validation split).
+{('Inference in <b>' + html.escape(str(info['precision'])) + '</b>.') if info.get('precision') else ''}
 {('<b>' + html.escape(info['parent'].capitalize()) + '.</b>') if info.get('parent') else ''}</p>
 <h2>Summary</h2>{summary}
 <p class="note">Intervals are 95%: Wilson for accuracy and recall, stratified bootstrap (1,000 resamples) for balanced accuracy,
