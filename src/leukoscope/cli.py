@@ -200,13 +200,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-CALIBRATION_IMAGES = 256  # calibrating int8 ranges on 256 training images kept `pbc` at parity on validation
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_images, export_onnx
     from .inference import iter_inputs, load_model
     from .io import is_stream_output
+    from .quantize import CALIBRATION_IMAGES
 
     predictor = load_model(args.model, backend="torch")
     paths = iter_inputs(args.images) if args.images else []
@@ -386,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: convolutions quantised (ONNX Runtime static QDQ, per channel): the model's own int8 graph (bundled "
                         "models ship one; a run folder's is built from its training images), or one calibrated on --calibration "
                         "images; written only if it makes the fp32 call on at least 99%% of the --images")
-    p.add_argument("--calibration", nargs="+", help=f"int8: training images or folders to calibrate on (up to {256} used)")
+    p.add_argument("--calibration", nargs="+", help="int8: training images or folders to calibrate on (up to 256 used, spread over them)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="run the web app and JSON API")
