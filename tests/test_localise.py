@@ -150,3 +150,57 @@ def test_fast_closing_equals_scipys_iterated_closing():
     gap[3:6, 1:4] = gap[3:6, 5:8] = True  # a one-pixel gap between two blocks is closed; nothing reaches the border
     closed = _close(gap)
     assert closed[4, 4] and not closed[0].any() and not closed[:, 0].any()
+
+
+def test_otsu_equals_scikit_images_threshold():
+    from skimage.filters import threshold_otsu
+
+    from leukoscope.localise import otsu
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        values = rng.integers(-120, 200, (rng.integers(1, 60), rng.integers(1, 60))) // rng.integers(1, 30)
+        values = values.astype(np.int16)
+        expected = threshold_otsu(values) if values.min() < values.max() else values.max()
+        assert otsu(values) == expected
+    assert otsu(np.array([[0, 0, 10, 10]], np.int16)) == 0  # two classes: the threshold is the top of the lower one
+
+
+def _whole_image_resize(image: np.ndarray, box, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box, reducing_gap=None))
+
+
+def test_resizing_only_the_pixels_the_filter_reads_matches_the_whole_image():
+    """resize_box hands PIL only the pixels its filter reads: the result is PIL's on the whole image,
+    but for +-1 levels where rounding ties break the other way (rare); a wrong margin or box shift
+    would move whole rows and columns."""
+    from leukoscope.localise import resize_box
+
+    rng = np.random.default_rng(1)
+    image = field(300, 420, [(150, 200, 30)], seed=1)
+    image = np.clip(image.astype(int) + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)  # texture everywhere
+    exact = 0
+    for _ in range(200):
+        side = rng.uniform(8, 290)
+        x0, y0 = rng.uniform(0, 420 - side), rng.uniform(0, 300 - side)
+        box, size = (x0, y0, x0 + side, y0 + side), int(rng.choice([32, 112, 224]))
+        ours, whole = resize_box(image, box, size), _whole_image_resize(image, box, size)
+        assert np.abs(ours.astype(int) - whole.astype(int)).max() <= 1
+        exact += np.array_equal(ours, whole)
+    assert exact >= 190
+
+
+def test_a_window_reaching_outside_the_image_equals_padding_the_whole_image():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
+    fill = np.median(np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]), axis=0).astype(np.uint8)
+    for cy, cx, side in [(0, 0, 60), (110, 85, 50.5), (60, -30, 40), (60, 45, 200), (-80, 45, 30)]:
+        pad = 160
+        padded = np.empty((120 + 2 * pad, 90 + 2 * pad, 3), np.uint8)
+        padded[:] = fill
+        padded[pad:-pad, pad:-pad] = image
+        x0, y0 = cx - side / 2 + pad, cy - side / 2 + pad
+        whole = _whole_image_resize(padded, (x0, y0, x0 + side, y0 + side), 48)
+        assert np.abs(crop_square(image, cy, cx, side, 48).astype(int) - whole.astype(int)).max() <= 1, (cy, cx, side)

@@ -144,19 +144,16 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(im: Image.Image | np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
-    """The central square (``crop`` of the shorter side), resized to ``size x size`` (bilinear, antialiased).
-
-    Cropping before resizing keeps memory bounded for extreme aspect ratios (a 2000x3 strip).
+    """The central square (``crop`` of the shorter side), resized to ``size x size`` (bilinear, antialiased;
+    ``localise.resize_box``). Cropping before resizing keeps memory bounded for extreme aspect ratios (a 2000x3 strip).
     """
-    if isinstance(im, np.ndarray):
-        im = Image.fromarray(im)
-    w, h = im.size
+    rgb = np.asarray(im)
+    h, w = rgb.shape[:2]
     side = max(1, round(min(w, h) * crop))
     left, top = (w - side) // 2, (h - side) // 2
-    box = (left, top, left + side, top + side)
     if side == size:
-        return np.asarray(im.crop(box))
-    return np.asarray(im.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None))
+        return rgb[top : top + side, left : left + side].copy()
+    return localise.resize_box(rgb, (left, top, left + side, top + side), size)
 
 
 @dataclass(frozen=True)
