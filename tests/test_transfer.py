@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -148,14 +150,53 @@ def test_adapt_changes_only_the_normalisation_statistics(tiny_run):
     _, run = tiny_run
     model = load_model(run, backend="torch")
     images = torch.randint(0, 256, (MIN_IMAGES, 3, model.image_size, model.image_size), dtype=torch.uint8)
-    adapted = adapt_batchnorm(model, images)
+    adapted = adapt_batchnorm(model, images, steps=0)  # AdaBN
     before, after = model.checkpoint["state_dict"], adapted.checkpoint["state_dict"]
     changed = {n for n in before if not torch.equal(before[n].float(), after[n].float())}
     assert changed and all(n.endswith(("running_mean", "running_var", "num_batches_tracked")) for n in changed)
     assert any(n.endswith("running_mean") for n in changed)
     assert adapted.temperature == model.temperature and adapted.class_names == model.class_names
+    # the OOD alarm compares with the unadapted network's training features: an adapted model has none
+    assert model.ood_threshold is not None and adapted.ood_threshold is None
+    assert adapted.predict_arrays([images[0].permute(1, 2, 0).numpy()], ["x"])[0].in_domain is None
     with pytest.raises(LeukoscopeError, match=f"at least {MIN_IMAGES} images"):
         adapt_batchnorm(model, images[: MIN_IMAGES - 1])
+
+
+def _mean_entropy(predictor, images: torch.Tensor) -> float:
+    probs = torch.from_numpy(predictor.predict_proba(images, tta="none"))
+    return float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean())
+
+
+def test_adapt_steps_default_to_entropy_steps_for_cell_windows_only(tiny_run):
+    from leukoscope.adapt import ENTROPY_STEPS, default_steps
+
+    _, run = tiny_run
+    model = load_model(run, backend="torch")
+    assert model.view.cell is None and default_steps(model) == 0
+    model.view = replace(model.view, cell=0.6)
+    assert default_steps(model) == ENTROPY_STEPS
+
+
+def test_adapt_steps_tune_only_batchnorm_and_make_the_predictions_confident(tiny_run):
+    """The entropy steps (Tent) move BatchNorm scales and shifts, nothing else, and lower the
+    entropy of the predictions on the images they adapted to; the same seed gives the same model."""
+    from leukoscope.adapt import MIN_IMAGES, adapt_batchnorm
+
+    _, run = tiny_run
+    model = load_model(run, backend="torch")
+    images = torch.randint(0, 256, (2 * MIN_IMAGES, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    statistics_only = adapt_batchnorm(model, images, steps=0)
+    tuned = adapt_batchnorm(model, images, steps=30)
+    bn = {name.rsplit(".", 1)[0] for name in statistics_only.checkpoint["state_dict"] if name.endswith("running_mean")}
+    before, after = statistics_only.checkpoint["state_dict"], tuned.checkpoint["state_dict"]
+    changed = {n for n in before if not torch.equal(before[n].float(), after[n].float())}
+    assert changed and all(n.rsplit(".", 1)[0] in bn and n.endswith(("weight", "bias")) for n in changed)
+    assert _mean_entropy(tuned, images) < _mean_entropy(statistics_only, images)
+    again = adapt_batchnorm(model, images, steps=30)
+    assert all(torch.equal(after[n], again.checkpoint["state_dict"][n]) for n in after)
+    with pytest.raises(LeukoscopeError, match="0 or more"):
+        adapt_batchnorm(model, images, steps=-1)
 
 
 def test_adapt_on_the_command_line(tiny_run, tmp_path, capsys):
@@ -168,4 +209,10 @@ def test_adapt_on_the_command_line(tiny_run, tmp_path, capsys):
     assert "needs at least 32 images" in capsys.readouterr().err
     many = make_image_folder(tmp_path / "many", n_per_class=20, seed=5)
     assert main(["predict", str(run), str(many), "--out", str(tmp_path / "q.csv"), "--adapt"]) == 0
-    assert "re-estimated on 40 images" in capsys.readouterr().err
+    assert "re-estimated on 40 images (AdaBN)" in capsys.readouterr().err  # a central-crop model: statistics only
+    assert main(["predict", str(run), str(many), "--out", str(tmp_path / "r.csv"), "--adapt", "--adapt-steps", "12"]) == 0
+    assert "re-estimated on 40 images, then 12 steps of entropy minimisation" in capsys.readouterr().err
+    assert main(["predict", str(run), str(many), "--out", str(tmp_path / "s.csv"), "--adapt", "--adapt-steps", "-2"]) == 2
+    assert "must be 0 or more" in capsys.readouterr().err
+    assert main(["predict", str(run), str(many), "--out", str(tmp_path / "t.csv"), "--adapt-steps", "5"]) == 2
+    assert "does nothing without --adapt" in capsys.readouterr().err

@@ -20,6 +20,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_adapt_steps(p: argparse.ArgumentParser) -> None:
+    from .adapt import ENTROPY_STEPS
+
+    p.add_argument("--adapt-steps", type=_non_negative_int, default=None, metavar="N",
+                   help=f"with --adapt: gradient steps on the BatchNorm scales and shifts that make the predictions confident "
+                        f"(entropy minimisation, Tent); 0 re-estimates the statistics only (AdaBN) (default {ENTROPY_STEPS} for "
+                        "cell-window models such as wbc, 0 for central crops such as pbc, where the steps were unstable)")
+
+
+def _check_adapt_steps(args: argparse.Namespace) -> None:
+    if args.adapt_steps is not None and not args.adapt:
+        raise LeukoscopeError(f"--adapt-steps {args.adapt_steps} does nothing without --adapt: add --adapt, or drop it")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -146,9 +170,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_command
 
+    _check_adapt_steps(args)
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
                                backend=args.backend, force=args.force, class_map=args.class_map, split_file=args.split,
-                               adapt=args.adapt, device=args.device, precision=args.precision)
+                               adapt=args.adapt, adapt_steps=args.adapt_steps, device=args.device, precision=args.precision)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -162,17 +187,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     tta = None if args.tta is None else tta_mode(args.tta)
+    _check_adapt_steps(args)
     predictor = load_model(args.model, backend="torch" if args.adapt else args.backend, device=args.device, precision=args.precision)
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
     if args.adapt:
-        from .adapt import adapt_batchnorm
+        from .adapt import adapt_batchnorm, adapt_note, default_steps
         from .data.dataset import decode_many
 
         images, errors = decode_many(paths, predictor.view, desc="decode for --adapt")
-        predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]])
-        print(f"normalisation statistics re-estimated on {plural(len(images) - sum(e is not None for e in errors), 'image')}", file=sys.stderr)
+        steps = default_steps(predictor) if args.adapt_steps is None else args.adapt_steps
+        predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]], steps=steps)
+        print(adapt_note(len(images) - sum(e is not None for e in errors), steps), file=sys.stderr)
     total, failures, outside = predict_csv(predictor, paths, args.out, args.batch_size, tta)
     if total == 0:  # a torchrun rank other than 0: rank 0 merges and reports
         return 0
@@ -344,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for metrics.json, figures and report.html")
     p.add_argument("--force", action="store_true", help="replace an earlier evaluation in --out")
     p.add_argument("--adapt", action="store_true",
-                   help="re-estimate the network's normalisation statistics on the test images first (AdaBN, no labels used)")
+                   help="adapt the network's BatchNorm layers to the test images first (statistics, then --adapt-steps of entropy "
+                        "minimisation; no labels used)")
+    _add_adapt_steps(p)
     p.add_argument("--split", metavar="SPLITS_CSV",
                    help="score each image as the split it has in this splits.csv (a run's), e.g. to reproduce a run's train/val/test")
     p.add_argument("--class-map", metavar="MAP",
@@ -361,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--adapt", action="store_true",
-                   help="re-estimate the network's normalisation statistics on these images first (AdaBN; one lab's folder, 32+ images)")
+                   help="adapt the network's BatchNorm layers to these images first (statistics, then --adapt-steps of entropy "
+                        "minimisation; one lab's folder, 32+ images)")
+    _add_adapt_steps(p)
     _add_tta(p)
     _add_backend(p)
     p.set_defaults(func=cmd_predict)

@@ -247,7 +247,8 @@ def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predicto
 
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
                      backend: str = "auto", force: bool = False, class_map: str | None = None,
-                     split_file: str | None = None, adapt: bool = False, device: str = "auto", precision: str = "auto") -> dict[str, Any]:
+                     split_file: str | None = None, adapt: bool = False, device: str = "auto", precision: str = "auto",
+                     adapt_steps: int | None = None) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
 
     ``class_map`` ('Early=blast,Pre=blast,Pro=blast,Benign=normal') scores the model on data whose
@@ -258,12 +259,13 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
-        from .adapt import adapt_batchnorm
+        from .adapt import adapt_batchnorm, adapt_note, default_steps
 
+        steps = default_steps(predictor) if adapt_steps is None else adapt_steps
         test = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "test"]
         images, errors = decode_many(test, predictor.view, desc="decode for --adapt")
-        predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]])
-        note(f"normalisation statistics re-estimated on the {plural(len(test), 'test image')} (AdaBN)")
+        predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]], steps=steps)
+        note(f"{adapt_note(len(test), steps)} (the test images)")
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
             "tta": predictor.default_tta if tta is None else tta_mode(tta), "parent": describe(predictor.checkpoint.get("parent"))}
