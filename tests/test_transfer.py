@@ -209,7 +209,16 @@ def test_adapt_on_the_command_line(tiny_run, tmp_path, capsys):
     assert "needs at least 32 images" in capsys.readouterr().err
     many = make_image_folder(tmp_path / "many", n_per_class=20, seed=5)
     assert main(["predict", str(run), str(many), "--out", str(tmp_path / "q.csv"), "--adapt"]) == 0
-    assert "re-estimated on 40 images (AdaBN)" in capsys.readouterr().err  # a central-crop model: statistics only
+    err = capsys.readouterr().err
+    assert "re-estimated on 40 images (AdaBN)" in err  # a central-crop model: statistics only
+    assert "look like this model's training images" in err  # more of the lab it was trained on: adapting may hurt
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(noise / f"{i}.png")
+    assert main(["predict", str(run), str(noise), "--out", str(tmp_path / "n.csv"), "--adapt"]) == 0
+    assert "training images" not in capsys.readouterr().err  # a foreign "lab": no warning
     assert main(["predict", str(run), str(many), "--out", str(tmp_path / "r.csv"), "--adapt", "--adapt-steps", "12"]) == 0
     assert "re-estimated on 40 images, then 12 steps of entropy minimisation" in capsys.readouterr().err
     assert main(["predict", str(run), str(many), "--out", str(tmp_path / "s.csv"), "--adapt", "--adapt-steps", "-2"]) == 2

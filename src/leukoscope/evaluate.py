@@ -259,12 +259,15 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
-        from .adapt import adapt_batchnorm, adapt_note, default_steps
+        from .adapt import adapt_batchnorm, adapt_note, default_steps, in_domain_warning
 
         steps = default_steps(predictor) if adapt_steps is None else adapt_steps
         test = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "test"]
         images, errors = decode_many(test, predictor.view, desc="decode for --adapt")
-        predictor = adapt_batchnorm(predictor, images[[i for i, e in enumerate(errors) if e is None]], steps=steps)
+        images = images[[i for i, e in enumerate(errors) if e is None]]
+        if warning := in_domain_warning(predictor, images):
+            note(warning)
+        predictor = adapt_batchnorm(predictor, images, steps=steps)
         note(f"{adapt_note(len(test), steps)} (the test images)")
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
