@@ -268,10 +268,13 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
         if warning := in_domain_warning(predictor, images):
             note(warning)
         predictor = adapt_batchnorm(predictor, images, steps=steps)
-        note(f"{adapt_note(len(test), steps)} (the test images)")
+        note(f"{adapt_note(len(images), steps)} (the test images)")
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
             "tta": predictor.default_tta if tta is None else tta_mode(tta), "parent": describe(predictor.checkpoint.get("parent"))}
+    if adapt:
+        info["adapt_note"] = (f"Adapted to the test images before scoring (--adapt, no labels used): {adapt_note(len(images), steps)}; "
+                              "the out-of-distribution alarm is off for an adapted model.")
     if class_map:
         mapping = parse_class_map(class_map, predictor.class_names)
         predictor, tta = map_classes(predictor, mapping, tta), None

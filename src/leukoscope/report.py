@@ -191,7 +191,8 @@ Probabilities are temperature-scaled (T = {html.escape(str(info.get('temperature
 macro-F1 and ROC AUC. Macro averages are over the classes present in a split's true or predicted labels. "Out of domain" is the
 share of images the model's out-of-distribution alarm flags (about 5% of in-domain images by construction).
 {'In this binary task the positive class (ROC, sensitivity) is <b>' + html.escape(class_names[positive_index(class_names)]) + '</b>.' if len(class_names) == 2 else ''}
-{html.escape(info['class_map_note']) if info.get('class_map_note') else ''}</p>
+{html.escape(info['class_map_note']) if info.get('class_map_note') else ''}
+{html.escape(info['adapt_note']) if info.get('adapt_note') else ''}</p>
 {_operating_points(metrics, splits)}
 <h2>Figures</h2>{figures}
 {_gallery(out_dir, info.get('gallery', []))}
