@@ -14,6 +14,8 @@ Nothing outside the BatchNorm layers changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -122,3 +124,18 @@ def in_domain_warning(predictor: Predictor, images: torch.Tensor, sample: int = 
     return (f"warning: {share:.0%} of these images look like this model's training images (in_domain): --adapt helps on a lab "
             "the model never saw and lowered accuracy on one it was trained on (wbc on BCCD's held-out fields: 83.3% -> 70.8%); "
             "if they come from such a lab, predict without --adapt")
+
+
+def adapt_to_files(predictor: Predictor, paths: list, steps: int | None, say: Callable[[str], object]) -> Predictor:
+    """``--adapt`` on a list of image files (predict's inputs, evaluate's test split): decode them as
+    the model sees them, warn (through ``say``) if most look like its training images, adapt, say how."""
+    from .data.dataset import decode_many
+
+    steps = default_steps(predictor) if steps is None else steps
+    images, errors = decode_many(paths, predictor.view, desc="decode for --adapt")
+    images = images[[i for i, e in enumerate(errors) if e is None]]
+    if warning := in_domain_warning(predictor, images):
+        say(warning)
+    adapted = adapt_batchnorm(predictor, images, steps=steps)
+    say(adapt_note(len(images), steps))
+    return adapted

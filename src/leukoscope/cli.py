@@ -193,16 +193,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
     if args.adapt:
-        from .adapt import adapt_batchnorm, adapt_note, default_steps, in_domain_warning
-        from .data.dataset import decode_many
+        from .adapt import adapt_to_files
 
-        images, errors = decode_many(paths, predictor.view, desc="decode for --adapt")
-        steps = default_steps(predictor) if args.adapt_steps is None else args.adapt_steps
-        images = images[[i for i, e in enumerate(errors) if e is None]]
-        if warning := in_domain_warning(predictor, images):
-            print(warning, file=sys.stderr)
-        predictor = adapt_batchnorm(predictor, images, steps=steps)
-        print(adapt_note(len(images), steps), file=sys.stderr)
+        predictor = adapt_to_files(predictor, paths, args.adapt_steps, lambda text: print(text, file=sys.stderr))
     total, failures, outside = predict_csv(predictor, paths, args.out, args.batch_size, tta)
     if total == 0:  # a torchrun rank other than 0: rank 0 merges and reports
         return 0

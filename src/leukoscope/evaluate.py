@@ -259,22 +259,18 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
-        from .adapt import adapt_batchnorm, adapt_note, default_steps, in_domain_warning
+        from .adapt import adapt_to_files
 
-        steps = default_steps(predictor) if adapt_steps is None else adapt_steps
         test = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "test"]
-        images, errors = decode_many(test, predictor.view, desc="decode for --adapt")
-        images = images[[i for i, e in enumerate(errors) if e is None]]
-        if warning := in_domain_warning(predictor, images):
-            note(warning)
-        predictor = adapt_batchnorm(predictor, images, steps=steps)
-        note(f"{adapt_note(len(images), steps)} (the test images)")
+        predictor = adapt_to_files(predictor, test, adapt_steps, note)
     info = {"model": predictor.source, "arch": predictor.checkpoint["arch"], "data": str(data), "layout": dataset.layout,
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
             "tta": predictor.default_tta if tta is None else tta_mode(tta), "parent": describe(predictor.checkpoint.get("parent"))}
     if adapt:
-        info["adapt_note"] = (f"Adapted to the test images before scoring (--adapt, no labels used): {adapt_note(len(images), steps)}; "
-                              "the out-of-distribution alarm is off for an adapted model.")
+        how = f"{predictor.checkpoint['adapted_steps']} steps of entropy minimisation" if predictor.checkpoint["adapted_steps"] else "AdaBN"
+        info["adapt_note"] = (f"Adapted to the {predictor.checkpoint['adapted_on_images']} test images before scoring (--adapt, no "
+                              f"labels used): BatchNorm statistics re-estimated on them, then {how}; the out-of-distribution alarm "
+                              "is off for an adapted model.")
     if class_map:
         mapping = parse_class_map(class_map, predictor.class_names)
         predictor, tta = map_classes(predictor, mapping, tta), None
