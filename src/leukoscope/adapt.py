@@ -22,6 +22,7 @@ from torch import nn
 from .checkpoint import model_from_checkpoint
 from .errors import LeukoscopeError
 from .inference import Predictor
+from .progress import progress
 from .transforms import eval_transform
 
 MIN_IMAGES = 32  # fewer images give noisier statistics than the training lab's
@@ -92,7 +93,7 @@ def _minimise_entropy(model: nn.Module, norms: list[nn.Module], images: torch.Te
     optimiser = torch.optim.Adam(params, lr=ENTROPY_LR)
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in progress(range(steps), desc="adapt: entropy steps", unit="step", leave=False):
             batch = images[torch.randint(len(images), (ENTROPY_BATCH,), generator=generator)]
             logits = model(eval_transform(batch, pre.mean, pre.std).contiguous())[:, :classes]  # NCHW: see models.channels_last_safe
             loss = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
