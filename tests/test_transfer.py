@@ -233,3 +233,16 @@ def test_evaluate_with_adapt_says_so_in_the_report(tiny_run, tmp_path):
     assert main(["evaluate", str(run), str(many), "--out", str(tmp_path / "ev"), "--adapt", "--adapt-steps", "5"]) == 0
     report = (tmp_path / "ev" / "report.html").read_text()
     assert "test images before scoring" in report and "then 5 steps of entropy minimisation" in report
+
+
+def test_adapt_from_python(tiny_run, tmp_path):
+    import leukoscope
+
+    _, run = tiny_run
+    lab = make_image_folder(tmp_path / "lab", n_per_class=20, seed=11)
+    adapted = leukoscope.adapt_model(str(run), lab, steps=3)
+    assert adapted.checkpoint["adapted_on_images"] == 40 and adapted.checkpoint["adapted_steps"] == 3
+    predictions = adapted.predict(lab)
+    assert len(predictions) == 40 and all(p.label and p.in_domain is None for p in predictions)
+    with pytest.raises(LeukoscopeError, match="does not exist"):
+        leukoscope.adapt_model(str(run), tmp_path / "missing")

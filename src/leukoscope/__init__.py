@@ -6,7 +6,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "count"]
+__all__ = ["__version__", "load_model", "adapt_model", "count"]
 
 
 def load_model(model: str, **kwargs: Any):
@@ -17,6 +17,23 @@ def load_model(model: str, **kwargs: Any):
     from .inference import load_model as _load
 
     return _load(model, **kwargs)
+
+
+def adapt_model(model: Any, inputs, steps: int | None = None):
+    """``--adapt`` from Python: ``model`` (a name or path for load_model, or a loaded model) adapted,
+    without labels, to the image files and folders ``inputs`` of one lab (32 images or more); returns
+    the adapted model. ``steps``: entropy steps after the BatchNorm statistics (default: 40 for
+    cell-window models, 0 for central crops; see leukoscope.adapt)."""
+    import os
+
+    from .adapt import adapt_to_files
+    from .inference import iter_inputs
+    from .progress import note
+
+    predictor = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    return adapt_to_files(predictor, iter_inputs(inputs), steps, note)
 
 
 def count(paths, model: Any = "wbc", **kwargs: Any):
