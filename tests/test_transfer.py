@@ -168,13 +168,15 @@ def _mean_entropy(predictor, images: torch.Tensor) -> float:
     return float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean())
 
 
-def test_adapt_steps_default_to_entropy_steps_for_cell_windows_only(tiny_run):
+def test_adapt_steps_default_to_entropy_steps_for_multiclass_cell_windows_only(tiny_run):
     from leukoscope.adapt import ENTROPY_STEPS, default_steps
 
     _, run = tiny_run
     model = load_model(run, backend="torch")
     assert model.view.cell is None and default_steps(model) == 0
     model.view = replace(model.view, cell=0.6)
+    assert len(model.class_names) == 2 and default_steps(model) == 0  # a binary model: statistics only
+    model.class_names = ["a", "b", "c"]
     assert default_steps(model) == ENTROPY_STEPS
 
 

@@ -8,7 +8,7 @@ then a few gradient steps on the BatchNorm layers' scale and shift alone make th
 predictions on those images confident. Measured on a lab a model never saw (PBC-only models on
 BCCD's 351 fields, docs/benchmarks.md): statistics alone took cell-window models from 4-58% to
 45-52%, the 40 entropy steps on top to 60-78%; PBC validation moved by under a point either way.
-For central-crop models the steps were unstable, so they default to the statistics alone.
+For central-crop and binary models the steps were unstable or harmful, so those stop at the statistics.
 Nothing outside the BatchNorm layers changes.
 """
 
@@ -26,17 +26,20 @@ from .progress import progress
 from .transforms import eval_transform
 
 MIN_IMAGES = 32  # fewer images give noisier statistics than the training lab's
-ENTROPY_STEPS = 40  # gradient steps of entropy minimisation after the statistics, for cell-window models (0: AdaBN)
+ENTROPY_STEPS = 40  # gradient steps of entropy minimisation after the statistics, for multi-class cell-window models
 ENTROPY_LR = 1e-3  # Adam; 3e-3 collapsed one of four models onto a few classes (docs/benchmarks.md)
 ENTROPY_BATCH = 64
 IN_DOMAIN_WARN = 0.5  # above this share of in-domain images, --adapt warns that it may hurt
 
 
 def default_steps(predictor: Predictor) -> int:
-    """ENTROPY_STEPS for cell-window models, 0 (statistics only) for central crops: on BCCD the entropy
-    steps lifted every cell-window model (+10 to +26 points over the statistics alone, seven models)
-    but moved the central-crop ones by -15 to +13 points with the sampling seed (docs/benchmarks.md)."""
-    return ENTROPY_STEPS if predictor.view.cell is not None else 0
+    """ENTROPY_STEPS for cell-window models of more than two classes, else 0 (the statistics only).
+    On BCCD the steps lifted every 8-class cell-window model (+10 to +26 points over the statistics
+    alone, seven models) but moved the central-crop ones by -15 to +13 points with the sampling seed;
+    for the binary `blast` on Aria's cells they lowered balanced accuracy (51.0% -> 43.5%), and a
+    binary model's operating threshold, fitted on validation probabilities, no longer means the same
+    once the steps have sharpened them (docs/benchmarks.md)."""
+    return ENTROPY_STEPS if predictor.view.cell is not None and len(predictor.class_names) > 2 else 0
 
 
 def adapt_batchnorm(predictor: Predictor, images: torch.Tensor, batch_size: int = 64, steps: int | None = None,

@@ -26,7 +26,8 @@ def _add_adapt_steps(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapt-steps", type=_non_negative_int, default=None, metavar="N",
                    help=f"with --adapt: gradient steps on the BatchNorm scales and shifts that make the predictions confident "
                         f"(entropy minimisation, Tent); 0 re-estimates the statistics only (AdaBN) (default {ENTROPY_STEPS} for "
-                        "cell-window models such as wbc, 0 for central crops such as pbc, where the steps were unstable)")
+                        "multi-class cell-window models such as wbc, 0 for central crops such as pbc and binary models such as "
+                        "blast, where the steps were unstable or harmful)")
 
 
 def _check_adapt_steps(args: argparse.Namespace) -> None:
