@@ -31,9 +31,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from doc import markers, write_block  # noqa: E402
 
-from leukoscope.adapt import adapt_batchnorm  # noqa: E402
+from leukoscope.adapt import adapt_to_files  # noqa: E402
 from leukoscope.data import detect_layout, read_splits  # noqa: E402
-from leukoscope.data.dataset import decode_many  # noqa: E402
 from leukoscope.data.splits import unseen_samples  # noqa: E402
 from leukoscope.inference import load_model  # noqa: E402
 from leukoscope.metrics import binary_auc, wilson_interval  # noqa: E402
@@ -82,9 +81,8 @@ def unseen(model, folder: Path) -> tuple[list[Path], list[str]]:
 
 
 def score(model, paths: list[Path], labels: list[str], adapt: bool, steps: int | None = None) -> dict:
-    if adapt:
-        images, errors = decode_many(paths, model.view)
-        model = adapt_batchnorm(model, images[[i for i, e in enumerate(errors) if e is None]], steps=steps)
+    if adapt:  # as `--adapt` does it
+        model = adapt_to_files(model, paths, steps, lambda text: None)
     predictions = model.predict(paths)
     right = sum(p.label == y for p, y in zip(predictions, labels))
     low, high = wilson_interval(right, len(labels))

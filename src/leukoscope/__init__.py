@@ -22,8 +22,8 @@ def load_model(model: str, **kwargs: Any):
 def adapt_model(model: Any, inputs, steps: int | None = None):
     """``--adapt`` from Python: ``model`` (a name or path for load_model, or a loaded model) adapted,
     without labels, to the image files and folders ``inputs`` of one lab (32 images or more); returns
-    the adapted model. ``steps``: entropy steps after the BatchNorm statistics (default: 40 for
-    cell-window models, 0 for central crops; see leukoscope.adapt)."""
+    the adapted model. ``steps``: entropy steps after the BatchNorm statistics (default:
+    ``leukoscope.adapt.default_steps``, 40 for multi-class cell-window models, else 0)."""
     import os
 
     from .adapt import adapt_to_files

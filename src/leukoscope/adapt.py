@@ -135,11 +135,10 @@ def adapt_to_files(predictor: Predictor, paths: list, steps: int | None, say: Ca
     the model sees them, warn (through ``say``) if most look like its training images, adapt, say how."""
     from .data.dataset import decode_many
 
-    steps = default_steps(predictor) if steps is None else steps
     images, errors = decode_many(paths, predictor.view, desc="decode for --adapt")
     images = images[[i for i, e in enumerate(errors) if e is None]]
     if warning := in_domain_warning(predictor, images):
         say(warning)
     adapted = adapt_batchnorm(predictor, images, steps=steps)
-    say(adapt_note(len(images), steps))
+    say(adapt_note(adapted.checkpoint["adapted_on_images"], adapted.checkpoint["adapted_steps"]))
     return adapted

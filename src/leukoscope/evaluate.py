@@ -267,10 +267,11 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
             "split_kind": kind, "config": predictor.checkpoint.get("config", {}),
             "tta": predictor.default_tta if tta is None else tta_mode(tta), "parent": describe(predictor.checkpoint.get("parent"))}
     if adapt:
-        how = f"{predictor.checkpoint['adapted_steps']} steps of entropy minimisation" if predictor.checkpoint["adapted_steps"] else "AdaBN"
-        info["adapt_note"] = (f"Adapted to the {predictor.checkpoint['adapted_on_images']} test images before scoring (--adapt, no "
-                              f"labels used): BatchNorm statistics re-estimated on them, then {how}; the out-of-distribution alarm "
-                              "is off for an adapted model.")
+        from .adapt import adapt_note
+
+        done = adapt_note(predictor.checkpoint["adapted_on_images"], predictor.checkpoint["adapted_steps"])
+        info["adapt_note"] = (f"Adapted to the test images before scoring (--adapt, no labels used): {done}; the "
+                              "out-of-distribution alarm is off for an adapted model.")
     if class_map:
         mapping = parse_class_map(class_map, predictor.class_names)
         predictor, tta = map_classes(predictor, mapping, tta), None
