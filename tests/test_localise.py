@@ -104,6 +104,12 @@ def test_crop_square_pads_outside_the_image_with_the_border_colour():
     assert out.shape == (40, 40, 3) and tuple(out[2, 2]) == (200, 100, 50)
 
 
+def test_optical_density_statistics_from_histograms_equal_the_per_pixel_ones():
+    image = np.array([[[255, 0, 127], [0, 255, 127]]], np.uint8)  # OD = -ln((v + 1) / 256): 0, ln 256, ln 2 per channel
+    ln256, ln2 = np.log(256.0), np.log(2.0)
+    assert np.allclose(od_stats(image), [ln256 / 2, ln256 / 2, ln2, ln256 / 2, ln256 / 2, 0.0], atol=1e-9)
+
+
 def test_colour_normalisation_maps_statistics_onto_the_target():
     rng = np.random.default_rng(0)
     image = rng.integers(40, 230, (64, 64, 3), dtype=np.uint8)
