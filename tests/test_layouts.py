@@ -107,3 +107,19 @@ def test_nothing_matches_is_one_line_error(tmp_path, make):
         detect_layout(target)
     message = str(info.value)
     assert str(target) in message and "C-NMC" in message and "\n" not in message
+
+
+def test_the_third_lab_annotation_describes_every_normal_all_idb2_cell_once():
+    """benchmarks/annotations/all_idb2_normal_types.csv (the cross-lab benchmark's third lab) names each
+    of ALL-IDB2's normal cells once, by its sha256, with a PBC white-cell type."""
+    import hashlib
+
+    from conftest import DATA
+
+    folder = require(DATA / "all_idb2")
+    rows = list(csv.DictReader((Path(__file__).resolve().parents[1] / "benchmarks" / "annotations" / "all_idb2_normal_types.csv").open()))
+    assert sorted(row["path"] for row in rows) == sorted(f"normal/{p.name}" for p in (folder / "normal").iterdir())
+    assert all(hashlib.sha256((folder / row["path"]).read_bytes()).hexdigest() == row["sha256"] for row in rows)
+    types = Counter(row["type"] for row in rows)
+    assert set(types) <= {"basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"}
+    assert {row["certain"] for row in rows} == {"yes", "no"} and types["lymphocyte"] > types["neutrophil"] > 0
