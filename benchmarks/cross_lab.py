@@ -194,7 +194,9 @@ def main() -> None:
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"{len(results)} rows; epochs: {args.epochs or 'each config'}; 95% Wilson intervals. BCCD: its fields the row's model never saw "
-             "(all 351 for PBC-only rows; the 20% test part otherwise). PBC: the pinned validation split (1,030 images).", "",
+             "(all 351 for PBC-only rows; the 20% test part otherwise). PBC: the pinned validation split (1,030 images). ALL-IDB2: "
+             "the white cells among its 72 normal cells, types annotated by us (benchmarks/annotations/); sure: the 38 the "
+             "annotation is sure of; --adapt adapts on all 72 cells.", "",
              "| trained on: preprocessing | BCCD, 5 types | BCCD with --adapt | BCCD with --adapt-steps 0 (AdaBN) | PBC validation, 8 types | "
              "OOD AUROC PBC vs BCCD | out of domain: PBC val / BCCD | cell located on BCCD | ALL-IDB2 (third lab), 5 types | "
              "ALL-IDB2 with --adapt | OOD AUROC PBC vs ALL-IDB2 |",
