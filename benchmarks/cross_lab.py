@@ -24,6 +24,7 @@ Usage: python benchmarks/cross_lab.py [--epochs N] [--rows NAME ...] [--runs run
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def score(model, paths: list[Path], labels: list[str], adapt: bool, steps: int |
             "out_of_domain": int(sum(p.in_domain is False for p in predictions))}
 
 
+@functools.lru_cache(maxsize=1)
 def third_lab() -> tuple[list[Path], list[str], list[bool]]:
     """ALL-IDB2's normal cells with their annotated types, and whether the annotation is sure.
 

@@ -115,9 +115,9 @@ def adapt_note(images: int, steps: int) -> str:
 
 def in_domain_warning(predictor: Predictor, images: torch.Tensor, sample: int = 512) -> str | None:
     """A warning when most of ``images`` (up to ``sample`` of them, seeded) already look like the
-    model's training images: adapting to a lab a model was trained on lowered its accuracy (`wbc`
-    on BCCD's held-out fields: 83.3% -> 70.8%), while on a lab it never saw nearly every image is
-    out of domain. None when the model has no out-of-distribution alarm or the images look foreign."""
+    model's training images: adapting to a lab a model was trained on can lower its accuracy (an
+    earlier `wbc` on BCCD's held-out fields: 83.3% -> 70.8%), while on a lab it never saw nearly
+    every image is out of domain. None when the model has no out-of-distribution alarm or the images look foreign."""
     if predictor.ood_threshold is None or not len(images):
         return None
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:sample]
@@ -126,7 +126,8 @@ def in_domain_warning(predictor: Predictor, images: torch.Tensor, sample: int = 
     if share <= IN_DOMAIN_WARN:
         return None
     return (f"warning: {share:.0%} of these images look like this model's training images (in_domain): --adapt helps on a lab "
-            "the model never saw and lowered accuracy on one it was trained on (wbc on BCCD's held-out fields: 83.3% -> 70.8%); "
+            "the model never saw and can lower accuracy on one it was trained on (an earlier wbc on BCCD's held-out fields: "
+            "83.3% -> 70.8%); "
             "if they come from such a lab, predict without --adapt")
 
 

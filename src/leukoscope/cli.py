@@ -13,11 +13,22 @@ from . import __version__
 from .errors import LeukoscopeError
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _whole_number(text: str, minimum: int, bound: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _whole_number(text, 1, ">= 1")
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0, "0 or more")
 
 
 def _add_adapt_steps(p: argparse.ArgumentParser) -> None:
@@ -33,16 +44,6 @@ def _add_adapt_steps(p: argparse.ArgumentParser) -> None:
 def _check_adapt_steps(args: argparse.Namespace) -> None:
     if args.adapt_steps is not None and not args.adapt:
         raise LeukoscopeError(f"--adapt-steps {args.adapt_steps} does nothing without --adapt: add --adapt, or drop it")
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _probability(text: str) -> float:
