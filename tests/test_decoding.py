@@ -41,7 +41,8 @@ def test_only_long_runs_of_cell_centric_files_use_processes(monkeypatch):
     monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert worker_processes(decoding.PROCESS_MIN - 1, cell) == 0
     assert worker_processes(decoding.PROCESS_MIN, cell) == (2 if decoding.sys.platform == "linux" else 0)
-    assert worker_processes(10 * decoding.PROCESS_MIN, crop) == 0  # a central crop: threads were faster
+    assert worker_processes(10 * decoding.PROCESS_MIN, crop) == 0  # a central crop, the network in the parent: threads were faster
+    assert worker_processes(10 * decoding.PROCESS_MIN, crop, infer=True) == (2 if decoding.sys.platform == "linux" else 0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert worker_processes(10 * decoding.PROCESS_MIN, cell) == 0  # two torchrun ranks on two cores: one core each, threads
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
@@ -55,9 +56,42 @@ def test_predict_iter_in_processes_keeps_input_order_and_errors(files, monkeypat
     model = load_model(tiny_run[1], backend="torch")
     expected = list(model.predict_iter(files, batch_size=4))
     used = []
-    monkeypatch.setattr(decoding, "worker_processes", lambda count, view: used.append(count) or 2)
+    monkeypatch.setattr(decoding, "worker_processes", lambda count, view, infer=False: used.append(count) or 2)
     got = list(model.predict_iter(files, batch_size=4))
     assert used == [len(files)]  # one pool of 2 processes for the whole run
     assert [p.source for p in got] == [str(f) for f in files]
     assert [p.probabilities for p in got] == [p.probabilities for p in expected] and [p.error for p in got] == [p.error for p in expected]
     assert got[5].error and not got[0].error
+
+
+def test_workers_that_run_the_network_give_the_same_rows(files, monkeypatch, tiny_run):
+    """Long runs with an ONNX Runtime backend: the first batch runs here, the rest in the decoding
+    workers, each with its own single-threaded session; same rows, order and errors as one process."""
+    from leukoscope import inference, load_model
+
+    model = load_model(tiny_run[1], backend="onnx")
+    expected = list(model.predict_iter(files, batch_size=4))
+    decoders = []
+
+    class Spy(Decoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            decoders.append(self)
+
+    monkeypatch.setattr(inference, "Decoder", Spy)
+    monkeypatch.setattr(inference, "worker_processes", lambda count, view, infer=False: 2)
+    monkeypatch.setattr(decoding, "worker_processes", lambda count, view, infer=False: 2 if count else 0)
+    got = list(model.predict_iter(files, batch_size=4))
+    assert [(d.processes, d.infers) for d in decoders] == [(0, False), (2, True)]  # the first batch here, then the workers
+    assert [p.source for p in got] == [str(f) for f in files] and [p.error for p in got] == [p.error for p in expected]
+    assert got[5].error and not got[0].error and got[0].localised == expected[0].localised
+    for a, b in zip(got, expected):
+        assert a.label == b.label and (a.probabilities == b.probabilities or
+                                       max(abs(a.probabilities[c] - b.probabilities[c]) for c in a.probabilities) < 1e-5)
+    assert model.backend.session is not None  # the parent's session is untouched by the workers' copies
+    assert len(list(model.predict_iter(files[:3], batch_size=4))) == 3  # and runs again here
+
+
+def test_load_and_infer_needs_a_worker_network(files):
+    with pytest.raises(RuntimeError, match="worker process"):
+        decoding.load_and_infer(files[:1], View(32, crop=0.7))

@@ -210,3 +210,28 @@ def test_a_window_reaching_outside_the_image_equals_padding_the_whole_image():
         x0, y0 = cx - side / 2 + pad, cy - side / 2 + pad
         whole = _whole_image_resize(padded, (x0, y0, x0 + side, y0 + side), 48)
         assert np.abs(crop_square(image, cy, cx, side, 48).astype(int) - whole.astype(int)).max() <= 1, (cy, cx, side)
+
+
+def test_colour_p_jitters_that_share_of_images_and_leaves_the_rest_exact():
+    from leukoscope.transforms import _keep_some_colours
+
+    x = torch.rand(400, 3, 4, 4)
+    def jitter(y):  # a stand-in colour jitter that changes every image
+        return y * 0.5
+
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(_keep_some_colours(x, AugmentConfig(colour_p=0.0), g, jitter), x)
+    state = g.get_state()
+    assert torch.equal(_keep_some_colours(x, AugmentConfig(colour_p=1.0), g, jitter), x * 0.5)
+    assert torch.equal(g.get_state(), state)  # p = 1 draws nothing: the random stream of runs without the option
+    out = _keep_some_colours(x, AugmentConfig(colour_p=0.5), g, jitter)
+    kept = (out == x).flatten(1).all(1)
+    assert 0.4 < kept.float().mean() < 0.6 and torch.equal(out[~kept], x[~kept] * 0.5)
+
+
+def test_colour_p_outside_0_1_is_refused():
+    from leukoscope.config import TrainConfig
+    from leukoscope.errors import LeukoscopeError
+
+    with pytest.raises(LeukoscopeError, match="colour_p must be between 0 and 1, got 1.5"):
+        TrainConfig.from_dict({"augment": {"colour_p": 1.5}})

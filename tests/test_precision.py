@@ -108,6 +108,16 @@ def test_auto_precision_picks_int8_only_when_faster_and_at_parity(int8_seconds, 
     before = (fp32.calls, int8.calls)
     auto(torch.zeros(64, 3, 4, 4, dtype=torch.uint8))
     assert (fp32.calls, int8.calls) == ((before[0], before[1] + 1) if choice == "int8" else (before[0] + 1, before[1]))
+    fp32.worker_copy, int8.worker_copy = (lambda: "fp32 copy"), (lambda: "int8 copy")
+    assert auto.worker_copy() == f"{choice} copy"  # a decoding worker runs the graph chosen here
+
+
+def test_auto_precision_copies_fp32_into_workers_before_any_choice():
+    fp32, int8 = FakeBackend(0.02), FakeBackend(0.001)
+    fp32.worker_copy, int8.worker_copy = (lambda: "fp32 copy"), (lambda: "int8 copy")
+    auto = AutoPrecision(fp32, int8, classes=2)
+    auto(torch.zeros(8, 3, 4, 4, dtype=torch.uint8))
+    assert auto.choice is None and auto.worker_copy() == "fp32 copy"  # as it runs here: fp32 until a batch of AUTO_MIN_BATCH
 
 
 def test_bundled_int8_graphs_were_made_from_their_checkpoints_at_parity():

@@ -152,6 +152,7 @@ class TrainConfig:
              "crop_context needs crop < 1 or cell (with the whole image there is no context around it)"),
             (self.colour_norm in COLOUR_MODES, f"colour_norm must be one of {', '.join(COLOUR_MODES)}, got {self.colour_norm!r}"),
             (self.cell is None or 0.1 <= self.cell <= 1.0, f"cell must be between 0.1 and 1.0 (the cell's share of the window), got {self.cell}"),
+            (0 <= self.augment.colour_p <= 1, f"augment.colour_p must be between 0 and 1, got {self.augment.colour_p}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.freeze_epochs >= 0, f"freeze_epochs must be >= 0, got {self.freeze_epochs}"),

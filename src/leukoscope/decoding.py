@@ -7,13 +7,18 @@ processes"). Runs of at least PROCESS_MIN files with a cell-centric view on Linu
 in forked worker processes (they start in milliseconds with the modules already loaded, and run
 only numpy, PIL and scipy code); short runs, central crops, other systems and a single core use
 threads. Same pixels either way.
+
+Given ``infer`` (a function that builds, in each worker, a network taking a (N, S, S, 3) uint8
+batch), the workers also run the network on what they decoded and send back its outputs instead
+of the images: one process per core doing everything, rather than the workers and the parent's
+network threads taking turns on the same cores (`predict wbc`: about +10% images/s, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from typing import Any
@@ -27,6 +32,8 @@ PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool cos
 THREADS = 4
 
 Decoded = tuple[np.ndarray | None, str, bool | None]  # (image as the view shows it, error, whether the cell was located)
+Outputs = tuple[np.ndarray, ...]  # a network's outputs for a batch, one row per image
+Infer = Callable[[np.ndarray], Outputs]
 
 
 def decode_item(item: Any, view: View) -> Decoded:
@@ -48,6 +55,25 @@ def load_views(items: Sequence[Any], view: View) -> list[Decoded]:
     return [decode_item(item, view) for item in items]
 
 
+_infer: Infer | None = None  # the network of this worker process (set by _start_worker)
+
+
+def _start_worker(make_infer: Callable[[], Infer]) -> None:
+    global _infer
+    _infer = make_infer()
+
+
+def load_and_infer(items: Sequence[Any], view: View) -> tuple[list[Decoded], Outputs | None]:
+    """In a worker: ``items`` decoded and framed, and the worker's network run on those that decoded
+    (None if none did); the images themselves stay here (their ``Decoded`` image is None)."""
+    if _infer is None:
+        raise RuntimeError("load_and_infer runs in a Decoder's worker process, started with infer")
+    decoded = load_views(items, view)
+    good = [image for image, _, _ in decoded if image is not None]
+    outputs = _infer(np.stack(good)) if good else None
+    return [(None, error, found) for _, error, found in decoded], outputs
+
+
 def array_to_rgb(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
@@ -58,32 +84,43 @@ def array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.asarray(to_rgb(Image.fromarray(array)))
 
 
-def worker_processes(files: int, view: View) -> int:
-    """How many decoding processes a run of ``files`` files gets (0: use threads). Only cell-centric
-    views: a central crop frames without holding the GIL for long, and threads were faster there
-    (`pbc`: 1,202 vs 1,063 images/s end to end in int8)."""
+def worker_processes(files: int, view: View, infer: bool = False) -> int:
+    """How many decoding processes a run of ``files`` files gets (0: use threads). Cell-centric views,
+    and central crops only where the workers also run the network (``infer``): a central crop frames
+    without holding the GIL for long, so with the network in the parent threads were faster (`pbc`:
+    1,202 vs 1,063 images/s end to end in int8), and with the network in the workers processes are."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks of one machine share its cores
-    return cores if view.cell is not None and files >= PROCESS_MIN and cores >= 2 and sys.platform == "linux" else 0
+    wanted = view.cell is not None or infer
+    return cores if wanted and files >= PROCESS_MIN and cores >= 2 and sys.platform == "linux" else 0
 
 
 class Decoder:
     """Submit lists of items (see decode_item), get their ``Decoded`` tuples back in order; a context manager.
-    ``files``: how many files the run decodes (0 for images in memory: threads)."""
+    ``files``: how many files the run decodes (0 for images in memory: threads). ``infer``: where
+    the run uses processes, each builds its network by calling it once, and ``results`` then
+    returns ``(decoded, outputs)`` pairs (see ``load_and_infer``; ``self.infers`` says which)."""
 
-    def __init__(self, view: View, files: int, processes: int | None = None):
+    def __init__(self, view: View, files: int, processes: int | None = None, infer: Callable[[], Infer] | None = None):
         self.view = view
-        self.processes = worker_processes(files, view) if processes is None else processes
-        self.pool: Executor = (ProcessPoolExecutor(self.processes, mp_context=get_context("fork")) if self.processes
+        self.processes = worker_processes(files, view, infer is not None) if processes is None else processes
+        self.infers = bool(self.processes and infer is not None)
+        self.pool: Executor = (ProcessPoolExecutor(self.processes, mp_context=get_context("fork"),
+                                                   initializer=_start_worker if self.infers else None,
+                                                   initargs=(infer,) if self.infers else ()) if self.processes
                                else ThreadPoolExecutor(THREADS))
 
     def submit(self, paths: Sequence[Any]) -> list[Future]:
-        """Start decoding ``paths``: in pieces, so that every worker has a share."""
-        step = max(1, -(-len(paths) // (2 * max(self.processes, THREADS))))
-        return [self.pool.submit(load_views, list(paths[i : i + step]), self.view) for i in range(0, len(paths), step)]
+        """Start decoding ``paths``: in pieces, so that every worker has a share (one piece each when
+        the workers also run the network, which is faster on larger batches)."""
+        pieces = self.processes if self.infers else 2 * max(self.processes, THREADS)
+        step = max(1, -(-len(paths) // pieces))
+        task = load_and_infer if self.infers else load_views
+        return [self.pool.submit(task, list(paths[i : i + step]), self.view) for i in range(0, len(paths), step)]
 
-    @staticmethod
-    def results(futures: list[Future]) -> list[Decoded]:
+    def results(self, futures: list[Future]) -> list[Decoded] | list[tuple[list[Decoded], Outputs | None]]:
+        if self.infers:
+            return [future.result() for future in futures]
         return [item for future in futures for item in future.result()]
 
     def __enter__(self) -> Decoder:  # noqa: PYI034 (Self needs Python 3.11)

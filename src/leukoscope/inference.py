@@ -19,7 +19,7 @@ from PIL import Image
 
 from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resolve_model_path
 from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
-from .decoding import Decoder
+from .decoding import Decoder, worker_processes
 from .errors import LeukoscopeError, did_you_mean
 from .io import iter_image_files
 from .metrics import positive_index, softmax
@@ -135,36 +135,74 @@ class Predictor:
         return list(self.predict_iter(items, batch_size=batch_size, tta=tta))
 
     def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | str | None = None) -> Iterator[Prediction]:
-        """Yield one Prediction per item, in order; the next PREFETCH batches decode while this one runs
-        (in worker processes for long runs of files with a cell-centric view, see decoding)."""
+        """Yield one Prediction per item, in order; the next PREFETCH batches decode while this one runs.
+
+        Long runs of files decode in worker processes (see decoding), which also run the network where
+        the backend can be copied into them (ONNX Runtime); the first batch then runs here, so that
+        ``--precision auto`` chooses once, before the copies are made.
+        """
         tta = self.default_tta if tta is None else tta_mode(tta)  # a bad mode fails before any decoding
         files = all(isinstance(item, (str, os.PathLike)) for item in items)
-        ahead = PREFETCH * batch_size
-        with Decoder(self.view, len(items) if files else 0) as decoder:
-            pending = deque(decoder.submit(items[i : i + batch_size]) for i in range(0, ahead, batch_size))
-            for start in range(0, len(items), batch_size):
-                decoded = decoder.results(pending.popleft())
-                pending.append(decoder.submit(items[start + ahead : start + ahead + batch_size]))  # empty past the end
-                yield from self._predict_decoded(items[start : start + batch_size], start, decoded, tta)
+        start = 0
+        if files and hasattr(self.backend, "worker_copy") and worker_processes(len(items), self.view, infer=True):
+            with Decoder(self.view, 0) as decoder:
+                yield from self._predict_decoded(items[:batch_size], 0, decoder.results(decoder.submit(items[:batch_size])), tta)
+            start = batch_size
+        infer = self._worker_infer(tta) if start else None
+        with Decoder(self.view, len(items) - start if files else 0, infer=infer) as decoder:
+            ahead = PREFETCH * batch_size
+            pending = deque(decoder.submit(items[i : i + batch_size]) for i in range(start, start + ahead, batch_size))
+            for first in range(start, len(items), batch_size):
+                done = decoder.results(pending.popleft())
+                pending.append(decoder.submit(items[first + ahead : first + ahead + batch_size]))  # empty past the end
+                chunk = items[first : first + batch_size]
+                yield from (self._predict_inferred(chunk, first, done) if decoder.infers else self._predict_decoded(chunk, first, done, tta))
+
+    def _worker_infer(self, tta: str) -> Callable[[], Callable[[np.ndarray], tuple[np.ndarray, ...]]]:
+        """What a forked decoding worker calls once to run this model itself: its own copy of the
+        backend, one thread (the worker is one of one per core), the same test-time views."""
+
+        def start() -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+            torch.set_num_threads(1)
+            # This process's copy of the predictor gets its own session. The forked copy of the parent's
+            # stays referenced: its destructor would wait for the parent's threads, absent here, forever.
+            self._forked_backend, self.backend = self.backend, self.backend.worker_copy()
+
+            def infer(images: np.ndarray) -> tuple[np.ndarray, ...]:
+                logits, scores = self.logits_and_ood(_nchw(images), tta)
+                return (logits.numpy(),) if scores is None else (logits.numpy(), scores.numpy())
+
+            return infer
+
+        return start
 
     def predict_arrays(self, images: Sequence[np.ndarray], sources: Sequence[str], tta: bool | str | None = None) -> list[Prediction]:
         """Predictions for images already as the model sees them (S x S x 3 uint8): one batch, one decision rule."""
-        # NCHW copied by numpy: torch's copy would wake its OpenMP threads, which then spin on the
-        # cores the decoding workers need (-8% images/s end to end for `wbc`)
-        batch = torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
-        logits, scores = self.logits_and_ood(batch, tta)
-        probs = softmax(logits.numpy(), self.temperature).astype(np.float32)
-        ood = [None] * len(images) if scores is None else scores.tolist()
+        logits, scores = self.logits_and_ood(_nchw(np.stack(images)), tta)
+        return self._from_outputs(sources, logits.numpy(), None if scores is None else scores.numpy())
+
+    def _from_outputs(self, sources: Sequence[str], logits: np.ndarray, scores: np.ndarray | None) -> list[Prediction]:
+        probs = softmax(logits, self.temperature).astype(np.float32)
+        ood = [None] * len(sources) if scores is None else scores.tolist()
         return [self._prediction(source, p, score) for source, p, score in zip(sources, probs, ood)]
 
     def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool | str | None) -> Iterator[Prediction]:
-        sources = [str(item) if isinstance(item, (str, os.PathLike)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
+        sources = _sources(chunk, start)
         good = [i for i, (arr, _, _) in enumerate(decoded) if arr is not None]
         done = dict(zip(good, self.predict_arrays([decoded[i][0] for i in good], [sources[i] for i in good], tta))) if good else {}
-        for i, source in enumerate(sources):
-            if i in done:
-                done[i].localised = decoded[i][2]
-            yield done.get(i) or Prediction(source, error=decoded[i][1] or "unreadable image")
+        return _in_order(sources, decoded, done)
+
+    def _predict_inferred(self, chunk: Sequence[Any], start: int, pieces: list) -> Iterator[Prediction]:
+        """Predictions from the outputs the decoding workers computed (see ``decoding.load_and_infer``)."""
+        sources = _sources(chunk, start)
+        decoded = [item for piece, _ in pieces for item in piece]
+        outputs = [out for _, out in pieces if out is not None]
+        good = [i for i, (_, error, _) in enumerate(decoded) if not error]
+        if not good:
+            return _in_order(sources, decoded, {})
+        logits = np.concatenate([out[0] for out in outputs])
+        scores = np.concatenate([out[1] for out in outputs]) if len(outputs[0]) > 1 else None
+        return _in_order(sources, decoded, dict(zip(good, self._from_outputs([sources[i] for i in good], logits, scores))))
 
     def decide(self, probs: np.ndarray) -> int:
         """The predicted class index: argmax, or the stored operating threshold for binary models."""
@@ -182,6 +220,24 @@ class Predictor:
             ood_score=float("nan") if ood is None else float(ood),
             in_domain=None if ood is None else bool(ood <= self.ood_threshold),
         )
+
+
+def _nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S), copied by numpy: torch's copy would wake its OpenMP threads,
+    which then spin on the cores the decoding workers need (-8% images/s end to end for `wbc`)."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def _sources(chunk: Sequence[Any], start: int) -> list[str]:
+    return [str(item) if isinstance(item, (str, os.PathLike)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
+
+
+def _in_order(sources: list[str], decoded: list, done: dict[int, Prediction]) -> Iterator[Prediction]:
+    """One Prediction per source: the one made, with its ``localised`` flag, or an error row."""
+    for i, source in enumerate(sources):
+        if i in done:
+            done[i].localised = decoded[i][2]
+        yield done.get(i) or Prediction(source, error=decoded[i][1] or "unreadable image")
 
 
 def tta_mode(value: bool | str | None) -> str:

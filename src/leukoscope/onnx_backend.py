@@ -74,17 +74,24 @@ class OnnxBackend:
 
     kind = "onnx"
 
-    def __init__(self, model: bytes | str | os.PathLike, precision: str = "fp32"):
+    def __init__(self, model: bytes | str | os.PathLike, precision: str = "fp32", threads: int | None = None):
         self.precision = precision  # of the convolutions: fp32, or int8 for a quantised graph
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = options.inter_op_num_threads = threads
         # Idle ORT threads would otherwise spin and take the cores from the threads decoding the
         # next batch: +5-17% end-to-end images/s on 2 cores (docs/benchmarks.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.source = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(self.source, options, providers=["CPUExecutionProvider"])
+
+    def worker_copy(self) -> OnnxBackend:
+        """A new single-threaded session on the same graph, for a worker process that runs one batch at a
+        time beside others (a forked copy of this session would wait forever on threads it does not have)."""
+        return OnnxBackend(self.source, self.precision, threads=1)
 
     def graph_bytes(self) -> bytes:
         """The serialized graph this session runs."""

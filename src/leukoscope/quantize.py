@@ -173,6 +173,11 @@ class AutoPrecision:
             self.choice, self.reason = self._choose(batch_uint8)
         return (self.int8 if self.choice == "int8" else self.fp32)(batch_uint8)
 
+    def worker_copy(self) -> OnnxBackend:
+        """The ``worker_copy`` of the graph that runs now: the chosen one, or fp32 before any choice (no
+        batch of AUTO_MIN_BATCH yet, and a worker's share of one would be smaller: fp32, as here)."""
+        return (self.int8 if self.choice == "int8" else self.fp32).worker_copy()
+
     def _choose(self, batch: torch.Tensor) -> tuple[str, str]:
         seconds, calls = {}, {}
         for name, backend in (("fp32", self.fp32), ("int8", self.int8)):

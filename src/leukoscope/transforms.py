@@ -31,6 +31,7 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.3, 1.2)
     hed: float = 0.0  # HED stain jitter: each stain's density scaled by U(1 - hed, 1 + hed) ...
     hed_shift: float = 0.0  # ... and shifted by U(-hed_shift, hed_shift) (Tellez et al. 2019: 0.05 and 0.05 "light")
+    colour_p: float = 1.0  # the share of images whose colours are jittered (colour map and HED); the rest keep theirs
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -74,8 +75,7 @@ def train_transform(
     x = to_float(batch_uint8)
     size = size if size is not None or view == 1.0 else round(x.shape[-1] * view)
     x = _random_affine(x, config, generator, size, view)
-    x = _random_colour(x, config, generator)
-    x = _random_hed(x, config, generator)
+    x = _keep_some_colours(x, config, generator, lambda y: _random_hed(_random_colour(y, config, generator), config, generator))
     x = _random_blur(x, config, generator)
     return normalize(x.clamp_(0, 1), mean, std).contiguous(memory_format=torch.channels_last)
 
@@ -103,6 +103,20 @@ def _random_affine(x: torch.Tensor, config: AugmentConfig, g: torch.Generator, s
     out_shape = list(x.shape) if size is None else [n, x.shape[1], size, size]
     grid = F.affine_grid(theta, out_shape, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _keep_some_colours(x: torch.Tensor, config: AugmentConfig, g: torch.Generator, jitter) -> torch.Tensor:
+    """``jitter(x)`` for a random ``colour_p`` share of the images; the others keep their colours.
+
+    Strong colour jitter buys robustness to other labs' stains at some accuracy on the training
+    lab's own colours; a share of unjittered images is the middle way. At ``colour_p`` 1 no
+    number is drawn, so the random stream (and a trained model) is the same as without the option.
+    """
+    if config.colour_p >= 1:
+        return jitter(x)
+    keep = torch.rand(x.shape[0], generator=g) >= config.colour_p
+    jittered = jitter(x)
+    return torch.where(keep.view(-1, 1, 1, 1), x, jittered)
 
 
 def _random_colour(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
