@@ -4,14 +4,15 @@ Framing a cell-centric view (``localise.find_cell``: many small numpy and scipy 
 Python's GIL, so threads barely overlap it: on 2 cores, 2 threads decoded and framed PBC tiles at
 738 images/s against 552 for one, 2 processes at 1,131 (docs/benchmarks.md, "Decoding in worker
 processes"). Runs of at least PROCESS_MIN files with a cell-centric view on Linux therefore decode
-in forked worker processes (they start in milliseconds with the modules already loaded, and run
-only numpy, PIL and scipy code); short runs, central crops, other systems and a single core use
-threads. Same pixels either way.
+in forked worker processes (they start in milliseconds with the modules already loaded); short
+runs, other systems and a single core use threads. Same pixels either way.
 
 Given ``infer`` (a function that builds, in each worker, a network taking a (N, S, S, 3) uint8
 batch), the workers also run the network on what they decoded and send back its outputs instead
 of the images: one process per core doing everything, rather than the workers and the parent's
-network threads taking turns on the same cores (`predict wbc`: about +10% images/s, docs/benchmarks.md).
+network threads taking turns on the same cores (`predict wbc` and `predict pbc`: about +10%
+images/s). Central crops then decode in processes too; with the network in the parent, threads
+were faster for them.
 """
 
 from __future__ import annotations
