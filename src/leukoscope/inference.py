@@ -201,7 +201,7 @@ class Predictor:
         if not good:
             return _in_order(sources, decoded, {})
         logits = np.concatenate([out[0] for out in outputs])
-        scores = np.concatenate([out[1] for out in outputs]) if len(outputs[0]) > 1 else None
+        scores = np.concatenate([out[1] for out in outputs]) if self.ood_threshold is not None else None  # see logits_and_ood
         return _in_order(sources, decoded, dict(zip(good, self._from_outputs([sources[i] for i in good], logits, scores))))
 
     def decide(self, probs: np.ndarray) -> int:

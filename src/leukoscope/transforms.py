@@ -10,6 +10,7 @@ occasional Gaussian blur, and optionally a stain jitter in HED space (Tellez et 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -105,12 +106,14 @@ def _random_affine(x: torch.Tensor, config: AugmentConfig, g: torch.Generator, s
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def _keep_some_colours(x: torch.Tensor, config: AugmentConfig, g: torch.Generator, jitter) -> torch.Tensor:
+def _keep_some_colours(x: torch.Tensor, config: AugmentConfig, g: torch.Generator,
+                       jitter: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``jitter(x)`` for a random ``colour_p`` share of the images; the others keep their colours.
 
-    Strong colour jitter buys robustness to other labs' stains at some accuracy on the training
-    lab's own colours; a share of unjittered images is the middle way. At ``colour_p`` 1 no
-    number is drawn, so the random stream (and a trained model) is the same as without the option.
+    Meant as a middle way between strong colour jitter (robust to other labs' stains) and the
+    training lab's own colours; on `wbc` half and half kept neither's gain (docs/benchmarks.md,
+    "A third lab"). The share is drawn before the jitter's own numbers, and at ``colour_p`` 1 not
+    at all, so the random stream (and a trained model) is the same as without the option.
     """
     if config.colour_p >= 1:
         return jitter(x)
