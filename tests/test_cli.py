@@ -162,7 +162,7 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
               "fractions": "0.6,0.2,0.2", "precision": "fp32", "device": "cpu", "sync_bn": None, "target_sensitivity": "0.95",
               "ema": "0.99", "refit_head": "2.0", "refit_views": "1", "method": "cnn", "backbone": "pbc", "augment": "{hue: 0.04}",
               "init": "pbc", "freeze_epochs": "2", "backbone_lr": "0.1", "cv": "3", "track": "mlruns", "cell": "0.6",
-              "colour_norm": "white"}
+              "colour_norm": "white", "teacher": "pbc", "distill": "0.3", "distill_temperature": "3.0"}
     assert set(values) == {f.name for f in fields(TrainConfig)}, "a new option needs a case here"
     argv = ["train", "data", "--out", "run"]
     for name, value in values.items():

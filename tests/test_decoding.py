@@ -48,6 +48,23 @@ def test_only_long_runs_of_cell_centric_files_use_processes(monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setattr(decoding.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert worker_processes(10 * decoding.PROCESS_MIN, cell) == 0  # one core: threads
+    linux = decoding.sys.platform == "linux"
+    assert [worker_processes(10 * decoding.PROCESS_MIN, cell, workers=n) for n in (0, 1, 3)] == [0, 0, 3 if linux else 0]  # asked
+    assert worker_processes(decoding.PROCESS_MIN - 1, cell, workers=3) == 0  # a short run stays in threads
+
+
+def test_predict_workers_option_gives_the_same_csv(tmp_path, tiny_run):
+    """--workers 2 (processes that run the network) and --workers 0 (threads) write the same rows."""
+    from leukoscope.cli import main
+
+    folder = make_image_folder(tmp_path / "many", n_per_class=decoding.PROCESS_MIN // 2 + 2, size=40, ext=".jpg")
+    (folder / "blast" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    outputs = []
+    for workers in ("2", "0"):
+        outputs.append(tmp_path / f"workers{workers}.csv")
+        assert main(["predict", str(tiny_run[1]), str(folder), "--out", str(outputs[-1]), "--workers", workers]) == 1  # the broken file
+    assert outputs[0].read_text() == outputs[1].read_text()
+    assert outputs[0].read_text().count("\n") == 2 * (decoding.PROCESS_MIN // 2 + 2) + 2  # header, every file, the broken one
 
 
 def test_predict_iter_in_processes_keeps_input_order_and_errors(files, monkeypatch, tiny_run):
@@ -56,7 +73,7 @@ def test_predict_iter_in_processes_keeps_input_order_and_errors(files, monkeypat
     model = load_model(tiny_run[1], backend="torch")
     expected = list(model.predict_iter(files, batch_size=4))
     used = []
-    monkeypatch.setattr(decoding, "worker_processes", lambda count, view, infer=False: used.append(count) or 2)
+    monkeypatch.setattr(decoding, "worker_processes", lambda count, view, infer=False, workers=None: used.append(count) or 2)
     got = list(model.predict_iter(files, batch_size=4))
     assert used == [len(files)]  # one pool of 2 processes for the whole run
     assert [p.source for p in got] == [str(f) for f in files]
@@ -79,8 +96,8 @@ def test_workers_that_run_the_network_give_the_same_rows(files, monkeypatch, tin
             decoders.append(self)
 
     monkeypatch.setattr(inference, "Decoder", Spy)
-    monkeypatch.setattr(inference, "worker_processes", lambda count, view, infer=False: 2)
-    monkeypatch.setattr(decoding, "worker_processes", lambda count, view, infer=False: 2 if count else 0)
+    monkeypatch.setattr(inference, "worker_processes", lambda count, view, infer=False, workers=None: 2)
+    monkeypatch.setattr(decoding, "worker_processes", lambda count, view, infer=False, workers=None: 2 if count else 0)
     got = list(model.predict_iter(files, batch_size=4))
     assert [(d.processes, d.infers) for d in decoders] == [(0, False), (2, True)]  # the first batch here, then the workers
     assert [p.source for p in got] == [str(f) for f in files] and [p.error for p in got] == [p.error for p in expected]

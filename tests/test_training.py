@@ -205,3 +205,13 @@ def test_a_cell_centric_model_records_its_window_and_ignores_where_the_cell_sits
     here, there = field(240, 320, [(80, 90, 25)], seed=3, red_cells=0), field(240, 320, [(160, 230, 25)], seed=3, red_cells=0)
     a, b = (np.array(list(p.probabilities.values())) for p in model.predict([here, there]))
     assert np.abs(a - b).max() < 0.05
+
+
+def test_a_folder_of_unreadable_images_is_refused_clearly(tmp_path):
+    for label in ("blast", "normal"):
+        (tmp_path / "cells" / label).mkdir(parents=True)
+        for i in range(6):
+            (tmp_path / "cells" / label / f"{i}.png").write_bytes(f"not an image {label} {i}".encode())
+    config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1, batch_size=4)
+    with pytest.raises(LeukoscopeError, match=r"no readable training images: 12 images of 12 could not be decoded \(first: .*0\.png: unreadable"):
+        train(tmp_path / "cells", tmp_path / "run", config)

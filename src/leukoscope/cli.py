@@ -198,7 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from .adapt import adapt_to_files
 
         predictor = adapt_to_files(predictor, paths, args.adapt_steps, lambda text: print(text, file=sys.stderr))
-    total, failures, outside = predict_csv(predictor, paths, args.out, args.batch_size, tta)
+    total, failures, outside = predict_csv(predictor, paths, args.out, args.batch_size, tta, args.workers)
     if total == 0:  # a torchrun rank other than 0: rank 0 merges and reports
         return 0
     if getattr(predictor.backend, "choice", None):
@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
+                   help="runs of 256+ files: decode (and run the network) in N forked processes (default: one per core, "
+                        "shared among torchrun's ranks; each holds about 40 MB of its own); 0 or 1: threads in this process")
     p.add_argument("--adapt", action="store_true",
                    help="adapt the network's BatchNorm layers to these images first (statistics, then --adapt-steps of entropy "
                         "minimisation; one lab's folder, 32+ images)")

@@ -67,6 +67,11 @@ class TrainConfig:
     refit_views: int = option(3, "augmented views of each training image added to the clean ones for refit_head")
     init: str | None = option(None, "fine-tune from this model (run folder, checkpoint or bundled name): its backbone and input "
                                     "settings (architecture, size, crop, normalisation) with a new head")
+    teacher: str | None = option(None, "distil from this model (run folder, checkpoint or bundled name): its probabilities on each "
+                                       "training image, through its own preprocessing, are blended into the targets where it "
+                                       "calls the image right")
+    distill: float = option(0.5, "with teacher: the teacher's share of each target it may teach (0-1)")
+    distill_temperature: float = option(2.0, "with teacher: the temperature that softens its probabilities")
     freeze_epochs: int = option(0, "with init: train only the new head for this many epochs first")
     backbone_lr: float = option(1.0, "with init: the backbone's learning rate as a fraction of lr (e.g. 0.1)")
     cv: int | None = option(None, "k-fold cross-validation over train+val (grouped and stratified like the split) instead of one "
@@ -153,6 +158,9 @@ class TrainConfig:
             (self.colour_norm in COLOUR_MODES, f"colour_norm must be one of {', '.join(COLOUR_MODES)}, got {self.colour_norm!r}"),
             (self.cell is None or 0.1 <= self.cell <= 1.0, f"cell must be between 0.1 and 1.0 (the cell's share of the window), got {self.cell}"),
             (0 <= self.augment.colour_p <= 1, f"augment.colour_p must be between 0 and 1, got {self.augment.colour_p}"),
+            (0 <= self.distill <= 1, f"distill must be between 0 and 1 (the teacher's share of a target), got {self.distill}"),
+            (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
+            (self.teacher is None or self.method == "cnn", "teacher applies to CNN training (method cnn)"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.freeze_epochs >= 0, f"freeze_epochs must be >= 0, got {self.freeze_epochs}"),

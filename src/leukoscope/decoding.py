@@ -85,15 +85,18 @@ def array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.asarray(to_rgb(Image.fromarray(array)))
 
 
-def worker_processes(files: int, view: View, infer: bool = False) -> int:
-    """How many decoding processes a run of ``files`` files gets (0: use threads). Cell-centric views,
-    and central crops only where the workers also run the network (``infer``): a central crop frames
-    without holding the GIL for long, so with the network in the parent threads were faster (`pbc`:
-    1,202 vs 1,063 images/s end to end in int8), and with the network in the workers processes are."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks of one machine share its cores
+def worker_processes(files: int, view: View, infer: bool = False, workers: int | None = None) -> int:
+    """How many decoding processes a run of ``files`` files gets (0: use threads): ``workers``, or by
+    default one per core. Cell-centric views, and central crops only where the workers also run the
+    network (``infer``): a central crop frames without holding the GIL for long, so with the network
+    in the parent threads were faster (`pbc`: 1,202 vs 1,063 images/s end to end in int8), and with
+    the network in the workers processes are. Fewer than 2 means none (one would only make the
+    parent wait)."""
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks of one machine share its cores
     wanted = view.cell is not None or infer
-    return cores if wanted and files >= PROCESS_MIN and cores >= 2 and sys.platform == "linux" else 0
+    return workers if wanted and files >= PROCESS_MIN and workers >= 2 and sys.platform == "linux" else 0
 
 
 class Decoder:
@@ -102,9 +105,10 @@ class Decoder:
     the run uses processes, each builds its network by calling it once, and ``results`` then
     returns ``(decoded, outputs)`` pairs (see ``load_and_infer``; ``self.infers`` says which)."""
 
-    def __init__(self, view: View, files: int, processes: int | None = None, infer: Callable[[], Infer] | None = None):
+    def __init__(self, view: View, files: int, processes: int | None = None, infer: Callable[[], Infer] | None = None,
+                 workers: int | None = None):
         self.view = view
-        self.processes = worker_processes(files, view, infer is not None) if processes is None else processes
+        self.processes = worker_processes(files, view, infer is not None, workers) if processes is None else processes
         self.infers = bool(self.processes and infer is not None)
         self.pool: Executor = (ProcessPoolExecutor(self.processes, mp_context=get_context("fork"),
                                                    initializer=_start_worker if self.infers else None,

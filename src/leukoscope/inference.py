@@ -134,22 +134,24 @@ class Predictor:
             items.extend(iter_image_files([item]) if is_folder else [item])
         return list(self.predict_iter(items, batch_size=batch_size, tta=tta))
 
-    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | str | None = None) -> Iterator[Prediction]:
+    def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | str | None = None,
+                     workers: int | None = None) -> Iterator[Prediction]:
         """Yield one Prediction per item, in order; the next PREFETCH batches decode while this one runs.
 
-        Long runs of files decode in worker processes (see decoding), which also run the network where
-        the backend can be copied into them (ONNX Runtime); the first batch then runs here, so that
-        ``--precision auto`` chooses once, before the copies are made.
+        Long runs of files decode in worker processes (``workers``, default one per core; 0: threads
+        here; see decoding), which also run the network where the backend can be copied into them
+        (ONNX Runtime); the first batch then runs here, so that ``--precision auto`` chooses once,
+        before the copies are made.
         """
         tta = self.default_tta if tta is None else tta_mode(tta)  # a bad mode fails before any decoding
         files = all(isinstance(item, (str, os.PathLike)) for item in items)
         start = 0
-        if files and hasattr(self.backend, "worker_copy") and worker_processes(len(items), self.view, infer=True):
+        if files and hasattr(self.backend, "worker_copy") and worker_processes(len(items), self.view, True, workers):
             with Decoder(self.view, 0) as decoder:
                 yield from self._predict_decoded(items[:batch_size], 0, decoder.results(decoder.submit(items[:batch_size])), tta)
             start = batch_size
         infer = self._worker_infer(tta) if start else None
-        with Decoder(self.view, len(items) - start if files else 0, infer=infer) as decoder:
+        with Decoder(self.view, len(items) - start if files else 0, infer=infer, workers=workers) as decoder:
             ahead = PREFETCH * batch_size
             pending = deque(decoder.submit(items[i : i + batch_size]) for i in range(start, start + ahead, batch_size))
             for first in range(start, len(items), batch_size):

@@ -50,19 +50,20 @@ def part_path(out: str | os.PathLike, rank: int) -> Path:
 
 
 def predict_csv(predictor: Predictor, paths: Sequence[Path], out: str | os.PathLike, batch_size: int = 64,
-                tta: str | None = None) -> tuple[int, int, int]:
+                tta: str | None = None, workers: int | None = None) -> tuple[int, int, int]:
     """Predict ``paths`` into the CSV ``out``, sharded when run under torchrun; returns (images, failed, out of domain)
-    over all ranks (0, 0, 0 on ranks other than 0, which only write their part)."""
+    over all ranks (0, 0, 0 on ranks other than 0, which only write their part). ``workers``: decoding
+    processes per rank (see Predictor.predict_iter)."""
     world = World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if not world.distributed:
-        failed, outside = write_rows(predictor, predictor.predict_iter(list(paths), batch_size=batch_size, tta=tta), out, len(paths))
+        failed, outside = write_rows(predictor, predictor.predict_iter(list(paths), batch_size=batch_size, tta=tta, workers=workers), out, len(paths))
         return len(paths), failed, outside
     if is_stream_output(out):
         raise LeukoscopeError("sharded prediction writes parts beside --out: give a file path, not - or a device")
     world, _ = init_world("cpu")
     try:
         mine = list(paths)[world.rank :: world.size]
-        write_rows(predictor, predictor.predict_iter(mine, batch_size=batch_size, tta=tta), part_path(out, world.rank), len(mine))
+        write_rows(predictor, predictor.predict_iter(mine, batch_size=batch_size, tta=tta, workers=workers), part_path(out, world.rank), len(mine))
         print(f"rank {world.rank}/{world.size}: predicted {len(mine)} of {len(paths)} images", flush=True)
         barrier(world)
         if not world.is_main:

@@ -140,6 +140,9 @@ def load_split_images(dataset: Dataset, splits: list[str], view: View) -> tuple[
     for i in bad[:10]:
         note(f"warning: skipping {paths[i]}: {errors[i]}")
     keep = [i for i, e in enumerate(errors) if e is None]
+    if not any(splits[i] == "train" for i in keep):
+        first = f" (first: {paths[bad[0]]}: {errors[bad[0]]})" if bad else ""
+        raise LeukoscopeError(f"no readable training images: {plural(len(bad), 'image')} of {len(paths)} could not be decoded{first}")
     kept = Dataset(dataset.root, dataset.layout, [dataset.samples[i] for i in keep], dataset.classes, dataset.notes)
     kept_splits = [splits[i] for i in keep]
     images = images[keep]

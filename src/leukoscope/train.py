@@ -28,6 +28,7 @@ from .data import Dataset
 from .data.dataset import decode_many
 from .data.splits import make_folds, seen_images
 from .distributed import World, close, init_world, unwrap, weights_digest, wrap
+from .distill import distill_from
 from .errors import LeukoscopeError
 from .evaluate import evaluate, headline
 from .inference import Predictor
@@ -157,6 +158,10 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     trainer = Trainer(model, config, stats, rngs, device, world, bf16, class_weights(labels["train"], len(dataset.classes), config.class_balance),
                       steps_per_epoch=max(1, len(tensors["train"]) // config.batch_size), head=head)
     context = load_context(dataset, splits, config, view)
+    if config.teacher:
+        train_paths = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
+        trainer.targets = distill_from(config.teacher, train_paths, labels["train"], dataset.classes, config.distill,
+                                       config.distill_temperature)
     history, best_epoch = trainer.fit(tensors, labels, meta, out, resume_state, context)
     if world.distributed:
         print(f"rank {world.rank}/{world.size}: final weights sha256 {weights_digest(model)}", flush=True)

@@ -147,6 +147,7 @@ class Trainer:
     class_weights: torch.Tensor | None = None
     steps_per_epoch: int = 1
     head: str | None = None  # fine-tuning: the new classifier's name (see transfer.head_name); the rest is the backbone
+    targets: torch.Tensor | None = None  # distillation: a target distribution per training image (see distill), else the labels
 
     def __post_init__(self) -> None:
         self.optimizer = build_optimizer(unwrap(self.model), self.config, self.head)
@@ -195,7 +196,8 @@ class Trainer:
             y = targets_all[idx].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=config.label_smoothing)
+            target = y if self.targets is None else self.targets[idx].to(self.device)
+            loss = F.cross_entropy(logits.float(), target, weight=weights, label_smoothing=config.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
