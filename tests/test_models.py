@@ -7,7 +7,7 @@ import torch
 from leukoscope.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from leukoscope.errors import LeukoscopeError
 from leukoscope.models import create_model, list_models
-from leukoscope.models.cellnet import SqueezeExcite
+from leukoscope.models.cellnet import MixStyle, SqueezeExcite
 from leukoscope.transforms import AugmentConfig, eval_transform, train_transform
 
 
@@ -49,6 +49,35 @@ def test_squeeze_excite_gates_each_image_by_its_own_channels():
     extra = sum(p.numel() for p in gated.parameters()) - sum(p.numel() for p in plain.parameters())
     assert 0 < extra < 0.1 * sum(p.numel() for p in plain.parameters())
     assert gated.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 8)
+
+
+def test_mixstyle_mixes_each_images_channel_statistics_in_training_only():
+    torch.manual_seed(0)
+    content = torch.randn(6, 4, 8, 8)
+    style_mean, style_std = torch.randn(6, 4, 1, 1) * 3, torch.rand(6, 4, 1, 1) * 2 + 0.5
+    x = content * style_std + style_mean
+    mix = MixStyle(p=1.0, alpha=0.3)
+    assert mix.eval()(x) is x and MixStyle(p=0.0).train()(x) is x  # identity in eval mode (prediction, export) and at p = 0
+    out = mix.train()(x)
+    mean, std = x.mean((2, 3)), x.std((2, 3))
+    out_mean = out.mean((2, 3))
+    assert not torch.allclose(out, x)
+    assert (out_mean >= mean.min(0).values - 1e-4).all() and (out_mean <= mean.max(0).values + 1e-4).all()  # convex mixes of the batch's
+    normalise = lambda t: (t - t.mean((2, 3), keepdim=True)) / t.std((2, 3), keepdim=True)  # noqa: E731
+    assert torch.allclose(normalise(out), normalise(x), atol=1e-3)  # the content (what is where) is untouched
+    out_std = out.std((2, 3))
+    assert (out_std >= std.min(0).values - 1e-3).all() and (out_std <= std.max(0).values + 1e-3).all()
+
+
+def test_architecture_options_are_checked_with_the_valid_ones_named():
+    model = create_model("cellnet", 3, mixstyle=0.5)
+    assert sum(isinstance(m, MixStyle) for m in model.modules()) == 3  # after the stem and the first two stages
+    assert [k for k in model.state_dict()] != [k for k in create_model("cellnet", 3).state_dict()]  # indices shift only when on
+    assert not any(isinstance(m, MixStyle) for m in create_model("cellnet", 3).modules())
+    with pytest.raises(LeukoscopeError, match=r"mixstyle is a probability per batch: between 0 and 1, got 2 \(options: .*mixstyle"):
+        create_model("cellnet", 3, mixstyle=2)
+    with pytest.raises(LeukoscopeError, match="bad architecture options for cellnet .*bogus"):
+        create_model("cellnet", 3, bogus=1)
 
 
 def test_checkpoint_round_trip_describes_itself(tmp_path):

@@ -8,6 +8,7 @@ model as ``timm/<name>``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 
 import torch
 from torch import nn
@@ -83,7 +84,11 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
         import timm
 
         return timm.create_model(name.removeprefix("timm/"), pretrained=False, num_classes=num_classes, **kwargs)
-    return MODELS[name](num_classes, **kwargs)
+    try:
+        return MODELS[name](num_classes, **kwargs)
+    except (TypeError, ValueError) as err:  # an unknown or out-of-range architecture option (arch_kwargs)
+        valid = ", ".join(f.name for f in fields(CellNetConfig) if f.name != "num_classes") if name.startswith("cellnet") else ""
+        raise LeukoscopeError(f"bad architecture options for {name} {kwargs}: {err}" + (f" (options: {valid})" if valid else "")) from None
 
 
 def channels_last_safe(model: nn.Module) -> bool:

@@ -21,6 +21,11 @@ class CellNetConfig:
     stem_width: int = 24
     dropout: float = 0.2
     se: bool = False  # squeeze-and-excitation gate in each block
+    mixstyle: float = 0.0  # training only: probability per batch of mixing feature statistics between images (MixStyle)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mixstyle <= 1:
+            raise ValueError(f"mixstyle is a probability per batch: between 0 and 1, got {self.mixstyle}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -50,6 +55,32 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(gate)
 
 
+class MixStyle(nn.Module):
+    """Feature-statistics mixing of Zhou et al. (2021), for models that must work on other labs' images.
+
+    In training, with probability ``p`` per batch, each image's channel means and standard
+    deviations (over space) are replaced by a random mix (weight ~ Beta(alpha, alpha)) of its own
+    and another image's of the batch: early-layer statistics carry much of an image's stain and
+    camera "style", so the network learns to classify under styles between those it sees. In eval
+    mode (prediction, export, adaptation) it is the identity and has no weights.
+    """
+
+    def __init__(self, p: float, alpha: float = 0.1, eps: float = 1e-6):
+        super().__init__()
+        self.p, self.alpha, self.eps = p, alpha, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.size(0) < 2 or torch.rand(()).item() >= self.p:
+            return x
+        mean = x.mean((2, 3), keepdim=True).detach()
+        std = (x.var((2, 3), keepdim=True) + self.eps).sqrt().detach()
+        weight = torch.distributions.Beta(self.alpha, self.alpha).sample((x.size(0), 1, 1, 1)).to(x.dtype)
+        other = torch.randperm(x.size(0))
+        mixed_mean = weight * mean + (1 - weight) * mean[other]
+        mixed_std = weight * std + (1 - weight) * std[other]
+        return (x - mean) / std * mixed_std + mixed_mean
+
+
 class BasicBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int, se: bool = False):
         super().__init__()
@@ -70,7 +101,9 @@ class CellNet(nn.Module):
         self.config = config
         layers: list[nn.Module] = [conv_bn(3, config.stem_width, stride=2), nn.ReLU(inplace=True)]
         c_in = config.stem_width
-        for width, depth in zip(config.widths, config.depths, strict=True):
+        for stage, (width, depth) in enumerate(zip(config.widths, config.depths, strict=True)):
+            if config.mixstyle and stage < 3:  # after the stem and the first two stages, where style lives (none: same layers as before)
+                layers.append(MixStyle(config.mixstyle))
             for i in range(depth):
                 layers.append(BasicBlock(c_in, width, stride=2 if i == 0 else 1, se=config.se))
                 c_in = width
