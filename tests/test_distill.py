@@ -1,5 +1,6 @@
 """Distillation: targets computed by hand, the loss that trains on them, and a teacher run end to end."""
 
+import re
 import shutil
 
 import numpy as np
@@ -10,7 +11,7 @@ from conftest import TINY_TRAIN, make_image_folder
 
 from leukoscope.cli import main
 from leukoscope.config import TrainConfig
-from leukoscope.distill import distillation_targets, teacher_probabilities
+from leukoscope.distill import distillation_targets, load_teacher, teacher_probabilities
 from leukoscope.errors import LeukoscopeError
 from leukoscope.models import create_model
 from leukoscope.runs import seed_everything
@@ -47,7 +48,7 @@ def test_the_loss_trains_on_the_targets():
 
 def test_a_run_distils_from_a_teacher_and_records_it(tmp_path, tiny_run, capsys):
     data, teacher = tiny_run
-    probs = teacher_probabilities(teacher, sorted((data / "blast").glob("*.png"))[:3], ["normal", "unknown", "blast"])
+    probs = teacher_probabilities(load_teacher(teacher), sorted((data / "blast").glob("*.png"))[:3], ["normal", "unknown", "blast"])
     assert probs.shape == (3, 3) and (probs[:, 1] == 0).all() and probs.sum(1) == pytest.approx(np.ones(3))
     assert main(["train", str(data), "--out", str(tmp_path / "student"), *TINY_TRAIN, "--teacher", str(teacher), "--distill", "0.7"]) == 0
     assert "distillation from" in capsys.readouterr().err
@@ -61,4 +62,17 @@ def test_a_teacher_without_the_data_classes_is_refused(tmp_path, tiny_run):
     for name in ("blast", "normal"):
         shutil.move(other / name, other / f"x{name}")
     with pytest.raises(LeukoscopeError, match="shares no class with the training data"):
-        teacher_probabilities(teacher, sorted(other.rglob("*.png")), ["xblast", "xnormal"])
+        teacher_probabilities(load_teacher(teacher), sorted(other.rglob("*.png")), ["xblast", "xnormal"])
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--init"])
+def test_a_teacher_or_parent_that_trained_on_this_runs_test_images_is_refused(tmp_path, tiny_run, flag, capsys):
+    """The tiny run trained on some of these images; another split of the same folder puts some of them in val or test."""
+    data, parent = tiny_run
+    for out in ("leaky", "same"):
+        (tmp_path / out).mkdir()
+    shutil.copy(parent / "splits.csv", tmp_path / "same" / "splits.csv")  # the parent's own split: allowed
+    argv = [*TINY_TRAIN, flag, str(parent), "--seed", "7"]
+    assert main(["train", str(data), "--out", str(tmp_path / "leaky"), *argv]) == 2
+    assert re.search(r"trained on [0-9]+ of this run's validation and test images .*copy its splits.csv", capsys.readouterr().err)
+    assert main(["train", str(data), "--out", str(tmp_path / "same"), *argv]) == 0

@@ -16,31 +16,37 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .data import Dataset
 from .data.dataset import decode_many
+from .data.splits import refuse_seen
 from .errors import LeukoscopeError
-from .inference import load_model
+from .inference import Predictor, load_model
 from .progress import note
 
 
-def teacher_probabilities(teacher: str | os.PathLike, paths: Sequence[str | os.PathLike], class_names: Sequence[str],
+def load_teacher(teacher: str | os.PathLike) -> Predictor:
+    """A CNN teacher (run folder, checkpoint or bundled name) on PyTorch, in fp32."""
+    predictor = load_model(teacher, backend="torch", device="cpu")
+    if predictor.kind != "cnn":
+        raise LeukoscopeError(f"teacher {str(teacher)!r} is a {predictor.kind} model; distillation needs a CNN (a run folder, checkpoint or bundled name)")
+    return predictor
+
+
+def teacher_probabilities(teacher: Predictor, paths: Sequence[str | os.PathLike], class_names: Sequence[str],
                           temperature: float = 2.0, batch_size: int = 256) -> np.ndarray:
     """The teacher's probabilities over ``class_names`` (N, C) for each path, softened by ``temperature``.
 
     Classes are matched by name; a student class the teacher lacks gets probability 0, a teacher
-    class the student lacks is dropped (the rest renormalised). Needs a CNN teacher (its logits).
+    class the student lacks is dropped (the rest renormalised).
     """
-    predictor = load_model(teacher, backend="torch", device="cpu")
-    if predictor.kind != "cnn":
-        raise LeukoscopeError(f"teacher {str(teacher)!r} is a {predictor.kind} model; distillation needs a CNN (a run folder, checkpoint or bundled name)")
-    shared = [name for name in class_names if name in predictor.class_names]
-    if not shared:
-        raise LeukoscopeError(f"teacher {str(teacher)!r} shares no class with the training data (teacher: {', '.join(predictor.class_names)}; "
+    columns = [teacher.class_names.index(name) if name in teacher.class_names else -1 for name in class_names]
+    if all(c < 0 for c in columns):
+        raise LeukoscopeError(f"the teacher shares no class with the training data (teacher: {', '.join(teacher.class_names)}; "
                               f"data: {', '.join(class_names)})")
-    images, errors = decode_many(list(paths), predictor.view, desc="teacher: decode the training images")
+    images, errors = decode_many(list(paths), teacher.view, desc="teacher: decode the training images")
     if any(e is not None for e in errors):
         raise LeukoscopeError(f"teacher: {sum(e is not None for e in errors)} training images could not be decoded")
-    logits = torch.cat([predictor.logits(images[i : i + batch_size], tta="none") for i in range(0, len(images), batch_size)]).double()
-    columns = [predictor.class_names.index(name) if name in predictor.class_names else -1 for name in class_names]
+    logits = torch.cat([teacher.logits(images[i : i + batch_size], tta="none") for i in range(0, len(images), batch_size)]).double()
     known = torch.tensor([c for c in columns if c >= 0])
     probs = torch.softmax(logits[:, known] / temperature, dim=1).numpy()
     out = np.zeros((len(paths), len(class_names)))
@@ -59,10 +65,13 @@ def distillation_targets(labels: np.ndarray, teacher: np.ndarray, weight: float)
     return torch.from_numpy(targets.astype(np.float32)), int(right.sum())
 
 
-def distill_from(teacher: str, paths: Sequence[str | os.PathLike], labels: np.ndarray, class_names: Sequence[str], weight: float,
-                 temperature: float) -> torch.Tensor:
-    """Targets for training images ``paths`` (see distillation_targets), with a note of how many the teacher taught."""
-    probs = teacher_probabilities(teacher, paths, class_names, temperature)
+def distill_from(teacher: str, dataset: Dataset, splits: list[str], labels: np.ndarray, weight: float, temperature: float) -> torch.Tensor:
+    """Targets for the training images of ``dataset`` (see distillation_targets), with a note of how
+    many the teacher taught; a teacher that saw this run's validation or test images is refused."""
+    model = load_teacher(teacher)
+    refuse_seen(model.checkpoint.get("seen_images"), dataset, splits, f"the teacher {teacher!r}")
+    paths = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
+    probs = teacher_probabilities(model, paths, dataset.classes, temperature)
     targets, taught = distillation_targets(labels, probs, weight)
     note(f"distillation from {teacher}: its probabilities (temperature {temperature:g}) make up {weight:g} of the targets of the "
          f"{taught} of {len(labels)} training images it calls right; the others keep their labels")

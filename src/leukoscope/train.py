@@ -26,9 +26,9 @@ from .checkpoint import ModelCard, Preprocessing, build_checkpoint, load_checkpo
 from .config import TrainConfig, load_config
 from .data import Dataset
 from .data.dataset import decode_many
-from .data.splits import make_folds, seen_images
-from .distributed import World, close, init_world, unwrap, weights_digest, wrap
+from .data.splits import make_folds, refuse_seen, seen_images
 from .distill import distill_from
+from .distributed import World, close, init_world, unwrap, weights_digest, wrap
 from .errors import LeukoscopeError
 from .evaluate import evaluate, headline
 from .inference import Predictor
@@ -140,6 +140,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
         if world.distributed and config.freeze_epochs:
             raise LeukoscopeError("--freeze-epochs cannot run under torchrun (DistributedDataParallel needs every weight trainable)")
         parent, record = load_parent(config.init, config)
+        refuse_seen(parent.get("seen_images"), dataset, splits, f"--init {config.init!r}")
         init_from_parent(model, parent)
         head = head_name(model)
         note(describe(record))
@@ -159,9 +160,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
                       steps_per_epoch=max(1, len(tensors["train"]) // config.batch_size), head=head)
     context = load_context(dataset, splits, config, view)
     if config.teacher:
-        train_paths = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
-        trainer.targets = distill_from(config.teacher, train_paths, labels["train"], dataset.classes, config.distill,
-                                       config.distill_temperature)
+        trainer.targets = distill_from(config.teacher, dataset, splits, labels["train"], config.distill, config.distill_temperature)
     history, best_epoch = trainer.fit(tensors, labels, meta, out, resume_state, context)
     if world.distributed:
         print(f"rank {world.rank}/{world.size}: final weights sha256 {weights_digest(model)}", flush=True)

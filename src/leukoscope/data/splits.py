@@ -298,6 +298,21 @@ def seen_images(dataset: Dataset, splits: list[str]) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
+def refuse_seen(seen: dict[str, list[str]] | None, dataset: Dataset, splits: list[str], role: str) -> None:
+    """Refuse a model (``role``: the --init parent, the teacher) that trained on this run's validation
+    or test images (by content; see ``seen_images``): what it learnt of them would pass to the new
+    model and flatter the validation numbers that choose a recipe and the test score. (Its own
+    validation images may be this run's: continuing on the same split is allowed.)"""
+    known = set((seen or {}).get("train", ()))
+    if not known:
+        return
+    hits = [s for s, k in zip(dataset.samples, splits) if k in ("val", "test") and fingerprint(dataset.abspath(s)) in known]
+    if hits:
+        raise LeukoscopeError(f"{role} trained on {len(hits)} of this run's validation and test images (e.g. {hits[0].path}), so "
+                              "their scores would be flattered; use the split it was trained with (copy its splits.csv into --out) "
+                              "or another model")
+
+
 def unseen_samples(dataset: Dataset, seen: dict[str, list[str]] | None) -> list[Sample]:
     """The samples of ``dataset`` a model neither trained nor validated on (by content; see ``seen_images``)."""
     splits, _, _ = splits_from_seen(dataset, seen or {})
