@@ -101,9 +101,11 @@ def worker_processes(files: int, view: View, infer: bool = False, workers: int |
 
 class Decoder:
     """Submit lists of items (see decode_item), get their ``Decoded`` tuples back in order; a context manager.
-    ``files``: how many files the run decodes (0 for images in memory: threads). ``infer``: where
-    the run uses processes, each builds its network by calling it once, and ``results`` then
-    returns ``(decoded, outputs)`` pairs (see ``load_and_infer``; ``self.infers`` says which)."""
+    ``files``: how many files the run decodes (0 for images in memory: threads). ``processes``: that many
+    worker processes regardless (0: threads); else ``worker_processes`` decides, from ``workers`` (the
+    user's request) or the cores. ``infer``: where the run uses processes, each builds its network by
+    calling it once, and ``results`` then returns ``(decoded, outputs)`` pairs (see ``load_and_infer``;
+    ``self.infers`` says which)."""
 
     def __init__(self, view: View, files: int, processes: int | None = None, infer: Callable[[], Infer] | None = None,
                  workers: int | None = None):
