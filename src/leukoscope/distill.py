@@ -20,6 +20,7 @@ from .data import Dataset
 from .data.dataset import decode_many
 from .data.splits import refuse_seen
 from .errors import LeukoscopeError
+from .evaluate import predict_logits
 from .inference import Predictor, load_model
 from .progress import note
 
@@ -46,7 +47,7 @@ def teacher_probabilities(teacher: Predictor, paths: Sequence[str | os.PathLike]
     images, errors = decode_many(list(paths), teacher.view, desc="teacher: decode the training images")
     if any(e is not None for e in errors):
         raise LeukoscopeError(f"teacher: {sum(e is not None for e in errors)} training images could not be decoded")
-    logits = torch.cat([teacher.logits(images[i : i + batch_size], tta="none") for i in range(0, len(images), batch_size)]).double()
+    logits = torch.from_numpy(predict_logits(teacher, images, batch_size, tta="none", desc="teacher: predict")).double()
     known = torch.tensor([c for c in columns if c >= 0])
     probs = torch.softmax(logits[:, known] / temperature, dim=1).numpy()
     out = np.zeros((len(paths), len(class_names)))

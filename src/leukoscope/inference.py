@@ -19,7 +19,7 @@ from PIL import Image
 
 from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resolve_model_path
 from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
-from .decoding import Decoder, worker_processes
+from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
 from .io import iter_image_files
 from .metrics import positive_index, softmax
@@ -145,13 +145,13 @@ class Predictor:
         """
         tta = self.default_tta if tta is None else tta_mode(tta)  # a bad mode fails before any decoding
         files = all(isinstance(item, (str, os.PathLike)) for item in items)
-        start = 0
-        if files and hasattr(self.backend, "worker_copy") and worker_processes(len(items), self.view, True, workers):
+        start, processes = 0, None  # None: the Decoder decides (decoding only in its workers)
+        if files and hasattr(self.backend, "worker_copy") and (processes := worker_processes(len(items), self.view, True, workers)):
             with Decoder(self.view, 0) as decoder:
                 yield from self._predict_decoded(items[:batch_size], 0, decoder.results(decoder.submit(items[:batch_size])), tta)
             start = batch_size
         infer = self._worker_infer(tta) if start else None
-        with Decoder(self.view, len(items) - start if files else 0, infer=infer, workers=workers) as decoder:
+        with Decoder(self.view, len(items) - start if files else 0, processes or None, infer, workers) as decoder:
             ahead = PREFETCH * batch_size
             pending = deque(decoder.submit(items[i : i + batch_size]) for i in range(start, start + ahead, batch_size))
             for first in range(start, len(items), batch_size):
@@ -160,11 +160,11 @@ class Predictor:
                 chunk = items[first : first + batch_size]
                 yield from (self._predict_inferred(chunk, first, done) if decoder.infers else self._predict_decoded(chunk, first, done, tta))
 
-    def _worker_infer(self, tta: str) -> Callable[[], Callable[[np.ndarray], tuple[np.ndarray, ...]]]:
+    def _worker_infer(self, tta: str) -> Callable[[], Infer]:
         """What a forked decoding worker calls once to run this model itself: its own copy of the
         backend, one thread (the worker is one of one per core), the same test-time views."""
 
-        def start() -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+        def start() -> Infer:
             torch.set_num_threads(1)
             # This process's copy of the predictor gets its own session. The forked copy of the parent's
             # stays referenced: its destructor would wait for the parent's threads, absent here, forever.
