@@ -112,3 +112,61 @@ def test_workers_that_run_the_network_give_the_same_rows(files, monkeypatch, tin
 def test_load_and_infer_needs_a_worker_network(files):
     with pytest.raises(RuntimeError, match="worker process"):
         decoding.load_and_infer(files[:1], View(32, crop=0.7))
+
+
+@pytest.mark.parametrize("shape, view, factor", [
+    ((363, 360), View(112, crop=0.7, reduce=True), 2),   # 180 px reduced, its 70% crop 126 >= 112
+    ((363, 360), View(126, crop=0.7, reduce=True), 2),   # exactly: 126 px of 180 (pbc)
+    ((363, 360), View(128, crop=0.7, reduce=True), 1),   # 126 < 128: no reduction would cover it
+    ((1452, 1440), View(112, crop=0.7, reduce=True), 8),  # 180 px at 1/8
+    ((724, 720), View(112, crop=0.7, reduce=True), 4),
+    ((363, 360), View(112, crop=0.7), 1),                  # reduce off
+    ((363, 360), View(112, cell=0.6, reduce=True), 1),     # cell windows are never reduced
+    ((363, 360), View(112, crop=0.7, reduce=True).with_context(1 / 0.7), 2),  # training context: 160 px of 180
+])
+def test_reduction_is_the_largest_factor_that_still_covers_the_view(shape, view, factor):
+    from leukoscope.io import reduction
+
+    assert reduction(*shape, view) == factor
+
+
+def test_reduced_jpeg_files_uploads_and_arrays_agree_within_decoder_rounding(tmp_path):
+    """A path and its bytes decode at 1/2 in libjpeg-turbo's DCT (identical); an array of the same image is
+    block-averaged by 2 instead: same size, pixels within decoder rounding."""
+    from PIL import Image
+
+    from leukoscope.io import frame, load_view, reduction
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:363, :360]
+    smooth = np.stack([128 + 60 * np.sin(yy / 9 + c) * np.cos(xx / 13 - c) for c in range(3)], -1) + rng.normal(0, 3, (363, 360, 3))
+    path = tmp_path / "tile.jpg"
+    Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8)).save(path, quality=95)
+    whole = np.asarray(Image.open(path).convert("RGB"))
+    view = View(112, crop=0.7, reduce=True)
+    assert reduction(*whole.shape[:2], view) == 2
+    from_path, _ = load_view(path, view)
+    from_bytes, _ = load_view(path.read_bytes(), view)
+    from_array, _ = frame(whole, view)
+    assert from_path.shape == from_array.shape == (112, 112, 3)
+    assert np.array_equal(from_path, from_bytes)
+    difference = np.abs(from_path.astype(int) - from_array)
+    assert difference.mean() < 1.0 and difference.max() <= 8
+    unreduced, _ = frame(whole, View(112, crop=0.7))
+    assert np.abs(unreduced.astype(int) - from_array).mean() > difference.mean()  # the reduction changed something
+
+
+def test_a_view_of_the_reduced_size_is_the_dct_decode_itself_without_resampling(tmp_path):
+    """`pbc`'s view of a 360x363 CellaVision tile: the JPEG decoded at half size, its central 126 px as they are."""
+    import simplejpeg
+    from PIL import Image
+
+    from leukoscope.io import load_view
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "tile.jpg"
+    Image.fromarray(rng.integers(0, 256, (363, 360, 3), dtype=np.uint8)).save(path, quality=90)
+    half = simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB", min_height=182, min_width=180)
+    assert half.shape == (182, 180, 3)
+    top, left = (182 - 126) // 2, (180 - 126) // 2
+    assert np.array_equal(load_view(path, View(126, crop=0.7, reduce=True))[0], half[top : top + 126, left : left + 126])

@@ -1,7 +1,7 @@
 """The fast inference path (threaded, pipelined decoding, channels_last, fp16-stored weights,
 batching) against a plain reference path (one decode at a time, contiguous fp32), on real images.
 
-Both decode every image whole: a path, its bytes, a PIL image and an array of it are one input."""
+Both decode every image the same way (``io.load_view``): a path, its bytes, a PIL image and an array of it are one input."""
 
 from pathlib import Path
 
@@ -14,17 +14,18 @@ from leukoscope import load_model, onnx_backend
 from leukoscope.checkpoint import model_from_checkpoint
 from leukoscope.errors import LeukoscopeError
 from leukoscope.inference import bundled_models
-from leukoscope.io import frame
+from leukoscope.io import load_view
 from PIL import Image
 from leukoscope.onnx_backend import onnx_bytes
 from leukoscope.transforms import normalize, to_float
 
 TOLERANCE = 1e-3  # max absolute difference of any class probability
+REDUCED_TOLERANCE = 0.1  # files against arrays of the same image for models whose view reduces JPEGs in the DCT
 
 
 def _reference_probs(predictor, paths):
     model = model_from_checkpoint(predictor.checkpoint).float()
-    arrays = np.stack([frame(np.asarray(Image.open(p).convert("RGB")), predictor.view)[0] for p in paths])
+    arrays = np.stack([load_view(p, predictor.view)[0] for p in paths])  # one at a time, as every path decodes
     x = normalize(to_float(torch.from_numpy(arrays).permute(0, 3, 1, 2)), predictor.checkpoint["mean"], predictor.checkpoint["std"]).contiguous()
     with torch.no_grad():
         return torch.softmax(model(x) / predictor.temperature, dim=1).numpy()
@@ -47,7 +48,8 @@ def test_fast_path_matches_reference(name, folder, backend):
 
 @pytest.mark.parametrize("name, folder", [("pbc", "pbc"), ("wbc", "bccd_wbc")])
 def test_a_path_pil_image_array_and_upload_give_the_same_probabilities(name, folder):
-    """One decode-and-frame function for every kind of input: within 1e-3 (in fact identical pixels)."""
+    """One decode-and-frame function for every kind of input: within 1e-3 (in fact identical pixels), but for
+    files against arrays where the view reduces JPEGs (``io.reduction``)."""
     if name not in bundled_models():
         pytest.skip(f"bundled model {name} not built (make models)")
     from leukoscope.io import load_view
@@ -58,9 +60,11 @@ def test_a_path_pil_image_array_and_upload_give_the_same_probabilities(name, fol
     arrays = [np.asarray(im.convert("RGB")) for im in pils]
     uploads = [load_view(p.read_bytes(), predictor.view)[0] for p in paths]
     by_kind = [predictor.predict(paths), predictor.predict(pils), predictor.predict(arrays), predictor.predict_arrays(uploads, [""] * len(paths))]
-    probs = [np.array([[p.probabilities[c] for c in predictor.class_names] for p in kind]) for kind in by_kind]
-    for other in probs[1:]:
-        assert np.abs(other - probs[0]).max() <= TOLERANCE
+    path, pil, array, upload = (np.array([[p.probabilities[c] for c in predictor.class_names] for p in kind]) for kind in by_kind)
+    assert np.abs(upload - path).max() <= TOLERANCE and np.abs(pil - array).max() <= TOLERANCE
+    # a file and a decoded array take one pipeline; with `reduce` (pbc) a JPEG shrinks in the DCT and an array by block
+    # averaging, which moved probabilities by at most 0.084 on pbc's 1,030 validation images (docs/benchmarks.md, "Decoding")
+    assert np.abs(array - path).max() <= (REDUCED_TOLERANCE if predictor.view.reduce else TOLERANCE)
 
 
 def test_bundled_models_describe_themselves():
@@ -108,7 +112,8 @@ def test_backend_choice_and_bad_backends(tmp_path):
 
 def test_onnx_graph_is_exported_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("LEUKOSCOPE_CACHE", str(tmp_path / "cache"))
-    images = torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    size = load_model("pbc").view.size
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     first = load_model("pbc").predict_proba(images)
     (graph,) = (tmp_path / "cache" / "onnx").glob("*.onnx")
     monkeypatch.setattr(onnx_backend, "onnx_bytes", _must_not_export)
@@ -129,7 +134,8 @@ def _must_not_export(checkpoint):
 
 def test_tta_modes_average_the_right_views():
     predictor = load_model("pbc", backend="torch")
-    x = torch.randint(0, 256, (3, 3, 112, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    size = predictor.view.size
+    x = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     plain = predictor.logits(x, "none")
     mirrored = predictor.logits(x.flip(3).contiguous(), "none")
     torch.testing.assert_close(predictor.logits(x, "flip"), (plain + mirrored) / 2)

@@ -173,11 +173,12 @@ def test_model_card_round_trip_and_bundled_checkpoints():
     from leukoscope.errors import LeukoscopeError
     from leukoscope.inference import bundled_models
 
-    card = ModelCard("cellnet", ["blast", "normal"], Preprocessing(96, 0.8, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)), {"se": True}, 1.3, 0.2, 0, "flip")
+    card = ModelCard("cellnet", ["blast", "normal"], Preprocessing(96, 0.8, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), reduce=True), {"se": True}, 1.3, 0.2, 0, "flip")
     assert ModelCard.from_meta(card.to_meta()) == card
+    assert card.preprocessing.view.reduce and not ModelCard.from_meta({**card.to_meta(), "reduce": None}).preprocessing.reduce
     for name, path in bundled_models().items():
         read = ModelCard.from_meta(load_checkpoint(path))
-        assert read.preprocessing.image_size == 112 and len(read.preprocessing.mean) == 3 and read.tta == "none", name
+        assert read.preprocessing.image_size == {"pbc": 126}.get(name, 112) and len(read.preprocessing.mean) == 3 and read.tta == "none", name
     with pytest.raises(LeukoscopeError, match="lacks class_names"):
         ModelCard.from_meta({"arch": "cellnet", "image_size": 64})
 

@@ -37,7 +37,8 @@ class Preprocessing:
     shorter side (or, with ``cell``, a window centred on the located white cell, which fills
     ``cell`` of it), resized to ``image_size``, colour-normalised onto ``stain`` where set,
     scaled to [0, 1] and normalised by ``mean``/``std``. ``colour`` names the colour normalisation
-    (see stain: none, white, or reinhard onto the ``stain`` target)."""
+    (see stain: none, white, or reinhard onto the ``stain`` target). ``reduce``: images shrink by 2, 4
+    or 8 before the crop is resized where that still covers it (see io.reduction)."""
 
     image_size: int
     crop: float = 1.0
@@ -46,10 +47,11 @@ class Preprocessing:
     cell: float | None = None
     stain: tuple[float, ...] | None = None
     colour: str = "none"
+    reduce: bool = False
 
     @property
     def view(self) -> View:
-        return View(self.image_size, self.crop, self.cell, self.stain, colour=self.colour)
+        return View(self.image_size, self.crop, self.cell, self.stain, colour=self.colour, reduce=self.reduce)
 
 
 @dataclass
@@ -67,7 +69,7 @@ class ModelCard:
     ood_threshold: float | None = None  # out-of-domain above this Mahalanobis score (the network outputs it: see ood)
 
     KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "crop", "mean", "std", "temperature", "threshold", "positive_index", "tta",
-            "ood_threshold", "cell", "stain", "colour")
+            "ood_threshold", "cell", "stain", "colour", "reduce")
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ModelCard:
@@ -84,7 +86,8 @@ class ModelCard:
             raise LeukoscopeError(f"model metadata: colour must be one of {', '.join(COLOUR_MODES)} (reinhard with a stain target), got {colour!r}")
         pre = Preprocessing(int(meta["image_size"]), float(meta.get("crop", 1.0)),
                             tuple(float(v) for v in meta.get("mean", (0.5,) * 3)), tuple(float(v) for v in meta.get("std", (0.25,) * 3)),
-                            None if cell is None else float(cell), None if stain is None else tuple(float(v) for v in stain), colour)
+                            None if cell is None else float(cell), None if stain is None else tuple(float(v) for v in stain), colour,
+                            bool(meta.get("reduce", False)))
         index = meta.get("positive_index")
         return cls(str(meta["arch"]), [str(c) for c in meta["class_names"]], pre, dict(meta.get("arch_kwargs") or {}),
                    float(meta.get("temperature", 1.0)), meta.get("threshold"), None if index is None else int(index), meta.get("tta") or "none",
@@ -95,7 +98,7 @@ class ModelCard:
         pre = self.preprocessing
         return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "class_names": list(self.class_names), "image_size": pre.image_size,
                 "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "cell": pre.cell,
-                "stain": None if pre.stain is None else list(pre.stain), "colour": pre.colour, "temperature": self.temperature,
+                "stain": None if pre.stain is None else list(pre.stain), "colour": pre.colour, "reduce": pre.reduce, "temperature": self.temperature,
                 "threshold": self.threshold, "positive_index": self.positive_index, "tta": self.tta, "ood_threshold": self.ood_threshold}
 
 

@@ -9,7 +9,7 @@ import re
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,6 +56,16 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = Tru
     several times faster for large JPEGs. Raises ImageReadError with a short reason for
     anything that is not a readable image.
     """
+    path = _readable(path)
+    if path.suffix.lower() in (".jpg", ".jpeg") and (size is None or draft):
+        data = path.read_bytes()
+        fast = decode_jpeg_fast(data, size, crop)
+        if fast is not None:
+            return fast
+    return _decode(path, size, draft, str(path), crop=crop)
+
+
+def _readable(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ImageReadError("is a directory")
@@ -63,12 +73,7 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = Tru
         raise ImageReadError("file not found" if not path.is_symlink() else "broken symlink")
     if path.stat().st_size == 0:
         raise ImageReadError("empty file")
-    if path.suffix.lower() in (".jpg", ".jpeg") and (size is None or draft):
-        data = path.read_bytes()
-        fast = decode_jpeg_fast(data, size, crop)
-        if fast is not None:
-            return fast
-    return _decode(path, size, draft, str(path), crop=crop)
+    return path
 
 
 def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
@@ -88,6 +93,21 @@ def decode_jpeg_fast(data: bytes, size: int | None = None, crop: float = 1.0, ma
     smallest DCT scale that still covers it as PIL's draft mode does (about 25% faster), then cropped
     and resized. None where it does not apply (not a JPEG, an EXIF orientation to honour, CMYK, a
     damaged or oversized file): the caller then decodes with PIL."""
+    if size is None:
+        return _jpeg_scaled(data, max_pixels, lambda height, width: 1)
+    need = int(np.ceil(size / crop))
+
+    def draft(height: int, width: int) -> int:  # PIL's draft mode scales by 1/2, 1/4 or 1/8 only: the same factor
+        ratio = min(width // need, height // need)
+        return next(s for s in (8, 4, 2, 1) if ratio >= s or s == 1)
+
+    decoded = _jpeg_scaled(data, max_pixels, draft)
+    return None if decoded is None else resize_center_crop(decoded, size, crop)
+
+
+def _jpeg_scaled(data: bytes, max_pixels: int, factor: Callable[[int, int], int]) -> np.ndarray | None:
+    """A JPEG decoded by libjpeg-turbo (simplejpeg) at 1/``factor(height, width)`` of its size, in the
+    DCT (the sizes ``Image.reduce`` gives); None where that does not apply (see ``decode_jpeg_fast``)."""
     if data[:2] != b"\xff\xd8" or b"Exif" in data[:65536]:
         return None
     try:
@@ -96,14 +116,8 @@ def decode_jpeg_fast(data: bytes, size: int | None = None, crop: float = 1.0, ma
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         if height * width > max_pixels:
             return None
-        if size is None:
-            return simplejpeg.decode_jpeg(data, colorspace="RGB")
-        need = int(np.ceil(size / crop))
-        # PIL's draft mode scales by 1/2, 1/4 or 1/8 only (libjpeg-turbo offers every M/8): take the same factor
-        ratio = min(width // need, height // need)
-        scale = next(s for s in (8, 4, 2, 1) if ratio >= s or s == 1)
-        decoded = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale))
-        return resize_center_crop(decoded, size, crop)
+        scale = factor(height, width)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale))
     except (ImportError, ValueError, OSError):
         return None
 
@@ -165,7 +179,8 @@ class View:
     the window (see localise); ``crop`` is then unused. ``colour``: the colour normalisation of
     each window (see stain: none, white or reinhard, whose target OD statistics are ``stain``).
     ``context`` > 1: training decodes that factor more around the same centre, for augmentation
-    to rotate or shift into view.
+    to rotate or shift into view. ``reduce`` (central crops only): shrink the image first by the
+    largest of 8, 4 or 2 that still leaves the crop ``size`` pixels across (see ``reduction``).
     """
 
     size: int
@@ -174,15 +189,38 @@ class View:
     stain: tuple[float, ...] | None = None
     context: float = 1.0
     colour: str = "none"
+    reduce: bool = False
 
     def with_context(self, factor: float) -> View:
         return replace(self, size=round(self.size * factor), context=factor)
 
 
-def frame(rgb: np.ndarray, view: View) -> tuple[np.ndarray, bool | None]:
+REDUCTIONS = (8, 4, 2)
+
+
+def reduction(height: int, width: int, view: View) -> int:
+    """By how much an image of ``height`` x ``width`` shrinks before ``view`` frames it: with
+    ``view.reduce``, the largest of 8, 4 and 2 whose reduced image still has a central crop of
+    ``view.size`` pixels or more; otherwise 1.
+
+    Why: a JPEG decodes at 1/2, 1/4 or 1/8 of its size in libjpeg-turbo's DCT (half the time at 1/2),
+    and the crop is then resized from half the pixels. Arrays, PIL images and other formats are
+    shrunk by block averaging (``Image.reduce``, the same sizes), so every input still goes through
+    one pipeline; the two shrinkings differ by decoder rounding (docs/benchmarks.md, "Decoding").
+    """
+    if not view.reduce or view.cell is not None:
+        return 1
+    crop = min(1.0, view.crop * view.context)
+    return next((f for f in REDUCTIONS if round(min(-(-height // f), -(-width // f)) * crop) >= view.size), 1)
+
+
+def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarray, bool | None]:
     """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, and whether a cell was located (None
     when the view is not cell-centric). The one function every path (files, uploads, arrays, PIL
-    images; train, evaluate, predict, serve, explain, export) goes through."""
+    images; train, evaluate, predict, serve, explain, export) goes through. ``reduced``: ``rgb`` was
+    already decoded at ``reduction``'s scale (a JPEG; see ``load_view``)."""
+    if not reduced and (factor := reduction(*rgb.shape[:2], view)) > 1:
+        rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
     if view.cell is not None:
         out, found = localise.cell_window(rgb, view.size, view.cell, view.context)
     else:
@@ -192,12 +230,18 @@ def frame(rgb: np.ndarray, view: View) -> tuple[np.ndarray, bool | None]:
 
 
 def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None]:
-    """A file (path) or an upload (bytes) decoded whole and framed as ``view`` shows it; see ``frame``.
+    """A file (path) or an upload (bytes) decoded and framed as ``view`` shows it; see ``frame``.
 
-    No reduced-scale (draft) JPEG decoding here: a path, its bytes, its decoded array and a PIL
-    image of it give the same pixels, so the same probabilities (draft decoding moved some
-    probabilities by up to 0.4; docs/benchmarks.md, "Decoding").
+    Decoded whole, unless ``view.reduce`` lets a JPEG decode at a reduced DCT scale (``reduction``).
+    Without ``reduce``, a path, its bytes, its decoded array and a PIL image of it give the same
+    pixels, so the same probabilities.
     """
+    if view.reduce and view.cell is None:
+        data = source if isinstance(source, bytes) else None
+        if data is None and Path(source).suffix.lower() in (".jpg", ".jpeg"):
+            data = _readable(source).read_bytes()
+        if data and (rgb := _jpeg_scaled(data, max_pixels, lambda height, width: reduction(height, width, view))) is not None:
+            return frame(rgb, view, reduced=True)
     rgb = decode_bytes(source, None, max_pixels) if isinstance(source, bytes) else load_rgb(source)
     return frame(rgb, view)
 

@@ -150,7 +150,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     model = model.to(device, memory_format=training_memory_format(model, device))
     bf16 = resolve_precision(config, device, model)
     card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
-                                                                 config.cell, view.stain, view.colour), config.arch_kwargs)
+                                                                 config.cell, view.stain, view.colour, view.reduce), config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
             "seen_images": seen_images(dataset, splits), **({"parent": record} if parent else {})}
     if resume_state is not None:
@@ -196,7 +196,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
 def training_view(dataset: Dataset, splits: list[str], config: TrainConfig, parent: dict[str, Any] | None) -> View:
     """The view the model will see; with reinhard colour normalisation, its target: the parent's (the
     backbone learnt on that colour) or the mean OD statistics of up to 500 training windows."""
-    view = View(config.image_size, config.crop, config.cell, colour=config.colour_norm)
+    view = View(config.image_size, config.crop, config.cell, colour=config.colour_norm, reduce=config.reduce)
     if config.colour_norm != "reinhard":
         return view
     if parent is not None and (target := ModelCard.from_meta(parent).preprocessing.stain) is not None:

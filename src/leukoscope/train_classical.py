@@ -53,8 +53,9 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     dataset, splits, split_kind = prepare_run(data, out, config, command)
     backbone = load_backbone(config.backbone, dataset, splits, out) if config.method in NEEDS_BACKBONE else None
     backbone_pre = ModelCard.from_meta(backbone).preprocessing if backbone else None  # the backbone's own view of each image
-    pre = Preprocessing(config.image_size, config.crop, cell=config.cell) if backbone_pre is None else \
-        Preprocessing(backbone_pre.image_size, backbone_pre.crop, cell=backbone_pre.cell, stain=backbone_pre.stain, colour=backbone_pre.colour)
+    pre = Preprocessing(config.image_size, config.crop, cell=config.cell, reduce=config.reduce) if backbone_pre is None else \
+        Preprocessing(backbone_pre.image_size, backbone_pre.crop, cell=backbone_pre.cell, stain=backbone_pre.stain, colour=backbone_pre.colour,
+                      reduce=backbone_pre.reduce)
     tensors, labels, dataset, splits = load_split_images(dataset, splits, pre.view)
     model = ClassicalModel(config.method, dataset.classes, pre.image_size, backbone, config.seed)
     model.cache_writes = True  # this run's features are worth keeping; the saved model only reads the cache
