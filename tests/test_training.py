@@ -96,6 +96,30 @@ def test_cnn_learns_with_crop_context(tmp_path):
     assert metrics["test"]["accuracy"] >= 0.9
     with pytest.raises(LeukoscopeError, match="crop_context needs crop < 1"):
         TrainConfig.from_dict({"crop_context": True})
+    with pytest.raises(LeukoscopeError, match="reduce applies to central crops, not to cell windows"):
+        TrainConfig.from_dict({"reduce": True, "cell": 0.6})
+
+
+def test_a_model_trained_with_reduce_learns_and_predicts_files_and_arrays_alike(tmp_path):
+    """80 px JPEGs, a 24 px view of their central 60%: decoded at half size in training and prediction."""
+    import numpy as np
+    from PIL import Image
+
+    from leukoscope import load_model
+    from leukoscope.io import reduction
+
+    data = make_image_folder(tmp_path / "cells", n_per_class=40, size=80, ext=".jpg")
+    config = TrainConfig(arch="cellnet_tiny", image_size=24, crop=0.6, crop_context=True, reduce=True, epochs=12, batch_size=16,
+                         lr=1e-2, seed=0, patience=12, augment=AugmentConfig(blur_p=0.0))
+    metrics = train(data, tmp_path / "run", config)
+    assert metrics["test"]["accuracy"] >= 0.9
+    model = load_model(tmp_path / "run", backend="torch")
+    assert model.view.reduce and reduction(80, 80, model.view) == 2  # 40 px, whose central 60% is 24 px
+    files = sorted(data.rglob("*.jpg"))[::8]
+    by_file = model.predict(files)
+    by_array = model.predict([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    assert [p.label for p in by_file] == [p.label for p in by_array]
+    assert max(abs(a.confidence - b.confidence) for a, b in zip(by_file, by_array)) < 0.1
 
 
 def test_patience_scales_with_the_epoch_count():

@@ -32,7 +32,9 @@ def model_card(name: str, checkpoint: dict[str, Any]) -> str:
     metrics = checkpoint.get("metrics", {})
     crop, cell, colour = checkpoint.get("crop", 1.0), checkpoint.get("cell"), checkpoint.get("colour") or "none"
     framing = (f" on a window centred on the located white cell, its nucleus spanning {cell:.0%} of it" if cell
-               else f" on the central {crop:.0%} of each image" if crop < 1 else "") + (f", {COLOUR[colour]}" if colour in COLOUR else "")
+               else f" on the central {crop:.0%} of each image" if crop < 1 else "") + (f", {COLOUR[colour]}" if colour in COLOUR else "") \
+        + (" (JPEGs decoded at 1/2, 1/4 or 1/8 of their size where that still covers it; arrays block-averaged alike)"
+           if checkpoint.get("reduce") and not cell else "")
     lines = [f"# Model card: `{name}`", "",
              f"**Intended use.** {card.get('intended_use', 'Research use; not for diagnosis.')}", "",
              "## Model", "",

@@ -41,7 +41,7 @@ class TrainConfig:
     cell: float | None = option(None, "cell-centric window: locate the white cell and scale a window centred on it so that the cell's "
                                       "diameter fills this fraction of it (e.g. 0.6); crop is then unused")
     reduce: bool = option(False, "shrink each image by the largest of 2, 4 or 8 that still leaves the central crop image_size "
-                                 "pixels across before resizing it (JPEGs then decode at that scale, about twice as fast; ignored "
+                                 "pixels across before resizing it (JPEGs then decode at that scale, about twice as fast; not "
                                  "with cell)")
     colour_norm: str = option("none", "colour normalisation of each window: white (subtract the background's optical density, so "
                                       "every lab's background is white), reinhard (map OD mean and std onto the training average) "
@@ -158,6 +158,7 @@ class TrainConfig:
             (0.2 <= self.crop <= 1.0, f"crop must be between 0.2 and 1.0, got {self.crop}"),
             (not self.crop_context or self.crop < 1.0 or self.cell is not None,
              "crop_context needs crop < 1 or cell (with the whole image there is no context around it)"),
+            (not self.reduce or self.cell is None, "reduce applies to central crops, not to cell windows (cell is set): drop one of them"),
             (self.colour_norm in COLOUR_MODES, f"colour_norm must be one of {', '.join(COLOUR_MODES)}, got {self.colour_norm!r}"),
             (self.cell is None or 0.1 <= self.cell <= 1.0, f"cell must be between 0.1 and 1.0 (the cell's share of the window), got {self.cell}"),
             (0 <= self.augment.colour_p <= 1, f"augment.colour_p must be between 0 and 1, got {self.augment.colour_p}"),

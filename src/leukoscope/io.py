@@ -206,7 +206,8 @@ def reduction(height: int, width: int, view: View) -> int:
     Why: a JPEG decodes at 1/2, 1/4 or 1/8 of its size in libjpeg-turbo's DCT (half the time at 1/2),
     and the crop is then resized from half the pixels. Arrays, PIL images and other formats are
     shrunk by block averaging (``Image.reduce``, the same sizes), so every input still goes through
-    one pipeline; the two shrinkings differ by decoder rounding (docs/benchmarks.md, "Decoding").
+    one pipeline; the two shrinkings differ by decoder rounding (docs/benchmarks.md, "Decoding at
+    half size").
     """
     if not view.reduce or view.cell is not None:
         return 1
