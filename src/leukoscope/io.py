@@ -233,16 +233,16 @@ def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarra
 def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None]:
     """A file (path) or an upload (bytes) decoded and framed as ``view`` shows it; see ``frame``.
 
-    Decoded whole, unless ``view.reduce`` lets a JPEG decode at a reduced DCT scale (``reduction``).
-    Without ``reduce``, a path, its bytes, its decoded array and a PIL image of it give the same
-    pixels, so the same probabilities.
+    A JPEG decodes in libjpeg-turbo at ``reduction``'s scale (whole unless ``view.reduce``); anything
+    else, or a JPEG it cannot take (EXIF orientation, CMYK, damage), decodes whole through PIL and is
+    reduced in ``frame``. Without ``reduce``, a path, its bytes, its decoded array and a PIL image of
+    it give the same pixels, so the same probabilities.
     """
-    if view.reduce and view.cell is None:
-        data = source if isinstance(source, bytes) else None
-        if data is None and Path(source).suffix.lower() in (".jpg", ".jpeg"):
-            data = _readable(source).read_bytes()
-        if data and (rgb := _jpeg_scaled(data, max_pixels, lambda height, width: reduction(height, width, view))) is not None:
-            return frame(rgb, view, reduced=True)
+    data = source if isinstance(source, bytes) else None
+    if data is None and Path(source).suffix.lower() in (".jpg", ".jpeg"):
+        data = _readable(source).read_bytes()
+    if data and (rgb := _jpeg_scaled(data, max_pixels, lambda height, width: reduction(height, width, view))) is not None:
+        return frame(rgb, view, reduced=True)
     rgb = decode_bytes(source, None, max_pixels) if isinstance(source, bytes) else load_rgb(source)
     return frame(rgb, view)
 
