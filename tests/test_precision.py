@@ -147,6 +147,8 @@ def test_predict_int8_on_real_cells_keeps_the_fp32_calls(tmp_path, capsys):
     assert same >= 0.97 and [r["path"] for r in rows[int8]] == [str(c) for c in cells]
     diff = max(abs(float(a["p_monocyte"]) - float(b["p_monocyte"])) for a, b in zip(rows[fp32], rows[int8]))
     assert 0 < diff < 0.25  # really another graph, within the bound measured on validation
+    flags = np.mean([a["in_domain"] == b["in_domain"] for a, b in zip(rows[fp32], rows[int8])])
+    assert flags >= 0.93  # the OOD alarm too (99.3% on the 1,030 validation images)
 
 
 def test_precision_int8_refuses_adapt_with_a_clear_message(capsys):
@@ -181,3 +183,58 @@ def test_evaluate_reports_the_precision_that_ran(run, monkeypatch, tmp_path):
         out = tmp_path / precision
         assert main(["evaluate", str(folder), str(data), "--out", str(out), "--precision", precision]) == 0
         assert f"Inference in <b>{precision}</b>" in (out / "report.html").read_text()
+
+
+def _int8_weights_and_first_input(graph_bytes: bytes):
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(graph_bytes).graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    weights = [constants[producers[n.input[1]].input[0]] for n in graph.node if n.op_type == "Conv"]
+    first_input = producers[next(n for n in graph.node if n.op_type == "Conv").input[0]]  # a DequantizeLinear
+    return graph, constants, producers, weights, first_input
+
+
+def test_raw_pixel_graph_folds_the_normalisation_into_the_first_convolution(run):
+    from leukoscope.onnx_backend import onnx_bytes
+
+    _, folder = run
+    checkpoint = load_checkpoint(folder / "model.pt")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    images[:8] = 220  # a plain bright background: the border is where the padding matters
+    plain, raw = (OnnxBackend(onnx_bytes(checkpoint, raw_pixels=r))(images) for r in (False, True))
+    classes = len(checkpoint["class_names"])  # (then the OOD score: this 1-epoch model's is degenerate; the bundled pbc is checked below)
+    assert torch.allclose(raw[:, :classes], plain[:, :classes], atol=0.02), (raw - plain).abs().max()  # the mean colour's rounding at the border
+    ops = [n.op_type for n in __import__("onnx").load_from_string(onnx_bytes(checkpoint, raw_pixels=True)).graph.node]
+    assert "Div" not in ops[: ops.index("Conv")]  # no normalisation before the first convolution
+
+
+def test_int8_graph_reads_pixels_keeps_activations_uint8_and_cannot_saturate(run):
+    """The first convolution reads the uint8 pixels (scale 1, zero point 0) with uint8 weights (exact
+    32-bit sums on CPUs without VNNI, where uint8 x int8 pairs saturate 16 bits); every ReLU sits
+    between a dequantise and a quantise (fused away by ONNX Runtime); later weights are int8."""
+    from leukoscope.onnx_backend import onnx_bytes, quantize_int8
+
+    data, folder = run
+    checkpoint = load_checkpoint(folder / "model.pt")
+    calibration = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    graph, constants, producers, weights, first_input = _int8_weights_and_first_input(quantize_int8(onnx_bytes(checkpoint, raw_pixels=True), calibration))
+    assert first_input.op_type == "DequantizeLinear" and producers[first_input.input[0]].op_type == "Concat"  # the padded pixels
+    assert float(constants[first_input.input[1]]) == 1.0 and int(constants[first_input.input[2]]) == 0
+    assert not any(n.op_type in ("Cast", "QuantizeLinear") and n.input[0] == "images" for n in graph.node)
+    for relu in (n for n in graph.node if n.op_type == "Relu"):
+        assert producers[relu.input[0]].op_type == "DequantizeLinear", relu.name
+        assert any(n.op_type == "QuantizeLinear" and relu.output[0] in n.input for n in graph.node), relu.name
+    assert weights[0].dtype == np.uint8 and all(w.dtype == np.int8 for w in weights[1:])
+
+
+def test_bundled_int8_graphs_cannot_saturate_without_vnni():
+    models = bundled_models()
+    if not models:
+        pytest.skip("no bundled models (make models)")
+    for name, path in models.items():
+        _, _, _, weights, first_input = _int8_weights_and_first_input(int8_path(path).read_bytes())
+        assert weights[0].dtype == np.uint8, f"{name}: int8 weights on the pixels (tools/build_int8.py rebuilds the graph)"

@@ -55,7 +55,7 @@ def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tens
         own = load_int8(predictor.checkpoint, predictor.source, build=True)
         return _export_int8(predictor, out, images, data, own.graph_bytes())
     if calibration is not None:
-        return _export_int8(predictor, out, images, data, quantize_int8(data, calibration))
+        return _export_int8(predictor, out, images, data, quantize_int8(onnx_bytes(predictor.checkpoint, raw_pixels=True), calibration))
     exported = Predictor(predictor.checkpoint, source=str(out), backend=OnnxBackend(data))
     torch_backed = isinstance(predictor.backend, TorchBackend)
     reference = predictor if torch_backed else Predictor(predictor.checkpoint, source=predictor.source)  # always PyTorch
