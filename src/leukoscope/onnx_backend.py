@@ -224,8 +224,8 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
     source_graph = onnx.load_from_string(model)
     props = {p.key: p.value for p in source_graph.metadata_props}
     pixels = _pixel_cast(source_graph.graph)
-    first = next(n for n in source_graph.graph.node if n.op_type == "Conv")
-    overrides = {first.input[1]: [{"axis": 0, "quant_type": QuantType.QUInt8}]}
+    first = next((n for n in source_graph.graph.node if n.op_type == "Conv"), None)
+    overrides = {first.input[1]: [{"axis": 0, "quant_type": QuantType.QUInt8}]} if first is not None else {}
     if pixels:
         overrides[pixels.output[0]] = [{"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}]
     with tempfile.TemporaryDirectory() as tmp:
