@@ -55,9 +55,9 @@ models: setup
 # Speed, memory, robustness and service load (about 15 minutes); the CNN-vs-classical comparison
 # needs the runs of `make models` (about 15 minutes more). Each writes its block of docs/benchmarks.md.
 benchmark: setup
-	$(BIN)/python benchmarks/benchmark.py --model pbc --small 64 --large 2048 --repeats 2
-	$(BIN)/python benchmarks/benchmark.py --model aria-all --small 64 --large 2048 --repeats 2
-	$(BIN)/python benchmarks/benchmark.py --model wbc --data $(SHARED)/pbc --small 64 --large 2048 --repeats 2
+	$(BIN)/python benchmarks/benchmark.py --model pbc --small 64 --large 8192 --reference-large 512 --repeats 3
+	$(BIN)/python benchmarks/benchmark.py --model aria-all --small 64 --large 8192 --reference-large 512 --repeats 3
+	$(BIN)/python benchmarks/benchmark.py --model wbc --data $(SHARED)/pbc --small 64 --large 8192 --reference-large 512 --repeats 3
 	$(BIN)/python benchmarks/count_speed.py --model wbc
 	$(BIN)/python benchmarks/int8.py --model pbc
 	$(BIN)/python tools/make_wbc_data.py --shared $(SHARED) --out runs/data/wbc

@@ -15,7 +15,7 @@ import torch
 from .errors import LeukoscopeError
 from .inference import Predictor, TorchBackend
 from .io import View, atomic_write, load_view
-from .onnx_backend import OnnxBackend, onnx_bytes, quantize_int8
+from .onnx_backend import OnnxBackend, onnx_bytes
 
 TOLERANCE = 1e-3  # max absolute difference of any class probability, ONNX Runtime vs PyTorch
 INT8_AGREEMENT = 0.99  # an int8 graph must make the fp32 model's call on at least this share of the check images
@@ -42,7 +42,7 @@ def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tens
     """Write ``out`` and return the max probability difference to PyTorch on ``images``.
 
     Raises (and writes nothing) when the difference exceeds ``tolerance``. With ``calibration``
-    images the graph is quantised to int8 (``quantize_int8``); with ``int8`` it is the checkpoint's
+    images the graph is quantised to int8 (``quantize.faithful_int8``, which also picks its input on them); with ``int8`` it is the checkpoint's
     own int8 graph (see quantize). Then the check is the share of ``images`` on which it makes the
     fp32 model's call (at least INT8_AGREEMENT); returns (max probability difference, that share).
     """
@@ -55,7 +55,9 @@ def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tens
         own = load_int8(predictor.checkpoint, predictor.source, build=True)
         return _export_int8(predictor, out, images, data, own.graph_bytes())
     if calibration is not None:
-        return _export_int8(predictor, out, images, data, quantize_int8(onnx_bytes(predictor.checkpoint, raw_pixels=True), calibration))
+        from .quantize import faithful_int8
+
+        return _export_int8(predictor, out, images, data, faithful_int8(predictor.checkpoint, calibration, calibration)[0])
     exported = Predictor(predictor.checkpoint, source=str(out), backend=OnnxBackend(data))
     torch_backed = isinstance(predictor.backend, TorchBackend)
     reference = predictor if torch_backed else Predictor(predictor.checkpoint, source=predictor.source)  # always PyTorch

@@ -47,18 +47,18 @@ def int8_path(checkpoint_path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.int8.onnx")
 
 
-def build_int8(checkpoint: dict[str, Any], calibration: torch.Tensor, images: torch.Tensor, labels: np.ndarray) -> tuple[bytes, dict[str, float]]:
-    """The int8 graph of ``checkpoint`` calibrated on ``calibration`` and its parity on (``images``, ``labels``):
-    fp32 and int8 accuracy, the share of identical calls, the mean and largest probability difference,
-    and which input the graph quantises (``input``).
+def faithful_int8(checkpoint: dict[str, Any], calibration: torch.Tensor, images: torch.Tensor) -> tuple[bytes, np.ndarray, np.ndarray, dict[str, Any]]:
+    """The int8 graph of ``checkpoint`` calibrated on ``calibration``, the int8 and fp32 probabilities
+    on ``images``, and which input it quantises (``input``, with both graphs' mean probability
+    difference to fp32 on ``images``).
 
     Two graphs are built where the network allows: one whose first convolution reads the pixels
     (``onnx_bytes(raw_pixels=True)``: no normalisation pass, the faster) and one that normalises first.
     Folding the normalisation scales each input channel's weights by 1 / std, and where the channels'
     stds differ a lot the weaker channels' weights lose bits: the pixel graph is kept unless its mean
-    probability difference to fp32 on these images is more than RAW_PIXELS_MAX_ERROR_RATIO times the
-    other's (`pbc`: 0.0006 vs 0.0004, kept; `aria-all`, blue std 0.055 vs 0.145: 0.0014 vs 0.0003, not).
-    Raises when int8 loses more than MAX_ACCURACY_LOSS of accuracy (nothing to keep)."""
+    probability difference to fp32 on ``images`` is more than RAW_PIXELS_MAX_ERROR_RATIO times the
+    other's (`pbc` validation: 0.0006 vs 0.0004, kept; `aria-all`, blue std 0.055 vs 0.145: 0.0014 vs
+    0.0003, not)."""
     from .metrics import softmax
 
     temperature = float(checkpoint.get("temperature", 1.0))
@@ -79,10 +79,21 @@ def build_int8(checkpoint: dict[str, Any], calibration: torch.Tensor, images: to
     error = {name: float(np.abs(p - reference).mean()) for name, (_, p) in candidates.items()}
     use = "pixels" if "pixels" in error and error["pixels"] <= RAW_PIXELS_MAX_ERROR_RATIO * error["normalised"] else "normalised"
     graph, probs = candidates[use]
+    return graph, probs, reference, {"input": use, "mean_prob_diff_by_input": error}
+
+
+def build_int8(checkpoint: dict[str, Any], calibration: torch.Tensor, images: torch.Tensor, labels: np.ndarray) -> tuple[bytes, dict[str, Any]]:
+    """The int8 graph of ``checkpoint`` calibrated on ``calibration`` (``faithful_int8``) and its parity on
+    (``images``, ``labels``): fp32 and int8 accuracy, the share of identical calls, the mean and largest
+    probability difference, and which input the graph quantises.
+
+    Raises when int8 loses more than MAX_ACCURACY_LOSS of accuracy (nothing to keep)."""
+    graph, probs, reference, chosen = faithful_int8(checkpoint, calibration, images)
     calls, fp32_calls = probs.argmax(1), reference.argmax(1)
     parity = {"fp32_accuracy": float((fp32_calls == labels).mean()), "int8_accuracy": float((calls == labels).mean()),
               "agreement": float((fp32_calls == calls).mean()), "max_prob_diff": float(np.abs(probs - reference).max()),
-              "mean_prob_diff": error[use], "input": use, "mean_prob_diff_by_input": error, "images": len(labels), "calibration_images": len(calibration)}
+              "mean_prob_diff": chosen["mean_prob_diff_by_input"][chosen["input"]], **chosen,
+              "images": len(labels), "calibration_images": len(calibration)}
     if parity["int8_accuracy"] < parity["fp32_accuracy"] - MAX_ACCURACY_LOSS:
         raise LeukoscopeError(f"int8 loses {100 * (parity['fp32_accuracy'] - parity['int8_accuracy']):.2f} points of validation accuracy "
                               f"({100 * parity['int8_accuracy']:.2f}% vs {100 * parity['fp32_accuracy']:.2f}% fp32, more than "
