@@ -238,3 +238,19 @@ def test_bundled_int8_graphs_cannot_saturate_without_vnni():
     for name, path in models.items():
         _, _, _, weights, first_input = _int8_weights_and_first_input(int8_path(path).read_bytes())
         assert weights[0].dtype == np.uint8, f"{name}: int8 weights on the pixels (tools/build_int8.py rebuilds the graph)"
+
+
+@pytest.mark.parametrize("ratio, expected", [(1e9, "pixels"), (0.0, "normalised")])
+def test_int8_reads_pixels_unless_that_is_much_less_faithful(run, monkeypatch, ratio, expected):
+    """The pixel graph is kept unless its mean probability difference to fp32 exceeds RAW_PIXELS_MAX_ERROR_RATIO
+    times the normalising graph's; the parity records which was kept and both differences."""
+    data, folder = run
+    checkpoint = load_checkpoint(folder / "model.pt")
+    monkeypatch.setattr(quantize, "RAW_PIXELS_MAX_ERROR_RATIO", ratio)
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_LOSS", 1.0)  # a 1-epoch model on random images: its parity is not the point
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    graph, parity = quantize.build_int8(checkpoint, images[:16], images, np.zeros(24, dtype=int))
+    assert parity["input"] == expected and set(parity["mean_prob_diff_by_input"]) == {"pixels", "normalised"}
+    _, _, producers, _, first_input = _int8_weights_and_first_input(graph)
+    reads = producers[first_input.input[0]].op_type  # the padded pixels (Concat), or the quantised normalised image
+    assert reads == ("Concat" if expected == "pixels" else "QuantizeLinear")
