@@ -42,8 +42,8 @@ def export_onnx(predictor: Predictor, out: str | os.PathLike, images: torch.Tens
     """Write ``out`` and return the max probability difference to PyTorch on ``images``.
 
     Raises (and writes nothing) when the difference exceeds ``tolerance``. With ``calibration``
-    images the graph is quantised to int8 (``quantize.faithful_int8``, which also picks its input on them); with ``int8`` it is the checkpoint's
-    own int8 graph (see quantize). Then the check is the share of ``images`` on which it makes the
+    images the graph is quantised to int8 (``quantize.faithful_int8``, which also picks its input on
+    them); with ``int8`` it is the checkpoint's own int8 graph (see quantize). Then the check is the share of ``images`` on which it makes the
     fp32 model's call (at least INT8_AGREEMENT); returns (max probability difference, that share).
     """
     if "state_dict" not in predictor.checkpoint:

@@ -38,7 +38,7 @@ MAX_ACCURACY_LOSS = 0.002  # int8 may lose at most 0.2 points of validation accu
 AUTO_MIN_BATCH = 32  # auto decides on the first batch at least this large (smaller batches run fp32)
 AUTO_SPEEDUP = 1.15  # ... and picks int8 only if it runs that batch this much faster
 AUTO_MIN_AGREEMENT = 0.98  # ... and makes the fp32 call on this share of it
-RAW_PIXELS_MAX_ERROR_RATIO = 2.0  # see build_int8
+RAW_PIXELS_MAX_ERROR_RATIO = 2.0  # see faithful_int8
 
 
 def int8_path(checkpoint_path: str | os.PathLike) -> Path:
