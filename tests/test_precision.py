@@ -74,6 +74,20 @@ def test_a_stale_int8_graph_is_not_used(run, tmp_path):
         load_model(target, precision="int8")
 
 
+def test_an_int8_graph_of_an_older_recipe_is_rebuilt(run, tmp_path, monkeypatch):
+    """A graph of the same checkpoint made by an older quantize_int8 (int8 weights on the pixels, which
+    CPUs without VNNI overflow) is not used by auto and is rebuilt by int8."""
+    data, folder = run
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_LOSS", 1.0)
+    load_model(folder, precision="int8")  # the current graph, built once
+    checkpoint = load_checkpoint(folder / "model.pt")
+    assert quantize.load_int8(checkpoint, folder / "model.pt", build=False) is not None
+    monkeypatch.setattr(quantize, "INT8_RECIPE", quantize.INT8_RECIPE + 1)  # what a newer recipe sees
+    assert quantize.load_int8(checkpoint, folder / "model.pt", build=False) is None
+    rebuilt = quantize.load_int8(checkpoint, folder / "model.pt", build=True)
+    assert rebuilt is not None
+
+
 def test_precision_errors_name_the_fix(run):
     _, folder = run
     with pytest.raises(LeukoscopeError, match="did you mean 'int8'"):
@@ -129,6 +143,7 @@ def test_bundled_int8_graphs_were_made_from_their_checkpoints_at_parity():
         assert graph.is_file(), f"{name}: no int8 graph beside it"
         meta = graph_meta(graph)
         assert meta["checkpoint_sha256"] == sha256_file(path), f"{name}: int8 graph of another checkpoint"
+        assert meta["int8_recipe"] == quantize.INT8_RECIPE, f"{name}: int8 graph of an older recipe (tools/build_int8.py)"
         parity = meta["parity"]
         assert parity["int8_accuracy"] >= parity["fp32_accuracy"] - quantize.MAX_ACCURACY_LOSS, name
 

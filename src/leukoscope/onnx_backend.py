@@ -30,6 +30,7 @@ from .ood import WithOOD
 
 OPSET = 17
 GRAPH_FORMAT = 1  # bump when the exported graph changes, so cached graphs are rebuilt
+INT8_RECIPE = 2  # bump when quantize_int8 changes: int8 graphs of an older recipe are rebuilt (2: uint8 weights on the pixels)
 META_KEYS = (*ModelCard.KEYS, "config", "metrics", "train_command", "data_manifest_sha256", "bundled_name")
 
 
@@ -242,7 +243,8 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
         graph = onnx.load(str(target))
     if pixels:
         _read_pixels_directly(graph.graph, pixels)
-    meta = {**json.loads(props.get("leukoscope", "{}")), "precision": "int8", "calibration_images": int(len(calibration))}
+    meta = {**json.loads(props.get("leukoscope", "{}")), "precision": "int8", "calibration_images": int(len(calibration)),
+            "int8_recipe": INT8_RECIPE}
     del graph.metadata_props[:]
     entry = graph.metadata_props.add()
     entry.key, entry.value = "leukoscope", json.dumps(meta)

@@ -28,7 +28,7 @@ from .data import read_splits
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .io import View, atomic_write, sha256_file
-from .onnx_backend import OnnxBackend, onnx_bytes, quantize_int8
+from .onnx_backend import INT8_RECIPE, OnnxBackend, onnx_bytes, quantize_int8
 from .progress import note
 
 PRECISIONS = ("auto", "fp32", "int8")
@@ -154,10 +154,12 @@ def graph_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, build: bool) -> OnnxBackend | None:
-    """The int8 backend of a checkpoint: its graph beside it (if made from this very checkpoint), else,
-    with ``build``, one built now from a run folder's own images; None when there is none and not ``build``."""
+    """The int8 backend of a checkpoint: its graph beside it (if made from this very checkpoint by the
+    current recipe, INT8_RECIPE), else, with ``build``, one built now from a run folder's own images;
+    None when there is none and not ``build``."""
     path = int8_path(checkpoint_path)
-    if path.is_file() and graph_meta(path).get("checkpoint_sha256") == sha256_file(checkpoint_path):
+    meta = graph_meta(path) if path.is_file() else {}
+    if meta.get("checkpoint_sha256") == sha256_file(checkpoint_path) and meta.get("int8_recipe") == INT8_RECIPE:
         return OnnxBackend(path, precision="int8")
     if not build:
         return None
