@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,9 @@ def train_classical(data: str | os.PathLike, out: str | os.PathLike, config: Tra
     dataset, splits, split_kind = prepare_run(data, out, config, command)
     backbone = load_backbone(config.backbone, dataset, splits, out) if config.method in NEEDS_BACKBONE else None
     backbone_pre = ModelCard.from_meta(backbone).preprocessing if backbone else None  # the backbone's own view of each image
+    # the backbone's framing, every field of it (its normalisation stays the backbone's own business)
     pre = Preprocessing(config.image_size, config.crop, cell=config.cell, reduce=config.reduce) if backbone_pre is None else \
-        Preprocessing(backbone_pre.image_size, backbone_pre.crop, cell=backbone_pre.cell, stain=backbone_pre.stain, colour=backbone_pre.colour,
-                      reduce=backbone_pre.reduce)
+        replace(backbone_pre, mean=Preprocessing.mean, std=Preprocessing.std)
     tensors, labels, dataset, splits = load_split_images(dataset, splits, pre.view)
     model = ClassicalModel(config.method, dataset.classes, pre.image_size, backbone, config.seed)
     model.cache_writes = True  # this run's features are worth keeping; the saved model only reads the cache
