@@ -67,6 +67,19 @@ def test_predict_workers_option_gives_the_same_csv(tmp_path, tiny_run):
     assert outputs[0].read_text().count("\n") == 2 * (decoding.PROCESS_MIN // 2 + 2) + 2  # header, every file, the broken one
 
 
+def test_evaluate_workers_option_reaches_the_decoder(tmp_path, tiny_run, monkeypatch):
+    from leukoscope.cli import main
+
+    asked, decide = [], decoding.worker_processes
+    monkeypatch.setattr(decoding, "worker_processes", lambda files, view, infer=False, workers=None: asked.append(workers) or decide(files, view, infer, workers))
+    assert main(["evaluate", str(tiny_run[1]), str(tiny_run[0]), "--out", str(tmp_path / "eval"), "--workers", "3"]) == 0
+    assert asked and set(asked) == {3}  # every split's decoding was asked for 3
+    first = len(asked)
+    assert main(["evaluate", str(tiny_run[1]), str(tiny_run[0]), "--out", str(tmp_path / "eval2")]) == 0
+    assert len(asked) > first and set(asked[first:]) == {None}  # and without the option, the default
+    assert (tmp_path / "eval" / "metrics.json").read_text() == (tmp_path / "eval2" / "metrics.json").read_text()
+
+
 def test_predict_iter_in_processes_keeps_input_order_and_errors(files, monkeypatch, tiny_run):
     from leukoscope import load_model
 

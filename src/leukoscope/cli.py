@@ -175,7 +175,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_adapt_steps(args)
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
                                backend=args.backend, force=args.force, class_map=args.class_map, split_file=args.split,
-                               adapt=args.adapt, adapt_steps=args.adapt_steps, device=args.device, precision=args.precision)
+                               adapt=args.adapt, adapt_steps=args.adapt_steps, device=args.device, precision=args.precision,
+                               workers=args.workers)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(probabilities of merged classes are summed; unnamed classes keep their names)")
     _add_tta(p)
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
+    p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
+                   help="cell-centric models, splits of 256+ files: decode in N forked processes (default: one per core); "
+                        "0 or 1: threads in this process (central crops always decode in threads)")
     _add_backend(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -90,12 +90,13 @@ def evaluate(
     images: dict[str, torch.Tensor] | None = None,
     tta: bool | str | None = None,
     target_sensitivity: float | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Predict every split, compute metrics and write all report files; returns the metrics.
 
     With ``target_sensitivity`` (binary tasks), the operating threshold is chosen on the
     validation split and stored on the predictor; every split then reports its sensitivity
-    and specificity at that threshold.
+    and specificity at that threshold. ``workers``: decoding processes (see ``decoding.worker_processes``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +105,7 @@ def evaluate(
     if unknown:
         raise LeukoscopeError(f"data has classes {unknown} that the model does not know; model classes: {predictor.class_names}; "
                               "map them with --class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal)")
-    results = {split: _predict_split(predictor, dataset, splits, split, images, tta) for split in SPLITS}
+    results = {split: _predict_split(predictor, dataset, splits, split, images, tta, workers) for split in SPLITS}
     results = {k: v for k, v in results.items() if v is not None}
     if getattr(predictor.backend, "precision", None):  # what ran, once --precision auto has chosen
         info["precision"] = predictor.backend.precision
@@ -136,14 +137,15 @@ def evaluate(
     return metrics
 
 
-def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], split: str, images: dict | None, tta: bool | str | None) -> dict | None:
+def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], split: str, images: dict | None, tta: bool | str | None,
+                   workers: int | None = None) -> dict | None:
     members = [s for s, k in zip(dataset.samples, splits) if k == split]
     if not members:
         return None
     if images is not None and split in images:
         tensor, errors = images[split], [None] * len(members)
     else:
-        tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.view, desc=f"decode {split}")
+        tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.view, desc=f"decode {split}", workers=workers)
     ok = [i for i, e in enumerate(errors) if e is None]
     index = {c: i for i, c in enumerate(predictor.class_names)}
     logits, ood = predict_logits_and_ood(predictor, tensor[ok], tta=tta, desc=f"predict {split}")
@@ -248,7 +250,7 @@ def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predicto
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
                      backend: str = "auto", force: bool = False, class_map: str | None = None,
                      split_file: str | None = None, adapt: bool = False, device: str = "auto", precision: str = "auto",
-                     adapt_steps: int | None = None) -> dict[str, Any]:
+                     adapt_steps: int | None = None, workers: int | None = None) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
 
     ``class_map`` ('Early=blast,Pre=blast,Pro=blast,Benign=normal') scores the model on data whose
@@ -279,5 +281,5 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
         info["class_map_note"] = (f"The model's classes were mapped onto the data's ({pairs}): each metric scores the mapped "
                                   "labels, with the probabilities of merged classes summed.")
         note(f"class map: {pairs}")
-    return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity)
+    return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity, workers=workers)
 

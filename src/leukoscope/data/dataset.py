@@ -18,10 +18,11 @@ from ..progress import progress
 CHUNK = 64  # files per submitted piece of work
 
 
-def decode_many(paths: Sequence[str | os.PathLike], view: View | int, desc: str | None = None) -> tuple[torch.Tensor, list[str | None]]:
+def decode_many(paths: Sequence[str | os.PathLike], view: View | int, desc: str | None = None,
+                workers: int | None = None) -> tuple[torch.Tensor, list[str | None]]:
     """Return (N, 3, S, S) uint8 of each image as ``view`` shows it (an int: the whole image at that
     size) and a per-path error message (None when decoded). Decoded in parallel (``decoding.Decoder``:
-    worker processes for long runs).
+    worker processes for long runs; ``workers``: how many, see ``decoding.worker_processes``).
 
     Unreadable images are left black in the tensor; callers drop or report them.
     """
@@ -29,7 +30,7 @@ def decode_many(paths: Sequence[str | os.PathLike], view: View | int, desc: str 
     out = torch.zeros((len(paths), 3, view.size, view.size), dtype=torch.uint8)
     target = out.numpy()  # the same memory; numpy copies one image single-threaded, where torch's parallel copy woke
     errors: list[str | None] = [None] * len(paths)  # OpenMP threads that spun on the cores the decoding processes needed
-    with Decoder(view, len(paths)) as decoder:
+    with Decoder(view, len(paths), workers=workers) as decoder:
         pending = [decoder.submit(paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
         decoded = (item for futures in pending for item in decoder.results(futures))
         for i, (image, error, _) in enumerate(progress(decoded, total=len(paths), desc=desc, unit="image", disable=desc is None,
