@@ -228,11 +228,11 @@ def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0) -
 
 def fill_masked_background(rgb: np.ndarray) -> np.ndarray:
     """``rgb`` with a black background painted over in a plain slide colour (BACKGROUND), or ``rgb``
-    itself when at least half of its border is not black (every microscope image here).
+    itself when at least half of its border is not black (no smear image of PBC, BCCD, ALL-IDB2 or Aria).
 
     Segmented cells are often saved on black. No lab's slide is black, so a cell-centric model reads
     a cell on black as nothing it knows: `wbc` called all 15 of C-NMC's B-lymphoid cells
-    `erythroblast`, and 14 of them `lymphocyte` on this background (docs/benchmarks.md). Only the
+    `erythroblast`, and 13 of them `lymphocyte` on this background (docs/benchmarks.md). Only the
     black regions that touch the border are painted: dark pixels inside the cell stay as they are.
     """
     step = max(1, min(rgb.shape[:2]) // 64)  # 256+ border pixels decide; every image pays this check
