@@ -17,7 +17,7 @@ from leukoscope.counting import CELL_COLUMNS, count_image
 from leukoscope.data import detect_layout
 from leukoscope.data.splits import unseen_samples
 from leukoscope.inference import bundled_models, load_model
-from leukoscope.localise import find_cells
+from leukoscope.localise import BLACK, find_cells
 
 
 def _rows(path):
@@ -75,6 +75,14 @@ def test_an_empty_field_gives_zero_cells(tiny_run):
     model = load_model(tiny_run[1])
     cells, windows = count_image(model, field(200, 260, [], red_cells=30))
     assert cells == [] and windows == []
+
+
+def test_a_cell_segmented_onto_black_is_counted_on_a_plain_background(tiny_run):
+    image = field(200, 260, [(100, 130, 26)], red_cells=0)
+    yy, xx = np.ogrid[:200, :260]
+    image[(yy - 100) ** 2 + (xx - 130) ** 2 > 40**2] = 0  # everything outside the cell masked to black
+    cells, windows = count_image(load_model(tiny_run[1]), image)
+    assert len(cells) == 1 and (windows[0].max(2) <= BLACK).mean() == 0  # the window shows slide, not black
 
 
 def _unseen_fields(model, folder, limit: int, seed: int = 0):

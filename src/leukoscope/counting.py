@@ -26,7 +26,7 @@ import numpy as np
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model
 from .io import ImageReadError, View, atomic_write, iter_image_files, load_rgb
-from .localise import Cell, crop_square, find_cells
+from .localise import Cell, crop_square, fill_masked_background, find_cells
 from .progress import progress
 from .stain import apply as normalise_colour
 
@@ -85,7 +85,9 @@ def box(cell: Cell, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
 
 def count_image(predictor: Predictor, rgb: np.ndarray, slide: str = "", image: str = "") -> tuple[list[CountedCell], list[np.ndarray]]:
     """Detect and classify every white cell of one decoded field (H, W, 3 uint8); returns the cells
-    and each one's window as the model saw it."""
+    and each one's window as the model saw it. A cell segmented onto black is put on a plain
+    background first, as every cell-centric view does (``fill_masked_background``)."""
+    rgb = fill_masked_background(rgb)
     cells = find_cells(rgb)
     if not cells:
         return [], []
