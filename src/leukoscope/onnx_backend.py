@@ -60,14 +60,14 @@ class RawPixelStem(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        weight = conv.weight * gain[:, None, None, None]
-        bias = bn.bias - bn.running_mean * gain + (conv.bias if conv.bias is not None else 0)
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        fused = fuse_conv_bn_eval(conv.eval(), bn.eval())  # PyTorch's own batch-norm folding
         mean_px, std_px = torch.tensor(mean) * 255, torch.tensor(std) * 255
         self.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, bias=True)
-        with torch.no_grad():
-            self.conv.weight.copy_(weight / std_px[None, :, None, None])
-            self.conv.bias.copy_(bias - (weight * (mean_px / std_px)[None, :, None, None]).sum((1, 2, 3)))
+        with torch.no_grad():  # then the normalisation: w * (x - m) / s = (w / s) x - sum(w m / s)
+            self.conv.weight.copy_(fused.weight / std_px[None, :, None, None])
+            self.conv.bias.copy_(fused.bias - (fused.weight * (mean_px / std_px)[None, :, None, None]).sum((1, 2, 3)))
         self.pad = conv.padding
         self.fill = [int(round(float(v))) for v in mean_px]
 
@@ -225,8 +225,8 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
 
     source_graph = onnx.load_from_string(model)
     props = {p.key: p.value for p in source_graph.metadata_props}
-    pixels = _pixel_cast(source_graph.graph)
     first = next((n for n in source_graph.graph.node if n.op_type == "Conv"), None)
+    pixels = _pixel_cast(source_graph.graph, first)
     overrides = {first.input[1]: [{"axis": 0, "quant_type": QuantType.QUInt8}]} if first is not None else {}
     if pixels:
         overrides[pixels.output[0]] = [{"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}]
@@ -251,12 +251,11 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
     return graph.SerializeToString()
 
 
-def _pixel_cast(graph) -> Any:
-    """The Cast of uint8 pixels to float that feeds the first convolution directly (a raw-pixel graph), or None."""
+def _pixel_cast(graph, first: Any) -> Any:
+    """The Cast of uint8 pixels to float that feeds the ``first`` convolution directly (a raw-pixel graph), or None."""
     import onnx
 
     producers = {out: node for node in graph.node for out in node.output}
-    first = next((n for n in graph.node if n.op_type == "Conv"), None)
     cast = producers.get(first.input[0]) if first is not None else None
     if cast is None or cast.op_type != "Cast":
         return None
