@@ -29,11 +29,11 @@ def test_processes_and_threads_decode_the_same_pixels_in_order(files, view):
         assert pool.processes == 0
         by_thread = pool.results(pool.submit(files))
     assert len(by_process) == len(by_thread) == len(files)
-    for (a, error_a, found_a), (b, error_b, found_b), path in zip(by_process, by_thread, files):
+    for (a, error_a, *flags_a), (b, error_b, *flags_b), path in zip(by_process, by_thread, files):
         if path.name == "broken.jpg":
             assert a is None and b is None and error_a == error_b and "unreadable" in error_a
         else:
-            assert np.array_equal(a, b) and error_a == error_b == "" and found_a == found_b
+            assert np.array_equal(a, b) and error_a == error_b == "" and flags_a == flags_b
 
 
 def test_only_long_runs_of_cell_centric_files_use_processes(monkeypatch):
@@ -158,14 +158,14 @@ def test_reduced_jpeg_files_uploads_and_arrays_agree_within_decoder_rounding(tmp
     whole = np.asarray(Image.open(path).convert("RGB"))
     view = View(112, crop=0.7, reduce=True)
     assert reduction(*whole.shape[:2], view) == 2
-    from_path, _ = load_view(path, view)
-    from_bytes, _ = load_view(path.read_bytes(), view)
-    from_array, _ = frame(whole, view)
+    from_path, _, _ = load_view(path, view)
+    from_bytes, _, _ = load_view(path.read_bytes(), view)
+    from_array, _, _ = frame(whole, view)
     assert from_path.shape == from_array.shape == (112, 112, 3)
     assert np.array_equal(from_path, from_bytes)
     difference = np.abs(from_path.astype(int) - from_array)
     assert difference.mean() < 1.0 and difference.max() <= 8
-    unreduced, _ = frame(whole, View(112, crop=0.7))
+    unreduced, _, _ = frame(whole, View(112, crop=0.7))
     assert np.abs(unreduced.astype(int) - from_array).mean() > difference.mean()  # the reduction changed something
 
 

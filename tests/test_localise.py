@@ -55,7 +55,7 @@ def test_a_cell_at_the_edge_and_an_empty_field():
     assert cell is not None and abs(cell.y - 230) < 12 and abs(cell.x - 20) < 12
     empty = field(240, 320, [], red_cells=40)
     assert find_cell(empty) is None
-    window, found = cell_window(empty, 64, 0.6)
+    window, found, _ = cell_window(empty, 64, 0.6)
     assert window.shape == (64, 64, 3) and found is False  # the whole image, and it says so
 
 
@@ -69,8 +69,8 @@ def test_one_real_cell_at_two_magnifications_gives_matching_windows():
     canvas = np.empty((h, w, 3), np.uint8)  # the smaller cell placed off-centre in a frame of the same size
     canvas[:] = np.median(image.reshape(-1, 3), axis=0)
     canvas[20 : 20 + small.shape[0], 30 : 30 + small.shape[1]] = small
-    a, found_a = cell_window(image, 96, 0.6)
-    b, found_b = cell_window(canvas, 96, 0.6)
+    a, found_a, _ = cell_window(image, 96, 0.6)
+    b, found_b, _ = cell_window(canvas, 96, 0.6)
     assert found_a and found_b
     difference = np.abs(a.astype(float) - b.astype(float)).mean()
     assert difference < 12, difference  # same cell, same framing; only resampling blur differs
@@ -87,17 +87,17 @@ def test_a_cell_on_black_is_put_on_a_plain_background_and_dark_pixels_inside_it_
     assert tuple(painted[0, 0]) == tuple(painted[119, 159]) == localise.BACKGROUND
     assert (painted[58:62, 78:82] == 5).all() and tuple(painted[60, 100]) == NUCLEUS
     assert ((painted.max(2) <= localise.BLACK).sum()) == 16  # only the speck is still black
-    window, found = cell_window(image, 64, 0.6)
-    assert found and tuple(window[0, 0]) == localise.BACKGROUND  # the window's corner is slide, not black
+    window, found, painted = cell_window(image, 64, 0.6)
+    assert found and painted and tuple(window[0, 0]) == localise.BACKGROUND  # the window's corner is slide, not black
     slide = field(120, 160, [(60, 80, 20)])
     slide[:10] = 0  # a black band along one edge only: most of the border is slide
-    assert localise.fill_masked_background(slide) is slide
+    assert localise.fill_masked_background(slide) is slide and not cell_window(slide, 64, 0.6)[2]
 
 
 def test_real_segmented_cells_are_windowed_without_their_black_background():
     image = load_rgb(min(require(CNMC / "hem").glob("*.bmp")))
     assert (image.max(2) <= localise.BLACK).mean() > 0.5  # C-NMC's cells are masked onto black
-    window, found = frame(image, View(112, cell=0.6))
+    window, found, _ = frame(image, View(112, cell=0.6))
     assert found and (window.max(2) <= localise.BLACK).mean() < 0.01
 
 
@@ -151,9 +151,9 @@ def test_a_path_its_bytes_and_its_array_give_the_same_window(tmp_path):
     path = tmp_path / "f.jpg"
     Image.fromarray(image).save(path, quality=95)
     view = View(64, cell=0.6, stain=(0.3, 0.5, 0.35, 0.35, 0.5, 0.15), colour="reinhard")
-    from_path, found = load_view(path, view)
-    from_bytes, _ = load_view(path.read_bytes(), view)
-    from_array, _ = frame(load_rgb(path), view)
+    from_path, found, _ = load_view(path, view)
+    from_bytes, _, _ = load_view(path.read_bytes(), view)
+    from_array, _, _ = frame(load_rgb(path), view)
     assert found and np.array_equal(from_path, from_bytes) and np.array_equal(from_path, from_array)
 
 

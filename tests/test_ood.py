@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from conftest import CNMC, TINY_TRAIN, make_image_folder, require
+from PIL import Image
+
 from leukoscope import load_model
+from leukoscope.localise import fill_masked_background
 from leukoscope.models import create_model
 from leukoscope.ood import WithOOD, fit_ood, pooled_features
 
@@ -48,3 +52,50 @@ def test_the_report_shows_how_much_is_out_of_domain(tiny_run):
         assert 0 <= metrics[split]["out_of_domain"] <= 1 and len(metrics[split]["out_of_domain_ci"]) == 2
     assert metrics["val"]["out_of_domain"] <= 0.25  # the threshold keeps 95% of validation below it
     assert "out of domain" in (run / "report.html").read_text()
+
+
+def _on_black(image: np.ndarray) -> np.ndarray:
+    """``image`` with its pale background (the conftest cells') masked to black, as segmented cells are saved."""
+    out = image.copy()
+    out[image.min(2) > 215] = 0
+    return out
+
+
+def test_a_painted_cell_is_out_of_domain_for_a_model_that_never_saw_one(tiny_run):
+    from dataclasses import replace
+
+    data, run = tiny_run
+    model = load_model(run)
+    assert model.checkpoint["painted_training_images"] == 0
+    model.view = replace(model.view, cell=0.6)  # frame cells as the cell-centric models do
+    model.ood_threshold = float("inf")  # every score in domain: what remains is the painting rule
+    on_black = _on_black(np.asarray(Image.open(sorted(data.rglob("*.png"))[0])))
+    plain = fill_masked_background(on_black)
+    assert plain is not on_black
+    painted, unpainted = model.predict([on_black, plain])
+    assert painted.ood_score == unpainted.ood_score and painted.probabilities == unpainted.probabilities  # the same window
+    assert painted.in_domain is False and unpainted.in_domain is True
+    model.painted_seen = True
+    assert model.predict(on_black)[0].in_domain is True
+
+
+def test_training_on_painted_cells_records_them_and_keeps_such_cells_in_domain(tmp_path):
+    from leukoscope.cli import main
+
+    data = make_image_folder(tmp_path / "data", n_per_class=12)
+    for path in data.rglob("*.png"):
+        Image.fromarray(_on_black(np.asarray(Image.open(path)))).save(path)
+    (tmp_path / "cell.yaml").write_text("cell: 0.6\n")
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--config", str(tmp_path / "cell.yaml")]) == 0
+    model = load_model(tmp_path / "run")
+    assert model.painted_seen and model.checkpoint["painted_training_images"] > 0
+    paths = sorted(data.rglob("*.png"))
+    assert all(p.in_domain == (p.ood_score <= model.ood_threshold) for p in model.predict(paths))
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert load_model(tmp_path / "m.onnx").painted_seen  # the record travels with the exported graph
+
+
+def test_the_blast_model_flags_real_cells_segmented_onto_black():
+    cells = sorted(require(CNMC).rglob("*.bmp"))
+    predictions = load_model("blast").predict(cells)
+    assert len(cells) == 15 and all(p.localised and p.in_domain is False for p in predictions)

@@ -32,24 +32,24 @@ from .io import ImageReadError, View, frame, load_view, to_rgb
 PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool costs ~30 ms to start)
 THREADS = 4
 
-Decoded = tuple[np.ndarray | None, str, bool | None]  # (image as the view shows it, error, whether the cell was located)
+Decoded = tuple[np.ndarray | None, str, bool | None, bool]  # (image as the view shows it, error, whether the cell was located, painted)
 Outputs = tuple[np.ndarray, ...]  # a network's outputs for a batch, one row per image
 Infer = Callable[[np.ndarray], Outputs]
 
 
 def decode_item(item: Any, view: View) -> Decoded:
     """A file path, upload bytes, PIL image or HxWx3 uint8 array as ``view`` shows it; one framing for
-    every kind of input. An unreadable one gives (None, its error, None)."""
+    every kind of input (see ``io.frame``). An unreadable one gives (None, its error, None, False)."""
     try:
         if isinstance(item, Image.Image):
-            image, found = frame(np.asarray(to_rgb(item)), view)
+            image, found, painted = frame(np.asarray(to_rgb(item)), view)
         elif isinstance(item, np.ndarray):
-            image, found = frame(array_to_rgb(item), view)
+            image, found, painted = frame(array_to_rgb(item), view)
         else:
-            image, found = load_view(item, view)
-        return image, "", found
+            image, found, painted = load_view(item, view)
+        return image, "", found, painted
     except (ImageReadError, ValueError) as err:
-        return None, str(err), None
+        return None, str(err), None, False
 
 
 def load_views(items: Sequence[Any], view: View) -> list[Decoded]:
@@ -70,9 +70,9 @@ def load_and_infer(items: Sequence[Any], view: View) -> tuple[list[Decoded], Out
     if _infer is None:
         raise RuntimeError("load_and_infer runs in a Decoder's worker process, started with infer")
     decoded = load_views(items, view)
-    good = [image for image, _, _ in decoded if image is not None]
+    good = [image for image, *_ in decoded if image is not None]
     outputs = _infer(np.stack(good)) if good else None
-    return [(None, error, found) for _, error, found in decoded], outputs
+    return [(None, *rest) for _, *rest in decoded], outputs
 
 
 def array_to_rgb(array: np.ndarray) -> np.ndarray:

@@ -88,6 +88,7 @@ class Predictor:
         self.positive_index = card.positive_index if card.positive_index is not None else positive_index(self.class_names)
         self.backend = backend if backend is not None else TorchBackend(checkpoint)
         self.ood_threshold = card.ood_threshold  # set: the backend's last output column is the OOD score
+        self.painted_seen = checkpoint.get("painted_training_images", 0) > 0  # see mark_painted
 
     @property
     def kind(self) -> str:
@@ -190,21 +191,36 @@ class Predictor:
 
     def _predict_decoded(self, chunk: Sequence[Any], start: int, decoded: list, tta: bool | str | None) -> Iterator[Prediction]:
         sources = _sources(chunk, start)
-        good = [i for i, (arr, _, _) in enumerate(decoded) if arr is not None]
+        good = [i for i, (arr, *_) in enumerate(decoded) if arr is not None]
         done = dict(zip(good, self.predict_arrays([decoded[i][0] for i in good], [sources[i] for i in good], tta))) if good else {}
-        return _in_order(sources, decoded, done)
+        return self._in_order(sources, decoded, done)
 
     def _predict_inferred(self, chunk: Sequence[Any], start: int, pieces: list) -> Iterator[Prediction]:
         """Predictions from the outputs the decoding workers computed (see ``decoding.load_and_infer``)."""
         sources = _sources(chunk, start)
         decoded = [item for piece, _ in pieces for item in piece]
         outputs = [out for _, out in pieces if out is not None]
-        good = [i for i, (_, error, _) in enumerate(decoded) if not error]
+        good = [i for i, (_, error, *_) in enumerate(decoded) if not error]
         if not good:
-            return _in_order(sources, decoded, {})
+            return self._in_order(sources, decoded, {})
         logits = np.concatenate([out[0] for out in outputs])
         scores = np.concatenate([out[1] for out in outputs]) if self.ood_threshold is not None else None  # see logits_and_ood
-        return _in_order(sources, decoded, dict(zip(good, self._from_outputs([sources[i] for i in good], logits, scores))))
+        return self._in_order(sources, decoded, dict(zip(good, self._from_outputs([sources[i] for i in good], logits, scores))))
+
+    def _in_order(self, sources: list[str], decoded: list, done: dict[int, Prediction]) -> Iterator[Prediction]:
+        """One Prediction per source: the one made, with its ``localised`` flag, or an error row."""
+        for i, source in enumerate(sources):
+            if i in done:
+                done[i].localised = decoded[i][2]
+                self.mark_painted(done[i], decoded[i][3])
+            yield done.get(i) or Prediction(source, error=decoded[i][1] or "unreadable image")
+
+    def mark_painted(self, prediction: Prediction, painted: bool) -> None:
+        """A cell whose black background was painted (``localise.fill_masked_background``) is out of
+        domain for a model none of whose training images had one: painting makes the cell readable,
+        not familiar (`blast` called C-NMC's painted cells blast with an ood_score below its threshold)."""
+        if painted and not self.painted_seen and prediction.in_domain is not None:
+            prediction.in_domain = False
 
     def decide(self, probs: np.ndarray) -> int:
         """The predicted class index: argmax, or the stored operating threshold for binary models."""
@@ -232,14 +248,6 @@ def _nchw(images: np.ndarray) -> torch.Tensor:
 
 def _sources(chunk: Sequence[Any], start: int) -> list[str]:
     return [str(item) if isinstance(item, (str, os.PathLike)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
-
-
-def _in_order(sources: list[str], decoded: list, done: dict[int, Prediction]) -> Iterator[Prediction]:
-    """One Prediction per source: the one made, with its ``localised`` flag, or an error row."""
-    for i, source in enumerate(sources):
-        if i in done:
-            done[i].localised = decoded[i][2]
-        yield done.get(i) or Prediction(source, error=decoded[i][1] or "unreadable image")
 
 
 def tta_mode(value: bool | str | None) -> str:

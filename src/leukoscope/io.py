@@ -215,22 +215,23 @@ def reduction(height: int, width: int, view: View) -> int:
     return next((f for f in REDUCTIONS if round(min(-(-height // f), -(-width // f)) * crop) >= view.size), 1)
 
 
-def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarray, bool | None]:
-    """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, and whether a cell was located (None
-    when the view is not cell-centric). The one function every path (files, uploads, arrays, PIL
-    images; train, evaluate, predict, serve, explain, export) goes through. ``reduced``: ``rgb`` was
+def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarray, bool | None, bool]:
+    """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, whether a cell was located (None when the
+    view is not cell-centric) and whether a black background was painted (``localise.cell_window``).
+    The one function every path (files, uploads, arrays, PIL images; train, evaluate, predict, serve,
+    explain, export) goes through. ``reduced``: ``rgb`` was
     already decoded at ``reduction``'s scale (a JPEG; see ``load_view``)."""
     if not reduced and (factor := reduction(*rgb.shape[:2], view)) > 1:
         rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
     if view.cell is not None:
-        out, found = localise.cell_window(rgb, view.size, view.cell, view.context)
+        out, found, painted = localise.cell_window(rgb, view.size, view.cell, view.context)
     else:
         crop = min(1.0, view.crop * view.context)
-        out, found = resize_center_crop(rgb, view.size, crop), None
-    return stain.apply(out, view.colour, view.stain), found
+        out, found, painted = resize_center_crop(rgb, view.size, crop), None, False
+    return stain.apply(out, view.colour, view.stain), found, painted
 
 
-def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None]:
+def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None, bool]:
     """A file (path) or an upload (bytes) decoded and framed as ``view`` shows it; see ``frame``.
 
     A JPEG decodes in libjpeg-turbo at ``reduction``'s scale (whole unless ``view.reduce``); anything

@@ -207,23 +207,25 @@ def _elongated(region: np.ndarray) -> bool:
     return max(h, w) > 1.35 * 2 * np.sqrt(region.sum() / np.pi)
 
 
-def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0) -> tuple[np.ndarray, bool]:
+def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0) -> tuple[np.ndarray, bool, bool]:
     """A ``size`` x ``size`` window centred on the cell, whose nucleus spans ``fill`` of the window,
-    and whether a cell was found (if not: the whole image's central square).
+    whether a cell was found (if not: the whole image's central square), and whether a black
+    background was painted.
 
     ``context`` > 1 widens the window by that factor around the same centre (training decodes the
     surroundings, which augmentation may rotate or shift into view). Outside the image the window
     is filled with the image's median border colour. A cell segmented onto black (as in C-NMC) is
     first put on a plain background (``fill_masked_background``).
     """
-    rgb = fill_masked_background(rgb)
+    filled = fill_masked_background(rgb)
+    painted, rgb = filled is not rgb, filled
     cell = find_cell(rgb)
     h, w = rgb.shape[:2]
     if cell is None:
         side, cy, cx = min(h, w) * context, h / 2, w / 2
     else:
         side, cy, cx = cell.diameter / fill * context, cell.y, cell.x
-    return crop_square(rgb, cy, cx, side, size), cell is not None
+    return crop_square(rgb, cy, cx, side, size), cell is not None, painted
 
 
 def fill_masked_background(rgb: np.ndarray) -> np.ndarray:

@@ -145,14 +145,17 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
         head = head_name(model)
         note(describe(record))
     view = training_view(dataset, splits, config, parent)
-    tensors, labels, dataset, splits = load_split_images(dataset, splits, view)
+    painted: list[bool] = []  # per sample, in the order of the splits before unreadable images drop out
+    split_of = splits
+    tensors, labels, dataset, splits = load_split_images(dataset, splits, view, painted)
     stats = parent_stats(parent) if parent else channel_stats(tensors["train"])  # a backbone expects its own normalisation
     model = model.to(device, memory_format=training_memory_format(model, device))
     bf16 = resolve_precision(config, device, model)
     card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
                                                                  config.cell, view.stain, view.colour, view.reduce), config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
-            "seen_images": seen_images(dataset, splits), **({"parent": record} if parent else {})}
+            "seen_images": seen_images(dataset, splits), **({"parent": record} if parent else {}),
+            "painted_training_images": sum(p for p, k in zip(painted, split_of) if k == "train")}  # see Predictor.mark_painted
     if resume_state is not None:
         model.load_state_dict(resume_state["weights"])
     model = wrap(model, world, device, config.sync_bn, config.batch_size)

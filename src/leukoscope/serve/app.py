@@ -162,9 +162,9 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
-def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> list[tuple[np.ndarray, bool | None]]:
-    """Each upload as the model sees it (its crop or cell window, at its size) and whether a cell was
-    located; the first bad one is a 4xx naming the file."""
+def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> list[tuple[np.ndarray, bool | None, bool]]:
+    """Each upload as the model sees it (its crop or cell window, at its size), whether a cell was
+    located and whether its black background was painted; the first bad one is a 4xx naming the file."""
     images = []
     for name, data in uploads:
         try:
@@ -178,10 +178,11 @@ def _data_url(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
-def classify(predictor: Predictor, decoded: list[tuple[np.ndarray, bool | None]], explainer: Explainer | None) -> list[dict[str, Any]]:
-    images = [image for image, _ in decoded]
+def classify(predictor: Predictor, decoded: list[tuple[np.ndarray, bool | None, bool]], explainer: Explainer | None) -> list[dict[str, Any]]:
+    images = [image for image, *_ in decoded]
     results = []
-    for (image, found), pred in zip(decoded, predictor.predict_arrays(images, [""] * len(images))):
+    for (image, found, painted), pred in zip(decoded, predictor.predict_arrays(images, [""] * len(images))):
+        predictor.mark_painted(pred, painted)
         result = {"label": pred.label, "confidence": pred.confidence, "probabilities": pred.probabilities,
                   "preview": _data_url(image)}  # the region the model saw, in any accepted format
         if pred.in_domain is not None:
