@@ -219,8 +219,8 @@ def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarra
     """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, whether a cell was located (None when the
     view is not cell-centric) and whether a black background was painted (``localise.cell_window``).
     The one function every path (files, uploads, arrays, PIL images; train, evaluate, predict, serve,
-    explain, export) goes through. ``reduced``: ``rgb`` was
-    already decoded at ``reduction``'s scale (a JPEG; see ``load_view``)."""
+    explain, export) goes through. ``reduced``: ``rgb`` was already decoded at ``reduction``'s scale
+    (a JPEG; see ``load_view``)."""
     if not reduced and (factor := reduction(*rgb.shape[:2], view)) > 1:
         rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
     if view.cell is not None:
