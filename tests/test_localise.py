@@ -94,6 +94,18 @@ def test_a_cell_on_black_is_put_on_a_plain_background_and_dark_pixels_inside_it_
     assert localise.fill_masked_background(slide) is slide and not cell_window(slide, 64, 0.6)[2]
 
 
+def test_a_black_vignette_is_painted_but_counts_only_where_the_window_shows_it():
+    image = field(240, 320, [(120, 160, 20)], red_cells=0)
+    yy, xx = np.ogrid[:240, :320]
+    image[(yy - 120) ** 2 + (xx - 160) ** 2 > 119**2] = 0  # a round field of view on black, as a camera on an eyepiece sees it
+    assert localise.masked_background(image) is not None
+    window, found, painted = cell_window(image, 64, 0.6)
+    assert found and not painted and (window.max(2) > localise.BLACK).all()  # the cell's window lies inside the field
+    image = field(240, 320, [(120, 60, 20)], red_cells=0)
+    image[(yy - 120) ** 2 + (xx - 160) ** 2 > 119**2] = 0  # the same with the cell at the field's rim
+    assert cell_window(image, 64, 0.6)[1:] == (True, True)
+
+
 def test_real_segmented_cells_are_windowed_without_their_black_background():
     image = load_rgb(min(require(CNMC / "hem").glob("*.bmp")))
     assert (image.max(2) <= localise.BLACK).mean() > 0.5  # C-NMC's cells are masked onto black

@@ -28,6 +28,7 @@ MIN_SCORE = 25  # blue minus green below this is never nucleus, whatever Otsu sa
 MIN_AREA = 0.003  # smallest nucleus, as a fraction of the subsample: platelets and debris are smaller
 BLACK = 20  # a masked-out background: no channel above this (a JPEG's noise included)
 BACKGROUND = (229, 216, 202)  # a plain slide: between PBC's (255, 228, 203) and BCCD's (203, 205, 200) background colours
+PAINTED_SHARE = 0.05  # a window with this share of painted background shows a painted cell (see cell_window)
 
 
 @dataclass(frozen=True)
@@ -209,23 +210,30 @@ def _elongated(region: np.ndarray) -> bool:
 
 def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0) -> tuple[np.ndarray, bool, bool]:
     """A ``size`` x ``size`` window centred on the cell, whose nucleus spans ``fill`` of the window,
-    whether a cell was found (if not: the whole image's central square), and whether a black
-    background was painted.
+    whether a cell was found (if not: the whole image's central square), and whether painted
+    background makes up PAINTED_SHARE or more of the window (black, painted over: see below; a
+    black vignette far from the cell does not count).
 
     ``context`` > 1 widens the window by that factor around the same centre (training decodes the
     surroundings, which augmentation may rotate or shift into view). Outside the image the window
     is filled with the image's median border colour. A cell segmented onto black (as in C-NMC) is
     first put on a plain background (``fill_masked_background``).
     """
-    filled = fill_masked_background(rgb)
-    painted, rgb = filled is not rgb, filled
+    mask = masked_background(rgb)
+    if mask is not None:
+        rgb = np.where(mask[..., None], np.array(BACKGROUND, np.uint8), rgb)
     cell = find_cell(rgb)
     h, w = rgb.shape[:2]
     if cell is None:
         side, cy, cx = min(h, w) * context, h / 2, w / 2
     else:
         side, cy, cx = cell.diameter / fill * context, cell.y, cell.x
-    return crop_square(rgb, cy, cx, side, size), cell is not None, painted
+    painted = False
+    if mask is not None:  # the window's share of painted pixels, within the image (padding is not painted)
+        half = side / context / 2
+        inside = mask[max(0, int(cy - half)) : max(0, int(np.ceil(cy + half))), max(0, int(cx - half)) : max(0, int(np.ceil(cx + half)))]
+        painted = inside.sum() >= PAINTED_SHARE * (2 * half) ** 2
+    return crop_square(rgb, cy, cx, side, size), cell is not None, bool(painted)
 
 
 def fill_masked_background(rgb: np.ndarray) -> np.ndarray:
@@ -237,15 +245,22 @@ def fill_masked_background(rgb: np.ndarray) -> np.ndarray:
     `erythroblast`, and 13 of them `lymphocyte` on this background (docs/benchmarks.md). Only the
     black regions that touch the border are painted: dark pixels inside the cell stay as they are.
     """
+    mask = masked_background(rgb)
+    return rgb if mask is None else np.where(mask[..., None], np.array(BACKGROUND, np.uint8), rgb)
+
+
+def masked_background(rgb: np.ndarray) -> np.ndarray | None:
+    """The (H, W) mask of the black regions touching the border that ``fill_masked_background``
+    paints, or None when at least half of the border is not black."""
     step = max(1, min(rgb.shape[:2]) // 64)  # 256+ border pixels decide; every image pays this check
     border = np.concatenate([rgb[0, ::step], rgb[-1, ::step], rgb[::step, 0], rgb[::step, -1]])
     if (border.max(1) <= BLACK).mean() < 0.5:
-        return rgb
+        return None
     labels, count = ndimage.label(np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) <= BLACK)
     outside = np.zeros(count + 1, bool)
     outside[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
     outside[0] = False
-    return np.where(outside[labels][..., None], np.array(BACKGROUND, np.uint8), rgb)
+    return outside[labels]
 
 
 def crop_square(rgb: np.ndarray, cy: float, cx: float, side: float, size: int) -> np.ndarray:
