@@ -271,3 +271,38 @@ def test_colour_p_outside_0_1_is_refused():
 
     with pytest.raises(LeukoscopeError, match="colour_p must be between 0 and 1, got 1.5"):
         TrainConfig.from_dict({"augment": {"colour_p": 1.5}})
+
+
+def _slide_with_cell(gains: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    image = field(120, 160, [(60, 80, 20)], red_cells=10)
+    return np.clip(image * np.array(gains), 0, 255).astype(np.uint8)
+
+
+def test_a_yellow_cast_is_corrected_back_into_the_training_range_and_nothing_else_is_touched():
+    from leukoscope.stain import CAST_MARGIN, background_chroma, correct_cast, fit_cast_range
+
+    slides = [_slide_with_cell(g) for g in ((1.0, 1.0, 1.0), (1.03, 1.0, 0.97), (0.97, 1.0, 1.03))]
+    cast = fit_cast_range(slides)
+    assert len(cast) == 6 and all(low <= high for low, high in zip(cast[:3], cast[3:]))
+    for image in slides + [_slide_with_cell((0.8, 0.95, 1.2)), _slide_with_cell((1.1, 0.8, 1.1))]:  # blue and magenta stay
+        assert correct_cast(image, cast) is image
+    yellow = _slide_with_cell((1.0, 0.95, 0.6))
+    assert background_chroma(yellow)[2] < cast[2] - CAST_MARGIN
+    fixed = correct_cast(yellow, cast)
+    assert fixed is not yellow and cast[2] - 0.02 <= background_chroma(fixed)[2] <= cast[5] + 0.02
+    assert abs(int(fixed.sum()) - int(yellow.sum())) < 0.05 * int(yellow.sum())  # roughly the same brightness
+    assert correct_cast(yellow, None) is yellow
+
+
+def test_a_model_with_a_cast_range_frames_a_yellow_image_like_the_original_and_says_it_recoloured_it():
+    from leukoscope.stain import background_chroma, fit_cast_range
+
+    original = _slide_with_cell()
+    view = View(64, cell=0.6, cast=fit_cast_range([original]))
+    plain, _, recoloured = frame(original, view)
+    assert not recoloured
+    fixed, found, recoloured = frame(_slide_with_cell((1.0, 0.95, 0.6)), view)
+    assert found and recoloured
+    assert np.abs(background_chroma(fixed) - background_chroma(plain)).max() < 0.02  # the same colours; brightness is the cast's
+    crop_view = View(64, crop=0.8, cast=view.cast)
+    assert frame(_slide_with_cell((1.0, 0.95, 0.6)), crop_view)[2] and not frame(original, crop_view)[2]

@@ -66,7 +66,7 @@ def test_a_painted_cell_is_out_of_domain_for_a_model_that_never_saw_one(tiny_run
 
     data, run = tiny_run
     model = load_model(run)
-    assert model.checkpoint["painted_training_images"] == 0
+    assert model.checkpoint["recoloured_training_images"] == 0
     model.view = replace(model.view, cell=0.6)  # frame cells as the cell-centric models do
     model.ood_threshold = float("inf")  # every score in domain: what remains is the painting rule
     on_black = _on_black(np.asarray(Image.open(sorted(data.rglob("*.png"))[0])))
@@ -75,24 +75,26 @@ def test_a_painted_cell_is_out_of_domain_for_a_model_that_never_saw_one(tiny_run
     painted, unpainted = model.predict([on_black, plain])
     assert painted.ood_score == unpainted.ood_score and painted.probabilities == unpainted.probabilities  # the same window
     assert painted.in_domain is False and unpainted.in_domain is True
-    model.painted_seen = True
+    model.recoloured_seen = True
     assert model.predict(on_black)[0].in_domain is True
 
 
-def test_training_on_painted_cells_records_them_and_keeps_such_cells_in_domain(tmp_path):
+def test_training_on_painted_cells_records_them_and_keeps_such_cells_in_domain_and_a_colour_range(tmp_path):
     from leukoscope.cli import main
 
     data = make_image_folder(tmp_path / "data", n_per_class=12)
     for path in data.rglob("*.png"):
         Image.fromarray(_on_black(np.asarray(Image.open(path)))).save(path)
-    (tmp_path / "cell.yaml").write_text("cell: 0.6\n")
+    (tmp_path / "cell.yaml").write_text("cell: 0.6\ncolour_cast: true\n")
     assert main(["train", str(data), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--config", str(tmp_path / "cell.yaml")]) == 0
     model = load_model(tmp_path / "run")
-    assert model.painted_seen and model.checkpoint["painted_training_images"] > 0
+    assert model.recoloured_seen and model.checkpoint["recoloured_training_images"] > 0
     paths = sorted(data.rglob("*.png"))
     assert all(p.in_domain == (p.ood_score <= model.ood_threshold) for p in model.predict(paths))
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.onnx")]) == 0
-    assert load_model(tmp_path / "m.onnx").painted_seen  # the record travels with the exported graph
+    exported = load_model(tmp_path / "m.onnx")
+    assert exported.recoloured_seen  # the record travels with the exported graph, and so does the colour range
+    assert model.view.cast is not None and len(model.view.cast) == 6 and exported.view.cast == model.view.cast
 
 
 def test_the_blast_model_flags_real_cells_segmented_onto_black():

@@ -38,7 +38,9 @@ class Preprocessing:
     ``cell`` of it), resized to ``image_size``, colour-normalised onto ``stain`` where set,
     scaled to [0, 1] and normalised by ``mean``/``std``. ``colour`` names the colour normalisation
     (see stain: none, white, or reinhard onto the ``stain`` target). ``reduce``: images shrink by 2, 4
-    or 8 before the crop is resized where that still covers it (see io.reduction)."""
+    or 8 before the crop is resized where that still covers it (see io.reduction). ``cast``: the
+    training images' background colour range, outside which a colour cast is corrected (see
+    stain.correct_cast)."""
 
     image_size: int
     crop: float = 1.0
@@ -48,10 +50,11 @@ class Preprocessing:
     stain: tuple[float, ...] | None = None
     colour: str = "none"
     reduce: bool = False
+    cast: tuple[float, ...] | None = None
 
     @property
     def view(self) -> View:
-        return View(self.image_size, self.crop, self.cell, self.stain, colour=self.colour, reduce=self.reduce)
+        return View(self.image_size, self.crop, self.cell, self.stain, colour=self.colour, reduce=self.reduce, cast=self.cast)
 
 
 @dataclass
@@ -69,7 +72,7 @@ class ModelCard:
     ood_threshold: float | None = None  # out-of-domain above this Mahalanobis score (the network outputs it: see ood)
 
     KEYS = ("arch", "arch_kwargs", "class_names", "image_size", "crop", "mean", "std", "temperature", "threshold", "positive_index", "tta",
-            "ood_threshold", "cell", "stain", "colour", "reduce")
+            "ood_threshold", "cell", "stain", "colour", "reduce", "cast")
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ModelCard:
@@ -81,13 +84,16 @@ class ModelCard:
             raise LeukoscopeError(f"model metadata: cell must be between 0.1 and 1.0, got {cell}")
         if stain is not None and len(stain) != 6:
             raise LeukoscopeError(f"model metadata: stain must hold 6 numbers (OD mean and std per channel), got {len(stain)}")
+        cast = meta.get("cast")
+        if cast is not None and len(cast) != 6:
+            raise LeukoscopeError(f"model metadata: cast must hold 6 numbers (low and high background chromaticity per channel), got {len(cast)}")
         colour = str(meta.get("colour") or "none")
         if colour not in COLOUR_MODES or (colour == "reinhard" and stain is None):
             raise LeukoscopeError(f"model metadata: colour must be one of {', '.join(COLOUR_MODES)} (reinhard with a stain target), got {colour!r}")
         pre = Preprocessing(int(meta["image_size"]), float(meta.get("crop", 1.0)),
                             tuple(float(v) for v in meta.get("mean", (0.5,) * 3)), tuple(float(v) for v in meta.get("std", (0.25,) * 3)),
                             None if cell is None else float(cell), None if stain is None else tuple(float(v) for v in stain), colour,
-                            bool(meta.get("reduce", False)))
+                            bool(meta.get("reduce", False)), None if cast is None else tuple(float(v) for v in cast))
         index = meta.get("positive_index")
         return cls(str(meta["arch"]), [str(c) for c in meta["class_names"]], pre, dict(meta.get("arch_kwargs") or {}),
                    float(meta.get("temperature", 1.0)), meta.get("threshold"), None if index is None else int(index), meta.get("tta") or "none",
@@ -98,7 +104,8 @@ class ModelCard:
         pre = self.preprocessing
         return {"arch": self.arch, "arch_kwargs": self.arch_kwargs, "class_names": list(self.class_names), "image_size": pre.image_size,
                 "crop": pre.crop, "mean": list(pre.mean), "std": list(pre.std), "cell": pre.cell,
-                "stain": None if pre.stain is None else list(pre.stain), "colour": pre.colour, "reduce": pre.reduce, "temperature": self.temperature,
+                "stain": None if pre.stain is None else list(pre.stain), "colour": pre.colour, "reduce": pre.reduce,
+                "cast": None if pre.cast is None else list(pre.cast), "temperature": self.temperature,
                 "threshold": self.threshold, "positive_index": self.positive_index, "tta": self.tta, "ood_threshold": self.ood_threshold}
 
 

@@ -46,6 +46,9 @@ class TrainConfig:
     colour_norm: str = option("none", "colour normalisation of each window: white (subtract the background's optical density, so "
                                       "every lab's background is white), reinhard (map OD mean and std onto the training average) "
                                       "or none", COLOUR_MODES)
+    colour_cast: bool = option(False, "correct a yellow cast (a warm lamp, a camera's white balance): an image whose background's "
+                                      "blue share lies well below the training images' range gets per-channel gains that bring it "
+                                      "back, and is reported out of domain; images within it are left alone")
     epochs: int = option(30, "training epochs")
     batch_size: int = option(64, "images per training step")
     optimizer: str = option("adamw", "adamw, or sgd with Nesterov momentum 0.9 (give it a larger lr, e.g. 0.1)", OPTIMIZERS)

@@ -32,7 +32,7 @@ from .io import ImageReadError, View, frame, load_view, to_rgb
 PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool costs ~30 ms to start)
 THREADS = 4
 
-Decoded = tuple[np.ndarray | None, str, bool | None, bool]  # (image as the view shows it, error, whether the cell was located, painted)
+Decoded = tuple[np.ndarray | None, str, bool | None, bool]  # (image as the view shows it, error, whether the cell was located, recoloured: see io.frame)
 Outputs = tuple[np.ndarray, ...]  # a network's outputs for a batch, one row per image
 Infer = Callable[[np.ndarray], Outputs]
 
@@ -42,12 +42,12 @@ def decode_item(item: Any, view: View) -> Decoded:
     every kind of input (see ``io.frame``). An unreadable one gives (None, its error, None, False)."""
     try:
         if isinstance(item, Image.Image):
-            image, found, painted = frame(np.asarray(to_rgb(item)), view)
+            image, found, recoloured = frame(np.asarray(to_rgb(item)), view)
         elif isinstance(item, np.ndarray):
-            image, found, painted = frame(array_to_rgb(item), view)
+            image, found, recoloured = frame(array_to_rgb(item), view)
         else:
-            image, found, painted = load_view(item, view)
-        return image, "", found, painted
+            image, found, recoloured = load_view(item, view)
+        return image, "", found, recoloured
     except (ImageReadError, ValueError) as err:
         return None, str(err), None, False
 

@@ -88,7 +88,7 @@ class Predictor:
         self.positive_index = card.positive_index if card.positive_index is not None else positive_index(self.class_names)
         self.backend = backend if backend is not None else TorchBackend(checkpoint)
         self.ood_threshold = card.ood_threshold  # set: the backend's last output column is the OOD score
-        self.painted_seen = checkpoint.get("painted_training_images", 0) > 0  # see mark_painted
+        self.recoloured_seen = checkpoint.get("recoloured_training_images", 0) > 0  # see mark_recoloured
 
     @property
     def kind(self) -> str:
@@ -212,14 +212,15 @@ class Predictor:
         for i, source in enumerate(sources):
             if i in done:
                 done[i].localised = decoded[i][2]
-                self.mark_painted(done[i], decoded[i][3])
+                self.mark_recoloured(done[i], decoded[i][3])
             yield done.get(i) or Prediction(source, error=decoded[i][1] or "unreadable image")
 
-    def mark_painted(self, prediction: Prediction, painted: bool) -> None:
-        """A cell whose black background was painted (``localise.fill_masked_background``) is out of
-        domain for a model none of whose training images had one: painting makes the cell readable,
-        not familiar (`blast` called C-NMC's painted cells blast with an ood_score below its threshold)."""
-        if painted and not self.painted_seen and prediction.in_domain is not None:
+    def mark_recoloured(self, prediction: Prediction, recoloured: bool) -> None:
+        """An image recoloured to look like a slide (a black background painted where its window shows
+        it, or a colour cast corrected: see io.frame) is out of domain for a model none of whose
+        training images was: recolouring makes the cell readable, not familiar (`blast` called
+        C-NMC's painted cells blast with an ood_score below its threshold)."""
+        if recoloured and not self.recoloured_seen and prediction.in_domain is not None:
             prediction.in_domain = False
 
     def decide(self, probs: np.ndarray) -> int:

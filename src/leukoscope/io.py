@@ -181,6 +181,8 @@ class View:
     ``context`` > 1: training decodes that factor more around the same centre, for augmentation
     to rotate or shift into view. ``reduce`` (central crops only): shrink the image first by the
     largest of 8, 4 or 2 that still leaves the crop ``size`` pixels across (see ``reduction``).
+    ``cast``: the training images' range of background colours; a whole image whose background lies
+    well outside it has its colour cast corrected first (see stain.correct_cast).
     """
 
     size: int
@@ -190,6 +192,7 @@ class View:
     context: float = 1.0
     colour: str = "none"
     reduce: bool = False
+    cast: tuple[float, ...] | None = None
 
     def with_context(self, factor: float) -> View:
         return replace(self, size=round(self.size * factor), context=factor)
@@ -217,18 +220,21 @@ def reduction(height: int, width: int, view: View) -> int:
 
 def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarray, bool | None, bool]:
     """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, whether a cell was located (None when the
-    view is not cell-centric) and whether a black background was painted (``localise.cell_window``).
+    view is not cell-centric) and whether it was recoloured to look like a slide: a black background
+    painted where the window shows it, or a colour cast corrected (``localise.cell_window``,
+    ``stain.correct_cast``).
     The one function every path (files, uploads, arrays, PIL images; train, evaluate, predict, serve,
     explain, export) goes through. ``reduced``: ``rgb`` was already decoded at ``reduction``'s scale
     (a JPEG; see ``load_view``)."""
     if not reduced and (factor := reduction(*rgb.shape[:2], view)) > 1:
         rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
     if view.cell is not None:
-        out, found, painted = localise.cell_window(rgb, view.size, view.cell, view.context)
+        out, found, recoloured = localise.cell_window(rgb, view.size, view.cell, view.context, view.cast)
     else:
         crop = min(1.0, view.crop * view.context)
-        out, found, painted = resize_center_crop(rgb, view.size, crop), None, False
-    return stain.apply(out, view.colour, view.stain), found, painted
+        corrected = stain.correct_cast(rgb, view.cast)
+        out, found, recoloured = resize_center_crop(corrected, view.size, crop), None, corrected is not rgb
+    return stain.apply(out, view.colour, view.stain), found, recoloured
 
 
 def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None, bool]:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .stain import correct_cast
+
 WORK_SIDE = 100  # the shorter side of the subsample the localiser works on
 MIN_SCORE = 25  # blue minus green below this is never nucleus, whatever Otsu says (an empty field)
 MIN_AREA = 0.003  # smallest nucleus, as a fraction of the subsample: platelets and debris are smaller
@@ -208,32 +210,35 @@ def _elongated(region: np.ndarray) -> bool:
     return max(h, w) > 1.35 * 2 * np.sqrt(region.sum() / np.pi)
 
 
-def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0) -> tuple[np.ndarray, bool, bool]:
+def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0, cast: tuple[float, ...] | None = None
+                ) -> tuple[np.ndarray, bool, bool]:
     """A ``size`` x ``size`` window centred on the cell, whose nucleus spans ``fill`` of the window,
-    whether a cell was found (if not: the whole image's central square), and whether painted
-    background makes up PAINTED_SHARE or more of the window (black, painted over: see below; a
-    black vignette far from the cell does not count).
+    whether a cell was found (if not: the whole image's central square), and whether the window was
+    recoloured: painted background makes up PAINTED_SHARE or more of it (black, painted over: see
+    below; a black vignette far from the cell does not count), or a colour cast was corrected.
 
     ``context`` > 1 widens the window by that factor around the same centre (training decodes the
     surroundings, which augmentation may rotate or shift into view). Outside the image the window
     is filled with the image's median border colour. A cell segmented onto black (as in C-NMC) is
-    first put on a plain background (``fill_masked_background``).
+    first put on a plain background (``fill_masked_background``); then a colour cast well outside
+    the training range ``cast`` is corrected (``stain.correct_cast``), before the cell is located.
     """
     mask = masked_background(rgb)
     if mask is not None:
         rgb = np.where(mask[..., None], np.array(BACKGROUND, np.uint8), rgb)
+    corrected = correct_cast(rgb, cast)
+    recoloured, rgb = corrected is not rgb, corrected
     cell = find_cell(rgb)
     h, w = rgb.shape[:2]
     if cell is None:
         side, cy, cx = min(h, w) * context, h / 2, w / 2
     else:
         side, cy, cx = cell.diameter / fill * context, cell.y, cell.x
-    painted = False
-    if mask is not None:  # the window's share of painted pixels, within the image (padding is not painted)
+    if mask is not None and not recoloured:  # the window's share of painted pixels, within the image (padding is not painted)
         half = side / context / 2
         inside = mask[max(0, int(cy - half)) : max(0, int(np.ceil(cy + half))), max(0, int(cx - half)) : max(0, int(np.ceil(cx + half)))]
-        painted = inside.sum() >= PAINTED_SHARE * (2 * half) ** 2
-    return crop_square(rgb, cy, cx, side, size), cell is not None, bool(painted)
+        recoloured = inside.sum() >= PAINTED_SHARE * (2 * half) ** 2
+    return crop_square(rgb, cy, cx, side, size), cell is not None, bool(recoloured)
 
 
 def fill_masked_background(rgb: np.ndarray) -> np.ndarray:

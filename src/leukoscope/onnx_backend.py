@@ -32,7 +32,7 @@ OPSET = 17
 GRAPH_FORMAT = 1  # bump when the exported graph changes, so cached graphs are rebuilt
 INT8_RECIPE = 2  # bump when quantize_int8 changes: int8 graphs of an older recipe are rebuilt (2: uint8 weights on the pixels)
 META_KEYS = (*ModelCard.KEYS, "config", "metrics", "train_command", "data_manifest_sha256", "bundled_name",
-             "painted_training_images")
+             "recoloured_training_images")
 
 
 class WithPreprocessing(nn.Module):

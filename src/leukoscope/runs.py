@@ -131,13 +131,13 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
     return dataset, splits, split_kind
 
 
-def load_split_images(dataset: Dataset, splits: list[str], view: View, painted: list[bool] | None = None
+def load_split_images(dataset: Dataset, splits: list[str], view: View, recoloured: list[bool] | None = None
                       ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], Dataset, list[str]]:
-    """Decode every split; unreadable images are dropped from the dataset with a warning. ``painted``,
-    if given, gets whether each sample's black background was painted (see ``decode_many``)."""
+    """Decode every split; unreadable images are dropped from the dataset with a warning. ``recoloured``,
+    if given, gets whether each sample was recoloured to look like a slide (see ``decode_many``)."""
     index = {c: i for i, c in enumerate(dataset.classes)}
     paths = [dataset.abspath(s) for s in dataset.samples]
-    images, errors = decode_many(paths, view, desc="decode images", painted=painted)
+    images, errors = decode_many(paths, view, desc="decode images", recoloured=recoloured)
     bad = [i for i, e in enumerate(errors) if e is not None]
     for i in bad[:10]:
         note(f"warning: skipping {paths[i]}: {errors[i]}")

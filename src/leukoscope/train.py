@@ -34,12 +34,13 @@ from .evaluate import evaluate, headline
 from .inference import Predictor
 from .models import create_model, training_memory_format
 from .ood import fit_ood, supports_ood
-from .io import View, atomic_write
+from .io import ImageReadError, View, atomic_write, load_rgb
+from .localise import fill_masked_background
 from .progress import note, plural, progress
 from .refit import refit_classifier
 from .runs import calibrate, load_split_images, prepare_output_folder, prepare_run, seed_everything
 from .runtime import keep_freed_memory
-from .stain import fit_target
+from .stain import fit_cast_range, fit_target
 from .tracking import log_run, require_mlflow
 from .train_classical import train_classical
 from .trainer import Trainer, channel_stats, class_weights, load_context, resolve_precision
@@ -145,17 +146,17 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
         head = head_name(model)
         note(describe(record))
     view = training_view(dataset, splits, config, parent)
-    painted: list[bool] = []  # per sample, in the order of the splits before unreadable images drop out
+    recoloured: list[bool] = []  # per sample, in the order of the splits before unreadable images drop out
     split_of = splits
-    tensors, labels, dataset, splits = load_split_images(dataset, splits, view, painted)
+    tensors, labels, dataset, splits = load_split_images(dataset, splits, view, recoloured)
     stats = parent_stats(parent) if parent else channel_stats(tensors["train"])  # a backbone expects its own normalisation
     model = model.to(device, memory_format=training_memory_format(model, device))
     bf16 = resolve_precision(config, device, model)
     card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
-                                                                 config.cell, view.stain, view.colour, view.reduce), config.arch_kwargs)
+                                                                 config.cell, view.stain, view.colour, view.reduce, view.cast), config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
             "seen_images": seen_images(dataset, splits), **({"parent": record} if parent else {}),
-            "painted_training_images": sum(p for p, k in zip(painted, split_of) if k == "train")}  # see Predictor.mark_painted
+            "recoloured_training_images": sum(r for r, k in zip(recoloured, split_of) if k == "train")}  # see Predictor.mark_recoloured
     if resume_state is not None:
         model.load_state_dict(resume_state["weights"])
     model = wrap(model, world, device, config.sync_bn, config.batch_size)
@@ -198,8 +199,11 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
 
 def training_view(dataset: Dataset, splits: list[str], config: TrainConfig, parent: dict[str, Any] | None) -> View:
     """The view the model will see; with reinhard colour normalisation, its target: the parent's (the
-    backbone learnt on that colour) or the mean OD statistics of up to 500 training windows."""
+    backbone learnt on that colour) or the mean OD statistics of up to 500 training windows; with
+    ``colour_cast``, the background colour range of up to 500 training images."""
     view = View(config.image_size, config.crop, config.cell, colour=config.colour_norm, reduce=config.reduce)
+    if config.colour_cast:
+        view = replace(view, cast=fit_cast(dataset, splits, config.seed, paint=config.cell is not None))
     if config.colour_norm != "reinhard":
         return view
     if parent is not None and (target := ModelCard.from_meta(parent).preprocessing.stain) is not None:
@@ -210,6 +214,24 @@ def training_view(dataset: Dataset, splits: list[str], config: TrainConfig, pare
     target = fit_target(image.permute(1, 2, 0).numpy() for image, error in zip(images, errors) if error is None)
     note(f"colour target (optical density mean, std per channel) from {plural(len(sample), 'training image')}: {target}")
     return replace(view, stain=target)
+
+
+def fit_cast(dataset: Dataset, splits: list[str], seed: int, paint: bool) -> tuple[float, ...]:
+    """The background colour range of up to 500 training images, whole (with any black background
+    painted, for cell-centric views), as the view sees them before the cast correction (see
+    stain.fit_cast_range)."""
+    train = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
+    sample = random.Random(seed).sample(train, min(500, len(train)))
+    images = []
+    for path in progress(sample, total=len(sample), desc="fit the colour cast range", unit="image", leave=False, log=True):
+        try:
+            image = load_rgb(path)
+            images.append(fill_masked_background(image) if paint else image)
+        except ImageReadError:
+            continue  # reported when the splits are decoded
+    cast = fit_cast_range(images)
+    note(f"background colour range (chromaticity low R, G, B, high R, G, B) from {plural(len(images), 'training image')}: {cast}")
+    return cast
 
 
 def _train_classical(data, out: Path, config: TrainConfig, command: str = "", resume: bool = False) -> dict[str, Any]:

@@ -19,13 +19,13 @@ CHUNK = 64  # files per submitted piece of work
 
 
 def decode_many(paths: Sequence[str | os.PathLike], view: View | int, desc: str | None = None,
-                workers: int | None = None, painted: list[bool] | None = None) -> tuple[torch.Tensor, list[str | None]]:
+                workers: int | None = None, recoloured: list[bool] | None = None) -> tuple[torch.Tensor, list[str | None]]:
     """Return (N, 3, S, S) uint8 of each image as ``view`` shows it (an int: the whole image at that
     size) and a per-path error message (None when decoded). Decoded in parallel (``decoding.Decoder``:
     worker processes for long runs; ``workers``: how many, see ``decoding.worker_processes``).
 
-    Unreadable images are left black in the tensor; callers drop or report them. ``painted``, if
-    given, gets whether each image's black background was painted (see ``io.frame``).
+    Unreadable images are left black in the tensor; callers drop or report them. ``recoloured``, if
+    given, gets whether each image was recoloured to look like a slide (see ``io.frame``).
     """
     view = View(view) if isinstance(view, int) else view
     out = torch.zeros((len(paths), 3, view.size, view.size), dtype=torch.uint8)
@@ -34,10 +34,10 @@ def decode_many(paths: Sequence[str | os.PathLike], view: View | int, desc: str 
     with Decoder(view, len(paths), workers=workers) as decoder:
         pending = [decoder.submit(paths[i : i + CHUNK]) for i in range(0, len(paths), CHUNK)]
         decoded = (item for futures in pending for item in decoder.results(futures))
-        for i, (image, error, _, was_painted) in enumerate(progress(decoded, total=len(paths), desc=desc, unit="image", disable=desc is None,
+        for i, (image, error, _, was_recoloured) in enumerate(progress(decoded, total=len(paths), desc=desc, unit="image", disable=desc is None,
                                                        leave=False, log=True)):
-            if painted is not None:
-                painted.append(was_painted)
+            if recoloured is not None:
+                recoloured.append(was_recoloured)
             if image is None:
                 errors[i] = error
             else:

@@ -164,7 +164,7 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
 
 def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> list[tuple[np.ndarray, bool | None, bool]]:
     """Each upload as the model sees it (its crop or cell window, at its size), whether a cell was
-    located and whether its black background was painted; the first bad one is a 4xx naming the file."""
+    located and whether it was recoloured (see io.frame); the first bad one is a 4xx naming the file."""
     images = []
     for name, data in uploads:
         try:
@@ -181,8 +181,8 @@ def _data_url(image: np.ndarray) -> str:
 def classify(predictor: Predictor, decoded: list[tuple[np.ndarray, bool | None, bool]], explainer: Explainer | None) -> list[dict[str, Any]]:
     images = [image for image, *_ in decoded]
     results = []
-    for (image, found, painted), pred in zip(decoded, predictor.predict_arrays(images, [""] * len(images))):
-        predictor.mark_painted(pred, painted)
+    for (image, found, recoloured), pred in zip(decoded, predictor.predict_arrays(images, [""] * len(images))):
+        predictor.mark_recoloured(pred, recoloured)
         result = {"label": pred.label, "confidence": pred.confidence, "probabilities": pred.probabilities,
                   "preview": _data_url(image)}  # the region the model saw, in any accepted format
         if pred.in_domain is not None:
