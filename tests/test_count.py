@@ -140,3 +140,18 @@ def test_count_service_endpoint(tiny_run):
     assert body["summary"]["n_cells"] == 3 and set(body["summary"]) >= {"n_blast", "pct_blast", "blast_percent"}
     bad = client.post("/count", files={"files": ("x.jpg", b"\xff\xd8 broken", "image/jpeg")})
     assert bad.status_code == 422 and "x.jpg" in json.dumps(bad.json())
+
+
+def test_count_corrects_a_yellow_cast_as_the_model_does(tiny_run):
+    from dataclasses import replace
+
+    from leukoscope.stain import fit_cast_range
+
+    image = field(200, 260, [(100, 130, 26)], red_cells=20)
+    model = load_model(tiny_run[1])
+    model.view = replace(model.view, cast=fit_cast_range([image]))
+    yellow = np.clip(image * np.array([1.0, 0.95, 0.6]), 0, 255).astype(np.uint8)
+    plain_cells, _ = count_image(model, image)
+    cells, windows = count_image(model, yellow)
+    assert len(cells) == len(plain_cells) == 1 and abs(cells[0].x0 - plain_cells[0].x0) <= 2
+    assert windows[0][..., 2].mean() > 0.85 * windows[0][..., 0].mean()  # blue restored in the window the model saw

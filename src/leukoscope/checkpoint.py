@@ -39,8 +39,8 @@ class Preprocessing:
     scaled to [0, 1] and normalised by ``mean``/``std``. ``colour`` names the colour normalisation
     (see stain: none, white, or reinhard onto the ``stain`` target). ``reduce``: images shrink by 2, 4
     or 8 before the crop is resized where that still covers it (see io.reduction). ``cast``: the
-    training images' background colour range, outside which a colour cast is corrected (see
-    stain.correct_cast)."""
+    training images' background colour range, below whose blue share a yellow cast is corrected
+    (see stain.correct_cast)."""
 
     image_size: int
     crop: float = 1.0

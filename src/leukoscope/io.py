@@ -181,8 +181,9 @@ class View:
     ``context`` > 1: training decodes that factor more around the same centre, for augmentation
     to rotate or shift into view. ``reduce`` (central crops only): shrink the image first by the
     largest of 8, 4 or 2 that still leaves the crop ``size`` pixels across (see ``reduction``).
-    ``cast``: the training images' range of background colours; a whole image whose background lies
-    well outside it has its colour cast corrected first (see stain.correct_cast).
+    ``cast``: the training images' range of background colours; a whole image whose background is
+    well yellower than it (its blue share well below) has its cast corrected first (see
+    stain.correct_cast).
     """
 
     size: int

@@ -224,8 +224,7 @@ def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0, c
     the training range ``cast`` is corrected (``stain.correct_cast``), before the cell is located.
     """
     mask = masked_background(rgb)
-    if mask is not None:
-        rgb = np.where(mask[..., None], np.array(BACKGROUND, np.uint8), rgb)
+    rgb = _paint(rgb, mask)
     corrected = correct_cast(rgb, cast)
     recoloured, rgb = corrected is not rgb, corrected
     cell = find_cell(rgb)
@@ -250,7 +249,10 @@ def fill_masked_background(rgb: np.ndarray) -> np.ndarray:
     `erythroblast`, and 13 of them `lymphocyte` on this background (docs/benchmarks.md). Only the
     black regions that touch the border are painted: dark pixels inside the cell stay as they are.
     """
-    mask = masked_background(rgb)
+    return _paint(rgb, masked_background(rgb))
+
+
+def _paint(rgb: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return rgb if mask is None else np.where(mask[..., None], np.array(BACKGROUND, np.uint8), rgb)
 
 
