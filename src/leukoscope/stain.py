@@ -124,8 +124,8 @@ def correct_cast(rgb: np.ndarray, cast_range: tuple[float, ...] | None) -> np.nd
 
     Why: a lamp's colour temperature or a camera's white balance scales each channel, and a warm
     (yellow) cast is the shift `wbc`'s colour jitter covers least: on PBC's validation images under
-    synthetic casts it kept 79-92% under yellow ones and 92-97% under blue, magenta and green ones,
-    which this correction made no better (docs/benchmarks.md, "Colour casts"). Per-channel gains
+    synthetic casts it kept 79-92% under yellow ones and 92-97% under blue and magenta ones, which
+    correcting as well made worse (docs/benchmarks.md, "Colour casts"). Per-channel gains
     (a white-balance error is a gain, not an optical-density shift) move the background to the
     nearest colour inside the training range, keeping its brightness. The margin leaves every image
     of the labs in ../shared/data as it is.
