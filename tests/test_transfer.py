@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +249,12 @@ def test_adapt_from_python(tiny_run, tmp_path):
     assert len(predictions) == 40 and all(p.label and p.in_domain is None for p in predictions)
     with pytest.raises(LeukoscopeError, match="does not exist"):
         leukoscope.adapt_model(str(run), tmp_path / "missing")
+
+
+def test_fine_tuning_keeps_the_parents_cast_correction_unless_told_otherwise():
+    from leukoscope.config import load_config
+
+    assert load_config(None, {"init": "wbc"}).colour_cast is True  # the bundled wbc corrects yellow casts
+    assert load_config(None, {"init": "wbc", "colour_cast": False}).colour_cast is False
+    assert load_config(None, {"init": "pbc"}).colour_cast is False
+    assert load_config(Path(__file__).resolve().parents[1] / "configs" / "blast.yaml", {}).colour_cast is False

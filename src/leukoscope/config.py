@@ -221,7 +221,8 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> Tr
 
 
 def inherited_settings(init: str) -> dict[str, Any]:
-    """Architecture, its options, image size, crop, cell window and colour normalisation of the model ``init`` names."""
+    """Architecture, its options, image size, crop, cell window, colour normalisation and colour-cast
+    correction (the child fits its own range) of the model ``init`` names."""
     from .checkpoint import ModelCard, load_checkpoint, resolve_model_path
 
     path = resolve_model_path(init)
@@ -230,7 +231,7 @@ def inherited_settings(init: str) -> dict[str, Any]:
     card = ModelCard.from_meta(load_checkpoint(path))
     pre = card.preprocessing
     return {"arch": card.arch, "arch_kwargs": card.arch_kwargs, "image_size": pre.image_size, "crop": pre.crop, "cell": pre.cell,
-            "colour_norm": pre.colour, "reduce": pre.reduce}
+            "colour_norm": pre.colour, "reduce": pre.reduce, "colour_cast": pre.cast is not None}
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
