@@ -30,9 +30,8 @@ from specialist_gate import split_items  # noqa: E402
 
 from leukoscope import perturb  # noqa: E402
 from leukoscope.inference import load_model  # noqa: E402
-from leukoscope.localise import fill_masked_background  # noqa: E402
+from leukoscope.localise import as_slide  # noqa: E402
 from leukoscope.metrics import WBC_TYPES, binary_auc, wilson_interval  # noqa: E402
-from leukoscope.stain import correct_cast  # noqa: E402
 
 CASTS = {  # white-balance gains (R, G, B)
     "mild yellow (1.1, 1.05, 0.7)": (1.1, 1.05, 0.7),
@@ -74,14 +73,13 @@ def main() -> None:
            for name, gains in CASTS.items()},
     }
     in_domain_scores = None
-    lines = [f"`{args.model}`'s background colour range (chromaticity low R, G, B, high R, G, B): {cast}; margin 0.06. "
-             "Images right (95% Wilson intervals); corrected: images whose cast the correction changed.", "",
+    lines = [(f"`{args.model}`'s background colour range (chromaticity low R, G, B, high R, G, B): {cast}; margin 0.06. "
+              "Images right (95% Wilson intervals); corrected: images whose cast the correction changed."), "",
              "| images | corrected | without the correction | with it (as shipped) | AUROC vs clean PBC validation: without / with |",
              "|---|---|---|---|---|"]
     for name, (images, labels) in sets.items():
         arrays = [x if isinstance(x, np.ndarray) else np.asarray(Image.open(x).convert("RGB")) for x in images]
-        painted = [fill_masked_background(x) for x in arrays]  # as the cell window sees them
-        corrected = sum(correct_cast(x, cast) is not x for x in painted)
+        corrected = sum(as_slide(x, cast)[2] for x in arrays)  # as the cell window sees them
         rows = {"without": off.predict(arrays), "with": model.predict(arrays)}
         right = {k: sum(p.label == y for p, y in zip(v, labels)) for k, v in rows.items()}
         scores = {k: np.array([p.ood_score for p in v]) for k, v in rows.items()}

@@ -26,10 +26,9 @@ import numpy as np
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model
 from .io import ImageReadError, View, atomic_write, iter_image_files, load_rgb
-from .localise import Cell, crop_square, fill_masked_background, find_cells
+from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import progress
 from .stain import apply as normalise_colour
-from .stain import correct_cast
 
 DEFAULT_FILL = 0.6  # a crop-mode model sees a cell whose nucleus spans about this fraction of its tile
 NOT_COUNTED = ("platelet",)  # detections with these labels are not white cells: listed, not counted
@@ -88,8 +87,8 @@ def count_image(predictor: Predictor, rgb: np.ndarray, slide: str = "", image: s
     """Detect and classify every white cell of one decoded field (H, W, 3 uint8); returns the cells
     and each one's window as the model saw it. A cell segmented onto black is put on a plain
     background first, and a yellow cast outside the model's training range corrected, as every
-    cell-centric view does (``fill_masked_background``, ``stain.correct_cast``)."""
-    rgb = correct_cast(fill_masked_background(rgb), predictor.view.cast)  # as the model's own view does (io.frame)
+    cell-centric view does (``localise.as_slide``)."""
+    rgb = as_slide(rgb, predictor.view.cast)[0]  # as the model's own view does (localise.cell_window)
     cells = find_cells(rgb)
     if not cells:
         return [], []

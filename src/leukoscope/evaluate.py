@@ -119,7 +119,7 @@ def evaluate(
         metrics[split]["ece_uncalibrated"] = expected_calibration_error(r["raw"], r["y"])
         metrics[split]["unreadable"] = r["unreadable"]
         if r["ood"] is not None and len(r["ood"]):
-            flagged = int(((r["ood"] > predictor.ood_threshold) | r["unfamiliar"]).sum())  # as Predictor.mark_recoloured
+            flagged = int(((r["ood"] > predictor.ood_threshold) | r["unfamiliar"]).sum())  # as predict's in_domain
             metrics[split]["out_of_domain"] = flagged / len(r["ood"])
             metrics[split]["out_of_domain_ci"] = list(wilson_interval(flagged, len(r["ood"])))
         if predictor.threshold is not None and len(predictor.class_names) == 2:
@@ -149,7 +149,7 @@ def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], sp
         tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.view, desc=f"decode {split}", workers=workers,
                                      recoloured=recoloured)
     ok = [i for i, e in enumerate(errors) if e is None]
-    unfamiliar = np.array([recoloured[i] and not predictor.recoloured_seen for i in ok] if recoloured else [False] * len(ok), dtype=bool)
+    unfamiliar = np.array([predictor.unfamiliar(recoloured[i]) for i in ok] if recoloured else [False] * len(ok), dtype=bool)
     index = {c: i for i, c in enumerate(predictor.class_names)}
     logits, ood = predict_logits_and_ood(predictor, tensor[ok], tta=tta, desc=f"predict {split}")
     return {"members": [members[i] for i in ok], "images": tensor[ok], "y": np.array([index[members[i].label] for i in ok], dtype=int),

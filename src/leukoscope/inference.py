@@ -220,8 +220,12 @@ class Predictor:
         it, or a colour cast corrected: see io.frame) is out of domain for a model none of whose
         training images was: recolouring makes the cell readable, not familiar (`blast` called
         C-NMC's painted cells blast with an ood_score below its threshold)."""
-        if recoloured and not self.recoloured_seen and prediction.in_domain is not None:
+        if self.unfamiliar(recoloured) and prediction.in_domain is not None:
             prediction.in_domain = False
+
+    def unfamiliar(self, recoloured: bool) -> bool:
+        """Whether a recoloured input is out of domain for this model whatever its score (see mark_recoloured)."""
+        return recoloured and not self.recoloured_seen
 
     def decide(self, probs: np.ndarray) -> int:
         """The predicted class index: argmax, or the stored operating threshold for binary models."""

@@ -223,10 +223,7 @@ def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0, c
     first put on a plain background (``fill_masked_background``); then a colour cast well outside
     the training range ``cast`` is corrected (``stain.correct_cast``), before the cell is located.
     """
-    mask = masked_background(rgb)
-    rgb = _paint(rgb, mask)
-    corrected = correct_cast(rgb, cast)
-    recoloured, rgb = corrected is not rgb, corrected
+    rgb, mask, recoloured = as_slide(rgb, cast)
     cell = find_cell(rgb)
     h, w = rgb.shape[:2]
     if cell is None:
@@ -238,6 +235,17 @@ def cell_window(rgb: np.ndarray, size: int, fill: float, context: float = 1.0, c
         inside = mask[max(0, int(cy - half)) : max(0, int(np.ceil(cy + half))), max(0, int(cx - half)) : max(0, int(np.ceil(cx + half)))]
         recoloured = inside.sum() >= PAINTED_SHARE * (2 * half) ** 2
     return crop_square(rgb, cy, cx, side, size), cell is not None, bool(recoloured)
+
+
+def as_slide(rgb: np.ndarray, cast: tuple[float, ...] | None) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """``rgb`` as a cell-centric model looks for cells in it: a black background painted
+    (``fill_masked_background``), then a yellow cast outside the training range ``cast`` corrected
+    (``stain.correct_cast``). Returns that image, the painted mask (None: nothing painted) and
+    whether the cast was corrected. Shared by ``cell_window`` and ``counting.count_image``."""
+    mask = masked_background(rgb)
+    painted = _paint(rgb, mask)
+    corrected = correct_cast(painted, cast)
+    return corrected, mask, corrected is not painted
 
 
 def fill_masked_background(rgb: np.ndarray) -> np.ndarray:

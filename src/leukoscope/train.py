@@ -208,20 +208,24 @@ def training_view(dataset: Dataset, splits: list[str], config: TrainConfig, pare
         return view
     if parent is not None and (target := ModelCard.from_meta(parent).preprocessing.stain) is not None:
         return replace(view, stain=target)
-    train = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
-    sample = random.Random(config.seed).sample(train, min(500, len(train)))
+    sample = training_sample(dataset, splits, config.seed)
     images, errors = decode_many(sample, replace(view, colour="none"), desc="fit the colour target")  # the windows before normalisation
     target = fit_target(image.permute(1, 2, 0).numpy() for image, error in zip(images, errors) if error is None)
     note(f"colour target (optical density mean, std per channel) from {plural(len(sample), 'training image')}: {target}")
     return replace(view, stain=target)
 
 
+def training_sample(dataset: Dataset, splits: list[str], seed: int, n: int = 500) -> list[Path]:
+    """Up to ``n`` training images, drawn with ``seed``: what colour statistics are fitted on."""
+    train = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
+    return random.Random(seed).sample(train, min(n, len(train)))
+
+
 def fit_cast(dataset: Dataset, splits: list[str], seed: int, paint: bool) -> tuple[float, ...]:
     """The background colour range of up to 500 training images, whole (with any black background
     painted, for cell-centric views), as the view sees them before the cast correction (see
     stain.fit_cast_range)."""
-    train = [dataset.abspath(s) for s, k in zip(dataset.samples, splits) if k == "train"]
-    sample = random.Random(seed).sample(train, min(500, len(train)))
+    sample = training_sample(dataset, splits, seed)
     images = []
     for path in progress(sample, total=len(sample), desc="fit the colour cast range", unit="image", leave=False, log=True):
         try:
