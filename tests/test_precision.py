@@ -228,22 +228,28 @@ def test_raw_pixel_graph_folds_the_normalisation_into_the_first_convolution(run)
 
 
 def test_int8_graph_reads_pixels_keeps_activations_uint8_and_cannot_saturate(run):
-    """The first convolution reads the uint8 pixels (scale 1, zero point 0) with uint8 weights (exact
-    32-bit sums on CPUs without VNNI, where uint8 x int8 pairs saturate 16 bits); every ReLU sits
-    between a dequantise and a quantise (fused away by ONNX Runtime); later weights are int8."""
+    """The first convolution reads the uint8 pixels (scale 1, zero point 0), stacked 2x2 blocks to 12
+    channels, with int8 weights of at most 64 in size (on CPUs without VNNI, uint8 x int8 pairs are summed
+    in 16 bits: 2 x 255 x 64 fits); every ReLU sits between a dequantise and a quantise (fused away by
+    ONNX Runtime); later weights are int8."""
     from leukoscope.onnx_backend import onnx_bytes, quantize_int8
 
     data, folder = run
     checkpoint = load_checkpoint(folder / "model.pt")
     calibration = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     graph, constants, producers, weights, first_input = _int8_weights_and_first_input(quantize_int8(onnx_bytes(checkpoint, raw_pixels=True), calibration))
-    assert first_input.op_type == "DequantizeLinear" and producers[first_input.input[0]].op_type == "Concat"  # the padded pixels
+    assert first_input.op_type == "DequantizeLinear" and producers[first_input.input[0]].op_type == "SpaceToDepth"  # the padded pixels
     assert float(constants[first_input.input[1]]) == 1.0 and int(constants[first_input.input[2]]) == 0
     assert not any(n.op_type in ("Cast", "QuantizeLinear") and n.input[0] == "images" for n in graph.node)
     for relu in (n for n in graph.node if n.op_type == "Relu"):
         assert producers[relu.input[0]].op_type == "DequantizeLinear", relu.name
         assert any(n.op_type == "QuantizeLinear" and relu.output[0] in n.input for n in graph.node), relu.name
-    assert weights[0].dtype == np.uint8 and all(w.dtype == np.int8 for w in weights[1:])
+    assert weights[0].shape[1:] == (12, 2, 2) and _cannot_saturate(weights[0]) and all(w.dtype == np.int8 for w in weights)
+
+
+def _cannot_saturate(first_weights: np.ndarray) -> bool:
+    """uint8 weights (exact 32-bit sums everywhere), or int8 ones small enough for vpmaddubsw's 16-bit pairs."""
+    return first_weights.dtype == np.uint8 or int(np.abs(first_weights.astype(int)).max()) <= 64
 
 
 def test_bundled_int8_graphs_cannot_saturate_without_vnni():
@@ -252,7 +258,23 @@ def test_bundled_int8_graphs_cannot_saturate_without_vnni():
         pytest.skip("no bundled models (make models)")
     for name, path in models.items():
         _, _, _, weights, first_input = _int8_weights_and_first_input(int8_path(path).read_bytes())
-        assert weights[0].dtype == np.uint8, f"{name}: int8 weights on the pixels (tools/build_int8.py rebuilds the graph)"
+        assert _cannot_saturate(weights[0]), f"{name}: full-range int8 weights on the pixels (tools/build_int8.py rebuilds the graph)"
+
+
+def test_refined_rounding_lowers_the_error_on_correlated_inputs_and_keeps_the_limit():
+    """Two perfectly correlated inputs, targets 0.6 and 0.6: rounding each to 1 errs by 0.8 on the output,
+    rounding one down by 0.2 (hand-computed); a weight past the limit stays at it."""
+    from leukoscope.onnx_backend import _round_to_patches
+
+    rounded = np.array([1, 1])
+    _round_to_patches(rounded, np.array([0.6, 0.6]), np.ones((2, 2)))
+    assert abs((rounded - 0.6).sum()) == pytest.approx(0.2) and sorted(rounded.tolist()) == [0, 1]
+    independent = np.array([1, 1])
+    _round_to_patches(independent, np.array([0.6, 0.6]), np.eye(2))  # uncorrelated: nearest is best
+    assert independent.tolist() == [1, 1]
+    clipped = np.array([64, 0])
+    _round_to_patches(clipped, np.array([70.0, 0.0]), np.eye(2))
+    assert clipped.tolist() == [64, 0]  # a zero target stays zero too
 
 
 @pytest.mark.parametrize("ratio, expected", [(1e9, "pixels"), (0.0, "normalised")])
@@ -267,5 +289,53 @@ def test_int8_reads_pixels_unless_that_is_much_less_faithful(run, monkeypatch, r
     graph, parity = quantize.build_int8(checkpoint, images[:16], images, np.zeros(24, dtype=int))
     assert parity["input"] == expected and set(parity["mean_prob_diff_by_input"]) == {"pixels", "normalised"}
     _, _, producers, _, first_input = _int8_weights_and_first_input(graph)
-    reads = producers[first_input.input[0]].op_type  # the padded pixels (Concat), or the quantised normalised image
-    assert reads == ("Concat" if expected == "pixels" else "QuantizeLinear")
+    reads = producers[first_input.input[0]].op_type  # the padded pixels (SpaceToDepth), or the quantised normalised image
+    assert reads == ("SpaceToDepth" if expected == "pixels" else "QuantizeLinear")
+
+
+def test_int8_stem_matches_fp32_on_average_over_the_calibration_images(run):
+    """Bias correction: the int8 first convolution's output, averaged over the calibration images'
+    patches, equals the fp32 one within the bias's rounding (a bright slide background would otherwise
+    shift every output by its weights' rounding times ~200)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from leukoscope.onnx_backend import _input_patches, onnx_bytes, quantize_int8
+
+    _, folder = run
+    checkpoint = load_checkpoint(folder / "model.pt")
+    calibration = torch.randint(150, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    source = onnx.load_from_string(onnx_bytes(checkpoint, raw_pixels=True))
+    first = next(n for n in source.graph.node if n.op_type == "Conv")
+    floats = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in source.graph.initializer}
+    graph, constants, producers, _, _ = _int8_weights_and_first_input(quantize_int8(source.SerializeToString(), calibration))
+    conv = next(n for n in graph.node if n.op_type == "Conv")
+    weight, bias = (producers[name] for name in conv.input[1:3])  # their DequantizeLinear nodes
+    q, scale, zero = (constants[name].astype(np.float64) for name in weight.input)
+    int8_weight = ((q - zero[:, None, None, None]) * scale[:, None, None, None]).reshape(len(q), -1)
+    int8_bias = constants[bias.input[0]] * constants[bias.input[1]].astype(np.float64)
+    mean_patch = _input_patches(source, first, calibration, (2, 2)).mean(1)
+    fp32_mean = floats[first.input[1]].reshape(len(q), -1) @ mean_patch + floats[first.input[2]]
+    int8_mean = int8_weight @ mean_patch + int8_bias
+    assert np.abs(int8_mean - fp32_mean).max() <= constants[bias.input[1]].max()  # one step of the int32 bias
+    uncorrected = int8_weight @ mean_patch + floats[first.input[2]]
+    assert np.abs(uncorrected - fp32_mean).max() > 10 * constants[bias.input[1]].max()  # what the correction removed
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_raw_pixel_stem_is_the_stem_on_normalised_pixels(size):
+    """The 2x2-block form of a 3x3 stride-2 convolution, padding included, at even and odd sizes (odd
+    ones read the bottom and right padding too); a mean colour of whole grey levels makes it exact."""
+    from leukoscope.models.cellnet import conv_bn
+    from leukoscope.onnx_backend import RawPixelStem
+
+    torch.manual_seed(0)
+    stem = conv_bn(3, 8, stride=2).eval()
+    stem[1].running_mean.normal_()
+    stem[1].running_var.uniform_(0.5, 2.0)
+    mean, std = [150 / 255, 120 / 255, 200 / 255], [0.2, 0.25, 0.1]
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = stem((images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+        got = RawPixelStem(stem[0], stem[1], mean, std, size)(images)
+    assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
