@@ -300,7 +300,7 @@ def test_int8_stem_matches_fp32_on_average_over_the_calibration_images(run):
     import onnx
     from onnx import numpy_helper
 
-    from leukoscope.onnx_backend import _input_patches, onnx_bytes, quantize_int8
+    from leukoscope.onnx_backend import _patch_moments, onnx_bytes, quantize_int8
 
     _, folder = run
     checkpoint = load_checkpoint(folder / "model.pt")
@@ -314,7 +314,7 @@ def test_int8_stem_matches_fp32_on_average_over_the_calibration_images(run):
     q, scale, zero = (constants[name].astype(np.float64) for name in weight.input)
     int8_weight = ((q - zero[:, None, None, None]) * scale[:, None, None, None]).reshape(len(q), -1)
     int8_bias = constants[bias.input[0]] * constants[bias.input[1]].astype(np.float64)
-    mean_patch = _input_patches(source, first, calibration, (2, 2)).mean(1)
+    mean_patch, _ = _patch_moments(source, first, calibration, (2, 2))
     fp32_mean = floats[first.input[1]].reshape(len(q), -1) @ mean_patch + floats[first.input[2]]
     int8_mean = int8_weight @ mean_patch + int8_bias
     assert np.abs(int8_mean - fp32_mean).max() <= constants[bias.input[1]].max()  # one step of the int32 bias

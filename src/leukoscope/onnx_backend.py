@@ -308,9 +308,7 @@ def _refine_stem(graph, source, first: Any, calibration: torch.Tensor) -> None:
     weight_dq, bias_dq = producers[conv.input[1]], producers[conv.input[2]]
     stored, scale, zero = (numpy_helper.to_array(constants[name]) for name in weight_dq.input)
     target = next(numpy_helper.to_array(i) for i in source.graph.initializer if i.name == first.input[1]).astype(np.float64)
-    patches = _input_patches(source, first, calibration, target.shape[2:])  # (patch size, positions over all images)
-    mean, centred = patches.mean(1), patches - patches.mean(1, keepdims=True)
-    covariance = centred @ centred.T / patches.shape[1]
+    mean, covariance = _patch_moments(source, first, calibration, target.shape[2:])
     steps = scale.astype(np.float64)
     rounded = stored.astype(np.int64).reshape(len(stored), -1) - zero.astype(np.int64)[:, None]
     for channel in range(len(rounded)):
@@ -324,9 +322,10 @@ def _refine_stem(graph, source, first: Any, calibration: torch.Tensor) -> None:
     constants[bias_name].CopyFrom(numpy_helper.from_array(bias, bias_name))
 
 
-def _input_patches(source, first: Any, images: torch.Tensor, kernel: tuple[int, ...]) -> np.ndarray:
-    """What the fp32 model ``source``'s convolution ``first`` reads on ``images``: one column per output
-    position and image, one row per weight (channel-major, as the weights flatten)."""
+def _patch_moments(source, first: Any, images: torch.Tensor, kernel: tuple[int, ...], chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and covariance, over every output position of every image, of the patches that the fp32
+    model ``source``'s convolution ``first`` reads on ``images`` (one entry per weight, flattened as the
+    weights are); summed a few images at a time, so 256 calibration images need tens of MB, not gigabytes."""
     import onnx
     import onnxruntime as ort
 
@@ -337,9 +336,14 @@ def _input_patches(source, first: Any, images: torch.Tensor, kernel: tuple[int, 
     (inputs,) = session.run([first.input[0]], {"images": np.ascontiguousarray(images.numpy())})
     attrs = {a.name: list(a.ints) for a in first.attribute}
     top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
-    padded = nn.functional.pad(torch.from_numpy(inputs).double(), (left, right, top, bottom))
-    columns = nn.functional.unfold(padded, kernel, dilation=attrs.get("dilations", [1, 1]), stride=attrs.get("strides", [1, 1]))
-    return columns.permute(1, 0, 2).reshape(columns.shape[1], -1).numpy()
+    total, outer, count = 0.0, 0.0, 0
+    for start in range(0, len(inputs), chunk):
+        padded = nn.functional.pad(torch.from_numpy(inputs[start : start + chunk]).double(), (left, right, top, bottom))
+        columns = nn.functional.unfold(padded, kernel, dilation=attrs.get("dilations", [1, 1]), stride=attrs.get("strides", [1, 1]))
+        patches = columns.permute(1, 0, 2).reshape(columns.shape[1], -1)
+        total, outer, count = total + patches.sum(1), outer + patches @ patches.T, count + patches.shape[1]
+    mean = total / count
+    return mean.numpy(), (outer / count - torch.outer(mean, mean)).numpy()
 
 
 def _round_to_patches(rounded: np.ndarray, target: np.ndarray, covariance: np.ndarray, sweeps: int = 20) -> None:
