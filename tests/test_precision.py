@@ -88,6 +88,25 @@ def test_an_int8_graph_of_an_older_recipe_is_rebuilt(run, tmp_path, monkeypatch)
     assert rebuilt is not None
 
 
+def test_an_onnx_runtime_too_old_for_the_int8_graph_is_a_clear_error_or_fp32(run, monkeypatch, capsys):
+    """An ONNX Runtime without one of the int8 graph's kernels (before 1.28: no uint8 SpaceToDepth):
+    --precision int8 is a one-line error naming the fix, auto runs fp32 and says why."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
+
+    _, folder = run
+    monkeypatch.setattr(quantize, "MAX_ACCURACY_LOSS", 1.0)
+    load_model(folder, precision="int8")  # the graph, built once with this (recent) ONNX Runtime
+
+    def too_old(*args, **kwargs):
+        raise OrtNotImplemented("Could not find an implementation for SpaceToDepth(13) node")
+
+    monkeypatch.setattr(quantize, "OnnxBackend", too_old)
+    with pytest.raises(LeukoscopeError, match=r"install onnxruntime>=1.28, or use --precision fp32"):
+        load_model(folder, precision="int8")
+    assert quantize.load_int8(load_checkpoint(folder / "model.pt"), folder / "model.pt", build=False) is None
+    assert "SpaceToDepth" in capsys.readouterr().err
+
+
 def test_precision_errors_name_the_fix(run):
     _, folder = run
     with pytest.raises(LeukoscopeError, match="did you mean 'int8'"):

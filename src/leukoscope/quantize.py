@@ -160,7 +160,7 @@ def load_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, bu
     path = int8_path(checkpoint_path)
     meta = graph_meta(path) if path.is_file() else {}
     if meta.get("checkpoint_sha256") == sha256_file(checkpoint_path) and meta.get("int8_recipe") == INT8_RECIPE:
-        return OnnxBackend(path, precision="int8")
+        return _runnable(path, build)
     if not build:
         return None
     run = Path(checkpoint_path).parent
@@ -181,6 +181,22 @@ def load_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, bu
     note(f"int8 graph {where}: validation accuracy {100 * parity['int8_accuracy']:.2f}% vs {100 * parity['fp32_accuracy']:.2f}% fp32, "
          f"same call on {100 * parity['agreement']:.1f}% of {parity['images']} images")
     return OnnxBackend(graph, precision="int8")
+
+
+def _runnable(path: Path, required: bool) -> OnnxBackend | None:
+    """The int8 graph at ``path`` on this ONNX Runtime; one too old for its operators (SpaceToDepth on
+    uint8 needs 1.28) is a one-line error when int8 was asked for, else a note and None (fp32 runs)."""
+    import onnxruntime as ort
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, NotImplemented
+
+    try:
+        return OnnxBackend(path, precision="int8")
+    except (NotImplemented, Fail, InvalidGraph) as err:
+        why = f"ONNX Runtime {ort.__version__} cannot run {path} ({str(err).splitlines()[0][:160]}); install onnxruntime>=1.28"
+    if required:
+        raise LeukoscopeError(f"{why}, or use --precision fp32")
+    note(f"{why}; running fp32")
+    return None
 
 
 class AutoPrecision:
