@@ -187,7 +187,11 @@ def _runnable(path: Path, required: bool) -> OnnxBackend | None:
     """The int8 graph at ``path`` on this ONNX Runtime; one too old for its operators (SpaceToDepth on
     uint8 needs 1.28) is a one-line error when int8 was asked for, else a note and None (fp32 runs)."""
     import onnxruntime as ort
-    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, NotImplemented
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        Fail,
+        InvalidGraph,
+        NotImplemented,
+    )
 
     try:
         return OnnxBackend(path, precision="int8")
