@@ -187,15 +187,12 @@ def _runnable(path: Path, required: bool) -> OnnxBackend | None:
     """The int8 graph at ``path`` on this ONNX Runtime; one too old for its operators (SpaceToDepth on
     uint8 needs 1.28) is a one-line error when int8 was asked for, else a note and None (fp32 runs)."""
     import onnxruntime as ort
-    from onnxruntime.capi.onnxruntime_pybind11_state import (
-        Fail,
-        InvalidGraph,
-        NotImplemented,
-    )
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph
+    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as Unsupported
 
     try:
         return OnnxBackend(path, precision="int8")
-    except (NotImplemented, Fail, InvalidGraph) as err:
+    except (Unsupported, Fail, InvalidGraph) as err:
         why = f"ONNX Runtime {ort.__version__} cannot run {path} ({str(err).splitlines()[0][:160]}); install onnxruntime>=1.28"
     if required:
         raise LeukoscopeError(f"{why}, or use --precision fp32")
