@@ -188,7 +188,9 @@ def _runnable(path: Path, required: bool) -> OnnxBackend | None:
     uint8 needs 1.28) is a one-line error when int8 was asked for, else a note and None (fp32 runs)."""
     import onnxruntime as ort
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph
-    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as Unsupported
+    from onnxruntime.capi.onnxruntime_pybind11_state import (
+        NotImplemented as Unsupported,
+    )
 
     try:
         return OnnxBackend(path, precision="int8")
