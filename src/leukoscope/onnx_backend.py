@@ -262,6 +262,7 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
     overrides = {first.input[1]: [{"axis": 0, "quant_type": QuantType.QUInt8}]} if first is not None else {}
     if pixels:
         overrides[pixels.output[0]] = [{"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}]
+        # int8 weights of at most PIXEL_WEIGHT_LIMIT (ONNX Runtime's reduced range: -64..64), refined below
         overrides[first.input[1]] = [{"axis": 0, "quant_type": QuantType.QInt8, "reduce_range": True}]
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
