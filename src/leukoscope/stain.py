@@ -67,7 +67,11 @@ def normalise(rgb: np.ndarray, target: tuple[float, ...] | np.ndarray) -> np.nda
     stats = od_stats(rgb)
     mean, std = stats[:3], np.maximum(stats[3:], MIN_STD)
     od = (_OD[:, None] - mean) / std * target[3:] + target[:3]  # (256, 3): each level's new OD per channel
-    table = np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
+    return _apply_tables(rgb, np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8))
+
+
+def _apply_tables(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``rgb`` (H, W, 3 uint8) with each channel's levels looked up in its column of ``table`` (256, 3 uint8)."""
     out = np.empty_like(rgb)
     for c in range(3):
         np.take(table[:, c], rgb[..., c], out=out[..., c])
@@ -88,11 +92,7 @@ def white_balance(rgb: np.ndarray) -> np.ndarray:
     if background.sum() > MAX_BACKGROUND_OD:
         return rgb
     shifted = _OD[:, None] - background  # (256, 3): each level's OD after the shift, per channel
-    table = np.clip(np.rint(256.0 * np.exp(-np.maximum(shifted, 0)) - 1.0), 0, 255).astype(np.uint8)
-    out = np.empty_like(rgb)
-    for c in range(3):
-        out[..., c] = table[rgb[..., c], c]
-    return out
+    return _apply_tables(rgb, np.clip(np.rint(256.0 * np.exp(-np.maximum(shifted, 0)) - 1.0), 0, 255).astype(np.uint8))
 
 
 CAST_MARGIN = 0.06  # how far below the training range a background's blue share must lie to be corrected
@@ -138,8 +138,4 @@ def correct_cast(rgb: np.ndarray, cast_range: tuple[float, ...] | None) -> np.nd
     target = np.clip(chroma, cast_range[:3], cast_range[3:])
     gains = target / chroma
     gains *= chroma.sum() / (gains * chroma).sum()  # the background keeps its brightness
-    table = np.clip(np.rint(_LEVELS[:, None] * gains), 0, 255).astype(np.uint8)  # (256, 3)
-    out = np.empty_like(rgb)
-    for c in range(3):
-        np.take(table[:, c], rgb[..., c], out=out[..., c])
-    return out
+    return _apply_tables(rgb, np.clip(np.rint(_LEVELS[:, None] * gains), 0, 255).astype(np.uint8))
