@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope.inference import TTA_VIEWS  # noqa: E402
 
@@ -177,10 +177,9 @@ def bundled_accuracy(name: str) -> dict:
 
 def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: dict, train_ips: float, b: dict,
            model: str, command: str, data: str) -> str:
-    """The model's block of docs/benchmarks.md; ``b`` is its ``bundled_accuracy`` row."""
-    start, end = markers(f"BENCHMARK-{model}")
+    """The text of the model's block of docs/benchmarks.md; ``b`` is its ``bundled_accuracy`` row."""
     achieved = flops * views * tp["default"]["images_per_s"]
-    lines = [start, f"_Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by `{command}`._", "",
+    lines = [f"_Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by `{command}`._", "",
              f"### Prediction throughput (end to end, marginal images/s, {data} JPEGs; medians over the repeats)", "",
              "| pipeline | t small (s) | large run | t large (s) | images/s | x reference | peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
     for name, (label, _) in runs_of.items():
@@ -206,7 +205,7 @@ def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: 
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {b['name']} | {b['arch']} | {b['size']} | {b['test'].get('accuracy', float('nan')):.4f} | "
               f"{b['test'].get('macro_f1', float('nan')):.4f} | {extra} | {b['train_seconds']} | {b['train_ips']:.0f} | {b['mb']:.1f} |",
-              "", f"Trained by `{b['command']}`.", end]
+              "", f"Trained by `{b['command']}`."]
     return "\n".join(lines)
 
 

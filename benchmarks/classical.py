@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
 from leukoscope.data import detect_layout, read_splits  # noqa: E402
@@ -91,8 +91,7 @@ def measure(run: Path, data: Path, dataset: str) -> dict:
 
 
 def render(results: dict) -> tuple[str, str]:
-    start, end = markers("CLASSICAL")
-    md = [start, f"_Measured {datetime.date.today()} by `benchmarks/classical.py` on our test split (same split for every method; "
+    md = [f"_Measured {datetime.date.today()} by `benchmarks/classical.py` on our test split (same split for every method; "
           "prediction time per image on the test split, features included, 2 CPU cores)._", ""]
     page = []
     for dataset, rows in results.items():
@@ -104,7 +103,6 @@ def render(results: dict) -> tuple[str, str]:
         md += ["| " + " | ".join(str(v) for v in row) + " |" for row in body] + [""]
         cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in body)
         page.append(f"<h2>{dataset}</h2><table><tr>{''.join(f'<th>{h}</th>' for h in header)}</tr>{cells}</table>")
-    md.append(end)
     doc = ("<!doctype html><html><head><meta charset='utf-8'><title>Leukoscope: CNN vs classical</title><style>body{font-family:system-ui;"
            "margin:2em auto;max-width:1000px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}table{border-collapse:collapse}"
            "</style></head><body><h1>CNN vs classical methods (same split)</h1>" + "".join(page) + "</body></html>")

@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cross_lab import SHARED, third_lab  # noqa: E402
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 from specialist_gate import split_items  # noqa: E402
 
 from leukoscope import perturb  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> None:
                                for k, s in scores.items())
         lines.append(f"| {name} | {corrected} | {cell(right['without'], len(labels))} | {cell(right['with'], len(labels))} | {auroc} |")
         print(lines[-1], flush=True)
-    start, end = markers("COLOUR-CAST")
-    write_block("COLOUR-CAST", "\n".join([start, *lines, end]))
+    write_block("COLOUR-CAST", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope.data import detect_layout, make_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
@@ -42,13 +42,12 @@ def main() -> None:
     x = histograms(images.numpy())
     y = np.array([dataset.classes.index(s.label) for s in dataset.samples])
     forest = RandomForestClassifier(300, random_state=0, n_jobs=2).fit(x[splits == "train"], y[splits == "train"])
-    lines = [markers("COLOUR-SHORTCUT")[0], f"`python benchmarks/colour_shortcut.py --data {args.data.name}` (seed-0 split of the bundled model):", "",
+    lines = [f"`python benchmarks/colour_shortcut.py --data {args.data.name}` (seed-0 split of the bundled model):", "",
              "| split | colour-histogram forest accuracy (95% CI) |", "|---|---|"]
     for part in ("val", "test"):
         hits, n = int((forest.predict(x[splits == part]) == y[splits == part]).sum()), int((splits == part).sum())
         low, high = wilson_interval(hits, n)
         lines.append(f"| {part} | {hits / n:.2%} of {n} ({low:.1%}-{high:.1%}) |")
-    lines.append(markers("COLOUR-SHORTCUT")[1])
     print("\n".join(lines))
     write_block("COLOUR-SHORTCUT", "\n".join(lines))
 

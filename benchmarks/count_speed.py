@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope.counting import iter_counts  # noqa: E402
 from leukoscope.data import detect_layout  # noqa: E402
@@ -132,8 +132,7 @@ def main() -> None:
                     cells.append(len(found))
             lines.append(f"| {size[0]}x{size[1]} | {statistics.median(cells):.0f} | {statistics.median(seconds):.3f} ({max(seconds):.3f}) |")
             print(lines[-1], flush=True)
-    start, end = markers("COUNT-SPEED")
-    write_block("COUNT-SPEED", "\n".join([start, *lines, end]))
+    write_block("COUNT-SPEED", "\n".join(lines))
 
 
 if __name__ == "__main__":

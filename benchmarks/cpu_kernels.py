@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope.models import create_model  # noqa: E402
 from leukoscope.trainer import cpu_has_native_bf16  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
         ("bf16, 3x3 stride 2 on a 2x2 input, 32 -> 16 channels, batch 16", conv_grads, (32, 3, 2, 16, torch.contiguous_format, True)),
     ]
     results = [(name, max((in_child(fn, *a) for _ in range(3)), key=["ok", "wrong", "error", "crash"].index)) for name, fn, a in probes]
-    lines = [markers("CPU_KERNELS")[0], f"CPU: {cpu}; PyTorch {torch.__version__}, kernels {isa}, "
+    lines = [f"CPU: {cpu}; PyTorch {torch.__version__}, kernels {isa}, "
              f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'} (`python benchmarks/cpu_kernels.py`).", "",
              "| model | px | fp32 NCHW | fp32 channels_last | bf16 NCHW | bf16 channels_last |", "|---|---|---|---|---|---|"]
     for arch, size in (("cellnet", 112), ("cellnet", 128)):
@@ -108,7 +108,6 @@ def main() -> None:
         print(lines[-1], flush=True)
     lines += ["", "Kernel probes (weight gradients of identical steps, worst of 3 forked runs):", "", "| probe | result |", "|---|---|"]
     lines += [f"| {name} | {result} |" for name, result in results]
-    lines.append(markers("CPU_KERNELS")[1])
     write_block("CPU_KERNELS", "\n".join(lines))
     print("\n".join(lines))
 

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope.adapt import adapt_to_files  # noqa: E402
 from leukoscope.data import detect_layout, read_splits  # noqa: E402
@@ -209,8 +209,7 @@ def main() -> None:
         lines.append(f"| {name} | {cell(r['bccd'])} | {cell(r['bccd_adapt'])} | {cell(r['bccd_adabn'])} | {cell(r['pbc_val'])} | "
                      f"{r['ood_auroc']:.3f} | {flagged} | {located} | {third_cell(r.get('idb'))} | {third_cell(r.get('idb_adapt'))} | "
                      f"{'' if r.get('idb_ood_auroc') is None else format(r['idb_ood_auroc'], '.3f')} |")
-    start, end = markers("CROSS-LAB")
-    write_block("CROSS-LAB", "\n".join([start, *lines, end]))
+    write_block("CROSS-LAB", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ def markers(name: str) -> tuple[str, str]:
     return f"<!-- {name}:START -->", f"<!-- {name}:END -->"
 
 
-def write_block(name: str, block: str) -> None:
-    """``block`` must start and end with the markers of ``name``; appended when not yet present."""
+def write_block(name: str, body: str) -> None:
+    """Replace what lies between the markers of ``name`` with ``body``; the markers are appended when
+    not yet present."""
     start, end = markers(name)
+    block = f"{start}\n{body}\n{end}"
     DOC.parent.mkdir(exist_ok=True)
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     if start not in text:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope.data import read_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
@@ -78,8 +78,7 @@ def main() -> None:
     lines += ["", f"Identical calls on {100 * same:.2f}% of the validation images; probability difference: max {diff.max():.3f}, "
               f"99th percentile {np.percentile(diff.max(1), 99):.3f}, median {np.median(diff.max(1)):.4f}."]
     print("\n".join(lines))
-    start, end = markers(f"INT8-{args.model}")
-    write_block(f"INT8-{args.model}", "\n".join([start, *lines, end]))
+    write_block(f"INT8-{args.model}", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope.config import TrainConfig, inherited_settings  # noqa: E402
 from leukoscope.data import Dataset, detect_layout  # noqa: E402
@@ -75,15 +75,14 @@ def main() -> None:
                              "bacc_ci": test["balanced_accuracy_ci"]})
                 print(rows[-1], flush=True)
     plot(rows, ROOT / "docs" / "label_budget.png")
-    lines = [markers("LABEL-BUDGET")[0],
-             f"`python benchmarks/label_budget.py --init {args.init}`: {args.image_size} px whole fields, {args.epochs} epochs, "
+    lines = [f"`python benchmarks/label_budget.py --init {args.init}`: {args.image_size} px whole fields, {args.epochs} epochs, "
              f"classes {', '.join(keep)} (basophils left out: 3 in all); {N_VAL} per class validate, the rest is test.", "",
              "| labelled per class (used) | start | test images | accuracy (95% CI) | balanced accuracy (95% CI) |", "|---|---|---|---|---|"]
     for r in rows:
         used = "/".join(str(v) for v in r["used"].values())
         lines.append(f"| {r['n']} ({used}) | {r['start']} | {r['n_test']} | {r['accuracy']:.1%} ({r['ci'][0]:.1%}-{r['ci'][1]:.1%}) | "
                      f"{r['balanced_accuracy']:.1%} ({r['bacc_ci'][0]:.1%}-{r['bacc_ci'][1]:.1%}) |")
-    lines += ["", "![accuracy against labelled images per class](label_budget.png)", markers("LABEL-BUDGET")[1]]
+    lines += ["", "![accuracy against labelled images per class](label_budget.png)"]
     write_block("LABEL-BUDGET", "\n".join(lines))
     print("\n".join(lines))
 

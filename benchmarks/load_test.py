@@ -22,7 +22,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope.serve.loadtest import run_load_test  # noqa: E402
 
@@ -64,15 +64,13 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(10)
-    start, end = markers("LOADTEST")
-    lines = [start, f"_Measured {datetime.date.today()} by `benchmarks/load_test.py --model {args.model} --requests {args.requests}` "
+    lines = [f"_Measured {datetime.date.today()} by `benchmarks/load_test.py --model {args.model} --requests {args.requests}` "
              "(server and clients on the same 2 cores; one PBC JPEG per request, no heatmap)._", "",
              "| clients | requests | throughput (req/s) | p50 (ms) | p99 (ms) | statuses | 5xx | server RSS after warm-up → end (MB) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['throughput_rps']} | {r['p50_ms']} | {r['p99_ms']} | "
                      f"{r['statuses']} | {r['server_errors']} | {r['rss_after_warmup_mb']} → {r['rss_end_mb']} |")
-    lines.append(end)
     write_block("LOADTEST", "\n".join(lines))
     if any(r["server_errors"] for r in rows):
         raise SystemExit("server errors seen")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
 from leukoscope.data import detect_layout, read_splits  # noqa: E402
@@ -83,11 +83,10 @@ def main() -> None:
         print(f"{name:40s} {rows[-1][1]:.4f}", flush=True)
     if args.no_write:
         return
-    start, end = markers(f"ROBUSTNESS-{args.model.upper()}")
     what = "the cells of the 5 WBC types (the model's call over all its classes)" if wbc5 else "all classes"
-    lines = [start, f"_Measured {datetime.date.today()} by `benchmarks/robustness.py --model {args.model}`: {len(items)} test images, "
+    lines = [f"_Measured {datetime.date.today()} by `benchmarks/robustness.py --model {args.model}`: {len(items)} test images, "
              f"accuracy on {what}, model's default inference._", "", "| perturbation | accuracy |", "|---|---|"]
-    lines += [f"| {name} | {acc:.4f} |" for name, acc in rows] + [end]
+    lines += [f"| {name} | {acc:.4f} |" for name, acc in rows]
     write_block(f"ROBUSTNESS-{args.model.upper()}", "\n".join(lines))
 
 

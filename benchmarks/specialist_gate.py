@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cross_lab import ROOT, SHARED, third_lab  # noqa: E402
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 
 from leukoscope import perturb  # noqa: E402
 from leukoscope.data import read_splits  # noqa: E402
@@ -97,8 +97,7 @@ def main() -> None:
              "| images | n | taken | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['n']} | {r['taken by pbc']} | " + " | ".join(str(r[c]) for c in columns) + " |")
-    start, end = markers("SPECIALIST-GATE")
-    write_block("SPECIALIST-GATE", "\n".join([start, *lines, end]))
+    write_block("SPECIALIST-GATE", "\n".join(lines))
 
 
 if __name__ == "__main__":

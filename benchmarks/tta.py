@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import markers, write_block  # noqa: E402
+from doc import write_block  # noqa: E402
 from robustness import DATA, FOLDERS, model_splits  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
@@ -28,8 +28,7 @@ from leukoscope.metrics import softmax, summarize  # noqa: E402
 
 
 def main() -> None:
-    start, end = markers("TTA")
-    lines = [start, f"_Measured {datetime.date.today()} by `benchmarks/tta.py` (logits averaged over the views; time relative to no TTA)._", "",
+    lines = [f"_Measured {datetime.date.today()} by `benchmarks/tta.py` (logits averaged over the views; time relative to no TTA)._", "",
              "| model | split | TTA | accuracy | macro-F1 | ECE | predict time |", "|---|---|---|---|---|---|---|"]
     for name in FOLDERS:
         predictor = load_model(name)
@@ -47,7 +46,6 @@ def main() -> None:
                 lines.append(f"| {name} | {split} ({len(members)}) | {mode} | {row['accuracy']:.4f} | {row['macro_f1']:.4f} | {row['ece']:.4f} | "
                              f"{seconds[mode] / seconds['none']:.1f}x |")
                 print(lines[-1], flush=True)
-    lines.append(end)
     write_block("TTA", "\n".join(lines))
 
 
