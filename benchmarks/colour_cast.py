@@ -25,13 +25,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cross_lab import SHARED, third_lab  # noqa: E402
-from doc import write_block  # noqa: E402
+from doc import share, write_block  # noqa: E402
 from specialist_gate import split_items  # noqa: E402
 
 from leukoscope import perturb  # noqa: E402
 from leukoscope.inference import load_model  # noqa: E402
 from leukoscope.localise import as_slide  # noqa: E402
-from leukoscope.metrics import WBC_TYPES, binary_auc, wilson_interval  # noqa: E402
+from leukoscope.metrics import WBC_TYPES, binary_auc  # noqa: E402
 
 CASTS = {  # white-balance gains (R, G, B)
     "mild yellow (1.1, 1.05, 0.7)": (1.1, 1.05, 0.7),
@@ -41,11 +41,6 @@ CASTS = {  # white-balance gains (R, G, B)
     "magenta (1.1, 0.8, 1.1)": (1.1, 0.8, 1.1),
     "green (0.85, 1.1, 0.85)": (0.85, 1.1, 0.85),
 }
-
-
-def cell(right: int, n: int) -> str:
-    low, high = wilson_interval(right, n)
-    return f"{right}/{n} = {100 * right / n:.1f}% ({100 * low:.1f}-{100 * high:.1f})"
 
 
 def main() -> None:
@@ -88,7 +83,7 @@ def main() -> None:
         else:
             auroc = " / ".join(f"{binary_auc(np.r_[np.zeros(len(in_domain_scores[k])), np.ones(len(s))], np.r_[in_domain_scores[k], s]):.3f}"
                                for k, s in scores.items())
-        lines.append(f"| {name} | {corrected} | {cell(right['without'], len(labels))} | {cell(right['with'], len(labels))} | {auroc} |")
+        lines.append(f"| {name} | {corrected} | {share(right['without'], len(labels))} | {share(right['with'], len(labels))} | {auroc} |")
         print(lines[-1], flush=True)
     write_block("COLOUR-CAST", "\n".join(lines))
 

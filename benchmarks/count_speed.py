@@ -24,13 +24,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import write_block  # noqa: E402
+from doc import share, write_block  # noqa: E402
 
 from leukoscope.counting import iter_counts  # noqa: E402
 from leukoscope.data import detect_layout  # noqa: E402
 from leukoscope.data.splits import unseen_samples  # noqa: E402
 from leukoscope.inference import load_model  # noqa: E402
-from leukoscope.metrics import wilson_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bccd_wbc"
@@ -48,11 +47,6 @@ def mosaics(folder: Path, n: int, size: tuple[int, int], out: Path) -> list[Path
         Image.fromarray(mosaic).resize(size, Image.BILINEAR).save(path, quality=90)
         made.append(path)
     return made
-
-
-def share(hits: int, n: int) -> str:
-    low, high = wilson_interval(hits, n)
-    return f"{hits}/{n} = {100 * hits / n:.1f}% ({100 * low:.1f}-{100 * high:.1f})"
 
 
 def detection_lines(predictor) -> list[str]:

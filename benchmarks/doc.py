@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from leukoscope.metrics import wilson_interval
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
@@ -22,3 +24,9 @@ def write_block(name: str, body: str) -> None:
     if start not in text:
         text = text.rstrip("\n") + "\n\n" + start + "\n" + end + "\n"
     DOC.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+
+
+def share(hits: int, n: int) -> str:
+    """``hits`` of ``n`` as the tables write it: count, percentage and its 95% Wilson interval."""
+    low, high = wilson_interval(hits, n)
+    return f"{hits}/{n} = {100 * hits / n:.1f}% ({100 * low:.1f}-{100 * high:.1f})"
