@@ -259,11 +259,11 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
     props = {p.key: p.value for p in source_graph.metadata_props}
     first = next((n for n in source_graph.graph.node if n.op_type == "Conv"), None)
     pixels = _pixel_cast(source_graph.graph, first)
-    overrides = {first.input[1]: [{"axis": 0, "quant_type": QuantType.QUInt8}]} if first is not None else {}
-    if pixels:
-        overrides[pixels.output[0]] = [{"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}]
-        # int8 weights of at most PIXEL_WEIGHT_LIMIT (ONNX Runtime's reduced range: -64..64), refined below
-        overrides[first.input[1]] = [{"axis": 0, "quant_type": QuantType.QInt8, "reduce_range": True}]
+    if pixels:  # the pixels as they come; int8 weights of at most PIXEL_WEIGHT_LIMIT (ONNX Runtime's reduced range), refined below
+        overrides = {pixels.output[0]: [{"scale": np.array(1.0, np.float32), "zero_point": np.array(0, np.uint8)}],
+                     first.input[1]: [{"axis": 0, "quant_type": QuantType.QInt8, "reduce_range": True}]}
+    else:  # a quantised normalised image: uint8 weights, exact everywhere
+        overrides = {first.input[1]: [{"axis": 0, "quant_type": QuantType.QUInt8}]} if first is not None else {}
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(model)
