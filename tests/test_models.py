@@ -168,6 +168,27 @@ def test_fused_colour_jitter_matches_the_step_by_step_chain():
     assert torch.allclose(hue_matrix(torch.tensor([1.0])) @ gray.view(1, 3, 1), gray.view(1, 3, 1), atol=1e-5)
 
 
+def test_fused_hed_jitter_matches_the_conversion_through_stain_densities():
+    """One map in log space equals RGB -> optical density -> HED, scale and shift, -> RGB, per image."""
+    from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
+
+    from leukoscope.transforms import _random_hed
+
+    config = AugmentConfig(hed=0.2, hed_shift=0.03)
+    x = torch.rand(4, 3, 9, 7, generator=torch.Generator().manual_seed(2)) * 0.95 + 0.02
+    fused = _random_hed(x, config, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, in the same order: scales, then shifts
+    scale = (torch.rand(12, generator=g) * 0.4 + 0.8).view(4, 3).double().numpy()
+    shift = (torch.rand(12, generator=g) * 0.06 - 0.03).view(4, 3).double().numpy()
+    for i in range(4):
+        rgb = x[i].permute(1, 2, 0).double().numpy()
+        density = np.log(rgb) / np.log(1e-6)
+        stains = (density @ hed_from_rgb) * scale[i] + shift[i]
+        expected = np.clip(np.exp((stains * np.log(1e-6)) @ rgb_from_hed), 0, 1)
+        np.testing.assert_allclose(fused[i].permute(1, 2, 0).numpy(), expected, atol=2e-5)
+    assert not torch.allclose(fused, x, atol=1e-3)  # it did change the colours
+
+
 def test_model_card_round_trip_and_bundled_checkpoints():
     from leukoscope.checkpoint import ModelCard, Preprocessing, load_checkpoint
     from leukoscope.errors import LeukoscopeError

@@ -165,18 +165,26 @@ def _hed_matrices() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _random_hed(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Per image, scale and shift the haematoxylin, eosin and DAB densities (scikit-image's
-    ``rgb2hed``/``hed2rgb`` convention, batched as two 3x3 matmuls in optical density)."""
+    ``rgb2hed``/``hed2rgb`` convention, stains left unclamped so that scale 1 and shift 0 give the
+    image back).
+
+    Optical density, the stain change and the way back are linear in ``log(x)``, so they fold into
+    one 3x3 map and offset per image: ``exp(A log(x) + b)``, a single batched matmul. Measured 4x
+    faster than the two conversions through an (N, HW, 3) tensor (HED was half of the training
+    augmentation's time); tests/test_localise.py checks it against the step-by-step conversion.
+    """
     if config.hed <= 0 and config.hed_shift <= 0:
         return x
     n = x.shape[0]
     to_hed, to_rgb = _hed_matrices()
-    scale = _uniform(3 * n, 1 - config.hed, 1 + config.hed, g).view(n, 1, 3).to(x.dtype)
-    shift = _uniform(3 * n, -config.hed_shift, config.hed_shift, g).view(n, 1, 3).to(x.dtype)
-    log_adjust = math.log(1e-6)
-    od = torch.log(x.clamp_min(1e-6)).flatten(2).transpose(1, 2) / log_adjust  # (N, HW, 3)
-    stains = (od @ to_hed.to(x.dtype)) * scale + shift  # unclamped: an exact round trip at scale 1, shift 0
-    out = torch.exp((stains * log_adjust) @ to_rgb.to(x.dtype)).clamp(0, 1)
-    return out.transpose(1, 2).reshape(x.shape)
+    scale = _uniform(3 * n, 1 - config.hed, 1 + config.hed, g).view(n, 3)
+    shift = _uniform(3 * n, -config.hed_shift, config.hed_shift, g).view(n, 3)
+    log_adjust = math.log(1e-6)  # optical density is log(x) / log_adjust
+    matrix = (to_hed @ torch.diag_embed(scale) @ to_rgb).transpose(1, 2)  # acts on column vectors of log(x)
+    offset = (log_adjust * shift @ to_rgb).view(n, 3, 1)
+    log_x = torch.log(x.clamp_min(1e-6)).view(n, 3, -1)
+    out = torch.baddbmm(offset.to(x.dtype), matrix.to(x.dtype), log_x)
+    return out.exp_().clamp_(0, 1).view(x.shape)
 
 
 def _random_blur(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> torch.Tensor:
