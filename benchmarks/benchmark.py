@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import write_block  # noqa: E402
+from doc import cpu, write_block  # noqa: E402
 
 from leukoscope.inference import TTA_VIEWS  # noqa: E402
 
@@ -179,7 +178,7 @@ def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: 
            model: str, command: str, data: str) -> str:
     """The text of the model's block of docs/benchmarks.md; ``b`` is its ``bundled_accuracy`` row."""
     achieved = flops * views * tp["default"]["images_per_s"]
-    lines = [f"_Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores by `{command}`._", "",
+    lines = [f"_Measured {time.strftime('%Y-%m-%d')} on {cpu()} by `{command}`._", "",
              f"### Prediction throughput (end to end, marginal images/s, {data} JPEGs; medians over the repeats)", "",
              "| pipeline | t small (s) | large run | t large (s) | images/s | x reference | peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
     for name, (label, _) in runs_of.items():

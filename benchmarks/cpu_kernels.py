@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import write_block  # noqa: E402
+from doc import cpu, write_block  # noqa: E402
 
 from leukoscope.models import create_model  # noqa: E402
 from leukoscope.trainer import cpu_has_native_bf16  # noqa: E402
@@ -89,7 +89,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per configuration")
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "?")
     isa = torch.backends.cpu.get_cpu_capability()
     probes = [
         ("fp32 channels_last, 1x1 stride 2, 8 -> 16 channels, 16x16, batch 7", conv_grads, (8, 1, 16, 7, torch.channels_last, False)),
@@ -99,7 +98,7 @@ def main() -> None:
         ("bf16, 3x3 stride 2 on a 2x2 input, 32 -> 16 channels, batch 16", conv_grads, (32, 3, 2, 16, torch.contiguous_format, True)),
     ]
     results = [(name, max((in_child(fn, *a) for _ in range(3)), key=["ok", "wrong", "error", "crash"].index)) for name, fn, a in probes]
-    lines = [f"CPU: {cpu}; PyTorch {torch.__version__}, kernels {isa}, "
+    lines = [f"CPU: {cpu()}; PyTorch {torch.__version__}, kernels {isa}, "
              f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'} (`python benchmarks/cpu_kernels.py`).", "",
              "| model | px | fp32 NCHW | fp32 channels_last | bf16 NCHW | bf16 channels_last |", "|---|---|---|---|---|---|"]
     for arch, size in (("cellnet", 112), ("cellnet", 128)):
