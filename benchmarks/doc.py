@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from leukoscope.metrics import wilson_interval
+from leukoscope.runtime import cpu_info, usable_cores
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
@@ -36,11 +36,7 @@ def share(hits: int, n: int) -> str:
 def cpu() -> str:
     """The CPU a measurement ran on, as the tables name it: its model and the instruction sets that
     change which kernels run (speeds differ between an AVX2-only, an AVX-512 and an AMX machine)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    lines = info.splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    name, flags = cpu_info()
     known = (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_tile", "AMX"))
     present = [label for flag, label in known if flag in flags] or (["AVX2"] if "avx2" in flags else [])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cores} cores of {name}" + (f" ({', '.join(present)})" if present else "")
+    return f"{usable_cores()} cores of {name or 'an unknown CPU'}" + (f" ({', '.join(present)})" if present else "")

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .io import ImageReadError, View, frame, load_view, to_rgb
+from .runtime import usable_cores
 
 PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool costs ~30 ms to start)
 THREADS = 4
@@ -93,7 +94,7 @@ def worker_processes(files: int, view: View, infer: bool = False, workers: int |
     the network in the workers processes are. Fewer than 2 means none (one would only make the
     parent wait)."""
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = usable_cores()
         workers //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks of one machine share its cores
     wanted = view.cell is not None or infer
     return workers if wanted and files >= PROCESS_MIN and workers >= 2 and sys.platform == "linux" else 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -27,6 +29,25 @@ def keep_freed_memory() -> bool:
         return False
     settings = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 256 << 20))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS reports one, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and its instruction-set flags, from /proc/cpuinfo ("", empty set where
+    there is none). Code must not assume the flags of the machine it was written on: CPUs differ."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "", set()
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 
 DEVICES = ("auto", "cpu", "cuda")

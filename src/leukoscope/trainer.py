@@ -28,16 +28,13 @@ from .io import View
 from .metrics import accuracy, balanced_accuracy
 from .models import cpu_bf16_safe, training_memory_format
 from .progress import note, progress
+from .runtime import cpu_info
 from .transfer import is_head
 from .transforms import eval_transform, train_transform
 
 
 def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
 
 
 def resolve_precision(config: TrainConfig, device: torch.device, model: torch.nn.Module) -> bool:
