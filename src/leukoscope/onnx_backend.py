@@ -29,6 +29,7 @@ from .io import atomic_write, cache_root, sha256_file
 from .ood import WithOOD
 
 OPSET = 17
+INPUT = "images"  # the graphs' one input: a uint8 (N, 3, H, W) batch
 GRAPH_FORMAT = 1  # bump when the exported graph changes, so cached graphs are rebuilt
 INT8_RECIPE = 3  # bump when quantize_int8 changes: int8 graphs of an older recipe are rebuilt (3: 7-bit weights on 2x2 pixel blocks, refined)
 META_KEYS = (*ModelCard.KEYS, "config", "metrics", "train_command", "data_manifest_sha256", "bundled_name",
@@ -140,8 +141,8 @@ def onnx_bytes(checkpoint: dict[str, Any], opset: int = OPSET, raw_pixels: bool 
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but needs no onnxscript and traces CellNet exactly
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # the padding's reversed pad list; harmless
-        torch.onnx.export(wrapped, (example,), buffer, dynamo=False, opset_version=opset, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        torch.onnx.export(wrapped, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT],
+                          output_names=["logits"], dynamic_axes={INPUT: {0: "batch"}, "logits": {0: "batch"}})
     import onnx
 
     graph = onnx.load_from_string(buffer.getvalue())
@@ -180,7 +181,7 @@ class OnnxBackend:
         return self.source if isinstance(self.source, bytes) else Path(self.source).read_bytes()
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
-        (logits,) = self.session.run(None, {"images": np.ascontiguousarray(batch_uint8.numpy())})
+        (logits,) = self.session.run(None, {INPUT: np.ascontiguousarray(batch_uint8.numpy())})
         return torch.from_numpy(logits).float()
 
 
@@ -249,7 +250,7 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"images": np.ascontiguousarray(calibration[i : i + batch_size].numpy())}
+            self.batches = iter([{INPUT: np.ascontiguousarray(calibration[i : i + batch_size].numpy())}
                                  for i in range(0, len(calibration), batch_size)])
 
         def get_next(self):
@@ -334,7 +335,7 @@ def _patch_moments(source, first: Any, images: torch.Tensor, kernel: tuple[int, 
     probe.CopyFrom(source)
     probe.graph.output.add(name=first.input[0])
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    (inputs,) = session.run([first.input[0]], {"images": np.ascontiguousarray(images.numpy())})
+    (inputs,) = session.run([first.input[0]], {INPUT: np.ascontiguousarray(images.numpy())})
     attrs = {a.name: list(a.ints) for a in first.attribute}
     top, left, bottom, right = attrs.get("pads", [0, 0, 0, 0])
     total, outer, count = 0.0, 0.0, 0
