@@ -67,7 +67,12 @@ def normalise(rgb: np.ndarray, target: tuple[float, ...] | np.ndarray) -> np.nda
     stats = od_stats(rgb)
     mean, std = stats[:3], np.maximum(stats[3:], MIN_STD)
     od = (_OD[:, None] - mean) / std * target[3:] + target[:3]  # (256, 3): each level's new OD per channel
-    return _apply_tables(rgb, np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8))
+    return _apply_tables(rgb, _levels(od))
+
+
+def _levels(od: np.ndarray) -> np.ndarray:
+    """Optical densities back to uint8 levels (the inverse of ``_OD``, rounded and clipped)."""
+    return np.clip(np.rint(256.0 * np.exp(-od) - 1.0), 0, 255).astype(np.uint8)
 
 
 def _apply_tables(rgb: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -92,7 +97,7 @@ def white_balance(rgb: np.ndarray) -> np.ndarray:
     if background.sum() > MAX_BACKGROUND_OD:
         return rgb
     shifted = _OD[:, None] - background  # (256, 3): each level's OD after the shift, per channel
-    return _apply_tables(rgb, np.clip(np.rint(256.0 * np.exp(-np.maximum(shifted, 0)) - 1.0), 0, 255).astype(np.uint8))
+    return _apply_tables(rgb, _levels(np.maximum(shifted, 0)))
 
 
 CAST_MARGIN = 0.06  # how far below the training range a background's blue share must lie to be corrected
