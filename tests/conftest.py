@@ -119,6 +119,12 @@ def make_hostile_corpus(root: Path, seed: int = 0) -> dict[str, bool]:
     expected.update({"zero.png": False, "text.png": False, "page.jpg": False, "bomb.png": False})
     save("sixteen_bit.png", Image.fromarray((np.asarray(cell.convert("L"), np.uint16) * 257)))
     save("gray.png", cell.convert("L"))
+    import tifffile
+
+    tifffile.imwrite(root / "twelve_bit_rgb.tif", np.asarray(cell, np.uint16) * 16)  # a scientific camera's 12 bits
+    tifffile.imwrite(root / "float.tif", np.asarray(cell, np.float32) / 255)
+    (root / "tiff_header_only.tif").write_bytes(b"II*\x00" + bytes(12))
+    expected.update({"twelve_bit_rgb.tif": True, "float.tif": True, "tiff_header_only.tif": False})
     save("palette.png", cell.convert("P"))
     save("rgba.png", cell.convert("RGBA"))
     save("cmyk.jpg", cell.convert("CMYK"))

@@ -118,3 +118,31 @@ def test_fast_jpeg_decoding_gives_the_pixels_of_pil_draft_mode(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
     Image.fromarray(synthetic_cell(rng, 80, 0.5, 20)).resize((120, 80)).save(rotated, exif=exif)
     assert load_rgb(rotated).shape == (120, 80, 3)  # EXIF honoured (PIL path)
+
+
+@pytest.mark.parametrize("name, samples", [
+    ("twelve_bit.tif", lambda rgb: rgb.astype("uint16") * 16),  # 12 bits in a 16-bit container: PIL made it near black
+    ("sixteen_bit.tif", lambda rgb: rgb.astype("uint16") * 257),
+    ("float.tif", lambda rgb: rgb.astype("float32") / 255),  # PIL cannot open float TIFFs
+    ("planar_16.tif", lambda rgb: (rgb.astype("uint16") * 257).transpose(2, 0, 1)),
+    ("gray_12.png", lambda rgb: rgb[:, :, 1].astype("uint16") * 16),
+])
+def test_deep_images_keep_their_exposure(tmp_path, name, samples):
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from leukoscope.io import decode_bytes, image_size, load_rgb
+
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    rgb[0, 0] = 255  # white somewhere, as a smear's background is
+    path = tmp_path / name
+    if name.endswith(".tif"):
+        tifffile.imwrite(path, samples(rgb), **({"photometric": "rgb", "planarconfig": "separate"} if "planar" in name else {}))
+    else:
+        Image.fromarray(samples(rgb)).save(path)
+    expected = rgb if "gray" not in name else np.repeat(rgb[:, :, 1:2], 3, axis=2)
+    for decoded in (load_rgb(path), decode_bytes(path.read_bytes())):
+        assert decoded.shape == (20, 30, 3) and decoded.dtype == np.uint8
+        assert np.abs(decoded.astype(int) - expected).max() <= 1  # 12-bit data scaled by 4095, not by its own maximum
+    assert image_size(path) == (30, 20)

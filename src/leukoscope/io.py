@@ -9,6 +9,7 @@ import re
 import stat
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -20,9 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from . import localise, stain
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".webp")
-MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard)
-
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard), after reading the header
 
 
 class ImageReadError(Exception):
@@ -123,31 +122,102 @@ def _jpeg_scaled(data: bytes, max_pixels: int, factor: Callable[[int, int], int]
 
 
 def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
+    deep = _deep_tiff(source, max_pixels)
+    if deep is not None:
+        return resize_center_crop(deep, size, crop) if size is not None else deep
     try:
-        with Image.open(source) as im:
+        with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked here, with a clearer message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+        with im:
             if im.width * im.height > max_pixels:
-                raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,})")
+                raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,}): cut it into tiles")
             if draft and size is not None and im.format == "JPEG":
                 need = int(np.ceil(size / crop))
                 im.draft("RGB", (need, need))
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
-    except Image.DecompressionBombError as err:
-        raise ImageReadError(f"image too large (decompression-bomb guard): {str(err).split(',')[0]}"[:160]) from None
+    except Image.DecompressionBombError:  # larger still than PIL's own limit, refused while reading the header
+        raise ImageReadError(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,}): cut it into tiles") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
         raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
     return resize_center_crop(rgb, size, crop) if size is not None else np.asarray(rgb)
 
 
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _deep_tiff(source, max_pixels: int) -> np.ndarray | None:
+    """A TIFF with more than 8 bits per sample (a scientific camera's 12- or 16-bit RGB, float32) as
+    8-bit RGB, read by tifffile; None for anything else, which PIL reads. PIL reads a 16-bit RGB TIFF
+    by its high bytes, so 12-bit data came out almost black, and it cannot open float TIFFs at all."""
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:4]
+    else:
+        with open(source, "rb") as handle:
+            head = handle.read(4)
+    if head not in TIFF_MAGIC:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(source) as tif:
+            page = tif.pages.first
+            if page.bitspersample <= 8 and page.sampleformat != 3:  # 3: IEEE float
+                return None
+            if page.imagewidth * page.imagelength > max_pixels:
+                raise ImageReadError(f"image too large: {page.imagewidth}x{page.imagelength} pixels (limit {max_pixels:,})")
+            arr = page.asarray()
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as err:
+        raise ImageReadError(f"unreadable image: {err or type(err).__name__}"[:160]) from None
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):  # planar: channels first
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] < 3 or min(arr.shape[:2]) < 1:
+        raise ImageReadError(f"unreadable image: TIFF samples of shape {arr.shape} are not an RGB or grayscale picture")
+    return to_uint8(arr[:, :, :3])
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header: PIL's, or tifffile's for a TIFF that PIL cannot open (float samples)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                return page.imagewidth, page.imagelength
+        except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError):
+            raise ImageReadError("unreadable image: no size in its header") from None
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Samples of any depth to 0-255, by the smallest container that holds the image's largest value:
+    floats up to 1.0 as fractions of white; integers (or larger floats) as 8-, 10-, 12-, 14- or 16-bit data,
+    so a 12-bit camera's image keeps its exposure instead of being stretched to its own maximum."""
+    values = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    top = float(values.max())
+    if arr.dtype.kind == "f" and top <= 1.0:
+        white = 1.0
+    else:
+        white = next((2.0**bits - 1 for bits in (8, 10, 12, 14, 16) if top <= 2**bits - 1), top or 1.0)
+    return np.round(values * (255.0 / white)).clip(0, 255).astype(np.uint8)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any PIL mode (16-bit, palette, RGBA, CMYK, grayscale) to 8-bit RGB."""
     if im.width < 1 or im.height < 1:
         raise ValueError("empty image")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float64)
-        top = arr.max() or 1.0
-        im = Image.fromarray((arr / top * 255).astype(np.uint8))
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        im = Image.fromarray(to_uint8(np.asarray(im)))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (0, 0, 0, 255))

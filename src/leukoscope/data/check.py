@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..io import ImageReadError, load_rgb
+from ..io import ImageReadError, image_size, load_rgb
 from .layouts import detect_layout
 from .splits import duplicate_groups, near_duplicate_pairs
 
@@ -20,8 +19,7 @@ def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """(width, height) and None, or None and the reason the file cannot be used."""
     try:
         load_rgb(path, size=16)  # a full (draft) decode catches truncated files that a header read misses
-        with Image.open(path) as im:
-            return im.size, None
+        return image_size(path), None
     except ImageReadError as err:
         return None, str(err)
 

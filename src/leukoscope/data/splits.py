@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LeukoscopeError
-from ..io import atomic_write, sha256_file
+from ..io import MAX_PIXELS, ImageReadError, atomic_write, load_rgb, sha256_file
 from .layouts import Dataset, Sample
 
 SPLITS = ("train", "val", "test")
@@ -87,9 +87,15 @@ def _perceptual_hash(path: str, size: int, mtime_ns: int) -> bytes | None:
 
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                return None  # refused when images are decoded
             im.draft("RGB", (64, 64))  # pHash looks at 64x64: decode small
             return np.packbits(imagehash.phash(im, hash_size=16).hash.ravel()).tobytes()
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        pass
+    try:  # what PIL cannot open but load_rgb reads (a float TIFF)
+        return np.packbits(imagehash.phash(Image.fromarray(load_rgb(path)), hash_size=16).hash.ravel()).tobytes()
+    except ImageReadError:
         return None  # unreadable files are dropped (with a warning) when images are decoded
 
 
