@@ -163,7 +163,7 @@ def _deep_tiff(source, max_pixels: int) -> np.ndarray | None:
 
     try:
         with tifffile.TiffFile(source) as tif:
-            page = tif.pages.first
+            page = tif.pages[0]
             if page.bitspersample <= 8 and page.sampleformat != 3:  # 3: IEEE float
                 return None
             if page.imagewidth * page.imagelength > max_pixels:
@@ -193,7 +193,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
         try:
             with tifffile.TiffFile(path) as tif:
-                page = tif.pages.first
+                page = tif.pages[0]
                 return page.imagewidth, page.imagelength
         except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError):
             raise ImageReadError("unreadable image: no size in its header") from None
