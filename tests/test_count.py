@@ -55,10 +55,15 @@ def test_count_writes_cells_summary_overlays_and_report(tiny_run, fields, tmp_pa
     assert int(totals["ALL"]["n_cells"]) == sum(counted.values()) == 4
     assert abs(float(totals["ALL"]["blast_percent"]) - 100 * counted["blast"] / 4) < 0.01
     assert int(totals["slide_a"]["n_cells"]) == 3 and int(totals["slide_b"]["n_cells"]) == 1
+    errors = {r["image"].split("/")[-1]: r["error"] for r in summary if r["error"]}  # unreadable is not "no cells"
+    assert set(errors) == {"broken.jpg", "TOTAL"} and "1 unreadable image not counted" in errors["TOTAL"]
+    assert not totals["slide_a"]["error"]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["empty.png", "f1.png", "f2.png"]
     assert "Differential count" in (out / "report.html").read_text()
     assert main(["count", str(root / "slide_a"), "--model", str(run), "--out", str(out)]) == 2  # earlier results are kept
     assert "--force" in capsys.readouterr().err
+    assert main(["count", "wbc", str(root / "slide_a"), "--out", str(tmp_path / "again")]) == 2  # as predict is called
+    assert "use --model wbc" in capsys.readouterr().err
 
 
 def test_group_by_parent_and_the_python_api(tiny_run, fields):

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import bundled_models
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model
 from .io import ImageReadError, View, atomic_write, iter_image_files, load_rgb
@@ -146,6 +147,8 @@ def summarise(cells: Sequence[CountedCell], images: Sequence[tuple[str, str]], c
         out.update({f"pct_{c}": round(100 * labels[c] / n, 2) if n else 0.0 for c in counted})
         if "blast" in class_names:
             out["blast_percent"] = out["pct_blast"]
+        failed = [c.error for c in members if c.error]  # an unreadable image is not a field without cells
+        out["error"] = (failed[0] if image != "TOTAL" else f"{len(failed)} unreadable image{'s' * (len(failed) > 1)} not counted") if failed else ""
         return out
 
     by_image: dict[tuple[str, str], list[CountedCell]] = {key: [] for key in images}
@@ -266,6 +269,9 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
 
     from .explain import unique_name
 
+    missing = [str(item) for item in inputs if not Path(item).exists() and not Path(item).is_symlink()]
+    if missing and missing[0] in bundled_models():  # `count wbc FOLDER`, as predict is called
+        raise LeukoscopeError(f"{missing[0]!r} is not a file or folder; to count with the bundled model {missing[0]!r}, use --model {missing[0]}")
     predictor = load_model(model)
     pairs = slides_of(inputs, group_by)
     if not pairs:
