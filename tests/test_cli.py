@@ -133,12 +133,15 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["train", "{data}", "--out", "{tmp}/run", "--method", "svn"], "(did you mean 'svm'?)"),
         (["train", "{data}", "--out", "{tmp}/run", "--optimizer", "adam"], "(did you mean 'adamw'?)"),
         (["predict", "pbc", "{data}"], "the following arguments are required: --out"),
+        (["predict", "{image}", "{data}", "--out", "{tmp}/p.csv"], "an image, not a model; give the model first"),
+        (["explain", "pbc", "{data}", "--out", "{image}"], "is a file, not a folder"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     data = make_image_folder(tmp_path / "data", n_per_class=2)
     (tmp_path / "bad.yaml").write_text("epoch: 3\n")
-    argv = [a.format(tmp=tmp_path, data=data) for a in argv]
+    image = next(p for p in sorted(data.rglob("*")) if p.is_file())
+    argv = [a.format(tmp=tmp_path, data=data, image=image) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("leukoscope: error:") and "\n" not in err

@@ -138,7 +138,7 @@ def adapt_to_files(predictor: Predictor, paths: list, steps: int | None, say: Ca
 
     images, errors = decode_many(paths, predictor.view, desc="decode for --adapt")
     images = images[[i for i, e in enumerate(errors) if e is None]]
-    if warning := in_domain_warning(predictor, images):
+    if len(images) >= MIN_IMAGES and (warning := in_domain_warning(predictor, images)):  # too few: refused below, unwarned
         say(warning)
     adapted = adapt_batchnorm(predictor, images, steps=steps)
     say(adapt_note(adapted.checkpoint["adapted_on_images"], adapted.checkpoint["adapted_steps"]))

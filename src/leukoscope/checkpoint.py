@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .errors import LeukoscopeError, did_you_mean
-from .io import View, atomic_write
+from .io import View, atomic_write, is_image_file
 from .stain import MODES as COLOUR_MODES
 from .models import create_model
 
@@ -133,6 +133,9 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
+    if is_image_file(path):  # `predict IMAGE ...`: the model argument left out
+        raise LeukoscopeError(f"{path}: an image, not a model; give the model first (a bundled model: "
+                              f"{', '.join(sorted(bundled_models()))}; a run folder or a checkpoint), then the images")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

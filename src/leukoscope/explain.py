@@ -96,6 +96,8 @@ def panel(image: np.ndarray, overlay: np.ndarray, caption: str = "", scale: int 
 def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str | os.PathLike, method: str = "gradcam", class_name: str | None = None) -> tuple[int, int]:
     """``leukoscope explain``: one ``<name>_cam.png`` per image plus ``explanations.csv``; returns (done, failed)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LeukoscopeError(f"--out {str(out_dir)!r} is a file, not a folder; give a folder for the heatmaps")
     out_dir.mkdir(parents=True, exist_ok=True)
     names = model.class_names
     if class_name is not None and class_name not in names:
