@@ -121,8 +121,8 @@ def make_hostile_corpus(root: Path, seed: int = 0) -> dict[str, bool]:
     save("gray.png", cell.convert("L"))
     import tifffile
 
-    tifffile.imwrite(root / "twelve_bit_rgb.tif", np.asarray(cell, np.uint16) * 16)  # a scientific camera's 12 bits
-    tifffile.imwrite(root / "float.tif", np.asarray(cell, np.float32) / 255)
+    tifffile.imwrite(root / "twelve_bit_rgb.tif", np.asarray(cell, np.uint16) * 16, photometric="rgb")  # a scientific camera's 12 bits
+    tifffile.imwrite(root / "float.tif", np.asarray(cell, np.float32) / 255, photometric="rgb")
     (root / "tiff_header_only.tif").write_bytes(b"II*\x00" + bytes(12))
     expected.update({"twelve_bit_rgb.tif": True, "float.tif": True, "tiff_header_only.tif": False})
     save("palette.png", cell.convert("P"))

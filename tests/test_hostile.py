@@ -138,7 +138,8 @@ def test_deep_images_keep_their_exposure(tmp_path, name, samples):
     rgb[0, 0] = 255  # white somewhere, as a smear's background is
     path = tmp_path / name
     if name.endswith(".tif"):
-        tifffile.imwrite(path, samples(rgb), **({"photometric": "rgb", "planarconfig": "separate"} if "planar" in name else {}))
+        tifffile.imwrite(path, samples(rgb), photometric="minisblack" if "gray" in name else "rgb",
+                         **({"planarconfig": "separate"} if "planar" in name else {}))
     else:
         Image.fromarray(samples(rgb)).save(path)
     expected = rgb if "gray" not in name else np.repeat(rgb[:, :, 1:2], 3, axis=2)
