@@ -167,7 +167,7 @@ def _deep_tiff(source, max_pixels: int) -> np.ndarray | None:
             if page.bitspersample <= 8 and page.sampleformat != 3:  # 3: IEEE float
                 return None
             if page.imagewidth * page.imagelength > max_pixels:
-                raise ImageReadError(f"image too large: {page.imagewidth}x{page.imagelength} pixels (limit {max_pixels:,})")
+                raise ImageReadError(f"image too large: {page.imagewidth}x{page.imagelength} pixels (limit {max_pixels:,}): cut it into tiles")
             arr = page.asarray()
     except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as err:
         raise ImageReadError(f"unreadable image: {err or type(err).__name__}"[:160]) from None
