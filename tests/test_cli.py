@@ -73,6 +73,36 @@ def test_evaluate_and_predict_round_trip(synthetic_run, tmp_path, capsys):
         assert fast["label"] == eager["label"] and abs(float(fast["p_blast"]) - float(eager["p_blast"])) < 1e-4
 
 
+def test_evaluate_matches_class_folders_named_otherwise(synthetic_run, tmp_path, capsys):
+    """A lab's folders "Blasts" and "NORMAL" are the model's blast and normal: the same scores, said in a note."""
+    data, run = synthetic_run
+    renamed = tmp_path / "lab"
+    shutil.copytree(data / "blast", renamed / "Blasts")
+    shutil.copytree(data / "normal", renamed / "NORMAL")
+    assert main(["evaluate", str(run), str(renamed), "--out", str(tmp_path / "eval")]) == 0
+    assert "class names matched by name: Blasts = blast, NORMAL = normal" in capsys.readouterr().err
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert main(["evaluate", str(run), str(data), "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert evaluated["test"]["n"] == plain["test"]["n"] and evaluated["test"]["accuracy"] == plain["test"]["accuracy"]
+    (renamed / "Smudge").mkdir()
+    shutil.copy(next((data / "normal").iterdir()), renamed / "Smudge" / "x.png")
+    assert main(["evaluate", str(run), str(renamed), "--out", str(tmp_path / "eval2")]) == 2  # a class with no match
+    assert "that the model does not know" in capsys.readouterr().err
+
+
+def test_match_class_names():
+    from leukoscope.inference import match_class_names
+
+    wbc = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+    assert match_class_names(["Neutrophils", "LYT", "eos", "Baso", "ig"], wbc) == {
+        "basophil": "Baso", "eosinophil": "eos", "lymphocyte": "LYT", "neutrophil": "Neutrophils"}
+    assert match_class_names(["neutrophil", "lymphocyte"], wbc) is None  # nothing to match
+    assert match_class_names(["Neutrophils", "Band"], wbc) is None  # an unknown class: no partial guess
+    assert match_class_names(["Neutrophils", "NEUTROPHIL"], wbc) is None  # two folders for one class
+    assert match_class_names(["Neutrophils", "neutrophil"], wbc) is None
+
+
 def test_python_api(synthetic_run):
     data, run = synthetic_run
     predictor = load_model(run)

@@ -20,7 +20,7 @@ from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits
 from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
-from .inference import Predictor, load_model, map_classes, parse_class_map, resolve_model_path, tta_mode
+from .inference import Predictor, load_model, map_classes, match_class_names, parse_class_map, resolve_model_path, tta_mode
 from .io import atomic_write
 from .metrics import (classification_report, expected_calibration_error, sensitivity_specificity, softmax, summarize,
                       threshold_for_sensitivity, wilson_interval)
@@ -278,8 +278,13 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
         done = adapt_note(predictor.checkpoint["adapted_on_images"], predictor.checkpoint["adapted_steps"])
         info["adapt_note"] = (f"Adapted to the test images before scoring (--adapt, no labels used): {done}; the "
                               "out-of-distribution alarm is off for an adapted model.")
-    if class_map:
-        mapping = parse_class_map(class_map, predictor.class_names)
+    labels = {s.label for s in dataset.samples}
+    matched = None if class_map else match_class_names(labels, predictor.class_names)
+    if matched:
+        note("class names matched by name: " + ", ".join(f"{d} = {m}" for m, d in matched.items())
+             + " (--class-map MODEL_CLASS=DATA_CLASS to pair them otherwise)")
+    if class_map or matched:
+        mapping = parse_class_map(class_map, predictor.class_names) if class_map else {**{c: c for c in predictor.class_names}, **matched}
         predictor, tta = map_classes(predictor, mapping, tta), None
         pairs = "; ".join(f"{', '.join(c for c in mapping if mapping[c] == t)} -> {t}" for t in predictor.class_names)
         info["class_map_note"] = (f"The model's classes were mapped onto the data's ({pairs}): each metric scores the mapped "

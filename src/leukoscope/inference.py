@@ -349,6 +349,37 @@ def parse_class_map(text: str, class_names: Sequence[str]) -> dict[str, str]:
     return mapping
 
 
+# Other names labs give the white-cell types, as folder names (compared in lower case, letters only):
+# abbreviations of atlases and datasets (LISC's "baso", Munich AML's "LYT", "EBO") and plain synonyms.
+CLASS_ALIASES = {"neu": "neutrophil", "neut": "neutrophil", "lym": "lymphocyte", "lymph": "lymphocyte", "lymp": "lymphocyte",
+                 "lyt": "lymphocyte", "mon": "monocyte", "mono": "monocyte", "eos": "eosinophil", "eosi": "eosinophil",
+                 "eosino": "eosinophil", "bas": "basophil", "baso": "basophil", "plt": "platelet", "thrombocyte": "platelet",
+                 "nrbc": "erythroblast", "ebo": "erythroblast", "immaturegranulocyte": "ig"}
+
+
+def _name_key(name: str) -> str:
+    key = "".join(ch for ch in name.lower() if ch.isalpha())
+    if key in CLASS_ALIASES:
+        return CLASS_ALIASES[key]
+    key = key[:-1] if key.endswith("s") and len(key) > 3 else key  # plural folder names: "Neutrophils"
+    return CLASS_ALIASES.get(key, key)
+
+
+def match_class_names(data_classes: Iterable[str], class_names: Sequence[str]) -> dict[str, str] | None:
+    """{model class: data class} for data whose class names differ from the model's only in case, a
+    plural or a common abbreviation ("Neutrophils", "LYMPHOCYTE", "baso"); None unless every data class
+    the model does not know matches exactly one model class that no other data class takes."""
+    data_classes = set(data_classes)
+    by_key = {_name_key(c): c for c in class_names}
+    mapping: dict[str, str] = {}
+    for data_class in sorted(data_classes - set(class_names)):
+        model_class = by_key.get(_name_key(data_class))
+        if model_class is None or model_class in mapping or model_class in data_classes:
+            return None
+        mapping[model_class] = data_class
+    return mapping or None
+
+
 def map_classes(predictor: Predictor, mapping: dict[str, str], tta: bool | str | None = None) -> Predictor:
     """The same model answering in other class names, many to one (``aria-all``'s Early, Pre and Pro as
     ``blast``): a target's probability is the sum of its classes' calibrated probabilities.
