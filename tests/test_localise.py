@@ -59,6 +59,14 @@ def test_a_cell_at_the_edge_and_an_empty_field():
     assert window.shape == (64, 64, 3) and found is False  # the whole image, and it says so
 
 
+def test_a_tile_s_central_cell_wins_over_a_larger_neighbour_cut_by_the_edge():
+    tile = field(360, 360, [(180, 180, 22), (60, 350, 45)], red_cells=20)  # the neighbour's nucleus has 4x the area
+    cell = find_cell(tile)
+    assert cell is not None and abs(cell.y - 180) < 8 and abs(cell.x - 180) < 8
+    alone = field(360, 360, [(200, 250, 22), (60, 350, 45)], red_cells=20)  # nothing whole at the centre: the larger wins
+    assert find_cell(alone).x > 300
+
+
 def test_one_real_cell_at_two_magnifications_gives_matching_windows():
     path = sorted(require(DATA / "pbc" / "lymphocyte").glob("*.jpg"))[0]
     image = load_rgb(path)
