@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import write_block  # noqa: E402
+from doc import cpu, write_block  # noqa: E402
 
 from leukoscope.data import read_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
         calls[name] = np.array([predictor.decide(p) for p in probs[name]])
     n = len(labels)
     lines = [f"`{args.model}`, validation split ({n} images), int8 calibrated on {calibration} training images; "
-             f"{torch.get_num_threads()} threads. 95% Wilson intervals.", "",
+             f"{torch.get_num_threads()} threads on {cpu()}. 95% Wilson intervals.", "",
              "| graph | val accuracy | model alone, images/s (batch 64) |", "|---|---|---|"]
     for name, backend in backends.items():
         hits = int((calls[name] == labels).sum())
