@@ -62,7 +62,7 @@ def test_count_writes_cells_summary_overlays_and_report(tiny_run, fields, tmp_pa
     assert "Differential count" in (out / "report.html").read_text()
     assert main(["count", str(root / "slide_a"), "--model", str(run), "--out", str(out)]) == 2  # earlier results are kept
     assert "--force" in capsys.readouterr().err
-    assert main(["count", "wbc", str(root / "slide_a"), "--out", str(tmp_path / "again")]) == 2  # as predict is called
+    assert main(["count", "WBC", str(root / "slide_a"), "--out", str(tmp_path / "again")]) == 2  # as predict is called
     assert "use --model wbc" in capsys.readouterr().err
 
 

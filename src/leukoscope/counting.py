@@ -270,8 +270,9 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
     from .explain import unique_name
 
     missing = [str(item) for item in inputs if not Path(item).exists() and not Path(item).is_symlink()]
-    if missing and missing[0] in bundled_models():  # `count wbc FOLDER`, as predict is called
-        raise LeukoscopeError(f"{missing[0]!r} is not a file or folder; to count with the bundled model {missing[0]!r}, use --model {missing[0]}")
+    if missing and missing[0].lower() in bundled_models():  # `count wbc FOLDER`, as predict is called
+        name = missing[0].lower()
+        raise LeukoscopeError(f"{missing[0]!r} is not a file or folder; to count with the bundled model {name!r}, use --model {name}")
     predictor = load_model(model)
     pairs = slides_of(inputs, group_by)
     if not pairs:
