@@ -122,6 +122,7 @@ def test_fast_jpeg_decoding_gives_the_pixels_of_pil_draft_mode(tmp_path):
 
 @pytest.mark.parametrize("name, samples", [
     ("twelve_bit.tif", lambda rgb: rgb.astype("uint16") * 16),  # 12 bits in a 16-bit container: PIL made it near black
+    ("twelve_bit_lzw.tif", lambda rgb: rgb.astype("uint16") * 16),  # LZW, as cameras write it (needs imagecodecs)
     ("sixteen_bit.tif", lambda rgb: rgb.astype("uint16") * 257),
     ("float.tif", lambda rgb: rgb.astype("float32") / 255),  # PIL cannot open float TIFFs
     ("planar_16.tif", lambda rgb: (rgb.astype("uint16") * 257).transpose(2, 0, 1)),
@@ -138,7 +139,7 @@ def test_deep_images_keep_their_exposure(tmp_path, name, samples):
     rgb[0, 0] = 255  # white somewhere, as a smear's background is
     path = tmp_path / name
     if name.endswith(".tif"):
-        tifffile.imwrite(path, samples(rgb), photometric="minisblack" if "gray" in name else "rgb",
+        tifffile.imwrite(path, samples(rgb), photometric="minisblack" if "gray" in name else "rgb", compression="lzw" if "lzw" in name else None,
                          **({"planarconfig": "separate"} if "planar" in name else {}))
     else:
         Image.fromarray(samples(rgb)).save(path)
