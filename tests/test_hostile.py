@@ -41,6 +41,23 @@ def test_predict_survives_the_corpus(trained, tmp_path):
     assert rss_growth < 300e6
 
 
+def test_other_image_extensions_are_read_and_unreadable_formats_named(trained, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    cell = Image.open(next((trained / "data" / "blast").iterdir())).convert("RGB")
+    cell.save(folder / "a.jfif", format="JPEG")  # what Windows names many JPEGs
+    cell.save(folder / "b.jp2")
+    for name in ("c.heic", "d.HEIC", "manifest.csv", ".DS_Store"):
+        (folder / name).write_bytes(b"not read")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(trained / "run"), str(folder), "--out", str(out)]) == 0
+    assert sorted(r["path"].split("/")[-1] for r in csv.DictReader(open(out, encoding="utf-8"))) == ["a.jfif", "b.jp2"]
+    err = capsys.readouterr().err
+    assert "2 files not read" in err and ".heic: 2" in err and ".csv" not in err.split("(it reads")[0]
+
+
 def test_python_api_reports_per_file_errors(trained, tmp_path):
     expected = make_hostile_corpus(tmp_path / "corpus")
     predictions = load_model(trained / "run").predict([tmp_path / "corpus" / n for n in expected])

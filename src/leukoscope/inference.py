@@ -21,10 +21,11 @@ from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resol
 from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
 from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
-from .io import iter_image_files
+from .io import IMAGE_EXTENSIONS, iter_image_files, skipped_files
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
+from .progress import note
 from .transforms import eval_transform
 
 TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # flip: image + mirror image; dihedral: 4 rotations x 2 flips
@@ -406,4 +407,9 @@ def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     missing = [str(p) for p in inputs if not Path(p).exists() and not Path(p).is_symlink()]
     if missing:
         raise LeukoscopeError(f"input {missing[0]!r} does not exist")
+    inputs = list(inputs)
+    if skipped := skipped_files(inputs):
+        kinds = ", ".join(f"{suffix}: {count}" for suffix, count in skipped.most_common())
+        note(f"note: {sum(skipped.values())} files not read, their extensions not an image format leukoscope reads "
+             f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)})")
     return list(iter_image_files(inputs))

@@ -10,6 +10,7 @@ import stat
 import sys
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -20,7 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import localise, stain
 
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".webp")
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2")
+COMPANION_EXTENSIONS = (".csv", ".tsv", ".txt", ".json", ".xml", ".md", ".yaml", ".yml", ".ini", ".db", ".log", ".html", ".pdf", ".zip")
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard), after reading the header
 
 
@@ -45,6 +47,19 @@ def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
                         yield candidate
         else:
             yield path
+
+
+def skipped_files(inputs: Iterable[str | os.PathLike]) -> Counter[str]:
+    """Extensions (lower case) and counts of the files in the folders among ``inputs`` that
+    ``iter_image_files`` passes over, leaving out a dataset's usual companions (CSV, text, JSON, ...)
+    and hidden files: the ones a user may have expected to be read (HEIC photos, camera raw files)."""
+    skipped: Counter[str] = Counter()
+    for item in inputs:
+        if Path(item).is_dir():
+            for _, _, files in os.walk(item):
+                skipped.update(Path(name).suffix.lower() or "(none)" for name in files if not name.startswith(".")
+                               and not is_image_file(Path(name)) and Path(name).suffix.lower() not in COMPANION_EXTENSIONS)
+    return skipped
 
 
 def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = True, crop: float = 1.0) -> np.ndarray:
