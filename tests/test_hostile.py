@@ -49,7 +49,8 @@ def test_other_image_extensions_are_read_and_unreadable_formats_named(trained, t
     cell = Image.open(next((trained / "data" / "blast").iterdir())).convert("RGB")
     cell.save(folder / "a.jfif", format="JPEG")  # what Windows names many JPEGs
     cell.save(folder / "b.jp2")
-    for name in ("c.heic", "d.HEIC", "manifest.csv", ".DS_Store"):
+    (folder / ".git").mkdir()
+    for name in ("c.heic", "d.HEIC", "manifest.csv", ".DS_Store", ".git/index"):
         (folder / name).write_bytes(b"not read")
     out = tmp_path / "p.csv"
     assert main(["predict", str(trained / "run"), str(folder), "--out", str(out)]) == 0

@@ -56,7 +56,8 @@ def skipped_files(inputs: Iterable[str | os.PathLike]) -> Counter[str]:
     skipped: Counter[str] = Counter()
     for item in inputs:
         if Path(item).is_dir():
-            for _, _, files in os.walk(item):
+            for _, dirs, files in os.walk(item):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .ipynb_checkpoints: not the user's images
                 skipped.update(Path(name).suffix.lower() or "(none)" for name in files if not name.startswith(".")
                                and not is_image_file(Path(name)) and Path(name).suffix.lower() not in COMPANION_EXTENSIONS)
     return skipped
