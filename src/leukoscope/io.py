@@ -52,7 +52,7 @@ def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
 def skipped_files(inputs: Iterable[str | os.PathLike]) -> Counter[str]:
     """Extensions (lower case) and counts of the files in the folders among ``inputs`` that
     ``iter_image_files`` passes over, leaving out a dataset's usual companions (CSV, text, JSON, ...)
-    and hidden files: the ones a user may have expected to be read (HEIC photos, camera raw files)."""
+    and hidden files and folders: the ones a user may have expected to be read (HEIC photos, camera raw files)."""
     skipped: Counter[str] = Counter()
     for item in inputs:
         if Path(item).is_dir():
