@@ -26,7 +26,7 @@ import numpy as np
 from .checkpoint import bundled_models
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model
-from .io import ImageReadError, View, atomic_write, iter_image_files, load_rgb
+from .io import ImageReadError, View, atomic_write, iter_image_files, load_rgb, missing_inputs
 from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import progress
 from .stain import apply as normalise_colour
@@ -269,7 +269,7 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
 
     from .explain import unique_name
 
-    missing = [str(item) for item in inputs if not Path(item).exists() and not Path(item).is_symlink()]
+    missing = missing_inputs(inputs)
     if missing and missing[0].lower() in bundled_models():  # `count wbc FOLDER`, as predict is called
         name = missing[0].lower()
         raise LeukoscopeError(f"{missing[0]!r} is not a file or folder; to count with the bundled model {name!r}, use --model {name}")

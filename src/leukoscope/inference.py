@@ -7,7 +7,7 @@ use: it owns the preprocessing recorded in the checkpoint, so callers never rest
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resol
 from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
 from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
-from .io import IMAGE_EXTENSIONS, iter_image_files, skipped_files
+from .io import IMAGE_EXTENSIONS, iter_image_files, missing_inputs
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
@@ -404,12 +404,13 @@ def map_classes(predictor: Predictor, mapping: dict[str, str], tta: bool | str |
 
 def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively) into a list of paths, failing on missing inputs."""
-    missing = [str(p) for p in inputs if not Path(p).exists() and not Path(p).is_symlink()]
-    if missing:
-        raise LeukoscopeError(f"input {missing[0]!r} does not exist")
     inputs = list(inputs)
-    if skipped := skipped_files(inputs):
+    if missing := missing_inputs(inputs):
+        raise LeukoscopeError(f"input {missing[0]!r} does not exist")
+    skipped: Counter[str] = Counter()
+    paths = list(iter_image_files(inputs, skipped))
+    if skipped:
         kinds = ", ".join(f"{suffix}: {count}" for suffix, count in skipped.most_common())
         note(f"note: {sum(skipped.values())} files not read, their extensions not an image format leukoscope reads "
              f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)})")
-    return list(iter_image_files(inputs))
+    return paths

@@ -34,33 +34,32 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(inputs: Iterable[str | os.PathLike]) -> Iterator[Path]:
-    """Yield files given directly, and image files found recursively in folders (sorted)."""
+def missing_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
+    """The inputs that name nothing on disk (a broken symlink does name a file: it becomes an error row)."""
+    return [str(item) for item in inputs if not Path(item).exists() and not Path(item).is_symlink()]
+
+
+def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] | None = None) -> Iterator[Path]:
+    """Yield files given directly, and image files found recursively in folders (sorted).
+
+    With ``skipped``, count there by extension (lower case) the files of those folders passed over that
+    a user may have expected to be read (HEIC photos, camera raw files): not a dataset's usual
+    companions (CSV, text, JSON, ...), nor hidden files and folders (.git, .DS_Store)."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs.sort()
+                hidden = any(part.startswith(".") for part in Path(root).relative_to(path).parts)
                 for name in sorted(files):
                     candidate = Path(root) / name
                     if is_image_file(candidate):
                         yield candidate
+                    elif skipped is not None and not hidden and not name.startswith(".") \
+                            and candidate.suffix.lower() not in COMPANION_EXTENSIONS:
+                        skipped[candidate.suffix.lower() or "(none)"] += 1
         else:
             yield path
-
-
-def skipped_files(inputs: Iterable[str | os.PathLike]) -> Counter[str]:
-    """Extensions (lower case) and counts of the files in the folders among ``inputs`` that
-    ``iter_image_files`` passes over, leaving out a dataset's usual companions (CSV, text, JSON, ...)
-    and hidden files and folders: the ones a user may have expected to be read (HEIC photos, camera raw files)."""
-    skipped: Counter[str] = Counter()
-    for item in inputs:
-        if Path(item).is_dir():
-            for _, dirs, files in os.walk(item):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .ipynb_checkpoints: not the user's images
-                skipped.update(Path(name).suffix.lower() or "(none)" for name in files if not name.startswith(".")
-                               and not is_image_file(Path(name)) and Path(name).suffix.lower() not in COMPANION_EXTENSIONS)
-    return skipped
 
 
 def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = True, crop: float = 1.0) -> np.ndarray:
