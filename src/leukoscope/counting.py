@@ -26,7 +26,14 @@ import numpy as np
 from .checkpoint import bundled_models
 from .errors import LeukoscopeError
 from .inference import Predictor, load_model
-from .io import ImageReadError, View, atomic_write, iter_image_files, load_rgb, missing_inputs
+from .io import (
+    ImageReadError,
+    View,
+    atomic_write,
+    iter_image_files,
+    load_rgb,
+    missing_inputs,
+)
 from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import progress
 from .stain import apply as normalise_colour
