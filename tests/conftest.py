@@ -87,6 +87,9 @@ def _png_with_claimed_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
 def make_hostile_corpus(root: Path, seed: int = 0) -> dict[str, bool]:
     """Files a lab might throw at the tool; returns {relative path: should it be predicted?}.
 
@@ -133,6 +136,10 @@ def make_hostile_corpus(root: Path, seed: int = 0) -> dict[str, bool]:
     save("one_pixel.png", Image.new("RGB", (1, 1), (200, 100, 150)))
     save("strip_2000x3.png", Image.fromarray(rng.integers(0, 255, (3, 2000, 3), dtype=np.uint8)))
     save("cell with spaces é ß 細胞.png", cell)
+    save("phone.avif", cell)
+    (root / "phone.heic").write_bytes((FIXTURES / "cell.heic").read_bytes())  # a phone's HEVC photo
+    (root / "damaged.heic").write_bytes((FIXTURES / "cell.heic").read_bytes()[:400])
+    expected.update({"phone.heic": True, "damaged.heic": False})
     (root / "folder.jpg").mkdir()
     (root / "broken_link.png").symlink_to(root / "does_not_exist.png")
     expected["broken_link.png"] = False

@@ -5,12 +5,15 @@ from __future__ import annotations
 import csv
 import shutil
 
+import numpy as np
 import psutil
 import pytest
-from conftest import make_hostile_corpus, make_image_folder
+from conftest import FIXTURES, make_hostile_corpus, make_image_folder
+from PIL import Image
 
 from leukoscope import load_model
 from leukoscope.cli import main
+from leukoscope.io import decode_bytes, load_rgb
 
 TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
 
@@ -42,21 +45,36 @@ def test_predict_survives_the_corpus(trained, tmp_path):
 
 
 def test_other_image_extensions_are_read_and_unreadable_formats_named(trained, tmp_path, capsys):
-    from PIL import Image
-
     folder = tmp_path / "lab"
     folder.mkdir()
     cell = Image.open(next((trained / "data" / "blast").iterdir())).convert("RGB")
     cell.save(folder / "a.jfif", format="JPEG")  # what Windows names many JPEGs
     cell.save(folder / "b.jp2")
+    cell.save(folder / "c.AVIF")
+    shutil.copy(FIXTURES / "cell.heic", folder / "d.HEIC")  # what phones write
     (folder / ".git").mkdir()
-    for name in ("c.heic", "d.HEIC", "manifest.csv", ".DS_Store", ".git/index"):
+    for name in ("e.cr2", "f.CR2", "manifest.csv", ".DS_Store", ".git/index"):
         (folder / name).write_bytes(b"not read")
     out = tmp_path / "p.csv"
     assert main(["predict", str(trained / "run"), str(folder), "--out", str(out)]) == 0
-    assert sorted(r["path"].split("/")[-1] for r in csv.DictReader(open(out, encoding="utf-8"))) == ["a.jfif", "b.jp2"]
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert sorted(r["path"].split("/")[-1] for r in rows) == ["a.jfif", "b.jp2", "c.AVIF", "d.HEIC"]
+    assert not any(r["error"] for r in rows)
     err = capsys.readouterr().err
-    assert "2 files not read" in err and ".heic: 2" in err and ".csv" not in err.split("(it reads")[0]
+    assert "2 files not read" in err and ".cr2: 2" in err and ".csv" not in err.split("(it reads")[0]
+
+
+def test_heic_photos_decode_to_their_pixels():
+    from PIL import ImageDraw
+
+    drawn = Image.new("RGB", (120, 80), (236, 214, 212))  # how tests/fixtures/cell.heic was drawn (README there)
+    draw = ImageDraw.Draw(drawn)
+    draw.ellipse((35, 15, 85, 65), fill=(190, 160, 200))
+    draw.ellipse((45, 25, 75, 55), fill=(90, 40, 130))
+    decoded = load_rgb(FIXTURES / "cell.heic")
+    assert decoded.shape == (80, 120, 3)  # width 120, height 80: not transposed
+    assert np.abs(decoded.astype(int) - np.asarray(drawn)).mean() < 2  # HEVC is lossy: chroma edges differ
+    assert np.array_equal(decode_bytes((FIXTURES / "cell.heic").read_bytes()), decoded)
 
 
 def test_python_api_reports_per_file_errors(trained, tmp_path):

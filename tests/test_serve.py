@@ -96,9 +96,9 @@ def test_every_format_gets_a_server_preview_of_the_region_the_model_saw(client):
     rng = np.random.default_rng(0)
     cell = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)  # under the fixture's 200 kB limit
     size = client.get("/models").json()["models"][0]["image_size"]
-    for fmt, mime in (("TIFF", "image/tiff"), ("PNG", "image/png"), ("BMP", "image/bmp")):
+    for fmt, mime in (("TIFF", "image/tiff"), ("PNG", "image/png"), ("BMP", "image/bmp"), ("WEBP", "image/webp")):
         buffer = io.BytesIO()
-        Image.fromarray(cell).save(buffer, format=fmt)
+        Image.fromarray(cell).save(buffer, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
         result = client.post("/predict", files=[("files", (f"cell.{fmt.lower()}", buffer.getvalue(), mime))]).json()["results"][0]
         preview = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(result["preview"].split(",", 1)[1]))))
         assert preview.shape == (size, size, 3)
@@ -106,6 +106,12 @@ def test_every_format_gets_a_server_preview_of_the_region_the_model_saw(client):
         from leukoscope.io import resize_center_crop
 
         assert np.abs(preview.astype(int) - resize_center_crop(cell, size, 0.7).astype(int)).max() <= 1
+
+
+def test_a_phone_s_heic_photo_is_accepted(client):
+    data = (Path(__file__).parent / "fixtures" / "cell.heic").read_bytes()
+    response = client.post("/predict", files=[("files", ("IMG_0001.HEIC", data, "image/heic"))])
+    assert response.status_code == 200 and response.json()["results"][0]["label"]
 
 
 def _free_port() -> int:

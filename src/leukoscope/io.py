@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import localise, stain
 
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2")
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".avif", ".heic", ".heif")
 COMPANION_EXTENSIONS = (".csv", ".tsv", ".txt", ".json", ".xml", ".md", ".yaml", ".yml", ".ini", ".db", ".log", ".html", ".pdf", ".zip")
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard), after reading the header
 
@@ -143,7 +143,9 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
     try:
         with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked here, with a clearer message
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)
+            im = _heic(source, max_pixels)
+            if im is None:
+                im = Image.open(source)
         with im:
             if im.width * im.height > max_pixels:
                 raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,}): cut it into tiles")
@@ -161,18 +163,44 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
 
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+HEIC_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx")  # HEVC-coded HEIF; AVIF ("avif") PIL reads
+
+
+def _head(source, n: int) -> bytes:
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:n]
+    with open(source, "rb") as handle:
+        return handle.read(n)
+
+
+def _heic(source, max_pixels: int) -> Image.Image | None:
+    """A HEIC photo (what phones write, through an eyepiece too) decoded by libheif through pi-heif, with
+    its orientation applied; None for anything else. PIL has no HEVC decoder."""
+    head = _head(source, 64)
+    if head[4:8] != b"ftyp" or not (head[8:12] in HEIC_BRANDS or (head[8:12] in (b"mif1", b"msf1")
+                                                                    and any(b in head[16:64] for b in HEIC_BRANDS))):
+        return None
+    try:
+        import pi_heif
+    except ImportError:
+        raise ImageReadError("a HEIC image: install pi-heif to read it (pip install pi-heif), or save it as JPEG or PNG") from None
+    try:
+        heif = pi_heif.open_heif(source)
+        if heif.size[0] * heif.size[1] > max_pixels:
+            raise ImageReadError(f"image too large: {heif.size[0]}x{heif.size[1]} pixels (limit {max_pixels:,}): cut it into tiles")
+        return Image.frombytes(heif.mode, heif.size, heif.data, "raw", heif.mode, heif.stride)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise ImageReadError(f"unreadable HEIC image: {err or type(err).__name__}"[:160]) from None
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
 
 
 def _deep_tiff(source, max_pixels: int) -> np.ndarray | None:
     """A TIFF with more than 8 bits per sample (a scientific camera's 12- or 16-bit RGB, float32) as
     8-bit RGB, read by tifffile; None for anything else, which PIL reads. PIL reads a 16-bit RGB TIFF
     by its high bytes, so 12-bit data came out almost black, and it cannot open float TIFFs at all."""
-    if isinstance(source, io.BytesIO):
-        head = source.getvalue()[:4]
-    else:
-        with open(source, "rb") as handle:
-            head = handle.read(4)
-    if head not in TIFF_MAGIC:
+    if _head(source, 4) not in TIFF_MAGIC:
         return None
     import tifffile
 
@@ -204,6 +232,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        heic = _heic(path, sys.maxsize)
+        if heic is not None:
+            return heic.size
         import tifffile
 
         try:

@@ -33,7 +33,8 @@ MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 25_000_000
 MAX_FILES = 32
 MAX_CONCURRENT = 2  # requests decoding and classifying at once (one per core here); the rest wait their turn
-ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/tiff", "image/x-ms-bmp", "application/octet-stream", "")
+ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "image/webp", "image/gif", "image/jp2",
+                  "image/avif", "image/heic", "image/heif", "application/octet-stream", "")
 
 
 class UploadError(Exception):
@@ -155,7 +156,7 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     name = upload.filename or ""
     content_type = (upload.content_type or "").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_TYPES:
-        raise UploadError(415, name, f"unsupported content type {content_type!r}; send JPEG, PNG, BMP or TIFF images")
+        raise UploadError(415, name, f"unsupported content type {content_type!r}; send JPEG, PNG, BMP, TIFF, WebP, AVIF or HEIC images")
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise UploadError(413, name, f"file larger than {max_bytes:,} bytes")
