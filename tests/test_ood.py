@@ -79,6 +79,20 @@ def test_a_painted_cell_is_out_of_domain_for_a_model_that_never_saw_one(tiny_run
     assert model.predict(on_black)[0].in_domain is True
 
 
+def test_a_grayscale_image_is_out_of_domain_for_a_model_trained_on_colour(tiny_run):
+    data, run = tiny_run
+    model = load_model(run)
+    model.ood_threshold = float("inf")  # every score in domain: what remains is the colour rule
+    cell = np.asarray(Image.open(sorted(data.rglob("*.png"))[0]).convert("RGB"))
+    gray = np.repeat(np.asarray(Image.fromarray(cell).convert("L"))[:, :, None], 3, axis=2)
+    faint = np.clip(gray.astype(int) + np.random.default_rng(0).integers(-3, 4, gray.shape), 0, 255).astype(np.uint8)  # JPEG-like chroma noise
+    colour, grey, noisy = model.predict([cell, gray, faint])
+    assert colour.in_domain is True and grey.in_domain is False and noisy.in_domain is False
+    assert grey.label in model.class_names  # still predicted: flagged, not refused
+    model.recoloured_seen = True  # a model trained on grayscale images (see the next test) keeps them
+    assert model.predict(gray)[0].in_domain is True
+
+
 def test_training_on_painted_cells_records_them_and_keeps_such_cells_in_domain_and_a_colour_range(tmp_path):
     from leukoscope.cli import main
 

@@ -218,7 +218,7 @@ class Predictor:
 
     def mark_recoloured(self, prediction: Prediction, recoloured: bool) -> None:
         """An image recoloured to look like a slide (a black background painted where its window shows
-        it, or a colour cast corrected: see io.frame) is out of domain for a model none of whose
+        it, or a colour cast corrected) or without colour (grayscale; see io.frame) is out of domain for a model none of whose
         training images was: recolouring makes the cell readable, not familiar (`blast` called
         C-NMC's painted cells blast with an ood_score below its threshold)."""
         if self.unfamiliar(recoloured) and prediction.in_domain is not None:

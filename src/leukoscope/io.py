@@ -339,7 +339,8 @@ def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarra
     """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, whether a cell was located (None when the
     view is not cell-centric) and whether it was recoloured to look like a slide: a black background
     painted where the window shows it, or a colour cast corrected (``localise.cell_window``,
-    ``stain.correct_cast``).
+    ``stain.correct_cast``); a grayscale image, which has no stain colour to read, counts as
+    recoloured too (``stain.colourless``), so that it is out of domain for a model trained on colour.
     The one function every path (files, uploads, arrays, PIL images; train, evaluate, predict, serve,
     explain, export) goes through. ``reduced``: ``rgb`` was already decoded at ``reduction``'s scale
     (a JPEG; see ``load_view``)."""
@@ -351,7 +352,7 @@ def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarra
         crop = min(1.0, view.crop * view.context)
         corrected = stain.correct_cast(rgb, view.cast)
         out, found, recoloured = resize_center_crop(corrected, view.size, crop), None, corrected is not rgb
-    return stain.apply(out, view.colour, view.stain), found, recoloured
+    return stain.apply(out, view.colour, view.stain), found, recoloured or stain.colourless(rgb)
 
 
 def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None, bool]:
