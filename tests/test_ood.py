@@ -35,6 +35,14 @@ def test_score_is_the_squared_mahalanobis_distance_to_the_nearest_class():
     assert abs(alarm["threshold"] - np.percentile(expected, 95)) < 1e-2 * alarm["threshold"]  # 95% of validation below
 
 
+def test_one_training_image_per_class_still_gives_a_finite_score():
+    torch.manual_seed(0)
+    model = create_model("cellnet_tiny", 2).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    alarm = fit_ood(model, images[:2], np.array([0, 1]), images[2:], [0.5] * 3, [0.25] * 3)  # no spread around either mean
+    assert torch.isfinite(alarm["chol"]).all() and np.isfinite(alarm["threshold"])
+
+
 def test_torch_and_onnx_backends_agree_on_the_score(tiny_run):
     data, run = tiny_run
     paths = sorted(data.rglob("*.png"))[:10]

@@ -239,3 +239,13 @@ def test_a_folder_of_unreadable_images_is_refused_clearly(tmp_path):
     config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1, batch_size=4)
     with pytest.raises(LeukoscopeError, match=r"no readable training images: 12 images of 12 could not be decoded \(first: .*0\.png: unreadable"):
         train(tmp_path / "cells", tmp_path / "run", config)
+
+
+def test_training_without_validation_images_warns_what_that_costs(tmp_path, capsys):
+    from leukoscope import load_model
+
+    data = make_image_folder(tmp_path / "data", n_per_class=2)
+    train(data, tmp_path / "run", TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1, batch_size=4, fractions=(1.0, 0.0, 0.0)))
+    assert "warning: no validation images (4 images, 0 for testing)" in capsys.readouterr().err
+    prediction = load_model(tmp_path / "run").predict(sorted(data.rglob("*.png"))[:1])[0]
+    assert prediction.label in ("blast", "normal") and prediction.ood_score >= 0

@@ -64,8 +64,13 @@ def fit_ood(model: nn.Module, train_images: torch.Tensor, train_labels: np.ndarr
     means = np.zeros((int(train_labels.max()) + 1, features.shape[1]))
     for c in classes:
         means[c] = features[train_labels == c].mean(0)
-    precision = LedoitWolf().fit(features - means[train_labels]).precision_
-    chol = np.linalg.cholesky((precision + precision.T) / 2)
+    fitted = LedoitWolf().fit(features - means[train_labels])
+    try:
+        chol = np.linalg.cholesky((fitted.precision_ + fitted.precision_.T) / 2)
+    except np.linalg.LinAlgError:  # no spread around the class means (one image per class): a ridge makes it invertible
+        ridge = 1e-3 * max(float(np.trace(fitted.covariance_)) / features.shape[1], 1.0)
+        precision = np.linalg.inv(fitted.covariance_ + ridge * np.eye(features.shape[1]))
+        chol = np.linalg.cholesky((precision + precision.T) / 2)
     ood = {"means": torch.tensor(means[classes], dtype=torch.float32), "chol": torch.tensor(chol, dtype=torch.float32)}
     scores = ood_scores(model, val_images if len(val_images) else train_images, mean, std, ood)
     ood["threshold"] = float(np.percentile(scores, IN_DOMAIN_QUANTILE))

@@ -125,6 +125,10 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
         splits, split_kind = prepare_splits(dataset, out, config, write=write)
     check_classes(dataset, splits)
     check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    if "val" not in splits:
+        note(f"warning: no validation images ({plural(len(splits), 'image')}, {splits.count('test')} for testing): the epoch is chosen "
+             f"on training accuracy and the in-domain threshold set on the training images; add images or raise the validation fraction "
+             f"(--fractions, now {','.join(f'{f:g}' for f in config.fractions)})")
     if write:
         save_config(config, out / "config.yaml")
         (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
