@@ -114,6 +114,19 @@ def test_a_phone_s_heic_photo_is_accepted(client):
     assert response.status_code == 200 and response.json()["results"][0]["label"]
 
 
+def test_a_port_in_use_is_a_one_line_error_before_serving(tiny_run, capsys):
+    from leukoscope.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tiny_run[1]), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use; choose another --port" in captured.err
+    assert "serving" not in captured.out  # no address announced that nothing answers
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -254,11 +254,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .inference import load_model
-    from .serve import serve
+    from .serve import listen, serve
 
     predictor = load_model(args.model, backend=args.backend, device=args.device, precision=args.precision)
-    print(f"serving {args.model} at http://{args.host}:{args.port}/ (API docs: /docs)")
-    serve(predictor, name=Path(str(args.model)).name, host=args.host, port=args.port)
+    sock = listen(args.host, args.port)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.model} at http://{host}:{args.port}/ (API docs: /docs)")
+    serve(predictor, name=Path(str(args.model)).name, sock=sock)
     return 0
 
 

@@ -1,5 +1,5 @@
 """Web service: ``create_app`` (FastAPI) and ``serve`` (uvicorn)."""
 
-from .app import create_app, serve
+from .app import create_app, listen, serve
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "listen", "serve"]

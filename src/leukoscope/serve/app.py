@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import time
 from importlib import resources
 from typing import Any
@@ -196,7 +197,19 @@ def classify(predictor: Predictor, decoded: list[tuple[np.ndarray, bool | None, 
     return results
 
 
-def serve(predictor: Predictor, name: str, host: str = "127.0.0.1", port: int = 8000) -> None:
+def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket on ``host``:``port``, bound before the app starts, so that a port in use is a one-line
+    error naming it (uvicorn logged it after announcing the address, and exited with status 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as err:  # in use, not allowed (a port below 1024), or a host name that does not resolve
+        reason = (err.strerror or str(err)).split(" (while attempting")[0]
+        raise LeukoscopeError(f"cannot listen on {host}:{port}: {reason}; choose another --port or --host") from None
+
+
+def serve(predictor: Predictor, name: str, sock: socket.socket) -> None:
+    """Run the web app on a socket from ``listen`` until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(predictor, name), host=host, port=port, log_level="info")
+    uvicorn.Server(uvicorn.Config(create_app(predictor, name), log_level="info")).run(sockets=[sock])
