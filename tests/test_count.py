@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_count_writes_cells_summary_overlays_and_report(tiny_run, fields, tmp_pa
     assert abs(float(totals["ALL"]["blast_percent"]) - 100 * counted["blast"] / 4) < 0.01
     assert int(totals["slide_a"]["n_cells"]) == 3 and int(totals["slide_b"]["n_cells"]) == 1
     errors = {r["image"].split("/")[-1]: r["error"] for r in summary if r["error"]}  # unreadable is not "no cells"
-    assert set(errors) == {"broken.jpg", "TOTAL"} and "1 unreadable image not counted" in errors["TOTAL"]
+    assert set(errors) == {"broken.jpg", "TOTAL"} and "1 image not counted (unreadable or grayscale)" in errors["TOTAL"]
     assert not totals["slide_a"]["error"]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["empty.png", "f1.png", "f2.png"]
     assert "Differential count" in (out / "report.html").read_text()
@@ -80,6 +81,15 @@ def test_an_empty_field_gives_zero_cells(tiny_run):
     model = load_model(tiny_run[1])
     cells, windows = count_image(model, field(200, 260, [], red_cells=30))
     assert cells == [] and windows == []
+
+
+def test_a_grayscale_field_is_not_counted_rather_than_counted_as_empty(tiny_run, tmp_path):
+    colour = field(200, 260, [(100, 130, 26)], red_cells=10)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    Image.fromarray(colour).convert("L").save(tmp_path / "gray.png")  # a monochrome camera's field of the same cell
+    records = {Path(r.image).name: r for r in leukoscope.count(tmp_path, model=str(tiny_run[1]))}
+    assert not records["colour.png"].error and records["colour.png"].label
+    assert "grayscale" in records["gray.png"].error and not records["gray.png"].label
 
 
 def test_a_cell_segmented_onto_black_is_counted_on_a_plain_background(tiny_run):

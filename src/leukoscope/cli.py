@@ -307,7 +307,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     for row in (r for r in summary if r["image"] == "TOTAL"):
         blast = f", blasts {row['blast_percent']:.1f}%" if "blast_percent" in row else ""
         print(f"{row['slide']}: {plural(row['n_cells'], 'white cell')}{blast}")
-    print(f"cells.csv, summary.csv, overlays/ and report.html in {args.out}" + (f"; {plural(failed, 'unreadable file')}" if failed else ""))
+    print(f"cells.csv, summary.csv, overlays/ and report.html in {args.out}" + (f"; {plural(failed, 'image')} not counted (error column)" if failed else ""))
     return 1 if failed else 0
 
 

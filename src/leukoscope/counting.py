@@ -37,10 +37,12 @@ from .io import (
 from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import progress
 from .stain import apply as normalise_colour
+from .stain import colourless
 
 DEFAULT_FILL = 0.6  # a crop-mode model sees a cell whose nucleus spans about this fraction of its tile
 NOT_COUNTED = ("platelet",)  # detections with these labels are not white cells: listed, not counted
 BOX_SCALE = 1.3  # the reported box spans the cell: its nucleus's diameter times this
+GRAYSCALE = "a grayscale image: white cells are found and typed by the colours of their stain; not counted"
 CELL_COLUMNS = ["slide", "image", "cell", "x0", "y0", "x1", "y1", "area", "label", "confidence", "ood_score", "edge", "error"]
 
 
@@ -124,7 +126,7 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
 
 def count(paths: str | os.PathLike | Iterable[str | os.PathLike], model: str | os.PathLike | Predictor = "wbc",
           group_by: str = "input") -> list[CountedCell]:
-    """Per-cell records of every image in ``paths`` (files and folders); unreadable files give one record with ``error``."""
+    """Per-cell records of every image in ``paths`` (files and folders); an unreadable or grayscale file gives one record with ``error``."""
     predictor = model if isinstance(model, Predictor) else load_model(model)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     return [cell for _, cells, _ in iter_counts(predictor, slides_of(paths, group_by)) for cell in cells]
@@ -138,6 +140,9 @@ def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: s
             rgb = load_rgb(path)
         except ImageReadError as err:
             yield None, [CountedCell(slide, str(path), error=str(err))], []
+            continue
+        if colourless(rgb) and not predictor.recoloured_seen:  # find_cells would find none: not a field "with 0 cells"
+            yield None, [CountedCell(slide, str(path), error=GRAYSCALE)], []
             continue
         yield rgb, *count_image(predictor, rgb, slide, str(path))
 
@@ -155,7 +160,7 @@ def summarise(cells: Sequence[CountedCell], images: Sequence[tuple[str, str]], c
         if "blast" in class_names:
             out["blast_percent"] = out["pct_blast"]
         failed = [c.error for c in members if c.error]  # an unreadable image is not a field without cells
-        out["error"] = (failed[0] if image != "TOTAL" else f"{len(failed)} unreadable image{'s' * (len(failed) > 1)} not counted") if failed else ""
+        out["error"] = (failed[0] if image != "TOTAL" else f"{len(failed)} image{'s' * (len(failed) > 1)} not counted (unreadable or grayscale)") if failed else ""
         return out
 
     by_image: dict[tuple[str, str], list[CountedCell]] = {key: [] for key in images}
@@ -271,7 +276,7 @@ GALLERY_SIZE = 12  # cells shown per class in the report
 
 
 def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, group_by: str = "input") -> tuple[list[dict[str, Any]], int]:
-    """``leukoscope count``: cells.csv, summary.csv, overlays/, report.html in ``out``; returns (summary rows, unreadable files)."""
+    """``leukoscope count``: cells.csv, summary.csv, overlays/, report.html in ``out``; returns (summary rows, images not counted)."""
     from PIL import Image
 
     from .explain import unique_name
