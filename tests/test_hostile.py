@@ -184,3 +184,30 @@ def test_deep_images_keep_their_exposure(tmp_path, name, samples):
         assert decoded.shape == (20, 30, 3) and decoded.dtype == np.uint8
         assert np.abs(decoded.astype(int) - expected).max() <= 1  # 12-bit data scaled by 4095, not by its own maximum
     assert image_size(path) == (30, 20)
+
+
+def test_arrays_tensors_and_bytes_in_every_common_form_are_one_image(trained):
+    import io
+
+    import torch
+
+    model = load_model(trained / "run")
+    path = next((trained / "data" / "blast").iterdir())
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    encoded = io.BytesIO()
+    Image.fromarray(rgb).save(encoded, format="PNG")
+    forms = {
+        "float 0-1": rgb / 255.0, "float 0-255": rgb.astype(np.float32), "16-bit": rgb.astype(np.uint16) * 257,
+        "channels first": rgb.transpose(2, 0, 1).copy(), "tensor": torch.from_numpy(rgb.transpose(2, 0, 1) / 255.0),
+        "bytes": encoded.getvalue(), "bytearray": bytearray(encoded.getvalue()),
+    }
+    reference = model.predict(rgb)[0].probabilities
+    for name, form in forms.items():
+        (prediction,) = model.predict(form)
+        assert not prediction.error, name
+        assert max(abs(prediction.probabilities[c] - p) for c, p in reference.items()) < 1e-6, name
+    batch = model.predict(torch.from_numpy(np.stack([rgb.transpose(2, 0, 1)] * 3)))  # N x 3 x H x W: three images
+    assert len(batch) == 3 and all(p.probabilities == batch[0].probabilities for p in batch)
+    normalised = model.predict((rgb / 255.0 - 0.5) / 0.25)[0]  # a tensor already normalised: not pixels
+    assert "not a normalised tensor" in normalised.error and not normalised.label
+    assert "of numbers, got bool" in model.predict(rgb > 128)[0].error

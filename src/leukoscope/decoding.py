@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .io import ImageReadError, View, frame, load_view, to_rgb
+from .io import ImageReadError, View, frame, load_view, to_rgb, to_uint8
 from .runtime import usable_cores
 
 PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool costs ~30 ms to start)
@@ -39,7 +39,7 @@ Infer = Callable[[np.ndarray], Outputs]
 
 
 def decode_item(item: Any, view: View) -> Decoded:
-    """A file path, upload bytes, PIL image or HxWx3 uint8 array as ``view`` shows it; one framing for
+    """A file path, upload bytes, PIL image or image array (see array_to_rgb) as ``view`` shows it; one framing for
     every kind of input (see ``io.frame``). An unreadable one gives (None, its error, None, False)."""
     try:
         if isinstance(item, Image.Image):
@@ -77,12 +77,26 @@ def load_and_infer(items: Sequence[Any], view: View) -> tuple[list[Decoded], Out
 
 
 def array_to_rgb(array: np.ndarray) -> np.ndarray:
+    """An image array as 8-bit RGB: HxW, HxWx1, HxWx3 or HxWx4, or channels first (3xHxW, as torchvision
+    holds images); uint8 as it is, other integers and floats by ``io.to_uint8`` (floats up to 1.0 as
+    fractions of white, a 12-bit camera's integers by their 12-bit range). Negative or non-finite
+    values (a normalised tensor, not pixels) and booleans are refused with the reason."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[:, :, 0]
     if array.ndim == 2:
         array = np.stack([array] * 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(f"expected an HxWx3 image array, got shape {array.shape}")
     if array.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image array, got {array.dtype}")
+        if array.dtype.kind not in "iuf":
+            raise ValueError(f"expected an image array of numbers, got {array.dtype}")
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0):
+            raise ValueError("image array has negative or non-finite values: pass the pixels (0-255, or 0-1 as floats), "
+                             "not a normalised tensor")
+        alpha = array[:, :, 3:]
+        array = to_uint8(array[:, :, :3]) if not alpha.size else np.dstack([to_uint8(array[:, :, :3]), to_uint8(alpha)])
     return np.asarray(to_rgb(Image.fromarray(array)))
 
 
