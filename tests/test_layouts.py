@@ -28,6 +28,21 @@ def test_image_folder_any_depth_any_extension_case(tmp_path):
     assert not ds.has_patients
 
 
+def test_symlinked_class_folders_are_read_once_and_a_link_loop_ends(tmp_path):
+    from leukoscope.io import iter_image_files
+
+    for rel in ["store/blast/a.png", "store/blast/b.png", "store/normal/c.png"]:
+        _tiny(tmp_path / rel, "PNG")
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("blast", "normal"):
+        (data / name).symlink_to(tmp_path / "store" / name)  # a lab's folder of links to where images are kept
+    (tmp_path / "store" / "blast" / "up").symlink_to(data)  # a loop
+    ds = detect_layout(data)
+    assert Counter(s.label for s in ds.samples) == {"blast": 2, "normal": 1}
+    assert [p.name for p in iter_image_files([data])] == ["a.png", "b.png", "c.png"]
+
+
 def test_image_folder_manifest_gives_patients(tmp_path):
     _tiny(tmp_path / "pos/a.png", "PNG")
     _tiny(tmp_path / "neg/b.png", "PNG")

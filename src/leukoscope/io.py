@@ -48,8 +48,7 @@ def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] 
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs.sort()
+            for root, dirs, files in walk(path):
                 hidden = any(part.startswith(".") for part in Path(root).relative_to(path).parts)
                 for name in sorted(files):
                     candidate = Path(root) / name
@@ -60,6 +59,24 @@ def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] 
                         skipped[candidate.suffix.lower() or "(none)"] += 1
         else:
             yield path
+
+
+def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` in sorted order that follows symlinked folders (a lab's folders of links) but enters each
+    real folder once, so that a link back up the tree (a loop) or two links to one folder repeat nothing."""
+    seen: set[tuple[int, int]] = set()
+    for current, dirs, files in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(current)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        dirs.sort()
+        yield current, dirs, files
 
 
 def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = True, crop: float = 1.0) -> np.ndarray:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LeukoscopeError
-from ..io import is_image_file
+from ..io import is_image_file, walk
 
 UID_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(all|hem)\.bmp$", re.IGNORECASE)
 CNMC_PRELIM_DIR = "C-NMC_test_prelim_phase_data"
@@ -84,8 +84,8 @@ def detect_layout(root: str | os.PathLike) -> Dataset:
 def _walk(root: Path) -> list[Path]:
     """All non-hidden files under root, relative to it, in sorted order."""
     out = []
-    for current, dirs, names in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    for current, dirs, names in walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
         base = Path(current).relative_to(root)
         out.extend(base / n for n in sorted(names) if not n.startswith("."))
     return out
