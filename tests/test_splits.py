@@ -109,6 +109,21 @@ def test_near_duplicates_stay_in_one_split_and_are_reported(tmp_path):
     assert any("across classes" in w for w in report["warnings"])
 
 
+def test_check_data_counts_grayscale_images_among_colour_ones_per_class(tmp_path):
+    from PIL import Image
+
+    from conftest import make_image_folder
+    from leukoscope.data.check import check_data
+
+    data = make_image_folder(tmp_path / "data", n_per_class=6, size=64)
+    assert check_data(data)["grayscale"] == {} and not any("grayscale" in w for w in check_data(data)["warnings"])
+    for path in sorted((data / "normal").iterdir())[:4]:
+        Image.open(path).convert("L").save(path)  # a class photographed in grayscale: a shortcut to learn
+    report = check_data(data)
+    assert report["grayscale"] == {"normal": 4}
+    assert any(w.startswith("4 grayscale image(s) among colour ones (normal: 4 of 6)") for w in report["warnings"])
+
+
 def test_split_by_patient_keeps_patients_whole_and_by_image_does_not(tmp_path):
     ds = _patient_dataset(tmp_path, n_patients=12, per_patient=5)
     by_patient, kind = make_splits(ds, seed=0, by="patient")

@@ -11,17 +11,18 @@ from typing import Any
 import numpy as np
 
 from ..io import ImageReadError, image_size, load_rgb
+from ..stain import colourless
 from .layouts import detect_layout
 from .splits import duplicate_groups, near_duplicate_pairs
 
 
-def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None]:
-    """(width, height) and None, or None and the reason the file cannot be used."""
+def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None, bool]:
+    """(width, height), None and whether the image is grayscale; or None, the reason the file cannot be used, False."""
     try:
-        load_rgb(path, size=16)  # a full (draft) decode catches truncated files that a header read misses
-        return image_size(path), None
+        small = load_rgb(path, size=32)  # a full (draft) decode catches truncated files that a header read misses
+        return image_size(path), None, colourless(small)
     except ImageReadError as err:
-        return None, str(err)
+        return None, str(err), False
 
 
 def check_data(root: str | os.PathLike) -> dict[str, Any]:
@@ -30,8 +31,9 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
     paths = [dataset.abspath(s) for s in dataset.samples]
     with ThreadPoolExecutor(4) as pool:
         probes = list(pool.map(_probe, paths))
-    unreadable = [{"path": s.path, "error": err} for s, (_, err) in zip(dataset.samples, probes) if err]
-    sizes = np.array([size for size, _ in probes if size is not None]) if any(size for size, _ in probes) else np.zeros((0, 2))
+    unreadable = [{"path": s.path, "error": err} for s, (_, err, _) in zip(dataset.samples, probes) if err]
+    sizes = np.array([size for size, _, _ in probes if size is not None]) if any(size for size, _, _ in probes) else np.zeros((0, 2))
+    grayscale = Counter(s.label for s, (_, _, gray) in zip(dataset.samples, probes) if gray)
     duplicates = []
     for group in duplicate_groups(paths):
         labels = sorted({dataset.samples[i].label for i in group})
@@ -49,11 +51,15 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
     warnings = [f"{len(duplicates) - len(conflicts)} duplicate group(s) within one class"] * bool(len(duplicates) - len(conflicts))
     warnings += [f"{len(near)} near-duplicate pair(s) (perceptual hash), {len(near_conflicts)} of them across classes; "
                  "splits keep each pair together"] * bool(near)
+    if grayscale and sum(grayscale.values()) < len(dataset.samples):
+        per_class = ", ".join(f"{c}: {n} of {counts[c]}" for c, n in sorted(grayscale.items()))
+        warnings.append(f"{sum(grayscale.values())} grayscale image(s) among colour ones ({per_class}): a class that holds "
+                        "more of them than the others lets a model learn the colour mode instead of the cells")
     return {
         "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes, "images": len(dataset.samples),
         "classes": {c: {"images": counts[c], "patients": len(patients[c])} for c in dataset.classes},
         "sizes": _size_stats(sizes), "unreadable": unreadable, "duplicates": duplicates, "near_duplicates": near,
-        "errors": errors, "warnings": warnings,
+        "grayscale": dict(sorted(grayscale.items())), "errors": errors, "warnings": warnings,
         "ok": not errors,
     }
 
