@@ -189,3 +189,24 @@ def test_evaluate_with_a_given_split_reproduces_the_run_and_never_tests_on_train
     assert main(["evaluate", str(model), str(data), "--out", str(tmp_path / "b"), "--split", str(everything_test)]) == 0
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["test"]["n"] == own["test"]["n"]
     assert "trained or validated this model" in capsys.readouterr().err
+
+
+def test_a_file_name_in_another_encoding_is_written_escaped_in_valid_utf8(tiny_run, tmp_path, capsys):
+    import shutil
+
+    data, run = tiny_run
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old Windows archive unpacks: not UTF-8
+    try:
+        shutil.copy(min((data / "blast").iterdir()), folder / name)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(folder), "--out", str(out)]) == 0  # a traceback after the work, before
+    (row,) = csv.DictReader(out.read_text(encoding="utf-8").splitlines())  # valid UTF-8
+    assert row["path"].endswith("caf\\xe9.png") and row["label"]
+    assert main(["predict", str(run), str(folder), "--out", "-"]) == 0
+    assert "caf\\xe9.png" in capsys.readouterr().out
+    assert main(["count", str(folder), "--model", str(run), "--out", str(tmp_path / "count")]) in (0, 1)
+    assert "caf\\xe9.png" in (tmp_path / "count" / "summary.csv").read_text(encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import os
@@ -420,6 +421,17 @@ def is_stream_output(path: str | os.PathLike) -> bool:
     return not stat.S_ISREG(mode) or os.path.abspath(path).startswith(("/dev/", "/proc/"))
 
 
+def _escape_bytes() -> str:
+    """The name of a codec error handler that writes a file name's undecodable bytes (lone surrogates
+    U+DC80-U+DCFF, as Python decodes them) as ``\\xNN``, what ``ls -b`` shows; registered on first use."""
+    def escape(err: UnicodeEncodeError) -> tuple[str, int]:
+        text = err.object[err.start : err.end]
+        return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in text), err.end
+
+    codecs.register_error("leukoscope.escape_bytes", escape)
+    return "leukoscope.escape_bytes"
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
     """Open an output file so that a failure never leaves it half-written and nothing else is clobbered.
@@ -428,12 +440,27 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
     only on success, keeping the old file's permissions. A symlink is written through: the rename
     happens at its target, so the link stays. ``-`` (standard output), devices and FIFOs are
     written as streams: nothing is ever renamed over something that is not a regular file.
+    Text that cannot be encoded (a file name in another encoding than UTF-8, as old archives hold,
+    reaches Python as lone surrogates) is written escaped (``caf\\xe9.jpg``), so that the output stays
+    valid UTF-8 for pandas or a spreadsheet, instead of failing after the work is done.
     """
+    if "b" not in mode:
+        kwargs.setdefault("errors", _escape_bytes())
     if is_stream_output(path):
-        if str(path) == STDOUT:
-            stream = sys.stdout.buffer if "b" in mode else sys.stdout
-            yield stream
-            stream.flush()
+        if str(path) == STDOUT and "b" in mode:
+            yield sys.stdout.buffer
+            sys.stdout.buffer.flush()
+        elif str(path) == STDOUT and hasattr(sys.stdout, "buffer"):
+            sys.stdout.flush()
+            kwargs.setdefault("encoding", sys.stdout.encoding)
+            stream = io.TextIOWrapper(sys.stdout.buffer, write_through=True, **kwargs)
+            try:
+                yield stream
+                stream.flush()
+            finally:
+                stream.detach()  # sys.stdout keeps its buffer open
+        elif str(path) == STDOUT:  # a text stream without bytes beneath (redirected in-process)
+            yield sys.stdout
         else:
             with open(path, mode, **kwargs) as handle:
                 yield handle

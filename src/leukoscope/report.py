@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure  # the object API: no pyplot state, no backend to choose at import
 
+from .io import atomic_write
 from .metrics import expected_calibration_error, positive_index, reliability_bins, roc_curve
 
 
@@ -201,5 +202,6 @@ share of images the model's out-of-distribution alarm flags (about 5% of in-doma
 <h2>Configuration</h2><pre>{html.escape(json.dumps(_config_as_run(info), indent=2, default=str))}</pre>
 </body></html>"""
     path = out_dir / "report.html"
-    path.write_text(body, encoding="utf-8")
+    with atomic_write(path, encoding="utf-8") as handle:  # a file name in another encoding is escaped there
+        handle.write(body)
     return path
