@@ -43,6 +43,21 @@ def test_symlinked_class_folders_are_read_once_and_a_link_loop_ends(tmp_path):
     assert [p.name for p in iter_image_files([data])] == ["a.png", "b.png", "c.png"]
 
 
+def test_a_class_folder_named_in_latin1_is_a_printable_label_and_a_cp1252_manifest_is_read(tmp_path):
+    import os
+
+    try:
+        _tiny(tmp_path / "a" / os.fsdecode(b"caf\xe9") / "x.png", "PNG")  # the folder name's bytes are not UTF-8
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    _tiny(tmp_path / "a" / "normal" / "y.png", "PNG")
+    assert detect_layout(tmp_path / "a").classes == ["caf\\xe9", "normal"]  # shown in plots and reports as it is
+    for rel in ["b/one.png", "b/two.png"]:
+        _tiny(tmp_path / rel, "PNG")
+    (tmp_path / "b" / "manifest.csv").write_bytes("path,label\none.png,Neutrophile segmentée\ntwo.png,normal\n".encode("cp1252"))
+    assert detect_layout(tmp_path / "b").classes == ["Neutrophile segmentée", "normal"]  # Excel's CSV on Windows
+
+
 def test_image_folder_manifest_gives_patients(tmp_path):
     _tiny(tmp_path / "pos/a.png", "PNG")
     _tiny(tmp_path / "neg/b.png", "PNG")

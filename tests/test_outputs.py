@@ -210,3 +210,20 @@ def test_a_file_name_in_another_encoding_is_written_escaped_in_valid_utf8(tiny_r
     assert "caf\\xe9.png" in capsys.readouterr().out
     assert main(["count", str(folder), "--model", str(run), "--out", str(tmp_path / "count")]) in (0, 1)
     assert "caf\\xe9.png" in (tmp_path / "count" / "summary.csv").read_text(encoding="utf-8")
+
+
+def test_a_run_on_folders_named_in_latin1_trains_evaluates_and_resumes(tmp_path):
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_per_class=12)
+    try:
+        os.rename(data / "normal", data / os.fsdecode(b"norm\xe9l"))  # class folder from an old archive
+        first = min((data / "blast").iterdir())
+        os.rename(first, first.parent / os.fsdecode(b"caf\xe9.png"))
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    run = tmp_path / "run"
+    assert main(["train", str(data), "--out", str(run), *TINY]) == 0  # matplotlib could not draw the label
+    assert main(["evaluate", str(run), str(data), "--out", str(tmp_path / "eval")]) == 0  # splits.csv read back: same images
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "norm\\xe9l" in (tmp_path / "eval" / "classification_report.txt").read_text(encoding="utf-8")

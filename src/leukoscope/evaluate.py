@@ -219,7 +219,8 @@ def write_outputs(out_dir: Path, metrics: dict, class_names: list[str], rows: li
     with atomic_write(out_dir / "metrics.json") as handle:
         json.dump(metrics, handle, indent=2)
     text = "".join(f"== {split} ==\n{classification_report(m, class_names)}\n" for split, m in metrics.items())
-    (out_dir / "classification_report.txt").write_text(text)
+    with atomic_write(out_dir / "classification_report.txt", encoding="utf-8") as handle:
+        handle.write(text)
     with atomic_write(out_dir / "predictions.csv", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "split", "label", "predicted", "confidence"])

@@ -62,6 +62,12 @@ def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] 
             yield path
 
 
+def printable(name: str) -> str:
+    """A folder or file name as text: bytes that are not UTF-8 (Latin-1 from an old archive, which Python
+    decodes to lone surrogates) written as ``\\xNN``. For names that become labels, shown in plots and reports."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk`` in sorted order that follows symlinked folders (a lab's folders of links) but enters each
     real folder once, so that a link back up the tree (a loop) or two links to one folder repeat nothing."""

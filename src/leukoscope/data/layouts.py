@@ -11,13 +11,14 @@ Two layouts are detected automatically:
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LeukoscopeError
-from ..io import is_image_file, walk
+from ..io import is_image_file, printable, walk
 
 UID_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(all|hem)\.bmp$", re.IGNORECASE)
 CNMC_PRELIM_DIR = "C-NMC_test_prelim_phase_data"
@@ -140,7 +141,7 @@ def _detect_image_folder(root: Path, files: list[Path]) -> Dataset | None:
     for rel in images:
         key = rel.as_posix()
         label, patient = manifest.get(key, (None, ""))
-        label = label or rel.parts[-2]
+        label = label or printable(rel.parts[-2])
         if not patient and (parsed := parse_uid(rel.name)):
             patient = parsed[0]
         samples.append(Sample(key, label, patient))
@@ -155,7 +156,11 @@ def _read_manifest(path: Path) -> dict[str, tuple[str | None, str]]:
     """Map relative path -> (label or None, patient or '') from an optional manifest.csv."""
     if not path.is_file():
         return {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:  # Excel's "CSV (Comma delimited)" on Windows writes cp1252
+        text = path.read_bytes().decode("cp1252", errors="replace")
+    with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         fields = {name.lower(): name for name in reader.fieldnames or []}
         path_col = next((fields[c] for c in ("path", "file", "filename") if c in fields), None)

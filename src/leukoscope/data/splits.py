@@ -218,7 +218,7 @@ def _deal_groups(groups, samples: list[Sample], fractions, rng) -> list[str]:
 
 
 def write_splits(path: str | os.PathLike, samples: list[Sample], splits: list[str]) -> None:
-    with atomic_write(path, newline="") as handle:
+    with atomic_write(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:  # names kept byte for byte: read back
         writer = csv.writer(handle)
         writer.writerow(SPLIT_COLUMNS)
         for s, split in zip(samples, splits, strict=True):
@@ -229,7 +229,7 @@ def read_splits(path: str | os.PathLike) -> tuple[list[Sample], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise LeukoscopeError(f"split file {str(path)!r} not found")
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames != SPLIT_COLUMNS:
             raise LeukoscopeError(f"{path}: expected columns {','.join(SPLIT_COLUMNS)}, found {reader.fieldnames}")
