@@ -227,3 +227,17 @@ def test_a_run_on_folders_named_in_latin1_trains_evaluates_and_resumes(tmp_path)
     assert main(["evaluate", str(run), str(data), "--out", str(tmp_path / "eval")]) == 0  # splits.csv read back: same images
     assert main(["train", "--resume", str(run)]) == 0
     assert "norm\\xe9l" in (tmp_path / "eval" / "classification_report.txt").read_text(encoding="utf-8")
+
+
+def test_an_output_never_replaces_an_input_nor_takes_an_image_s_name(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    images = sorted((data / "blast").iterdir())[:2]
+    before = images[1].read_bytes()
+    assert main(["predict", str(run), str(images[0]), str(images[1]), "--out", str(images[1])]) == 2
+    assert "is one of this command's inputs" in capsys.readouterr().err and images[1].read_bytes() == before
+    assert main(["predict", str(run), str(images[0]), "--out", str(tmp_path / "preds.png")]) == 2  # arguments mixed up
+    assert "names an image, but this writes CSV" in capsys.readouterr().err and not (tmp_path / "preds.png").exists()
+    checkpoint = run / "model.pt"
+    before = checkpoint.read_bytes()
+    assert main(["export", str(run), "--out", str(checkpoint)]) == 2
+    assert "is one of this command's inputs" in capsys.readouterr().err and checkpoint.read_bytes() == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,22 @@ def _add_adapt_steps(p: argparse.ArgumentParser) -> None:
 def _check_adapt_steps(args: argparse.Namespace) -> None:
     if args.adapt_steps is not None and not args.adapt:
         raise LeukoscopeError(f"--adapt-steps {args.adapt_steps} does nothing without --adapt: add --adapt, or drop it")
+
+
+def _check_out(out: str, inputs: list, kind: str, suffixes: tuple[str, ...]) -> None:
+    """A file output must not replace one of the command's inputs (an image, the model) nor carry an image's or
+    a model's extension, which is a mix-up of arguments: ``predict wbc a.jpg --out b.jpg`` wrote CSV over b.jpg."""
+    from .io import IMAGE_EXTENSIONS, is_stream_output
+
+    if is_stream_output(out):
+        return
+    target = os.path.realpath(out)
+    if any(os.path.realpath(item) == target for item in inputs if isinstance(item, (str, os.PathLike))):
+        raise LeukoscopeError(f"--out {out} is one of this command's inputs; give a new file name (e.g. {Path(out).stem}{suffixes[0]})")
+    suffix = Path(out).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS + (".pt", ".onnx", ".joblib") and suffix not in suffixes:
+        raise LeukoscopeError(f"--out {out} names {'an image' if suffix in IMAGE_EXTENSIONS else 'a model'}, but this writes {kind}: "
+                              f"give a {' or '.join(suffixes)} file name")
 
 
 def _probability(text: str) -> float:
@@ -195,6 +212,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
+    _check_out(args.out, [*paths, predictor.source], "CSV", (".csv", ".tsv", ".txt"))
     if args.adapt:
         from .adapt import adapt_to_files
 
@@ -234,6 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     predictor = load_model(args.model, backend="torch")
     paths = iter_inputs(args.images) if args.images else []
+    _check_out(args.out, [*paths, predictor.source, *(iter_inputs(args.calibration) if args.calibration else [])], "an ONNX graph", (".onnx",))
     images = check_images(paths, predictor.view)
     what = f"{len(images)} real images" if paths else f"{len(images)} random images (pass --images for real cells)"
     stream = sys.stderr if is_stream_output(args.out) else sys.stdout
@@ -270,6 +289,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import check_data, format_report
     from .io import atomic_write, is_stream_output
 
+    if args.json:
+        _check_out(args.json, [], "JSON", (".json",))
     report = check_data(args.data)
     print(format_report(report), file=sys.stderr if args.json and is_stream_output(args.json) else sys.stdout)
     if args.json:
