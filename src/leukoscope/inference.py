@@ -129,15 +129,18 @@ class Predictor:
         """Predict one or many images given as paths, folders (searched recursively, as the CLI does),
         encoded files in memory (bytes), PIL images, or image arrays and tensors: HxWx3 or 3xHxW, uint8,
         other integers, or floats in 0-1 (see decoding.array_to_rgb); a 4-d array or tensor is a batch."""
-        if isinstance(images, np.ndarray) or _is_tensor(images):
+        if isinstance(images, (np.ndarray, torch.Tensor)):
             images = list(images) if images.ndim == 4 else [images]  # a batch (N images) or one image
         elif isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)):
             images = [images]
         items: list[Any] = []
         for item in images:
-            is_folder = isinstance(item, (str, os.PathLike)) and Path(item).is_dir()
-            item = bytes(item) if isinstance(item, bytearray) else item.detach().cpu().numpy() if _is_tensor(item) else item
-            items.extend(iter_image_files([item]) if is_folder else [item])
+            if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
+                items.extend(iter_image_files([item]))
+            elif isinstance(item, torch.Tensor):
+                items.append(item.detach().cpu().numpy())
+            else:
+                items.append(bytes(item) if isinstance(item, bytearray) else item)
         return list(self.predict_iter(items, batch_size=batch_size, tta=tta))
 
     def predict_iter(self, items: Sequence[Any], batch_size: int = 64, tta: bool | str | None = None,
@@ -254,10 +257,6 @@ def _nchw(images: np.ndarray) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S), copied by numpy: torch's copy would wake its OpenMP threads,
     which then spin on the cores the decoding workers need (-8% images/s end to end for `wbc`)."""
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
-def _is_tensor(item: Any) -> bool:
-    return isinstance(item, torch.Tensor)
 
 
 def _sources(chunk: Sequence[Any], start: int) -> list[str]:
