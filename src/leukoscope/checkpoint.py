@@ -140,8 +140,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LeukoscopeError(f"checkpoint {str(path)!r} not found") from None
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise LeukoscopeError(f"{path}: not a readable leukoscope checkpoint ({str(err).splitlines()[0][:120]})") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, pickle.UnpicklingError) as err:
+        # what torch.load raised on 300 random and 80 damaged files (KeyError: a text file; IndexError: a cut one)
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise LeukoscopeError(f"{path}: not a readable leukoscope checkpoint ({reason})") from None
     missing = [k for k in REQUIRED if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise LeukoscopeError(f"{path}: not a leukoscope checkpoint (missing {', '.join(missing)})")
