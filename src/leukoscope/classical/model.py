@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from typing import Any
 
 import joblib
@@ -156,8 +157,9 @@ def load_classical(path: str | os.PathLike) -> tuple[dict[str, Any], ClassicalMo
     """(metadata, model) of a saved classical run. joblib files are pickles: load only your own."""
     try:
         payload = joblib.load(path)
-    except (OSError, EOFError, ValueError, KeyError, ImportError) as err:
-        raise LeukoscopeError(f"{path}: not a readable leukoscope classical model ({err})") from None
+    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, ImportError, pickle.UnpicklingError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
+        raise LeukoscopeError(f"{path}: not a readable leukoscope classical model ({reason})") from None
     if not isinstance(payload, dict) or payload.get("kind") != "classical":
         raise LeukoscopeError(f"{path}: not a leukoscope classical model")
     model = ClassicalModel(payload["method"], payload["class_names"], payload["image_size"], payload["backbone"], payload.get("seed", 0))
