@@ -168,6 +168,7 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["predict", "{tmp}/notes.pt", "{data}", "--out", "{tmp}/p.csv"], "not a readable leukoscope checkpoint"),  # text
         (["models", "{tmp}/cut.pt"], "not a readable leukoscope checkpoint"),  # a download cut short
         (["predict", "{tmp}/notes.joblib", "{data}", "--out", "{tmp}/p.csv"], "not a readable leukoscope classical model"),
+        (["explain", "{tmp}/model.onnx", "{data}", "--out", "{tmp}/x"], "is an exported ONNX graph; explain (Grad-CAM"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
@@ -175,6 +176,7 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     (tmp_path / "bad.yaml").write_text("epoch: 3\n")
     (tmp_path / "notes.pt").write_text("hi\n")  # torch.load raised KeyError on it
     (tmp_path / "notes.joblib").write_text("junk\n")  # joblib.load: UnpicklingError
+    (tmp_path / "model.onnx").write_bytes(b"")  # refused for what it is, before it is read
     (tmp_path / "cut.pt").write_bytes(b"\x80\x02}q\x00(X\x04\x00\x00\x00arch")  # a pickle that stops mid-way
     image = next(p for p in sorted(data.rglob("*")) if p.is_file())
     argv = [a.format(tmp=tmp_path, data=data, image=image) for a in argv]

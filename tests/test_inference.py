@@ -106,8 +106,10 @@ def test_backend_choice_and_bad_backends(tmp_path):
     onnx_file = tmp_path / "pbc.onnx"
     onnx_file.write_bytes(onnx_bytes(load_model("pbc", backend="torch").checkpoint))
     assert load_model(onnx_file, backend="onnx").kind == "onnx"
-    with pytest.raises(LeukoscopeError, match="runs on its own backend"):
+    with pytest.raises(LeukoscopeError, match="is an exported ONNX graph; --backend torch needs a PyTorch checkpoint"):
         load_model(onnx_file, backend="torch")
+    with pytest.raises(LeukoscopeError, match=r"is an exported ONNX graph; explain \(Grad-CAM"):  # the command names itself
+        load_model(onnx_file, backend="torch", purpose="explain (Grad-CAM reads the network's layers)")
 
 
 def test_onnx_graph_is_exported_once_and_cached(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from .progress import progress
 from .transforms import eval_transform
 
 MIN_IMAGES = 32  # fewer images give noisier statistics than the training lab's
+PURPOSE = "--adapt (it re-estimates the network's normalisation layers)"  # named when the model has no PyTorch network
 ENTROPY_STEPS = 40  # gradient steps of entropy minimisation after the statistics, for multi-class cell-window models
 ENTROPY_LR = 1e-3  # Adam; 3e-3 collapsed one of four models onto a few classes (docs/benchmarks.md)
 ENTROPY_BATCH = 64

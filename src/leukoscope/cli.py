@@ -200,6 +200,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .adapt import PURPOSE as ADAPT_PURPOSE
     from .inference import iter_inputs, load_model, tta_mode
     from .io import is_stream_output
     from .predict import predict_csv
@@ -208,7 +209,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     tta = None if args.tta is None else tta_mode(args.tta)
     _check_adapt_steps(args)
-    predictor = load_model(args.model, backend="torch" if args.adapt else args.backend, device=args.device, precision=args.precision)
+    predictor = load_model(args.model, backend="torch" if args.adapt else args.backend, device=args.device, precision=args.precision,
+                           purpose=ADAPT_PURPOSE if args.adapt else None)
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
@@ -235,7 +237,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .inference import iter_inputs, load_model
     from .progress import plural
 
-    predictor = load_model(args.model, backend="torch")
+    predictor = load_model(args.model, backend="torch", purpose="explain (Grad-CAM reads the network's layers)")
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
@@ -250,7 +252,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .io import is_stream_output
     from .quantize import CALIBRATION_IMAGES
 
-    predictor = load_model(args.model, backend="torch")
+    predictor = load_model(args.model, backend="torch", purpose="export")
     paths = iter_inputs(args.images) if args.images else []
     _check_out(args.out, [*paths, predictor.source, *(iter_inputs(args.calibration) if args.calibration else [])], "an ONNX graph", (".onnx",))
     images = check_images(paths, predictor.view)

@@ -27,7 +27,7 @@ from .progress import note
 
 def load_teacher(teacher: str | os.PathLike) -> Predictor:
     """A CNN teacher (run folder, checkpoint or bundled name) on PyTorch, in fp32."""
-    predictor = load_model(teacher, backend="torch", device="cpu")
+    predictor = load_model(teacher, backend="torch", device="cpu", purpose="--teacher")
     if predictor.kind != "cnn":
         raise LeukoscopeError(f"teacher {str(teacher)!r} is a {predictor.kind} model; distillation needs a CNN (a run folder, checkpoint or bundled name)")
     return predictor

@@ -262,7 +262,10 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     classes differ: each model class counts as the data class it maps to.
     """
     prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
-    predictor = load_model(model, backend="torch" if adapt else backend, device=device, precision=precision)
+    from .adapt import PURPOSE as ADAPT_PURPOSE
+
+    predictor = load_model(model, backend="torch" if adapt else backend, device=device, precision=precision,
+                           purpose=ADAPT_PURPOSE if adapt else None)
     dataset = detect_layout(data)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels

@@ -286,7 +286,8 @@ def fold_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "fp32") -> Predictor:
+def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "fp32",
+               purpose: str | None = None) -> Predictor:
     """Load a run folder, a checkpoint, an exported ``.onnx``, a classical ``.joblib`` or a bundled name.
 
     ``backend`` picks what runs a CNN checkpoint: ``torch``, ``onnx`` (ONNX Runtime on a graph
@@ -296,7 +297,8 @@ def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "a
     ``auto`` (CUDA when available), ``cpu`` or ``cuda``; on CUDA a checkpoint runs on PyTorch
     (bf16 autocast), ``auto`` backend included. ``precision``: ``fp32``, ``int8`` (ONNX Runtime on the
     checkpoint's int8 graph, see quantize; built from a run folder's own images if missing) or
-    ``auto``: int8 where that graph exists and is faster and at parity on this machine.
+    ``auto``: int8 where that graph exists and is faster and at parity on this machine. ``purpose``: what
+    needs the PyTorch network, named in the error when the model is an exported graph or a classical one.
     """
     from .runtime import resolve_device
 
@@ -313,7 +315,9 @@ def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "a
         raise LeukoscopeError("--precision int8 runs a checkpoint's int8 graph on ONNX Runtime (CPU): give a run folder, checkpoint or "
                               "bundled name, without --backend torch, --device cuda or --adapt (an exported .onnx runs as exported)")
     if backend not in {".onnx": ("auto", "onnx"), ".joblib": ("auto",)}.get(suffix, BACKENDS):
-        raise LeukoscopeError(f"{path} runs on its own backend; --backend {backend} is for PyTorch checkpoints (run folder, model.pt or bundled name)")
+        kind = "an exported ONNX graph" if suffix == ".onnx" else "a classical model"
+        raise LeukoscopeError(f"{path} is {kind}; {purpose or f'--backend {backend}'} needs a PyTorch checkpoint "
+                              "(a run folder, model.pt or a bundled name)")
     if suffix == ".onnx":
         from .onnx_backend import load_onnx
 
