@@ -83,6 +83,12 @@ def test_an_empty_field_gives_zero_cells(tiny_run):
     assert cells == [] and windows == []
 
 
+def test_a_field_given_twice_is_counted_once(tiny_run, tmp_path, capsys):
+    Image.fromarray(field(200, 260, [(100, 130, 26)], red_cells=10)).save(tmp_path / "f.png")
+    records = leukoscope.count([tmp_path, tmp_path / "f.png", tmp_path], model=str(tiny_run[1]))  # a folder, its file, again
+    assert len(records) == 1 and "2 images given more than once: counted once" in capsys.readouterr().err
+
+
 def test_a_grayscale_field_is_not_counted_rather_than_counted_as_empty(tiny_run, tmp_path):
     colour = field(200, 260, [(100, 130, 26)], red_cells=10)
     Image.fromarray(colour).save(tmp_path / "colour.png")

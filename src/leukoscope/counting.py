@@ -35,7 +35,7 @@ from .io import (
     missing_inputs,
 )
 from .localise import Cell, as_slide, crop_square, find_cells
-from .progress import progress
+from .progress import note, plural, progress
 from .stain import apply as normalise_colour
 from .stain import colourless
 
@@ -115,12 +115,18 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
     image's own folder is its slide); a file given is a slide of its own folder."""
     if group_by not in ("input", "parent"):
         raise LeukoscopeError(f"--group-by must be input or parent, got {group_by!r}")
-    pairs = []
+    pairs, seen, repeated = [], set(), 0
     for item in inputs:
         path = Path(item)
         for image in iter_image_files([path]):
+            if (real := os.path.realpath(image)) in seen:  # a folder and its file, or one folder twice: a field counts once
+                repeated += 1
+                continue
+            seen.add(real)
             slide = image.parent if group_by == "parent" or not path.is_dir() else path
             pairs.append((slide.name or str(slide), image))
+    if repeated:
+        note(f"{plural(repeated, 'image')} given more than once: counted once")
     return pairs
 
 
