@@ -101,6 +101,16 @@ def test_a_grayscale_image_is_out_of_domain_for_a_model_trained_on_colour(tiny_r
     assert model.predict(gray)[0].in_domain is True
 
 
+def test_an_image_too_small_to_hold_a_cell_is_out_of_domain(tiny_run):
+    data, run = tiny_run
+    model = load_model(run)
+    model.ood_threshold = float("inf")  # every score in domain: what remains is the size rule
+    cell = Image.open(sorted(data.rglob("*.png"))[0]).convert("RGB")
+    side = model.view.size  # a quarter of it is the least a model reads a cell from
+    thumbnail, small, whole = (np.asarray(cell.resize((s, s))) for s in (side // 4 - 2, side // 2, side))
+    assert [p.in_domain for p in model.predict([thumbnail, small, whole])] == [False, True, True]
+
+
 def test_training_on_painted_cells_records_them_and_keeps_such_cells_in_domain_and_a_colour_range(tmp_path):
     from leukoscope.cli import main
 

@@ -359,12 +359,17 @@ def reduction(height: int, width: int, view: View) -> int:
     return next((f for f in REDUCTIONS if round(min(-(-height // f), -(-width // f)) * crop) >= view.size), 1)
 
 
+MIN_SIDE_SHARE = 0.25  # see frame: a 20 px thumbnail shown to a 112 px model; PBC's 360 px tiles at 64 px still read 94% right
+
+
 def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarray, bool | None, bool]:
     """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, whether a cell was located (None when the
     view is not cell-centric) and whether it was recoloured to look like a slide: a black background
     painted where the window shows it, or a colour cast corrected (``localise.cell_window``,
-    ``stain.correct_cast``); a grayscale image, which has no stain colour to read, counts as
-    recoloured too (``stain.colourless``), so that it is out of domain for a model trained on colour.
+    ``stain.correct_cast``). A grayscale image, which has no stain colour to read (``stain.colourless``),
+    and an image too small to hold a cell's detail (its side, or the central crop's, under MIN_SIDE_SHARE
+    of the model's input: magnified more than 4x) count as recoloured too, so that they are out of domain
+    for a model that never trained on such images.
     The one function every path (files, uploads, arrays, PIL images; train, evaluate, predict, serve,
     explain, export) goes through. ``reduced``: ``rgb`` was already decoded at ``reduction``'s scale
     (a JPEG; see ``load_view``)."""
@@ -376,7 +381,8 @@ def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarra
         crop = min(1.0, view.crop * view.context)
         corrected = stain.correct_cast(rgb, view.cast)
         out, found, recoloured = resize_center_crop(corrected, view.size, crop), None, corrected is not rgb
-    return stain.apply(out, view.colour, view.stain), found, recoloured or stain.colourless(rgb)
+    few_pixels = min(rgb.shape[:2]) * (1.0 if view.cell is not None else min(1.0, view.crop)) < MIN_SIDE_SHARE * view.size
+    return stain.apply(out, view.colour, view.stain), found, recoloured or few_pixels or stain.colourless(rgb)
 
 
 def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None, bool]:
