@@ -91,7 +91,7 @@ def test_a_grayscale_image_is_out_of_domain_for_a_model_trained_on_colour(tiny_r
     data, run = tiny_run
     model = load_model(run)
     model.ood_threshold = float("inf")  # every score in domain: what remains is the colour rule
-    cell = np.asarray(Image.open(sorted(data.rglob("*.png"))[0]).convert("RGB"))
+    cell = np.asarray(Image.open(min(data.rglob("*.png"))).convert("RGB"))
     gray = np.repeat(np.asarray(Image.fromarray(cell).convert("L"))[:, :, None], 3, axis=2)
     faint = np.clip(gray.astype(int) + np.random.default_rng(0).integers(-3, 4, gray.shape), 0, 255).astype(np.uint8)  # JPEG-like chroma noise
     colour, grey, noisy = model.predict([cell, gray, faint])
@@ -105,7 +105,7 @@ def test_an_image_too_small_to_hold_a_cell_is_out_of_domain(tiny_run):
     data, run = tiny_run
     model = load_model(run)
     model.ood_threshold = float("inf")  # every score in domain: what remains is the size rule
-    cell = Image.open(sorted(data.rglob("*.png"))[0]).convert("RGB")
+    cell = Image.open(min(data.rglob("*.png"))).convert("RGB")
     side = model.view.size  # a quarter of it is the least a model reads a cell from
     thumbnail, small, whole = (np.asarray(cell.resize((s, s))) for s in (side // 4 - 2, side // 2, side))
     assert [p.in_domain for p in model.predict([thumbnail, small, whole])] == [False, True, True]

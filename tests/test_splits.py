@@ -110,9 +110,6 @@ def test_near_duplicates_stay_in_one_split_and_are_reported(tmp_path):
 
 
 def test_check_data_counts_grayscale_images_among_colour_ones_per_class(tmp_path):
-    from PIL import Image
-
-    from conftest import make_image_folder
     from leukoscope.data.check import check_data
 
     data = make_image_folder(tmp_path / "data", n_per_class=6, size=64)
