@@ -58,6 +58,16 @@ def test_a_class_folder_named_in_latin1_is_a_printable_label_and_a_cp1252_manife
     assert detect_layout(tmp_path / "b").classes == ["Neutrophile segmentée", "normal"]  # Excel's CSV on Windows
 
 
+def test_a_manifest_with_windows_paths_is_read_and_rows_naming_nothing_are_reported(tmp_path):
+    for name in ("a.png", "b.png"):
+        _tiny(tmp_path / "imgs" / "sub" / name, "PNG")
+    (tmp_path / "manifest.csv").write_bytes(b"path,label,patient\r\nimgs\\sub\\a.png,blast,P1\r\n.\\imgs\\sub\\b.png,normal,P2\r\n"
+                                            b"imgs/sub/typo.png,blast,P3\r\n")  # as Excel on Windows writes it
+    ds = detect_layout(tmp_path)
+    assert {s.path: (s.label, s.patient) for s in ds.samples} == {"imgs/sub/a.png": ("blast", "P1"), "imgs/sub/b.png": ("normal", "P2")}
+    assert any(n.startswith("1 of manifest.csv's 3 rows name no image") and "'imgs/sub/typo.png'" in n for n in ds.notes)
+
+
 def test_image_folder_manifest_gives_patients(tmp_path):
     _tiny(tmp_path / "pos/a.png", "PNG")
     _tiny(tmp_path / "neg/b.png", "PNG")

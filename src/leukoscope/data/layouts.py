@@ -149,6 +149,10 @@ def _detect_image_folder(root: Path, files: list[Path]) -> Dataset | None:
     notes = [f"image folder: {len(samples)} images in {len(classes)} classes"]
     if manifest:
         notes.append("labels and patient ids read from manifest.csv where given")
+        unmatched = sorted(set(manifest) - {s.path for s in samples})
+        if unmatched:  # a typo, a moved file or a path from another machine: say so rather than fall back unsaid
+            notes.append(f"{len(unmatched)} of manifest.csv's {len(manifest)} rows name no image under {root} and were not used "
+                         f"(first: {unmatched[0]!r}); its paths are relative to the folder that holds it")
     return Dataset(root, "image-folder", samples, classes, notes)
 
 
@@ -172,5 +176,5 @@ def _read_manifest(path: Path) -> dict[str, tuple[str | None, str]]:
         for row in reader:
             label = row[label_col].strip() if label_col and row.get(label_col) else None
             patient = row[patient_col].strip() if patient_col and row.get(patient_col) else ""
-            out[Path(row[path_col].strip()).as_posix()] = (label, patient)
+            out[Path(row[path_col].strip().replace("\\", "/")).as_posix()] = (label, patient)  # a Windows path too
     return out
