@@ -53,7 +53,7 @@ def test_other_image_extensions_are_read_and_unreadable_formats_named(trained, t
     cell.save(folder / "c.AVIF")
     shutil.copy(FIXTURES / "cell.heic", folder / "d.HEIC")  # what phones write
     (folder / ".git").mkdir()
-    for name in ("e.cr2", "f.CR2", "manifest.csv", ".DS_Store", ".git/index"):
+    for name in ("e.cr2", "f.CR2", "g.svs", "manifest.csv", ".DS_Store", ".git/index"):
         (folder / name).write_bytes(b"not read")
     out = tmp_path / "p.csv"
     assert main(["predict", str(trained / "run"), str(folder), "--out", str(out)]) == 0
@@ -61,7 +61,8 @@ def test_other_image_extensions_are_read_and_unreadable_formats_named(trained, t
     assert sorted(r["path"].split("/")[-1] for r in rows) == ["a.jfif", "b.jp2", "c.AVIF", "d.HEIC"]
     assert not any(r["error"] for r in rows)
     err = capsys.readouterr().err
-    assert "2 files not read" in err and ".cr2: 2" in err and ".csv" not in err.split("(it reads")[0]
+    assert "3 files not read" in err and ".cr2: 2" in err and ".csv" not in err.split("(it reads")[0]
+    assert ".svs: whole-slide scans, too large to read whole: export fields or tiles" in err
 
 
 def test_heic_photos_decode_to_their_pixels():

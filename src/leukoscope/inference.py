@@ -21,7 +21,7 @@ from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resol
 from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
 from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
-from .io import IMAGE_EXTENSIONS, iter_image_files, missing_inputs
+from .io import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, iter_image_files, missing_inputs
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
@@ -422,6 +422,9 @@ def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     paths = list(iter_image_files(inputs, skipped))
     if skipped:
         kinds = ", ".join(f"{suffix}: {count}" for suffix, count in skipped.most_common())
+        slides = sorted(set(skipped) & set(SLIDE_EXTENSIONS))
+        hint = (f"; {', '.join(slides)}: whole-slide scans, too large to read whole: export fields or tiles from them "
+                "first (QuPath, or the scanner's viewer)") if slides else ""
         note(f"note: {sum(skipped.values())} files not read, their extensions not an image format leukoscope reads "
-             f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)})")
+             f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)}){hint}")
     return paths

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from . import localise, stain
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".avif", ".heic", ".heif")
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vsi", ".czi", ".bif", ".isyntax", ".vms", ".vmu")  # whole-slide scans: not read
 COMPANION_EXTENSIONS = (".csv", ".tsv", ".txt", ".json", ".xml", ".md", ".yaml", ".yml", ".ini", ".db", ".log", ".html", ".pdf", ".zip")
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard), after reading the header
 
