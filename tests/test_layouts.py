@@ -68,6 +68,20 @@ def test_a_manifest_with_windows_paths_is_read_and_rows_naming_nothing_are_repor
     assert any(n.startswith("1 of manifest.csv's 3 rows name no image") and "'imgs/sub/typo.png'" in n for n in ds.notes)
 
 
+def test_names_decomposed_by_macos_and_composed_by_windows_are_one_class_and_match_the_manifest(tmp_path):
+    import unicodedata
+
+    composed, decomposed = (unicodedata.normalize(form, "segmentée") for form in ("NFC", "NFD"))
+    _tiny(tmp_path / "mac" / decomposed / "a.png", "PNG")  # copied from a Mac: é as e + combining accent
+    _tiny(tmp_path / "win" / composed / "b.png", "PNG")
+    _tiny(tmp_path / "win" / "normal" / f"{decomposed}.png", "PNG")
+    (tmp_path / "manifest.csv").write_text(f"path,label,patient\nwin/normal/{composed}.png,normal,P7\n", encoding="utf-8")
+    ds = detect_layout(tmp_path)
+    assert ds.classes == ["normal", composed]
+    assert [s.patient for s in ds.samples if s.label == "normal"] == ["P7"]  # the manifest row found its file
+    assert not any("name no image" in n for n in ds.notes)
+
+
 def test_image_folder_manifest_gives_patients(tmp_path):
     _tiny(tmp_path / "pos/a.png", "PNG")
     _tiny(tmp_path / "neg/b.png", "PNG")

@@ -10,6 +10,7 @@ import re
 import stat
 import sys
 import tempfile
+import unicodedata
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -65,8 +66,10 @@ def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] 
 
 def printable(name: str) -> str:
     """A folder or file name as text: bytes that are not UTF-8 (Latin-1 from an old archive, which Python
-    decodes to lone surrogates) written as ``\\xNN``. For names that become labels, shown in plots and reports."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    decodes to lone surrogates) written as ``\\xNN``, in Unicode's composed form (NFC: macOS writes names
+    decomposed, so one "é" folder copied from a Mac and one from Windows are one label). For names that
+    become labels, shown in plots and reports, or are matched against a manifest."""
+    return unicodedata.normalize("NFC", name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
 
 def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:

@@ -134,13 +134,13 @@ def _cnmc_prelim(root: Path, files: list[Path], notes: list[str]) -> list[Sample
 def _detect_image_folder(root: Path, files: list[Path]) -> Dataset | None:
     manifest = _read_manifest(root / "manifest.csv")
     labelled = {key for key, (label, _) in manifest.items() if label}
-    images = [f for f in files if is_image_file(f) and (len(f.parts) >= 2 or f.as_posix() in labelled)]
+    images = [f for f in files if is_image_file(f) and (len(f.parts) >= 2 or printable(f.as_posix()) in labelled)]
     if not images:
         return None
     samples = []
     for rel in images:
         key = rel.as_posix()
-        label, patient = manifest.get(key, (None, ""))
+        label, patient = manifest.get(printable(key), (None, ""))  # matched as text: composed, undecodable bytes escaped
         label = label or printable(rel.parts[-2])
         if not patient and (parsed := parse_uid(rel.name)):
             patient = parsed[0]
@@ -149,7 +149,7 @@ def _detect_image_folder(root: Path, files: list[Path]) -> Dataset | None:
     notes = [f"image folder: {len(samples)} images in {len(classes)} classes"]
     if manifest:
         notes.append("labels and patient ids read from manifest.csv where given")
-        unmatched = sorted(set(manifest) - {s.path for s in samples})
+        unmatched = sorted(set(manifest) - {printable(s.path) for s in samples})
         if unmatched:  # a typo, a moved file or a path from another machine: say so rather than fall back unsaid
             notes.append(f"{len(unmatched)} of manifest.csv's {len(manifest)} rows name no image under {root} and were not used "
                          f"(first: {unmatched[0]!r}); its paths are relative to the folder that holds it")
@@ -174,7 +174,7 @@ def _read_manifest(path: Path) -> dict[str, tuple[str | None, str]]:
         patient_col = next((fields[c] for c in ("patient", "patient_id") if c in fields), None)
         out = {}
         for row in reader:
-            label = row[label_col].strip() if label_col and row.get(label_col) else None
+            label = printable(row[label_col].strip()) if label_col and row.get(label_col) else None
             patient = row[patient_col].strip() if patient_col and row.get(patient_col) else ""
-            out[Path(row[path_col].strip().replace("\\", "/")).as_posix()] = (label, patient)  # a Windows path too
+            out[printable(Path(row[path_col].strip().replace("\\", "/")).as_posix())] = (label, patient)  # a Windows path too
     return out
