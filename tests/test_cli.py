@@ -159,6 +159,8 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["evaluate", "{tmp}/no_model", "{data}", "--out", "{tmp}/e"], "neither a run folder"),
         (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--backend", "tensorrt"], "invalid choice: 'tensorrt'"),
         (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--tta", "flp"], "invalid choice: 'flp'"),
+        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--device", "gpu"], "(did you mean 'cuda'?)"),  # not 'cpu'
+        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--backend", "pytorch"], "(did you mean 'torch'?)"),
         (["predict", "pbc", "--tta", "{data}", "--out", "{tmp}/p.csv"], "argument --tta: invalid choice"),
         (["train", "{data}", "--out", "{tmp}/run", "--method", "svn"], "(did you mean 'svm'?)"),
         (["train", "{data}", "--out", "{tmp}/run", "--optimizer", "adam"], "(did you mean 'adamw'?)"),

@@ -10,7 +10,14 @@ class LeukoscopeError(Exception):
     """A problem with the user's input (path, option, data) rather than a bug."""
 
 
+SYNONYMS = {"gpu": "cuda", "pytorch": "torch", "onnxruntime": "onnx", "ort": "onnx", "float32": "fp32", "float": "fp32",
+            "bfloat16": "bf16", "quantized": "int8", "uint8": "int8"}  # what users type for --device, --backend, --precision
+
+
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """Return ' (did you mean X?)' when a close match exists, else ''."""
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
+    """Return ' (did you mean X?)' when a close match (or a common synonym: gpu -> cuda) exists, else ''."""
+    choices = list(choices)
+    if SYNONYMS.get(value.lower()) in choices:
+        return f" (did you mean {SYNONYMS[value.lower()]!r}?)"
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
