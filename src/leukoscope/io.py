@@ -69,7 +69,15 @@ def printable(name: str) -> str:
     decodes to lone surrogates) written as ``\\xNN``, in Unicode's composed form (NFC: macOS writes names
     decomposed, so one "é" folder copied from a Mac and one from Windows are one label). For names that
     become labels, shown in plots and reports, or are matched against a manifest."""
-    return unicodedata.normalize("NFC", name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    return unicodedata.normalize("NFC", _escape_undecodable(name))
+
+
+def _escape_undecodable(text: str) -> str:
+    """``text`` with a file name's undecodable bytes (lone surrogates, as Python decodes them) as ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no byte decodes to: escaped as itself
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -165,13 +173,14 @@ def _jpeg_scaled(data: bytes, max_pixels: int, factor: Callable[[int, int], int]
 
 
 def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
-    deep = _deep_tiff(source, max_pixels)
+    head = _head(source, 64)  # what PIL cannot read well is told by its first bytes: deep TIFFs, HEIC
+    deep = _deep_tiff(source, head, max_pixels)
     if deep is not None:
         return resize_center_crop(deep, size, crop) if size is not None else deep
     try:
         with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked here, with a clearer message
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = _heic(source, max_pixels)
+            im = _heic(source, head, max_pixels)
             if im is None:
                 im = Image.open(source)
         with im:
@@ -201,19 +210,27 @@ def _head(source, n: int) -> bytes:
         return handle.read(n)
 
 
-def _heic(source, max_pixels: int) -> Image.Image | None:
-    """A HEIC photo (what phones write, through an eyepiece too) decoded by libheif through pi-heif, with
-    its orientation applied; None for anything else. PIL has no HEVC decoder."""
-    head = _head(source, 64)
-    if head[4:8] != b"ftyp" or not (head[8:12] in HEIC_BRANDS or (head[8:12] in (b"mif1", b"msf1")
-                                                                    and any(b in head[16:64] for b in HEIC_BRANDS))):
-        return None
+def _is_heic(head: bytes) -> bool:
+    return head[4:8] == b"ftyp" and (head[8:12] in HEIC_BRANDS or (head[8:12] in (b"mif1", b"msf1")
+                                                                   and any(b in head[16:64] for b in HEIC_BRANDS)))
+
+
+def _open_heic(source):
+    """A HEIC file opened by libheif through pi-heif (header read, pixels not yet decoded)."""
     try:
         import pi_heif
     except ImportError:
         raise ImageReadError("a HEIC image: install pi-heif to read it (pip install pi-heif), or save it as JPEG or PNG") from None
+    return pi_heif.open_heif(source)
+
+
+def _heic(source, head: bytes, max_pixels: int) -> Image.Image | None:
+    """A HEIC photo (what phones write, through an eyepiece too) decoded by libheif through pi-heif, with
+    its orientation applied; None for anything else (``head``: the file's first 64 bytes). PIL has no HEVC decoder."""
+    if not _is_heic(head):
+        return None
     try:
-        heif = pi_heif.open_heif(source)
+        heif = _open_heic(source)
         if heif.size[0] * heif.size[1] > max_pixels:
             raise ImageReadError(f"image too large: {heif.size[0]}x{heif.size[1]} pixels (limit {max_pixels:,}): cut it into tiles")
         return Image.frombytes(heif.mode, heif.size, heif.data, "raw", heif.mode, heif.stride)
@@ -224,11 +241,11 @@ def _heic(source, max_pixels: int) -> Image.Image | None:
             source.seek(0)
 
 
-def _deep_tiff(source, max_pixels: int) -> np.ndarray | None:
+def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
     """A TIFF with more than 8 bits per sample (a scientific camera's 12- or 16-bit RGB, float32) as
     8-bit RGB, read by tifffile; None for anything else, which PIL reads. PIL reads a 16-bit RGB TIFF
     by its high bytes, so 12-bit data came out almost black, and it cannot open float TIFFs at all."""
-    if _head(source, 4) not in TIFF_MAGIC:
+    if head[:4] not in TIFF_MAGIC:
         return None
     import tifffile
 
@@ -260,9 +277,11 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
-        heic = _heic(path, sys.maxsize)
-        if heic is not None:
-            return heic.size
+        if _is_heic(_head(path, 64)):
+            try:
+                return tuple(_open_heic(path).size)
+            except (ValueError, OSError, RuntimeError):
+                raise ImageReadError("unreadable HEIC image: no size in its header") from None
         import tifffile
 
         try:
@@ -438,13 +457,9 @@ def is_stream_output(path: str | os.PathLike) -> bool:
 
 
 def _escape_bytes() -> str:
-    """The name of a codec error handler that writes a file name's undecodable bytes (lone surrogates
-    U+DC80-U+DCFF, as Python decodes them) as ``\\xNN``, what ``ls -b`` shows; registered on first use."""
-    def escape(err: UnicodeEncodeError) -> tuple[str, int]:
-        text = err.object[err.start : err.end]
-        return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in text), err.end
-
-    codecs.register_error("leukoscope.escape_bytes", escape)
+    """The name of a codec error handler that writes what ``_escape_undecodable`` does (``\\xNN``, what
+    ``ls -b`` shows) where text cannot be encoded; registered on first use."""
+    codecs.register_error("leukoscope.escape_bytes", lambda err: ("".join(map(_escape_undecodable, err.object[err.start : err.end])), err.end))
     return "leukoscope.escape_bytes"
 
 
