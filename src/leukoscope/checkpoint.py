@@ -11,7 +11,6 @@ normalisation), temperature, threshold and test-time augmentation, stored as fla
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import LeukoscopeError, did_you_mean
+from .errors import UNPICKLING_ERRORS, LeukoscopeError, did_you_mean, first_line
 from .io import View, atomic_write, is_image_file
 from .stain import MODES as COLOUR_MODES
 from .models import create_model
@@ -140,10 +139,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise LeukoscopeError(f"checkpoint {str(path)!r} not found") from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, pickle.UnpicklingError) as err:
-        # what torch.load raised on 300 random and 80 damaged files (KeyError: a text file; IndexError: a cut one)
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
-        raise LeukoscopeError(f"{path}: not a readable leukoscope checkpoint ({reason})") from None
+    except UNPICKLING_ERRORS as err:
+        raise LeukoscopeError(f"{path}: not a readable leukoscope checkpoint ({first_line(err)})") from None
     missing = [k for k in REQUIRED if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise LeukoscopeError(f"{path}: not a leukoscope checkpoint (missing {', '.join(missing)})")

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import difflib
+import pickle
 from collections.abc import Iterable
 
 
 class LeukoscopeError(Exception):
     """A problem with the user's input (path, option, data) rather than a bug."""
+
+
+# what loading a pickle (torch.load, joblib.load) of a file that is not one raised, on 300 random and 80 damaged files:
+# KeyError for a text file, IndexError for a cut one
+UNPICKLING_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, pickle.UnpicklingError)
+
+
+def first_line(err: BaseException, limit: int = 120) -> str:
+    """An exception's first line, for a one-line message (its type when it says nothing)."""
+    return (str(err).splitlines() or [type(err).__name__])[0][:limit]
 
 
 SYNONYMS = {"gpu": "cuda", "pytorch": "torch", "onnxruntime": "onnx", "ort": "onnx", "float32": "fp32", "float": "fp32",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from typing import Any
 
 import joblib
@@ -30,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from ..checkpoint import model_from_checkpoint
-from ..errors import LeukoscopeError
+from ..errors import UNPICKLING_ERRORS, LeukoscopeError, first_line
 from ..refit import pooled_features
 from . import NEEDS_BACKBONE, check_method
 from .features import FEATURE_NAMES, FeatureCache, features_batch
@@ -157,9 +156,8 @@ def load_classical(path: str | os.PathLike) -> tuple[dict[str, Any], ClassicalMo
     """(metadata, model) of a saved classical run. joblib files are pickles: load only your own."""
     try:
         payload = joblib.load(path)
-    except (OSError, EOFError, ValueError, KeyError, IndexError, TypeError, ImportError, pickle.UnpicklingError) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:120]
-        raise LeukoscopeError(f"{path}: not a readable leukoscope classical model ({reason})") from None
+    except (*UNPICKLING_ERRORS, ImportError) as err:
+        raise LeukoscopeError(f"{path}: not a readable leukoscope classical model ({first_line(err)})") from None
     if not isinstance(payload, dict) or payload.get("kind") != "classical":
         raise LeukoscopeError(f"{path}: not a leukoscope classical model")
     model = ClassicalModel(payload["method"], payload["class_names"], payload["image_size"], payload["backbone"], payload.get("seed", 0))
