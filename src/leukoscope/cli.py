@@ -54,8 +54,7 @@ def _check_out(out: str, inputs: list, kind: str, suffixes: tuple[str, ...]) -> 
 
     if is_stream_output(out):
         return
-    target = os.path.realpath(out)
-    if any(os.path.realpath(item) == target for item in inputs if isinstance(item, (str, os.PathLike))):
+    if os.path.exists(out) and any(os.path.samefile(item, out) for item in inputs if os.path.exists(item)):  # inputs exist
         raise LeukoscopeError(f"--out {out} is one of this command's inputs; give a new file name (e.g. {Path(out).stem}{suffixes[0]})")
     suffix = Path(out).suffix.lower()
     if suffix in IMAGE_EXTENSIONS + (".pt", ".onnx", ".joblib") and suffix not in suffixes:
@@ -254,13 +253,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     predictor = load_model(args.model, backend="torch", purpose="export")
     paths = iter_inputs(args.images) if args.images else []
-    _check_out(args.out, [*paths, predictor.source, *(iter_inputs(args.calibration) if args.calibration else [])], "an ONNX graph", (".onnx",))
+    calibration_paths = iter_inputs(args.calibration) if args.calibration else []
+    _check_out(args.out, [*paths, predictor.source, *calibration_paths], "an ONNX graph", (".onnx",))
     images = check_images(paths, predictor.view)
     what = f"{len(images)} real images" if paths else f"{len(images)} random images (pass --images for real cells)"
     stream = sys.stderr if is_stream_output(args.out) else sys.stdout
     if args.precision == "int8":
         if args.calibration:
-            calibration = check_images(iter_inputs(args.calibration), predictor.view, limit=CALIBRATION_IMAGES)
+            calibration = check_images(calibration_paths, predictor.view, limit=CALIBRATION_IMAGES)
             source = f"calibrated on {len(calibration)} images"
         else:  # the checkpoint's own int8 graph (bundled, or built from a run's training images)
             calibration, source = None, "the model's own int8 graph"

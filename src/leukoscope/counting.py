@@ -36,8 +36,7 @@ from .io import (
 )
 from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import note, plural, progress
-from .stain import apply as normalise_colour
-from .stain import colourless
+from .stain import apply as normalise_colour, colourless
 
 DEFAULT_FILL = 0.6  # a crop-mode model sees a cell whose nucleus spans about this fraction of its tile
 NOT_COUNTED = ("platelet",)  # detections with these labels are not white cells: listed, not counted
@@ -147,7 +146,7 @@ def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: s
         except ImageReadError as err:
             yield None, [CountedCell(slide, str(path), error=str(err))], []
             continue
-        if colourless(rgb) and not predictor.recoloured_seen:  # find_cells would find none: not a field "with 0 cells"
+        if predictor.unfamiliar(colourless(rgb)):  # find_cells would find none: not a field "with 0 cells"
             yield None, [CountedCell(slide, str(path), error=GRAYSCALE)], []
             continue
         yield rgb, *count_image(predictor, rgb, slide, str(path))
