@@ -36,7 +36,8 @@ from .io import (
 )
 from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import note, plural, progress
-from .stain import apply as normalise_colour, colourless
+from .stain import apply as normalise_colour
+from .stain import colourless
 
 DEFAULT_FILL = 0.6  # a crop-mode model sees a cell whose nucleus spans about this fraction of its tile
 NOT_COUNTED = ("platelet",)  # detections with these labels are not white cells: listed, not counted
