@@ -137,10 +137,12 @@ def _detect_image_folder(root: Path, files: list[Path]) -> Dataset | None:
     images = [f for f in files if is_image_file(f) and (len(f.parts) >= 2 or printable(f.as_posix()) in labelled)]
     if not images:
         return None
-    samples = []
+    samples, matched = [], set()
     for rel in images:
         key = rel.as_posix()
-        label, patient = manifest.get(printable(key), (None, ""))  # matched as text: composed, undecodable bytes escaped
+        text = printable(key)  # matched as text: composed, undecodable bytes escaped
+        matched.add(text)
+        label, patient = manifest.get(text, (None, ""))
         label = label or printable(rel.parts[-2])
         if not patient and (parsed := parse_uid(rel.name)):
             patient = parsed[0]
@@ -149,7 +151,7 @@ def _detect_image_folder(root: Path, files: list[Path]) -> Dataset | None:
     notes = [f"image folder: {len(samples)} images in {len(classes)} classes"]
     if manifest:
         notes.append("labels and patient ids read from manifest.csv where given")
-        unmatched = sorted(set(manifest) - {printable(s.path) for s in samples})
+        unmatched = sorted(set(manifest) - matched)
         if unmatched:  # a typo, a moved file or a path from another machine: say so rather than fall back unsaid
             notes.append(f"{len(unmatched)} of manifest.csv's {len(manifest)} rows name no image under {root} and were not used "
                          f"(first: {unmatched[0]!r}); its paths are relative to the folder that holds it")
