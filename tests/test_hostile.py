@@ -57,7 +57,7 @@ def test_other_image_extensions_are_read_and_unreadable_formats_named(trained, t
         (folder / name).write_bytes(b"not read")
     out = tmp_path / "p.csv"
     assert main(["predict", str(trained / "run"), str(folder), "--out", str(out)]) == 0
-    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    rows = list(csv.DictReader(out.read_text(encoding="utf-8").splitlines()))
     assert sorted(r["path"].split("/")[-1] for r in rows) == ["a.jfif", "b.jp2", "c.AVIF", "d.HEIC"]
     assert not any(r["error"] for r in rows)
     err = capsys.readouterr().err
