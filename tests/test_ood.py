@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import CNMC, TINY_TRAIN, make_image_folder, require
@@ -14,25 +15,67 @@ from leukoscope.models import create_model
 from leukoscope.ood import WithOOD, fit_ood, pooled_features
 
 
-def test_score_is_the_squared_mahalanobis_distance_to_the_nearest_class():
+def _tiny_alarm(classes: int = 3):
     torch.manual_seed(0)
-    model = create_model("cellnet_tiny", 3).eval()
+    model = create_model("cellnet_tiny", classes).eval()
     images = torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8)
-    labels = np.arange(60) % 3
     stats = ([0.5] * 3, [0.25] * 3)
-    alarm = fit_ood(model, images[:45], labels[:45], images[45:], *stats)
-    features = pooled_features(model, images[45:], *stats)
-    precision = (alarm["chol"] @ alarm["chol"].T).double().numpy()
-    means = alarm["means"].double().numpy()
-    expected = np.array([min((f - m) @ precision @ (f - m) for m in means) for f in features.astype(np.float64)])
+    return model, images, stats, fit_ood(model, images[:45], np.arange(45) % classes, images[45:], *stats)
+
+
+def test_score_adds_the_content_and_style_distances_each_with_a_median_of_one_on_validation():
     from leukoscope.transforms import eval_transform
 
+    model, images, stats, alarm = _tiny_alarm()
+    maps: list[np.ndarray] = []  # the tapped feature maps, read by hooks: statistics computed here in numpy
+    hooks = [model.features[i].register_forward_hook(lambda _m, _i, out: maps.append(out.detach().numpy().copy())) for i in model.style_taps]
     with torch.no_grad():
-        out = WithOOD(model, alarm).eval()(eval_transform(images[45:], *stats))
+        x = eval_transform(images[45:], *stats)
+        features = model.forward_features(x).double().numpy()
+    for hook in hooks:
+        hook.remove()
+    style = np.concatenate([np.concatenate([m.mean((2, 3)), m.std((2, 3))], 1) for m in maps], 1).astype(np.float64)
+    precision = (alarm["chol"] @ alarm["chol"].T).double().numpy()
+    content = np.array([min((f - m) @ precision @ (f - m) for m in alarm["means"].double().numpy()) for f in features])
+    style_precision = (alarm["style"]["chol"] @ alarm["style"]["chol"].T).double().numpy()
+    centred = style - alarm["style"]["mean"].double().numpy()
+    style_distance = np.einsum("ij,jk,ik->i", centred, style_precision, centred)
+    assert alarm["style"]["taps"] == list(model.style_taps) and len(maps) == 2
+    assert np.median(content) == pytest.approx(1, rel=1e-3) and np.median(style_distance) == pytest.approx(1, rel=1e-3)
+    with torch.no_grad():
+        out = WithOOD(model, alarm).eval()(x)
     assert out.shape == (15, 4)
+    assert np.allclose(out[:, -1].numpy(), content + style_distance, rtol=1e-3)
+    assert np.allclose(out[:, :3].numpy(), model(x).detach().numpy(), atol=1e-5)
+    assert alarm["threshold"] == pytest.approx(np.percentile(content + style_distance, 95), rel=1e-2)  # 95% of validation below
+
+
+def test_an_alarm_without_a_style_part_is_the_plain_distance_to_the_nearest_class():
+    """Alarms fitted before the style part (and models without style taps): the squared Mahalanobis distance alone."""
+    from leukoscope.transforms import eval_transform
+
+    model, images, stats, alarm = _tiny_alarm()
+    content_only = {"means": alarm["means"], "chol": alarm["chol"] * 3}
+    features = pooled_features(model, images[45:], *stats).astype(np.float64)
+    precision = (content_only["chol"] @ content_only["chol"].T).double().numpy()
+    expected = np.array([min((f - m) @ precision @ (f - m) for m in content_only["means"].double().numpy()) for f in features])
+    with torch.no_grad():
+        out = WithOOD(model, content_only).eval()(eval_transform(images[45:], *stats))
     assert np.allclose(out[:, -1].numpy(), expected, rtol=1e-3)
-    assert np.allclose(out[:, :3].numpy(), model(eval_transform(images[45:], *stats)).detach().numpy(), atol=1e-5)
-    assert abs(alarm["threshold"] - np.percentile(expected, 95)) < 1e-2 * alarm["threshold"]  # 95% of validation below
+
+
+def test_the_style_part_catches_a_colour_shift_that_the_content_part_barely_sees():
+    """A strong tint over the validation images: every one is out of domain, mostly through the style part."""
+    from leukoscope.transforms import eval_transform
+
+    model, images, stats, alarm = _tiny_alarm()
+    tinted = eval_transform((images[45:].float() * torch.tensor([1.0, 0.6, 0.3])[:, None, None]).to(torch.uint8), *stats)
+    content_only = WithOOD(model, {"means": alarm["means"], "chol": alarm["chol"]}).eval()
+    with torch.no_grad():
+        score = WithOOD(model, alarm).eval()(tinted)[:, -1]
+        content = content_only(tinted)[:, -1]
+    assert (score > alarm["threshold"]).all()
+    assert (score - content).median() > 5 * content.median()  # each part's median is 1 on the untinted images
 
 
 def test_one_training_image_per_class_still_gives_a_finite_score():

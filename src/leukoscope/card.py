@@ -14,6 +14,9 @@ EXTRA_LABELS = {"wbc5_accuracy": "accuracy on the cells of the 5 WBC types (the 
                 "blast_sensitivity": "blast sensitivity at the operating threshold", "normal_specificity": "normal specificity",
                 "pbc_accuracy": "accuracy on the PBC images", "bccd_wbc_accuracy": "accuracy on the BCCD images (the 8-class call)"}
 COLOUR = {"white": "colours white-balanced on each window's background", "reinhard": "colours mapped onto the training images' optical-density statistics"}
+ALARM_PARTS = {False: "Mahalanobis distance of its features to the training classes",
+               True: "Mahalanobis distances of its pooled features to the training classes and of its early layers' channel "
+                     "statistics, the stain and camera's style, to the training images'; each 1 at the validation images' median"}
 SCORES = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"), ("roc_auc", "ROC AUC"))
 
 
@@ -44,8 +47,8 @@ def model_card(name: str, checkpoint: dict[str, Any]) -> str:
              f"- Trained by: `{checkpoint.get('train_command', '?')}`"
              + (f" in {checkpoint['train_seconds'] / 60:.1f} min" if checkpoint.get("train_seconds") else "") + ".",
              f"- Data manifest sha256: `{checkpoint.get('data_manifest_sha256', '?')}`.",
-             (f"- Out-of-distribution alarm: each prediction's `ood_score` (Mahalanobis distance of its features to the training "
-              f"classes); `in_domain` is false above {checkpoint['ood_threshold']:.1f}, which 95% of the validation images stay below."
+             (f"- Out-of-distribution alarm: each prediction's `ood_score` ({ALARM_PARTS['style' in (checkpoint.get('ood') or {})]}); "
+              f"`in_domain` is false above {checkpoint['ood_threshold']:.1f}, which 95% of the validation images stay below."
               if checkpoint.get("ood_threshold") is not None else "- No out-of-distribution alarm."), "",
              "## Data", "", card.get("data", "-"), "", f"Licence: {card.get('licence', '-')}.", "", f"Citation: {card.get('citation', '-')}", "",
              "## Split", "", card.get("split", checkpoint.get("split_kind", "-")), "",

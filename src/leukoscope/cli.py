@@ -225,7 +225,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"precision auto: {predictor.backend.choice} ({predictor.backend.reason})", file=sys.stderr)
     if outside > 0.25 * max(len(paths) - failures, 1):
         print(f"warning: {outside} of {plural(len(paths) - failures, 'image')} look unlike this model's training images "
-              "(in_domain false): its calls on them are unreliable; see --adapt, or fine-tune with train --init", file=sys.stderr)
+              "(in_domain false: other cells, or another lab's stain or camera): check its calls on a few labelled ones; "
+              "see --adapt, or fine-tune with train --init", file=sys.stderr)
     where = "standard output" if args.out == "-" else args.out
     print(f"{plural(len(paths) - failures, 'image')} predicted, {failures} failed; written to {where}", file=log)
     return 1 if failures else 0

@@ -100,6 +100,7 @@ class CellNet(nn.Module):
         super().__init__()
         self.config = config
         layers: list[nn.Module] = [conv_bn(3, config.stem_width, stride=2), nn.ReLU(inplace=True)]
+        taps = []
         c_in = config.stem_width
         for stage, (width, depth) in enumerate(zip(config.widths, config.depths, strict=True)):
             if config.mixstyle and stage < 3:  # after the stem and the first two stages, where style lives (none: same layers as before)
@@ -107,7 +108,12 @@ class CellNet(nn.Module):
             for i in range(depth):
                 layers.append(BasicBlock(c_in, width, stride=2 if i == 0 else 1, se=config.se))
                 c_in = width
+            if stage < 2:
+                taps.append(len(layers) - 1)
         self.features = nn.Sequential(*layers)
+        # Indices of ``features`` whose outputs' channel statistics describe an image's stain and camera
+        # (the ends of the first two stages): the out-of-distribution alarm reads them (see ood).
+        self.style_taps: tuple[int, ...] = tuple(taps)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(c_in, config.num_classes)
