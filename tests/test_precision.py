@@ -182,7 +182,7 @@ def test_predict_int8_on_real_cells_keeps_the_fp32_calls(tmp_path, capsys):
     diff = max(abs(float(a["p_monocyte"]) - float(b["p_monocyte"])) for a, b in zip(rows[fp32], rows[int8]))
     assert 0 < diff < 0.25  # really another graph, within the bound measured on validation
     flags = np.mean([a["in_domain"] == b["in_domain"] for a, b in zip(rows[fp32], rows[int8])])
-    assert flags >= 0.93  # the OOD alarm too (99.3% on the 1,030 validation images)
+    assert flags >= 0.93  # the OOD alarm too (98.7% on the 1,030 validation images)
 
 
 def test_precision_int8_refuses_adapt_with_a_clear_message(capsys):

@@ -7,7 +7,7 @@ model's pinned split, configs/NAME.splits.csv, decoded as the model sees them; s
 from its validation images), then the int8 graph is rebuilt (as tools/build_int8.py); the card is
 taken again from configs/NAME.card.yaml and docs/models/NAME.md rewritten. The weights, the
 calibration and the test metrics stored in the checkpoint are left as they are. For when the
-alarm's recipe changes; `make models` gives the same alarm from scratch.
+alarm's recipe changes; `make models`, which retrains, fits the alarm the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from leukoscope.quantize import int8_path, write_int8
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "src" / "leukoscope" / "weights"
-CARDS, DOCS = ROOT / "configs", ROOT / "docs" / "models"
+CONFIGS, DOCS = ROOT / "configs", ROOT / "docs" / "models"
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
         raise SystemExit(f"no bundled model {args.name!r} at {path}")
     checkpoint = load_checkpoint(path)
     pre = ModelCard.from_meta(checkpoint).preprocessing
-    samples, kinds = read_splits(ROOT / "configs" / f"{args.name}.splits.csv")
+    samples, kinds = read_splits(CONFIGS / f"{args.name}.splits.csv")
     images = {}
     for split in ("train", "val"):
         chosen = [s for s, k in zip(samples, kinds) if k == split]
@@ -59,7 +59,7 @@ def main() -> None:
     alarm = fit_ood(model_from_checkpoint(checkpoint).eval(), images["train"], labels, images["val"], pre.mean, pre.std)
     checkpoint["ood_threshold"] = alarm.pop("threshold")
     checkpoint["ood"] = alarm
-    card_file = CARDS / f"{args.name}.card.yaml"  # its text describes the alarm
+    card_file = CONFIGS / f"{args.name}.card.yaml"  # its text describes the alarm
     checkpoint["card"] = yaml.safe_load(card_file.read_text()) if card_file.is_file() else checkpoint.get("card", {})
     out = args.out or path
     save_checkpoint(out, checkpoint)
@@ -67,7 +67,7 @@ def main() -> None:
         (DOCS / f"{args.name}.md").write_text(model_card(args.name, checkpoint))
     print(f"{out}: alarm refitted ({'content and style' if 'style' in alarm else 'content'}), threshold {checkpoint['ood_threshold']:.3f}")
     try:
-        parity = write_int8(checkpoint, out, args.data, ROOT / "configs" / f"{args.name}.splits.csv", pre.view)
+        parity = write_int8(checkpoint, out, args.data, CONFIGS / f"{args.name}.splits.csv", pre.view)
     except LeukoscopeError as err:
         raise SystemExit(f"no int8 graph for {args.name}: {err}") from None
     print(f"int8 graph {int8_path(out).name}: {int8_path(out).stat().st_size / 1e6:.1f} MB, {parity}")
