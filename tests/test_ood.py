@@ -12,7 +12,7 @@ from PIL import Image
 from leukoscope import load_model
 from leukoscope.localise import fill_masked_background
 from leukoscope.models import create_model
-from leukoscope.ood import WithOOD, fit_ood, pooled_features
+from leukoscope.ood import WithOOD, features_of, fit_ood
 
 
 def _tiny_alarm(classes: int = 3):
@@ -56,7 +56,7 @@ def test_an_alarm_without_a_style_part_is_the_plain_distance_to_the_nearest_clas
 
     model, images, stats, alarm = _tiny_alarm()
     content_only = {"means": alarm["means"], "chol": alarm["chol"] * 3}
-    features = pooled_features(model, images[45:], *stats).astype(np.float64)
+    features, _ = features_of(model, images[45:], *stats)
     precision = (content_only["chol"] @ content_only["chol"].T).double().numpy()
     expected = np.array([min((f - m) @ precision @ (f - m) for m in content_only["means"].double().numpy()) for f in features])
     with torch.no_grad():

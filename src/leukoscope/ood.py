@@ -102,10 +102,6 @@ def features_of(model: nn.Module, images: torch.Tensor, mean, std, taps: Sequenc
     return features, torch.cat([s for _, s in chunks]).double().numpy() if taps else None
 
 
-def pooled_features(model: nn.Module, images: torch.Tensor, mean, std, batch_size: int = 256) -> np.ndarray:
-    return features_of(model, images, mean, std, batch_size=batch_size)[0].astype(np.float32)
-
-
 def _precision_factor(residuals: np.ndarray) -> np.ndarray:
     """The Cholesky factor of the Ledoit-Wolf precision of ``residuals`` (rows: samples)."""
     from sklearn.covariance import LedoitWolf
@@ -125,15 +121,17 @@ def _squared_distances(x: np.ndarray, centres: np.ndarray, chol: np.ndarray) -> 
     return ((whitened[:, None, :] - centres[None]) ** 2).sum(-1).min(1)
 
 
-def _median_scaled(chol: np.ndarray, distances: np.ndarray) -> torch.Tensor:
-    """``chol`` scaled so that the median of ``distances`` (squared, under ``chol``) becomes 1."""
-    return torch.tensor(chol / np.sqrt(max(float(np.median(distances)), 1e-12)), dtype=torch.float32)
+def _median_scaled(chol: np.ndarray, distances: np.ndarray) -> tuple[torch.Tensor, float]:
+    """``chol`` scaled so that the median of ``distances`` (squared, under ``chol``) becomes 1, and that median."""
+    median = max(float(np.median(distances)), 1e-12)
+    return torch.tensor(chol / np.sqrt(median), dtype=torch.float32), median
 
 
 def fit_ood(model: nn.Module, train_images: torch.Tensor, train_labels: np.ndarray, val_images: torch.Tensor, mean, std) -> dict[str, Any]:
     """Class means and the Cholesky factor of the shared precision of the pooled features, and (for a
     model with ``style_taps``) the mean and precision factor of the style vectors, from the training
-    images; each part's scale and the in-domain threshold from the validation images."""
+    images; each part's scale and the in-domain threshold from the validation images (the scores
+    ``WithOOD`` gives, computed here from the same features, in float64)."""
     taps = tuple(getattr(model, "style_taps", ()))
     features, style = features_of(model, train_images, mean, std, taps)
     classes = np.unique(train_labels)
@@ -142,23 +140,16 @@ def fit_ood(model: nn.Module, train_images: torch.Tensor, train_labels: np.ndarr
         means[c] = features[train_labels == c].mean(0)
     chol = _precision_factor(features - means[train_labels])
     reference = val_images if len(val_images) else train_images
+    ref_features, ref_style = features_of(model, reference, mean, std, taps)
+    scores = _squared_distances(ref_features, means[classes], chol)
     ood: dict[str, Any] = {"means": torch.tensor(means[classes], dtype=torch.float32), "chol": torch.tensor(chol, dtype=torch.float32)}
     if style is not None:
-        ref_features, ref_style = features_of(model, reference, mean, std, taps)
         style_mean = style.mean(0)
         style_chol = _precision_factor(style - style_mean)
-        ood["chol"] = _median_scaled(chol, _squared_distances(ref_features, means[classes], chol))
-        ood["style"] = {"taps": list(taps), "mean": torch.tensor(style_mean, dtype=torch.float32),
-                        "chol": _median_scaled(style_chol, _squared_distances(ref_style, style_mean[None], style_chol))}
-    ood["threshold"] = float(np.percentile(ood_scores(model, reference, mean, std, ood), IN_DOMAIN_QUANTILE))
+        style_scores = _squared_distances(ref_style, style_mean[None], style_chol)
+        ood["chol"], content_median = _median_scaled(chol, scores)
+        scaled_style_chol, style_median = _median_scaled(style_chol, style_scores)
+        ood["style"] = {"taps": list(taps), "mean": torch.tensor(style_mean, dtype=torch.float32), "chol": scaled_style_chol}
+        scores = scores / content_median + style_scores / style_median
+    ood["threshold"] = float(np.percentile(scores, IN_DOMAIN_QUANTILE))
     return ood
-
-
-def ood_scores(model: nn.Module, images: torch.Tensor, mean, std, ood: dict[str, Any]) -> np.ndarray:
-    """The OOD score of each of the uint8 ``images`` under the alarm ``ood``."""
-    from .transforms import eval_transform
-
-    head = WithOOD(model, ood).eval()
-    with torch.inference_mode():
-        out = [head(eval_transform(images[i : i + 256], mean, std))[:, -1] for i in range(0, len(images), 256)]
-    return torch.cat(out).numpy()
