@@ -27,6 +27,7 @@ from cross_lab import ROOT, SHARED  # noqa: E402
 from doc import share, write_block  # noqa: E402
 from specialist_gate import split_items  # noqa: E402
 
+from leukoscope.checkpoint import load_checkpoint, resolve_model_path  # noqa: E402
 from leukoscope.inference import Predictor, load_model  # noqa: E402
 from leukoscope.metrics import binary_auc  # noqa: E402
 from leukoscope.ood import IN_DOMAIN_QUANTILE  # noqa: E402
@@ -38,7 +39,7 @@ SHIFTS = ["JPEG quality 30", "defocus blur r=1.5", "zoom x0.8", "zoom x1.25", "g
 
 def content_only(model_name: str) -> Predictor | None:
     """The model with its alarm's content part alone (the pooled features' distance), or None if it has no style part."""
-    checkpoint = load_model(model_name, backend="torch").checkpoint
+    checkpoint = load_checkpoint(resolve_model_path(model_name))
     ood = checkpoint.get("ood") or {}
     if "style" not in ood:
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import io
 import os
@@ -456,6 +457,7 @@ def is_stream_output(path: str | os.PathLike) -> bool:
     return not stat.S_ISREG(mode) or os.path.abspath(path).startswith(("/dev/", "/proc/"))
 
 
+@functools.cache
 def _escape_bytes() -> str:
     """The name of a codec error handler that writes what ``_escape_undecodable`` does (``\\xNN``, what
     ``ls -b`` shows) where text cannot be encoded; registered on first use."""
