@@ -143,6 +143,9 @@ def make_hostile_corpus(root: Path, seed: int = 0) -> dict[str, bool]:
     (root / "folder.jpg").mkdir()
     (root / "broken_link.png").symlink_to(root / "does_not_exist.png")
     expected["broken_link.png"] = False
+    os.mkfifo(root / "pipe.jpg")  # reading it would wait for a writer forever
+    (root / "device.jpg").symlink_to("/dev/zero")  # reading it would never end
+    expected.update({"pipe.jpg": False, "device.jpg": False})
     return expected
 
 

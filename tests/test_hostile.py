@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 
 import numpy as np
@@ -41,6 +42,7 @@ def test_predict_survives_the_corpus(trained, tmp_path):
             assert rows[name]["error"] and not rows[name]["label"], name
     assert "too large" in rows["bomb.png"]["error"] and "empty" in rows["zero.png"]["error"]
     assert "broken symlink" in rows["broken_link.png"]["error"]
+    assert "not a regular file" in rows["pipe.jpg"]["error"] and "not a regular file" in rows["device.jpg"]["error"]
     assert rss_growth < 300e6
 
 
@@ -88,16 +90,18 @@ def test_train_and_evaluate_skip_bad_files(trained, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(trained / "data", data)
     expected = make_hostile_corpus(tmp_path / "corpus")
-    for i, name in enumerate(n for n in expected if not (tmp_path / "corpus" / n).is_symlink()):
+    copied = [n for n in expected if (tmp_path / "corpus" / n).is_file() and not (tmp_path / "corpus" / n).is_symlink()]
+    for i, name in enumerate(copied):
         shutil.copy(tmp_path / "corpus" / name, data / ("blast" if i % 2 else "normal") / name)
     (data / "normal" / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    os.mkfifo(data / "blast" / "pipe.png")  # a FIFO among the images: reported, not waited on
     assert main(["train", str(data), "--out", str(tmp_path / "run"), *TINY]) == 0
     assert "warning: skipping" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "eval")]) == 0
     assert main(["check-data", str(data), "--json", str(tmp_path / "check.json")]) == 1
     report = __import__("json").loads((tmp_path / "check.json").read_text())
     bad = {item["path"].split("/")[-1] for item in report["unreadable"]}
-    assert bad == {n for n, ok in expected.items() if not ok and n != "broken_link.png"} | {"dangling.png"}
+    assert bad == {n for n in copied if not expected[n]} | {"dangling.png", "pipe.png"}
 
 
 def test_serve_answers_4xx_never_5xx(trained, tmp_path):
@@ -109,7 +113,7 @@ def test_serve_answers_4xx_never_5xx(trained, tmp_path):
     client = TestClient(create_app(load_model(trained / "run"), "tiny"), raise_server_exceptions=False)
     for name, ok in expected.items():
         path = tmp_path / "corpus" / name
-        data = path.read_bytes() if path.exists() else b""
+        data = path.read_bytes() if path.is_file() else b""  # a FIFO or device sends nothing
         response = client.post("/predict", files=[("files", (name, data, "image/png"))])
         assert response.status_code == (200 if ok else response.status_code) and response.status_code < 500, name
         assert (response.status_code == 200) == ok, (name, response.json())

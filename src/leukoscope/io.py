@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import errno
 import functools
 import hashlib
 import io
@@ -122,9 +123,22 @@ def _readable(path: str | os.PathLike) -> Path:
         raise ImageReadError("is a directory")
     if not path.exists():
         raise ImageReadError("file not found" if not path.is_symlink() else "broken symlink")
-    if path.stat().st_size == 0:
+    try:
+        size = regular_file_size(path)
+    except OSError as error:
+        raise ImageReadError(error.strerror) from None
+    if size == 0:
         raise ImageReadError("empty file")
     return path
+
+
+def regular_file_size(path: str | os.PathLike) -> int:
+    """The size of a regular file (symlinks followed); OSError for anything else, before it is opened:
+    opening a FIFO waits for a writer forever and a device such as /dev/zero never ends."""
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)", str(path))
+    return status.st_size
 
 
 def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
@@ -433,6 +447,7 @@ def cache_root() -> Path:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
+    regular_file_size(path)
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LeukoscopeError
-from ..io import MAX_PIXELS, ImageReadError, atomic_write, load_rgb, sha256_file
+from ..io import MAX_PIXELS, ImageReadError, atomic_write, load_rgb, regular_file_size, sha256_file
 from .layouts import Dataset, Sample
 
 SPLITS = ("train", "val", "test")
@@ -43,8 +43,8 @@ def duplicate_groups(paths: list[Path]) -> list[list[int]]:
     by_size: dict[int, list[int]] = defaultdict(list)
     for i, path in enumerate(paths):
         try:
-            by_size[os.path.getsize(path)].append(i)
-        except OSError:  # broken link or vanished file: reported elsewhere as unreadable
+            by_size[regular_file_size(path)].append(i)
+        except OSError:  # broken link, vanished file, FIFO or device: reported elsewhere as unreadable
             continue
     groups = []
     for same_size in by_size.values():
@@ -70,10 +70,11 @@ def perceptual_hashes(paths: list[Path]) -> np.ndarray:
     out = np.full((len(paths), 32), 255, dtype=np.uint8)
     for k, path in enumerate(paths):
         try:
-            stat = os.stat(path)
+            size = regular_file_size(path)
+            mtime_ns = os.stat(path).st_mtime_ns
         except OSError:
             continue
-        digest = _perceptual_hash(str(path), stat.st_size, stat.st_mtime_ns)
+        digest = _perceptual_hash(str(path), size, mtime_ns)
         if digest is not None:
             out[k] = np.frombuffer(digest, dtype=np.uint8)
     return out
