@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LeukoscopeError
-from ..io import MAX_PIXELS, ImageReadError, atomic_write, load_rgb, regular_file_size, sha256_file
+from ..io import (
+    MAX_PIXELS,
+    ImageReadError,
+    atomic_write,
+    load_rgb,
+    regular_file_size,
+    sha256_file,
+)
 from .layouts import Dataset, Sample
 
 SPLITS = ("train", "val", "test")
