@@ -241,3 +241,15 @@ def test_an_output_never_replaces_an_input_nor_takes_an_image_s_name(tiny_run, t
     before = checkpoint.read_bytes()
     assert main(["export", str(run), "--out", str(checkpoint)]) == 2
     assert "is one of this command's inputs" in capsys.readouterr().err and checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "count", "segment", "explain"])
+def test_commands_that_write_a_folder_refuse_stdout(tiny_run, tmp_path, monkeypatch, capsys, command):
+    data, run = tiny_run
+    monkeypatch.chdir(tmp_path)
+    args = {"train": [str(data)], "evaluate": [str(run), str(data)], "count": [str(data / "blast"), "--model", str(run)],
+            "segment": [str(data / "blast")], "explain": [str(run), str(data / "blast")]}[command]
+    for out in ("-", "/dev/stdout"):
+        assert main([command, *args, "--out", out]) == 2
+        assert f"is standard output or a device, but {command} writes a folder" in capsys.readouterr().err
+    assert not os.path.exists("-")

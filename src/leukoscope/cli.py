@@ -236,7 +236,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
     from .inference import iter_inputs, load_model
     from .progress import plural
+    from .runs import refuse_stream_folder
 
+    refuse_stream_folder(args.out, "explain")
     predictor = load_model(args.model, backend="torch", purpose="explain (Grad-CAM reads the network's layers)")
     paths = iter_inputs(args.inputs)
     if not paths:
@@ -306,7 +308,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .classical.segment import segment_files
     from .inference import iter_inputs
     from .progress import plural, progress
+    from .runs import refuse_stream_folder
 
+    refuse_stream_folder(args.out, "segment")
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")

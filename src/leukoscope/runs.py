@@ -25,7 +25,7 @@ from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_
 from .data.dataset import decode_many
 from .data.splits import check_split_leaks
 from .errors import LeukoscopeError
-from .io import View
+from .io import View, is_stream_output
 from .progress import note, plural
 
 if TYPE_CHECKING:
@@ -38,12 +38,20 @@ MARKERS = ("run.json", "model.pt", "last.pt", "model.joblib", "metrics.json", "r
 MODELS = ("model.pt", "last.pt", "model.joblib")
 
 
+def refuse_stream_folder(out: str | os.PathLike, command: str) -> None:
+    """A command that writes a folder cannot write it to ``-`` (standard output) or a device such as /dev/stdout."""
+    if not Path(out).is_dir() and is_stream_output(out):
+        raise LeukoscopeError(f"--out {str(out)!r} is standard output or a device, but {command} writes a folder of files; "
+                              f"give a folder, e.g. --out {command}_results")
+
+
 def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_splits: bool = True, command: str = "train") -> None:
     """Refuse a non-empty ``out`` (nothing touched); with ``force`` clear it first.
 
     With ``keep_splits`` a ``splits.csv`` already there stays (train reuses it, so a forced
     re-train is evaluated on the same split); delete it to split again.
     """
+    refuse_stream_folder(out, command)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LeukoscopeError(f"--out {str(out)!r} is a file, not a folder; give a folder for the {command} outputs")
