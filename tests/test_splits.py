@@ -135,3 +135,16 @@ def test_split_by_patient_keeps_patients_whole_and_by_image_does_not(tmp_path):
     for sample, split in zip(ds.samples, by_image):
         spans.setdefault(sample.patient, set()).add(split)
     assert any(len(s) > 1 for s in spans.values())  # an image-level split mixes a patient's images
+
+
+def test_check_data_warns_of_a_class_the_default_split_leaves_without_test_images(tmp_path):
+    from leukoscope.cli import main
+    from leukoscope.data.check import check_data
+
+    data = make_image_folder(tmp_path / "data", n_per_class=12, size=40)
+    assert not any("default split" in w for w in check_data(data)["warnings"])
+    for path in sorted((data / "normal").iterdir())[1:]:
+        path.unlink()  # one image left: no split can give it validation and test images
+    warnings = check_data(data)["warnings"]
+    assert any("leaves normal without test images: train refuses it" in w for w in warnings), warnings
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1"]) == 2

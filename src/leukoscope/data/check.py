@@ -13,7 +13,7 @@ import numpy as np
 from ..io import ImageReadError, image_size, load_rgb
 from ..stain import colourless
 from .layouts import detect_layout
-from .splits import duplicate_groups, near_duplicate_pairs
+from .splits import duplicate_groups, make_splits, near_duplicate_pairs
 
 
 def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None, bool]:
@@ -55,6 +55,7 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         per_class = ", ".join(f"{c}: {n} of {counts[c]}" for c, n in sorted(grayscale.items()))
         warnings.append(f"{sum(grayscale.values())} grayscale image(s) among colour ones ({per_class}): a class that holds "
                         "more of them than the others lets a model learn the colour mode instead of the cells")
+    warnings += _short_classes(dataset)
     return {
         "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes, "images": len(dataset.samples),
         "classes": {c: {"images": counts[c], "patients": len(patients[c])} for c in dataset.classes},
@@ -62,6 +63,22 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         "grayscale": dict(sorted(grayscale.items())), "errors": errors, "warnings": warnings,
         "ok": not errors,
     }
+
+
+def _short_classes(dataset) -> list[str]:
+    """The classes that train's default split (70/15/15, by patient where known, seed 0) leaves without
+    validation or test images: train refuses a class without test images, so say it before."""
+    splits, _ = make_splits(dataset)
+    lines = []
+    for split in ("val", "test"):
+        present = {s.label for s, k in zip(dataset.samples, splits) if k == split}
+        missing = [c for c in dataset.classes if c not in present]
+        if missing:
+            units = "patients" if dataset.has_patients else "images"
+            lines.append(f"the default split (70/15/15) leaves {', '.join(missing)} without {split} images: train "
+                         f"{'refuses it' if split == 'test' else 'cannot validate them'}; add {units} of those classes, "
+                         "or give train --fractions")
+    return lines
 
 
 def _size_stats(sizes: np.ndarray) -> dict[str, Any]:
