@@ -235,8 +235,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
     from .inference import iter_inputs, load_model
+    from .io import refuse_stream_folder
     from .progress import plural
-    from .runs import refuse_stream_folder
 
     refuse_stream_folder(args.out, "explain")
     predictor = load_model(args.model, backend="torch", purpose="explain (Grad-CAM reads the network's layers)")
@@ -307,8 +307,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from .classical.segment import segment_files
     from .inference import iter_inputs
+    from .io import refuse_stream_folder
     from .progress import plural, progress
-    from .runs import refuse_stream_folder
 
     refuse_stream_folder(args.out, "segment")
     paths = iter_inputs(args.inputs)

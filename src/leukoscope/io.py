@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import localise, stain
+from .errors import LeukoscopeError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".avif", ".heic", ".heif")
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vsi", ".czi", ".bif", ".isyntax", ".vms", ".vmu")  # whole-slide scans: not read
@@ -124,7 +125,7 @@ def _readable(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise ImageReadError("file not found" if not path.is_symlink() else "broken symlink")
     try:
-        size = regular_file_size(path)
+        size = regular_file_stat(path).st_size
     except OSError as error:
         raise ImageReadError(error.strerror) from None
     if size == 0:
@@ -132,13 +133,13 @@ def _readable(path: str | os.PathLike) -> Path:
     return path
 
 
-def regular_file_size(path: str | os.PathLike) -> int:
-    """The size of a regular file (symlinks followed); OSError for anything else, before it is opened:
+def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
+    """``os.stat`` of a regular file (symlinks followed); OSError for anything else, before it is opened:
     opening a FIFO waits for a writer forever and a device such as /dev/zero never ends."""
     status = os.stat(path)
     if not stat.S_ISREG(status.st_mode):
         raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or socket)", str(path))
-    return status.st_size
+    return status
 
 
 def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
@@ -447,7 +448,7 @@ def cache_root() -> Path:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    regular_file_size(path)
+    regular_file_stat(path)
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
@@ -470,6 +471,13 @@ def is_stream_output(path: str | os.PathLike) -> bool:
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{path} is a directory; give a file name")
     return not stat.S_ISREG(mode) or os.path.abspath(path).startswith(("/dev/", "/proc/"))
+
+
+def refuse_stream_folder(out: str | os.PathLike, command: str) -> None:
+    """A command that writes a folder cannot write it to ``-`` (standard output) or a device such as /dev/stdout."""
+    if not Path(out).is_dir() and is_stream_output(out):
+        raise LeukoscopeError(f"--out {str(out)!r} is standard output or a device, but {command} writes a folder of files; "
+                              f"give a folder, e.g. --out {command}_results")
 
 
 @functools.cache

@@ -25,7 +25,7 @@ from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_
 from .data.dataset import decode_many
 from .data.splits import check_split_leaks
 from .errors import LeukoscopeError
-from .io import View, is_stream_output
+from .io import View, refuse_stream_folder
 from .progress import note, plural
 
 if TYPE_CHECKING:
@@ -36,13 +36,6 @@ SPLITS_FILE = "splits.csv"
 # marks a folder as ours, safe to clear with --force.
 MARKERS = ("run.json", "model.pt", "last.pt", "model.joblib", "metrics.json", "report.html", "cells.csv")
 MODELS = ("model.pt", "last.pt", "model.joblib")
-
-
-def refuse_stream_folder(out: str | os.PathLike, command: str) -> None:
-    """A command that writes a folder cannot write it to ``-`` (standard output) or a device such as /dev/stdout."""
-    if not Path(out).is_dir() and is_stream_output(out):
-        raise LeukoscopeError(f"--out {str(out)!r} is standard output or a device, but {command} writes a folder of files; "
-                              f"give a folder, e.g. --out {command}_results")
 
 
 def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_splits: bool = True, command: str = "train") -> None:

@@ -22,7 +22,7 @@ from ..io import (
     ImageReadError,
     atomic_write,
     load_rgb,
-    regular_file_size,
+    regular_file_stat,
     sha256_file,
 )
 from .layouts import Dataset, Sample
@@ -47,24 +47,31 @@ class _UnionFind:
 
 def duplicate_groups(paths: list[Path]) -> list[list[int]]:
     """Indices of byte-identical files (only same-size files are hashed)."""
-    by_size: dict[int, list[int]] = defaultdict(list)
+    by_size: dict[int, list[tuple[int, int]]] = defaultdict(list)
     for i, path in enumerate(paths):
         try:
-            by_size[regular_file_size(path)].append(i)
+            status = regular_file_stat(path)
+            by_size[status.st_size].append((i, status.st_mtime_ns))
         except OSError:  # broken link, vanished file, FIFO or device: reported elsewhere as unreadable
             continue
     groups = []
-    for same_size in by_size.values():
+    for size, same_size in by_size.items():
         if len(same_size) < 2:
             continue
         by_hash: dict[str, list[int]] = defaultdict(list)
-        for i in same_size:
+        for i, mtime_ns in same_size:
             try:
-                by_hash[sha256_file(paths[i])].append(i)
+                by_hash[_content_hash(str(paths[i]), size, mtime_ns)].append(i)
             except OSError:
                 continue
         groups.extend(g for g in by_hash.values() if len(g) > 1)
     return groups
+
+
+@functools.cache
+def _content_hash(path: str, size: int, mtime_ns: int) -> str:
+    """One file's sha256, kept for the process: a split, its leak check and check-data hash the same files."""
+    return sha256_file(path)
 
 
 NEAR_DUPLICATE_BITS = 10  # 256-bit perceptual hashes at most this many bits apart are the same picture
@@ -77,11 +84,10 @@ def perceptual_hashes(paths: list[Path]) -> np.ndarray:
     out = np.full((len(paths), 32), 255, dtype=np.uint8)
     for k, path in enumerate(paths):
         try:
-            size = regular_file_size(path)
-            mtime_ns = os.stat(path).st_mtime_ns
+            status = regular_file_stat(path)
         except OSError:
             continue
-        digest = _perceptual_hash(str(path), size, mtime_ns)
+        digest = _perceptual_hash(str(path), status.st_size, status.st_mtime_ns)
         if digest is not None:
             out[k] = np.frombuffer(digest, dtype=np.uint8)
     return out
