@@ -1,0 +1,67 @@
+"""Would averaging `wbc` with another white-cell model win back PBC accuracy? Validation data only.
+
+`wbc` trades some PBC accuracy for other labs (strong colour jitter, docs/benchmarks.md). The
+previous, light-jitter `wbc` bundle is more accurate on PBC's validation images and less so on a
+third lab. This scores both and the mean (and the geometric mean) of their probabilities on PBC's
+validation split, BCCD's validation part, ALL-IDB2's annotated normal cells (benchmarks/annotations/)
+and the 15 C-NMC cells (B-lymphoid: `lymphocyte`). Writes the AVERAGE-MODELS block of docs/benchmarks.md.
+
+Usage (the light-jitter bundle is in the history of src/leukoscope/weights/wbc.pt):
+    git show 9881f94^:src/leukoscope/weights/wbc.pt > /tmp/wbc_light.pt
+    python benchmarks/average_models.py /tmp/wbc_light.pt
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cross_lab import ROOT, SHARED, third_lab
+from doc import write_block
+from specialist_gate import split_items
+
+from leukoscope.inference import load_model
+from leukoscope.metrics import WBC_TYPES
+
+
+def image_sets() -> dict[str, tuple[list, list[str]]]:
+    paths, types, sure = third_lab()
+
+    def third(keep) -> tuple[list, list[str]]:
+        return [p for p, t, s in zip(paths, types, sure) if keep(t, s)], [t for t, s in zip(types, sure) if keep(t, s)]
+
+    cnmc = sorted((SHARED / "cnmc2019").rglob("*.bmp"))
+    return {
+        "PBC validation": split_items("pbc.splits.csv", SHARED / "pbc", "val"),
+        "BCCD validation part": split_items("wbc.splits.csv", ROOT / "runs" / "data" / "wbc", "val", lambda p: "bccd" in p),
+        "ALL-IDB2, sure white cells": third(lambda t, s: t in WBC_TYPES and s),
+        "ALL-IDB2, all white cells": third(lambda t, s: t in WBC_TYPES),
+        "ALL-IDB2, platelets": third(lambda t, s: t == "platelet"),
+        "C-NMC cells (lymphocyte)": (cnmc, ["lymphocyte"] * len(cnmc)),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    if not (ROOT / "runs" / "data" / "wbc").is_dir():
+        sys.exit("average_models: needs runs/data/wbc (python tools/make_wbc_data.py --out runs/data/wbc)")
+    models = {"`wbc`": load_model("wbc"), "other": load_model(sys.argv[1])}
+    names = models["`wbc`"].class_names
+    if models["other"].class_names != names:
+        sys.exit(f"average_models: {sys.argv[1]} has classes {models['other'].class_names}, not {names}")
+    lines = ["| images | n | `wbc` | other | mean | geometric mean |", "|---|---|---|---|---|---|"]
+    for name, (paths, labels) in image_sets().items():
+        probs = [np.array([[p.probabilities[c] for c in names] for p in m.predict(paths)]) for m in models.values()]
+        y = np.array([names.index(label) for label in labels])
+        calls = [probs[0], probs[1], probs[0] + probs[1], np.log(probs[0] + 1e-9) + np.log(probs[1] + 1e-9)]
+        lines.append(f"| {name} | {len(y)} | " + " | ".join(str(int((c.argmax(1) == y).sum())) for c in calls) + " |")
+        print(lines[-1], flush=True)
+    write_block("AVERAGE-MODELS", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
