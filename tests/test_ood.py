@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CNMC, TINY_TRAIN, make_image_folder, require
+from conftest import CNMC, DATA, TINY_TRAIN, make_image_folder, require
 from PIL import Image
 
 from leukoscope import load_model
@@ -176,3 +176,40 @@ def test_the_blast_model_flags_real_cells_segmented_onto_black():
     cells = sorted(require(CNMC).rglob("*.bmp"))
     predictions = load_model("blast").predict(cells)
     assert len(cells) == 15 and all(p.localised and p.in_domain is False for p in predictions)
+
+
+def _predict_warning(capsys, model: str, folder, out) -> str:
+    from leukoscope.cli import main
+
+    assert main(["predict", model, str(folder), "--out", str(out)]) == 0
+    return capsys.readouterr().err
+
+
+def test_predict_warns_when_most_images_are_out_of_domain_and_points_a_central_crop_white_cell_model_to_wbc(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for i in range(4):  # noise: no model's training images
+        Image.fromarray(rng.integers(0, 256, (120, 120, 3), dtype=np.uint8)).save(tmp_path / f"noise{i}.png")
+    err = _predict_warning(capsys, "pbc", tmp_path, tmp_path / "pbc.csv")
+    assert "warning: 4 of 4 images look unlike this model's training images" in err
+    assert "try the bundled `wbc` model" in err  # pbc takes a fixed central crop
+    err = _predict_warning(capsys, "wbc", tmp_path, tmp_path / "wbc.csv")
+    assert "warning: 4 of 4 images look unlike" in err and "`wbc` model" not in err  # wbc frames the cell itself
+    err = _predict_warning(capsys, "aria-all", tmp_path, tmp_path / "aria.csv")
+    assert "look unlike" in err and "`wbc` model" not in err  # not a white-cell model
+
+
+def test_out_of_domain_warning_starts_above_a_quarter_of_the_images():
+    from leukoscope.predict import out_of_domain_warning
+
+    pbc = load_model("pbc")
+    assert out_of_domain_warning(pbc, 1, 4) is None
+    assert out_of_domain_warning(pbc, 0, 0) is None
+    assert out_of_domain_warning(pbc, 2, 4).startswith("warning: 2 of 4 images look unlike")
+
+
+def test_predict_does_not_warn_on_tiles_like_the_training_ones(tmp_path, capsys):
+    pbc = require(DATA / "pbc")
+    tiles = sorted(pbc.rglob("*.jpg"))[::400][:6]
+    for tile in tiles:
+        (tmp_path / tile.name).symlink_to(tile)
+    assert "look unlike" not in _predict_warning(capsys, "pbc", tmp_path, tmp_path / "pbc.csv")

@@ -202,7 +202,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .adapt import PURPOSE as ADAPT_PURPOSE
     from .inference import iter_inputs, load_model, tta_mode
     from .io import is_stream_output
-    from .predict import predict_csv
+    from .predict import out_of_domain_warning, predict_csv
     from .progress import plural
 
     log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
@@ -223,10 +223,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 0
     if getattr(predictor.backend, "choice", None):
         print(f"precision auto: {predictor.backend.choice} ({predictor.backend.reason})", file=sys.stderr)
-    if outside > 0.25 * max(len(paths) - failures, 1):
-        print(f"warning: {outside} of {plural(len(paths) - failures, 'image')} look unlike this model's training images "
-              "(in_domain false: other cells, or another lab's stain or camera): check its calls on a few labelled ones; "
-              "see --adapt, or fine-tune with train --init", file=sys.stderr)
+    warning = out_of_domain_warning(predictor, outside, len(paths) - failures)
+    if warning:
+        print(warning, file=sys.stderr)
     where = "standard output" if args.out == "-" else args.out
     print(f"{plural(len(paths) - failures, 'image')} predicted, {failures} failed; written to {where}", file=log)
     return 1 if failures else 0

@@ -17,7 +17,26 @@ from .distributed import World, barrier, close, init_world
 from .errors import LeukoscopeError
 from .inference import Prediction, Predictor
 from .io import atomic_write, is_stream_output
-from .progress import progress
+from .metrics import WBC_TYPES
+from .progress import plural, progress
+
+OOD_WARN_SHARE = 0.25  # predict warns when more than this share of a run's images is out of domain
+
+
+def out_of_domain_warning(predictor: Predictor, outside: int, predicted: int) -> str | None:
+    """The warning ``predict`` prints when more than OOD_WARN_SHARE of the ``predicted`` images are out
+    of domain (None otherwise). A white-cell model that takes a fixed central crop points to `wbc`,
+    which finds and frames the cell itself: such a model reads cells cropped tightly or at another
+    magnification wrongly (docs/benchmarks.md, "Framing": `pbc` 98% -> 39-74% on recut PBC tiles)."""
+    if outside <= OOD_WARN_SHARE * max(predicted, 1):
+        return None
+    text = (f"warning: {outside} of {plural(predicted, 'image')} look unlike this model's training images "
+            "(in_domain false: other cells, or another lab's stain or camera): check its calls on a few labelled ones; "
+            "see --adapt, or fine-tune with train --init")
+    if predictor.view.cell is None and set(WBC_TYPES) <= set(predictor.class_names):
+        text += ("; for white cells framed otherwise than this model's training images (cropped tightly, whole fields, "
+                 "another magnification) try the bundled `wbc` model, which finds the cell and frames it at a fixed scale")
+    return text
 
 
 def header(predictor: Predictor) -> list[str]:
