@@ -98,9 +98,23 @@ def test_match_class_names():
     assert match_class_names(["Neutrophils", "LYT", "eos", "Baso", "ig"], wbc) == {
         "basophil": "Baso", "eosinophil": "eos", "lymphocyte": "LYT", "neutrophil": "Neutrophils"}
     assert match_class_names(["neutrophil", "lymphocyte"], wbc) is None  # nothing to match
-    assert match_class_names(["Neutrophils", "Band"], wbc) is None  # an unknown class: no partial guess
+    assert match_class_names(["Neutrophils", "Smudge"], wbc) is None  # an unknown class: no partial guess
+    assert match_class_names(["Neutrophils", "Band"], wbc) is None  # two folders for one class: merged first (subtype_merges)
     assert match_class_names(["Neutrophils", "NEUTROPHIL"], wbc) is None  # two folders for one class
     assert match_class_names(["Neutrophils", "neutrophil"], wbc) is None
+
+
+def test_subtype_merges():
+    from leukoscope.inference import subtype_merges
+
+    wbc = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+    munich = ["BAS", "EOS", "LYT", "MMZ", "MON", "MYB", "NGB", "NGS", "PMO"]  # Munich AML's folders for PBC's types
+    assert subtype_merges(munich, wbc) == {"NGB": "neutrophil", "NGS": "neutrophil", "MMZ": "ig", "MYB": "ig", "PMO": "ig"}
+    assert subtype_merges(["Neutrophils", "Bands", "lymphocyte"], wbc) == {"Bands": "Neutrophils"}
+    assert subtype_merges(["neutrophil", "Myelocytes", "ig"], wbc) == {"Myelocytes": "ig"}
+    assert subtype_merges(["Neutrophils", "NEUTROPHIL", "band"], wbc) == {}  # two folders name the class itself: ambiguous
+    assert subtype_merges(["band", "lymphocyte"], wbc) == {}  # one folder for the class: matched by name, nothing to merge
+    assert subtype_merges(["NGB", "NGS"], ["blast", "normal"]) == {}  # not classes of this model
 
 
 def test_python_api(synthetic_run):

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import TINY_TRAIN as TINY
-from conftest import make_image_folder
+from conftest import DATA, make_image_folder, require
 from leukoscope import load_model
 from leukoscope.cli import main
 from leukoscope.errors import LeukoscopeError
-from leukoscope.inference import map_classes, parse_class_map
+from leukoscope.inference import class_map_merges, map_classes, parse_class_map
 
 
 
@@ -62,6 +63,8 @@ def test_class_map_sums_probabilities_many_to_one(tiny_run):
     one_to_one = map_classes(model, parse_class_map("blast=ALL", model.class_names))
     assert one_to_one.class_names == ["ALL", "normal"]
     assert np.allclose(one_to_one.predict_proba(batch), model.predict_proba(batch), atol=1e-6)
+    assert parse_class_map("blast=early, blast=late,blast=early", model.class_names) == {"blast": "early+late", "normal": "normal"}
+    assert class_map_merges("blast=early, blast=late,normal=n", model.class_names) == {"early": "early+late", "late": "early+late"}
     with pytest.raises(LeukoscopeError, match="no class 'blst' \\(did you mean 'blast'\\?\\)"):
         parse_class_map("blst=x", model.class_names)
     with pytest.raises(LeukoscopeError, match="MODEL_CLASS=DATA_CLASS"):
@@ -84,3 +87,26 @@ def test_evaluate_with_a_class_map_scores_the_mapped_labels(tiny_run, tmp_path):
     for split in direct:
         assert metrics[split]["n"] == direct[split]["n"] and metrics[split]["accuracy"] == pytest.approx(direct[split]["accuracy"])
     assert "mapped onto the data" in (out / "report.html").read_text()
+
+
+def test_evaluate_scores_a_labs_subtype_folders_as_the_models_class(tmp_path, capsys):
+    """Munich AML keeps band (NGB) and segmented (NGS) neutrophils apart; PBC's neutrophil folder holds both."""
+    from leukoscope.data import read_splits
+
+    pbc = require(DATA / "pbc")
+    samples, splits = read_splits(Path(__file__).resolve().parents[1] / "configs" / "pbc.splits.csv")
+    test = [s for s, k in zip(samples, splits) if k == "test"]  # images the bundled models never trained on
+    for folder, label, start in (("NGB", "neutrophil", 0), ("NGS", "neutrophil", 4), ("LYT", "lymphocyte", 0)):
+        (tmp_path / "lab" / folder).mkdir(parents=True)
+        for sample in [s for s in test if s.label == label][start : start + 4]:
+            (tmp_path / "lab" / folder / Path(sample.path).name).symlink_to(pbc / sample.path)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(out)]) == 0
+    assert "data classes merged, as one class of the model: NGB, NGS -> neutrophil" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 12 and {"neutrophil", "LYT"} <= set(metrics["test"]["per_class"])
+    assert "NGB, NGS -&gt; neutrophil" in (out / "report.html").read_text()
+    merged = tmp_path / "merged"
+    assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(merged), "--class-map",
+                 "neutrophil=NGB,neutrophil=NGS,lymphocyte=LYT"]) == 0
+    assert set(json.loads((merged / "metrics.json").read_text())["test"]["per_class"]) >= {"NGB+NGS", "LYT"}

@@ -8,6 +8,7 @@ and a self-contained report.html.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,8 @@ from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits
 from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
-from .inference import Predictor, load_model, map_classes, match_class_names, parse_class_map, resolve_model_path, tta_mode
+from .inference import (Predictor, class_map_merges, load_model, map_classes, match_class_names, parse_class_map, resolve_model_path,
+                        subtype_merges, tta_mode)
 from .io import atomic_write
 from .metrics import (classification_report, expected_calibration_error, sensitivity_specificity, softmax, summarize,
                       threshold_for_sensitivity, wilson_interval)
@@ -104,7 +106,8 @@ def evaluate(
     unknown = sorted({s.label for s in dataset.samples} - set(predictor.class_names))
     if unknown:
         raise LeukoscopeError(f"data has classes {unknown} that the model does not know; model classes: {predictor.class_names}; "
-                              "map them with --class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal)")
+                              "map them with --class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal; "
+                              "a model class may take several data classes: neutrophil=band,neutrophil=seg)")
     results = {split: _predict_split(predictor, dataset, splits, split, images, tta, workers) for split in SPLITS}
     results = {k: v for k, v in results.items() if v is not None}
     if getattr(predictor.backend, "precision", None):  # what ran, once --precision auto has chosen
@@ -266,7 +269,7 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
 
     predictor = load_model(model, backend="torch" if adapt else backend, device=device, precision=precision,
                            purpose=ADAPT_PURPOSE if adapt else None)
-    dataset = detect_layout(data)
+    dataset, merged = merge_subtypes(detect_layout(data), predictor.class_names, class_map)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
         from .adapt import adapt_to_files
@@ -294,5 +297,25 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
         info["class_map_note"] = (f"The model's classes were mapped onto the data's ({pairs}): each metric scores the mapped "
                                   "labels, with the probabilities of merged classes summed.")
         note(f"class map: {pairs}")
+    if merged:
+        info["class_map_note"] = f"{merged} {info.get('class_map_note', '')}".strip()
     return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity, workers=workers)
+
+
+def merge_subtypes(dataset: Dataset, class_names: list[str], class_map: str | None) -> tuple[Dataset, str]:
+    """``dataset`` with the data classes that stand for one model class merged into one label, and a
+    sentence saying so ("" if none): those ``class_map`` gives one model class together
+    ('neutrophil=band,neutrophil=seg'), or without a class map the known subtypes of a model class
+    (inference.SUBTYPES: Munich AML's "NGB" and "NGS" become the model's "neutrophil")."""
+    labels = {s.label for s in dataset.samples}
+    merges = class_map_merges(class_map, class_names) if class_map else subtype_merges(labels, class_names)
+    merges = {d: m for d, m in merges.items() if d in labels}
+    if not merges:
+        return dataset, ""
+    samples = [dataclasses.replace(s, label=merges.get(s.label, s.label)) for s in dataset.samples]
+    groups = {m: sorted(d for d in merges if merges[d] == m) for m in merges.values()}
+    text = "; ".join(f"{', '.join(members)} -> {label}" for label, members in groups.items())
+    note(f"data classes merged, as one class of the model: {text}" + ("" if class_map else " (--class-map to pair them otherwise)"))
+    merged = dataclasses.replace(dataset, samples=samples, classes=sorted({s.label for s in samples}))
+    return merged, f"Data classes were merged as one class of the model ({text})."
 

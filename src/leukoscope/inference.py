@@ -346,10 +346,10 @@ def load_model(model: str | os.PathLike, backend: str = "auto", device: str = "a
     return Predictor(checkpoint, source=str(path))
 
 
-def parse_class_map(text: str, class_names: Sequence[str]) -> dict[str, str]:
-    """'Early=blast,Pre=blast,Benign=normal' -> {model class: data class}; unnamed classes map to themselves."""
-    mapping = {c: c for c in class_names}
+def _class_map_pairs(text: str, class_names: Sequence[str]) -> list[tuple[str, str]]:
+    """'Early=blast, Pre=blast' -> [(model class, data class), ...], the model's classes checked."""
     by_lower = {c.lower(): c for c in class_names}
+    pairs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         source, sep, target = (x.strip() for x in part.partition("="))
         if not sep or not source or not target:
@@ -357,8 +357,35 @@ def parse_class_map(text: str, class_names: Sequence[str]) -> dict[str, str]:
         if source.lower() not in by_lower:
             raise LeukoscopeError(f"--class-map: the model has no class {source!r}{did_you_mean(source, class_names)}; "
                                   f"its classes: {', '.join(class_names)}")
-        mapping[by_lower[source.lower()]] = target
+        pairs.append((by_lower[source.lower()], target))
+    return pairs
+
+
+def parse_class_map(text: str, class_names: Sequence[str]) -> dict[str, str]:
+    """'Early=blast,Pre=blast,Benign=normal' -> {model class: data class}; unnamed classes map to themselves.
+
+    A model class given several data classes ('neutrophil=band,neutrophil=seg': a lab that keeps
+    subtypes apart) maps to their merger 'band+seg' (see ``class_map_merges``)."""
+    mapping = {c: c for c in class_names}
+    mapping.update({source: "+".join(targets) for source, targets in _targets(_class_map_pairs(text, class_names)).items()})
     return mapping
+
+
+def class_map_merges(text: str, class_names: Sequence[str]) -> dict[str, str]:
+    """{data class: merged label} for the data classes that ``text`` gives one model class together."""
+    merges = {}
+    for targets in _targets(_class_map_pairs(text, class_names)).values():
+        if len(targets) > 1:
+            merges.update({t: "+".join(targets) for t in targets})
+    return merges
+
+
+def _targets(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    targets: dict[str, list[str]] = {}
+    for source, target in pairs:
+        if target not in targets.setdefault(source, []):
+            targets[source].append(target)
+    return targets
 
 
 # Other names labs give the white-cell types, as folder names (compared in lower case, letters only):
@@ -367,14 +394,51 @@ CLASS_ALIASES = {"neu": "neutrophil", "neut": "neutrophil", "lym": "lymphocyte",
                  "lyt": "lymphocyte", "mon": "monocyte", "mono": "monocyte", "eos": "eosinophil", "eosi": "eosinophil",
                  "eosino": "eosinophil", "bas": "basophil", "baso": "basophil", "plt": "platelet", "thrombocyte": "platelet",
                  "nrbc": "erythroblast", "ebo": "erythroblast", "immaturegranulocyte": "ig"}
+# Subtypes that one of PBC's classes holds: its neutrophil folder holds band and segmented cells (its file names
+# start BNE_ and SNE_), its ig folder metamyelocytes, myelocytes and promyelocytes. Munich AML's NGB, NGS, MMZ,
+# MYB and PMO are these. A lab that keeps them apart is scored against the model's class (see subtype_merges).
+SUBTYPES = {"band": "neutrophil", "bandneutrophil": "neutrophil", "seg": "neutrophil", "segmented": "neutrophil",
+            "segmentedneutrophil": "neutrophil", "ngb": "neutrophil", "ngs": "neutrophil", "bne": "neutrophil",
+            "sne": "neutrophil", "metamyelocyte": "ig", "myelocyte": "ig", "promyelocyte": "ig", "mmz": "ig", "myb": "ig",
+            "pmo": "ig"}
+
+
+def _is_subtype(name: str) -> bool:
+    key = _letters(name)
+    return key in SUBTYPES or (key.endswith("s") and key[:-1] in SUBTYPES)  # "Myelocytes"
+
+
+def subtype_merges(data_classes: Iterable[str], class_names: Sequence[str]) -> dict[str, str]:
+    """{data class: merged label} for data classes that are subtypes of one model class (``SUBTYPES``):
+    "Band" goes into "Neutrophils" when the data has both; "NGB" and "NGS" without a neutrophil folder
+    become the model's "neutrophil". Two folders that both name the class itself ("Neutrophils",
+    "NEUTROPHIL") are not merged: that is ambiguous, not a subtype."""
+    groups: dict[str, list[str]] = {}
+    for data_class in sorted(set(data_classes)):
+        model_class = _name_key(data_class)
+        if model_class in class_names:
+            groups.setdefault(model_class, []).append(data_class)
+    merges: dict[str, str] = {}
+    for model_class, members in groups.items():
+        whole = [m for m in members if not _is_subtype(m)]
+        if len(members) < 2 or len(whole) > 1:
+            continue
+        label = whole[0] if whole else model_class
+        merges.update({m: label for m in members if m != label})
+    return merges
+
+
+def _letters(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalpha())
 
 
 def _name_key(name: str) -> str:
-    key = "".join(ch for ch in name.lower() if ch.isalpha())
-    if key in CLASS_ALIASES:
-        return CLASS_ALIASES[key]
-    key = key[:-1] if key.endswith("s") and len(key) > 3 else key  # plural folder names: "Neutrophils"
-    return CLASS_ALIASES.get(key, key)
+    """The model class a data folder's name stands for, if it is a known name: the name in lower case,
+    letters only, through CLASS_ALIASES and SUBTYPES, a plural ("Neutrophils") made singular."""
+    key = _letters(name)
+    if key not in CLASS_ALIASES and key not in SUBTYPES and key.endswith("s") and len(key) > 3:
+        key = key[:-1]
+    return CLASS_ALIASES.get(key) or SUBTYPES.get(key) or key
 
 
 def match_class_names(data_classes: Iterable[str], class_names: Sequence[str]) -> dict[str, str] | None:
