@@ -269,7 +269,7 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
 
     predictor = load_model(model, backend="torch" if adapt else backend, device=device, precision=precision,
                            purpose=ADAPT_PURPOSE if adapt else None)
-    dataset, merged = merge_subtypes(detect_layout(data), predictor.class_names, class_map)
+    dataset, merged = merge_data_classes(detect_layout(data), predictor.class_names, class_map)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
         from .adapt import adapt_to_files
@@ -302,7 +302,7 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity, workers=workers)
 
 
-def merge_subtypes(dataset: Dataset, class_names: list[str], class_map: str | None) -> tuple[Dataset, str]:
+def merge_data_classes(dataset: Dataset, class_names: list[str], class_map: str | None) -> tuple[Dataset, str]:
     """``dataset`` with the data classes that stand for one model class merged into one label, and a
     sentence saying so ("" if none): those ``class_map`` gives one model class together
     ('neutrophil=band,neutrophil=seg'), or without a class map the known subtypes of a model class
