@@ -13,6 +13,7 @@ from conftest import TINY_TRAIN as TINY
 from conftest import DATA, make_image_folder, require
 from leukoscope import load_model
 from leukoscope.cli import main
+from leukoscope.data import read_splits
 from leukoscope.errors import LeukoscopeError
 from leukoscope.inference import class_map_merges, map_classes, parse_class_map
 
@@ -91,8 +92,6 @@ def test_evaluate_with_a_class_map_scores_the_mapped_labels(tiny_run, tmp_path):
 
 def test_evaluate_scores_a_labs_subtype_folders_as_the_models_class(tmp_path, capsys):
     """Munich AML keeps band (NGB) and segmented (NGS) neutrophils apart; PBC's neutrophil folder holds both."""
-    from leukoscope.data import read_splits
-
     pbc = require(DATA / "pbc")
     samples, splits = read_splits(Path(__file__).resolve().parents[1] / "configs" / "pbc.splits.csv")
     test = [s for s, k in zip(samples, splits) if k == "test"]  # images the bundled models never trained on
@@ -110,3 +109,22 @@ def test_evaluate_scores_a_labs_subtype_folders_as_the_models_class(tmp_path, ca
     assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(merged), "--class-map",
                  "neutrophil=NGB,neutrophil=NGS,lymphocyte=LYT"]) == 0
     assert set(json.loads((merged / "metrics.json").read_text())["test"]["per_class"]) >= {"NGB+NGS", "LYT"}
+
+
+def test_evaluate_leaves_out_classes_the_model_does_not_know_only_when_asked(tmp_path, capsys):
+    pbc = require(DATA / "pbc")
+    samples, splits = read_splits(Path(__file__).resolve().parents[1] / "configs" / "pbc.splits.csv")
+    test = [s for s, k in zip(samples, splits) if k == "test"]
+    for folder, label, n in (("LYT", "lymphocyte", 4), ("MON", "monocyte", 3), ("KSC", "platelet", 2)):  # KSC: smudge cells
+        (tmp_path / "lab" / folder).mkdir(parents=True)
+        for sample in [s for s in test if s.label == label][:n]:
+            (tmp_path / "lab" / folder / Path(sample.path).name).symlink_to(pbc / sample.path)
+    assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "data has classes ['KSC'] that the model does not know (LYT = lymphocyte, MON = monocyte would match by name)" in err
+    assert "--skip-unknown" in err and "decode" not in err  # refused before reading an image
+    out = tmp_path / "eval"
+    assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(out), "--skip-unknown"]) == 0
+    assert "left out 2 images of classes the model does not know: KSC (2)" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["test"]["n"] == 7
+    assert "Left out, of classes the model does not know: KSC (2)." in (out / "report.html").read_text()

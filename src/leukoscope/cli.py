@@ -192,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
                                backend=args.backend, force=args.force, class_map=args.class_map, split_file=args.split,
                                adapt=args.adapt, adapt_steps=args.adapt_steps, device=args.device, precision=args.precision,
-                               workers=args.workers)
+                               workers=args.workers, skip_unknown=args.skip_unknown)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-map", metavar="MAP",
                    help="score the model on data with other class names, many to one: e.g. Early=blast,Pre=blast,Pro=blast,Benign=normal "
                         "(probabilities of merged classes are summed; unnamed classes keep their names)")
+    p.add_argument("--skip-unknown", action="store_true",
+                   help="score only the images of classes the model knows (after --class-map or matching by name); "
+                        "the others are counted and skipped instead of refused")
     _add_tta(p)
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
     p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",

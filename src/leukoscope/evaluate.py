@@ -258,11 +258,12 @@ def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predicto
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
                      backend: str = "auto", force: bool = False, class_map: str | None = None,
                      split_file: str | None = None, adapt: bool = False, device: str = "auto", precision: str = "auto",
-                     adapt_steps: int | None = None, workers: int | None = None) -> dict[str, Any]:
+                     adapt_steps: int | None = None, workers: int | None = None, skip_unknown: bool = False) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
 
     ``class_map`` ('Early=blast,Pre=blast,Pro=blast,Benign=normal') scores the model on data whose
-    classes differ: each model class counts as the data class it maps to.
+    classes differ: each model class counts as the data class it maps to. ``skip_unknown``: images
+    of data classes that the model (mapped) has none for are left out, and counted, not refused.
     """
     prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
     from .adapt import PURPOSE as ADAPT_PURPOSE
@@ -270,6 +271,8 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     predictor = load_model(model, backend="torch" if adapt else backend, device=device, precision=precision,
                            purpose=ADAPT_PURPOSE if adapt else None)
     dataset, merged = merge_data_classes(detect_layout(data), predictor.class_names, class_map)
+    mapping = class_mapping({s.label for s in dataset.samples}, predictor.class_names, class_map, skip_unknown)
+    dataset, skipped = known_classes_only(dataset, set(mapping.values()) if mapping else set(predictor.class_names), skip_unknown)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
         from .adapt import adapt_to_files
@@ -285,21 +288,36 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
         done = adapt_note(predictor.checkpoint["adapted_on_images"], predictor.checkpoint["adapted_steps"])
         info["adapt_note"] = (f"Adapted to the test images before scoring (--adapt, no labels used): {done}; the "
                               "out-of-distribution alarm is off for an adapted model.")
-    labels = {s.label for s in dataset.samples}
-    matched = None if class_map else match_class_names(labels, predictor.class_names)
+    notes = [merged]
+    if mapping:
+        predictor, tta = map_classes(predictor, mapping, tta), None
+        pairs = "; ".join(f"{', '.join(c for c in mapping if mapping[c] == t)} -> {t}" for t in predictor.class_names)
+        notes.append(f"The model's classes were mapped onto the data's ({pairs}): each metric scores the mapped "
+                     "labels, with the probabilities of merged classes summed.")
+        note(f"class map: {pairs}")
+    if any([*notes, skipped]):
+        info["class_map_note"] = " ".join(filter(None, [*notes, skipped]))
+    return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity, workers=workers)
+
+
+def class_mapping(labels: set[str], class_names: list[str], class_map: str | None, skip_unknown: bool) -> dict[str, str] | None:
+    """{model class: data class} from ``class_map``, or from matching the data's class names (``skip_unknown``:
+    those that match none are left out); None where the names need no mapping. Data classes that stay
+    unknown are refused here, before any image is read, unless ``skip_unknown``."""
+    matched = None if class_map else match_class_names(labels, class_names, partial=skip_unknown)
     if matched:
         note("class names matched by name: " + ", ".join(f"{d} = {m}" for m, d in matched.items())
              + " (--class-map MODEL_CLASS=DATA_CLASS to pair them otherwise)")
-    if class_map or matched:
-        mapping = parse_class_map(class_map, predictor.class_names) if class_map else {**{c: c for c in predictor.class_names}, **matched}
-        predictor, tta = map_classes(predictor, mapping, tta), None
-        pairs = "; ".join(f"{', '.join(c for c in mapping if mapping[c] == t)} -> {t}" for t in predictor.class_names)
-        info["class_map_note"] = (f"The model's classes were mapped onto the data's ({pairs}): each metric scores the mapped "
-                                  "labels, with the probabilities of merged classes summed.")
-        note(f"class map: {pairs}")
-    if merged:
-        info["class_map_note"] = f"{merged} {info.get('class_map_note', '')}".strip()
-    return evaluate(predictor, dataset, splits, out, info=info, tta=tta, target_sensitivity=target_sensitivity, workers=workers)
+    mapping = parse_class_map(class_map, class_names) if class_map else ({**{c: c for c in class_names}, **matched} if matched else None)
+    unknown = sorted(labels - set(mapping.values() if mapping else class_names))
+    if unknown and not skip_unknown:
+        matchable = {} if class_map else (match_class_names(labels, class_names, partial=True) or {})
+        hint = f" ({', '.join(f'{d} = {m}' for m, d in sorted(matchable.items()))} would match by name)" if matchable else ""
+        raise LeukoscopeError(f"data has classes {[c for c in unknown if c not in matchable.values()]} that the model does not "
+                              f"know{hint}; model classes: {class_names}; leave their images out with --skip-unknown, or map them "
+                              "with --class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal; a model class may "
+                              "take several data classes: neutrophil=band,neutrophil=seg)")
+    return mapping
 
 
 def merge_data_classes(dataset: Dataset, class_names: list[str], class_map: str | None) -> tuple[Dataset, str]:
@@ -319,3 +337,20 @@ def merge_data_classes(dataset: Dataset, class_names: list[str], class_map: str 
     merged = dataclasses.replace(dataset, samples=samples, classes=sorted({s.label for s in samples}))
     return merged, f"Data classes were merged as one class of the model ({text})."
 
+
+def known_classes_only(dataset: Dataset, known: set[str], skip_unknown: bool) -> tuple[Dataset, str]:
+    """``dataset`` without the images of classes not in ``known`` (if ``skip_unknown``), and a sentence
+    saying how many were left out of which classes ("" if none)."""
+    left_out: dict[str, int] = {}
+    for sample in dataset.samples:
+        if skip_unknown and sample.label not in known:
+            left_out[sample.label] = left_out.get(sample.label, 0) + 1
+    if not left_out:
+        return dataset, ""
+    samples = [s for s in dataset.samples if s.label in known]
+    if not samples:
+        raise LeukoscopeError(f"--skip-unknown: no image of {dataset.root} is of a class the model knows ({', '.join(sorted(known))}); "
+                              "pair the data's classes with --class-map MODEL_CLASS=DATA_CLASS,...")
+    text = ", ".join(f"{label} ({n})" for label, n in sorted(left_out.items()))
+    note(f"--skip-unknown: left out {plural(sum(left_out.values()), 'image')} of classes the model does not know: {text}")
+    return dataclasses.replace(dataset, samples=samples, classes=sorted({s.label for s in samples})), f"Left out, of classes the model does not know: {text}."

@@ -441,15 +441,18 @@ def _name_key(name: str) -> str:
     return CLASS_ALIASES.get(key) or SUBTYPES.get(key) or key
 
 
-def match_class_names(data_classes: Iterable[str], class_names: Sequence[str]) -> dict[str, str] | None:
+def match_class_names(data_classes: Iterable[str], class_names: Sequence[str], partial: bool = False) -> dict[str, str] | None:
     """{model class: data class} for data whose class names differ from the model's only in case, a
     plural or a common abbreviation ("Neutrophils", "LYMPHOCYTE", "baso"); None unless every data class
-    the model does not know matches exactly one model class that no other data class takes."""
+    the model does not know matches exactly one model class that no other data class takes
+    (``partial``: data classes that match none are left out instead)."""
     data_classes = set(data_classes)
     by_key = {_name_key(c): c for c in class_names}
     mapping: dict[str, str] = {}
     for data_class in sorted(data_classes - set(class_names)):
         model_class = by_key.get(_name_key(data_class))
+        if model_class is None and partial:
+            continue
         if model_class is None or model_class in mapping or model_class in data_classes:
             return None
         mapping[model_class] = data_class
