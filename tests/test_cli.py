@@ -115,6 +115,8 @@ def test_subtype_merges():
     assert subtype_merges(["Neutrophils", "NEUTROPHIL", "band"], wbc) == {}  # two folders name the class itself: ambiguous
     assert subtype_merges(["band", "lymphocyte"], wbc) == {}  # one folder for the class: matched by name, nothing to merge
     assert subtype_merges(["NGB", "NGS"], ["blast", "normal"]) == {}  # not classes of this model
+    for data in (["neutrophil", "band", "lymphocyte"], ["Neutrophils", "Bands"]):  # a model that tells band cells apart
+        assert subtype_merges(data, ["band", "lymphocyte", "neutrophil"]) == {}
 
 
 def test_python_api(synthetic_run):

@@ -413,6 +413,8 @@ def subtype_merges(data_classes: Iterable[str], class_names: Sequence[str]) -> d
     "Band" goes into "Neutrophils" when the data has both; "NGB" and "NGS" without a neutrophil folder
     become the model's "neutrophil". Two folders that both name the class itself ("Neutrophils",
     "NEUTROPHIL") are not merged: that is ambiguous, not a subtype."""
+    if any(_is_subtype(c) for c in class_names):
+        return {}  # a model that tells subtypes apart itself (a lab's model with a band class)
     groups: dict[str, list[str]] = {}
     for data_class in sorted(set(data_classes)):
         model_class = _name_key(data_class)
