@@ -128,3 +128,45 @@ def test_evaluate_leaves_out_classes_the_model_does_not_know_only_when_asked(tmp
     assert "left out 2 images of classes the model does not know: KSC (2)" in capsys.readouterr().err
     assert json.loads((out / "metrics.json").read_text())["test"]["n"] == 7
     assert "Left out, of classes the model does not know: KSC (2)." in (out / "report.html").read_text()
+
+
+def test_restricting_the_classes_renormalises_the_kept_probabilities_and_keeps_the_alarm():
+    from leukoscope.inference import parse_classes, restrict_classes
+
+    wbc = load_model("wbc")
+    five = parse_classes("Neutrophil, basophil,eosinophil ,lymphocyte,monocyte", wbc.class_names)
+    assert five == ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]  # the model's order
+    restricted = restrict_classes(wbc, five)
+    images = np.random.default_rng(0).integers(0, 256, (3, 150, 150, 3), dtype=np.uint8)
+    for whole, kept in zip(wbc.predict(images), restricted.predict(images)):
+        total = sum(whole.probabilities[c] for c in five)
+        assert kept.probabilities == pytest.approx({c: whole.probabilities[c] / total for c in five}, abs=1e-5)
+        assert kept.label == max(five, key=whole.probabilities.get)
+        assert kept.ood_score == pytest.approx(whole.ood_score) and kept.in_domain == whole.in_domain
+    assert restrict_classes(wbc, wbc.class_names) is wbc
+    with pytest.raises(LeukoscopeError, match="no class 'neutrofil' \\(did you mean 'neutrophil'\\?\\)"):
+        parse_classes("basophil,neutrofil", wbc.class_names)
+    with pytest.raises(LeukoscopeError, match="at least two"):
+        parse_classes("basophil", wbc.class_names)
+
+
+def test_predict_and_evaluate_choose_among_the_given_classes(tmp_path, capsys):
+    pbc = require(DATA / "pbc")
+    samples, splits = read_splits(Path(__file__).resolve().parents[1] / "configs" / "pbc.splits.csv")
+    test = [s for s, k in zip(samples, splits) if k == "test"]
+    for label in ("lymphocyte", "monocyte"):
+        (tmp_path / "lab" / label).mkdir(parents=True)
+        for sample in [s for s in test if s.label == label][:3]:
+            (tmp_path / "lab" / label / Path(sample.path).name).symlink_to(pbc / sample.path)
+    csv_path = tmp_path / "p.csv"
+    assert main(["predict", "wbc", str(tmp_path / "lab"), "--out", str(csv_path), "--classes", "lymphocyte,monocyte"]) == 0
+    header, *rows = [line.split(",") for line in csv_path.read_text().splitlines()]
+    assert [c for c in header if c.startswith("p_")] == ["p_lymphocyte", "p_monocyte"] and len(rows) == 6
+    assert {r[1] for r in rows} <= {"lymphocyte", "monocyte"}
+    out = tmp_path / "eval"
+    assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(out), "--classes", "lymphocyte,monocyte"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 6 and set(metrics["test"]["per_class"]) <= {"lymphocyte", "monocyte"}
+    assert "The model chose among lymphocyte, monocyte only (--classes)." in (out / "report.html").read_text()
+    assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(tmp_path / "e2"), "--classes", "lymphocyte,basophil"]) == 2
+    assert "data has classes ['monocyte'] that the model does not know" in capsys.readouterr().err

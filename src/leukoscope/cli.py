@@ -83,6 +83,12 @@ class _Parser(argparse.ArgumentParser):
         raise LeukoscopeError(f"{self.prog}: {message}")
 
 
+def _add_classes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", metavar="A,B,...",
+                   help="choose among these of the model's classes only (a lab whose images hold only these types, e.g. "
+                        "basophil,eosinophil,lymphocyte,monocyte,neutrophil); their probabilities are renormalised")
+
+
 def _add_tta(parser: argparse.ArgumentParser) -> None:
     from .inference import TTA_MODES
 
@@ -192,7 +198,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_command(args.model, args.data, args.out, tta=args.tta, target_sensitivity=args.target_sensitivity,
                                backend=args.backend, force=args.force, class_map=args.class_map, split_file=args.split,
                                adapt=args.adapt, adapt_steps=args.adapt_steps, device=args.device, precision=args.precision,
-                               workers=args.workers, skip_unknown=args.skip_unknown)
+                               workers=args.workers, skip_unknown=args.skip_unknown, classes=args.classes)
     _print_summary(metrics)
     print(f"report written to {Path(args.out) / 'report.html'}")
     return 0
@@ -200,7 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .adapt import PURPOSE as ADAPT_PURPOSE
-    from .inference import iter_inputs, load_model, tta_mode
+    from .inference import iter_inputs, load_model, parse_classes, restrict_classes, tta_mode
     from .io import is_stream_output
     from .predict import out_of_domain_warning, predict_csv
     from .progress import plural
@@ -210,6 +216,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _check_adapt_steps(args)
     predictor = load_model(args.model, backend="torch" if args.adapt else args.backend, device=args.device, precision=args.precision,
                            purpose=ADAPT_PURPOSE if args.adapt else None)
+    classes = parse_classes(args.classes, predictor.class_names) if args.classes else None
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
@@ -218,6 +225,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from .adapt import adapt_to_files
 
         predictor = adapt_to_files(predictor, paths, args.adapt_steps, lambda text: print(text, file=sys.stderr))
+    if classes:
+        predictor, tta = restrict_classes(predictor, classes, tta), None
     total, failures, outside = predict_csv(predictor, paths, args.out, args.batch_size, tta, args.workers)
     if total == 0:  # a torchrun rank other than 0: rank 0 merges and reports
         return 0
@@ -410,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unknown", action="store_true",
                    help="score only the images of classes the model knows (after --class-map or matching by name); "
                         "the others are counted and skipped instead of refused")
+    _add_classes(p)
     _add_tta(p)
     p.add_argument("--target-sensitivity", type=_probability, help="binary tasks: choose the threshold on val for this sensitivity")
     p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
@@ -430,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapt the network's BatchNorm layers to these images first (statistics, then --adapt-steps of entropy "
                         "minimisation; one lab's folder, 32+ images)")
     _add_adapt_steps(p)
+    _add_classes(p)
     _add_tta(p)
     _add_backend(p)
     p.set_defaults(func=cmd_predict)

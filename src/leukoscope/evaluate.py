@@ -21,8 +21,8 @@ from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits
 from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
-from .inference import (Predictor, class_map_merges, load_model, map_classes, match_class_names, parse_class_map, resolve_model_path,
-                        subtype_merges, tta_mode)
+from .inference import (Predictor, class_map_merges, load_model, map_classes, match_class_names, parse_class_map, parse_classes,
+                        resolve_model_path, restrict_classes, subtype_merges, tta_mode)
 from .io import atomic_write
 from .metrics import (classification_report, expected_calibration_error, sensitivity_specificity, softmax, summarize,
                       threshold_for_sensitivity, wilson_interval)
@@ -258,21 +258,24 @@ def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predicto
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
                      backend: str = "auto", force: bool = False, class_map: str | None = None,
                      split_file: str | None = None, adapt: bool = False, device: str = "auto", precision: str = "auto",
-                     adapt_steps: int | None = None, workers: int | None = None, skip_unknown: bool = False) -> dict[str, Any]:
+                     adapt_steps: int | None = None, workers: int | None = None, skip_unknown: bool = False,
+                     classes: str | None = None) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
 
     ``class_map`` ('Early=blast,Pre=blast,Pro=blast,Benign=normal') scores the model on data whose
     classes differ: each model class counts as the data class it maps to. ``skip_unknown``: images
     of data classes that the model (mapped) has none for are left out, and counted, not refused.
+    ``classes`` ('basophil,eosinophil,...'): the model chooses among those of its classes only.
     """
     prepare_output_folder(out, force=force, keep_splits=False, command="evaluate")
     from .adapt import PURPOSE as ADAPT_PURPOSE
 
     predictor = load_model(model, backend="torch" if adapt else backend, device=device, precision=precision,
                            purpose=ADAPT_PURPOSE if adapt else None)
-    dataset, merged = merge_data_classes(detect_layout(data), predictor.class_names, class_map)
-    mapping = class_mapping({s.label for s in dataset.samples}, predictor.class_names, class_map, skip_unknown)
-    dataset, skipped = known_classes_only(dataset, set(mapping.values()) if mapping else set(predictor.class_names), skip_unknown)
+    names = parse_classes(classes, predictor.class_names) if classes else predictor.class_names
+    dataset, merged = merge_data_classes(detect_layout(data), names, class_map)
+    mapping = class_mapping({s.label for s in dataset.samples}, names, class_map, skip_unknown)
+    dataset, skipped = known_classes_only(dataset, set(mapping.values()) if mapping else set(names), skip_unknown)
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
         from .adapt import adapt_to_files
@@ -289,6 +292,9 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
         info["adapt_note"] = (f"Adapted to the test images before scoring (--adapt, no labels used): {done}; the "
                               "out-of-distribution alarm is off for an adapted model.")
     notes = [merged]
+    if classes:
+        predictor, tta = restrict_classes(predictor, names, tta), None
+        notes.append(f"The model chose among {', '.join(names)} only (--classes).")
     if mapping:
         predictor, tta = map_classes(predictor, mapping, tta), None
         pairs = "; ".join(f"{', '.join(c for c in mapping if mapping[c] == t)} -> {t}" for t in predictor.class_names)

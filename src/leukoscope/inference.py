@@ -482,6 +482,41 @@ def map_classes(predictor: Predictor, mapping: dict[str, str], tta: bool | str |
     return Predictor(meta, source=predictor.source, backend=backend)
 
 
+def parse_classes(text: str, class_names: Sequence[str]) -> list[str]:
+    """'basophil, Eosinophil,...' -> those of the model's classes (case ignored), in the model's order."""
+    by_lower = {c.lower(): c for c in class_names}
+    chosen = set()
+    for name in filter(None, (p.strip() for p in text.split(","))):
+        if name.lower() not in by_lower:
+            raise LeukoscopeError(f"--classes: the model has no class {name!r}{did_you_mean(name, class_names)}; "
+                                  f"its classes: {', '.join(class_names)}")
+        chosen.add(by_lower[name.lower()])
+    if len(chosen) < 2:
+        raise LeukoscopeError(f"--classes: name at least two of the model's classes ({', '.join(class_names)}), got {text!r}")
+    return [c for c in class_names if c in chosen]
+
+
+def restrict_classes(predictor: Predictor, classes: Sequence[str], tta: bool | str | None = None) -> Predictor:
+    """The same model choosing only among ``classes`` (a lab whose images hold only those types): the
+    others' logits are dropped, so each kept class's calibrated probability is renormalised over the
+    kept ones. The out-of-domain alarm stays; a binary model's operating threshold, which belonged to
+    all of its classes, is dropped. The base model's test-time augmentation is applied inside."""
+    if list(classes) == list(predictor.class_names):
+        return predictor
+    columns = [predictor.class_names.index(c) for c in classes]
+
+    def backend(batch_uint8: torch.Tensor) -> torch.Tensor:
+        logits, ood = predictor.logits_and_ood(batch_uint8, tta)
+        kept = logits[:, columns]
+        return kept if ood is None else torch.cat([kept, ood[:, None]], dim=1)
+
+    backend.kind = predictor.kind  # type: ignore[attr-defined]
+    meta = {**predictor.meta, "class_names": list(classes), "threshold": None, "tta": "none",
+            "restricted_from": list(predictor.class_names)}  # no state_dict: heatmaps need the whole model
+    meta.pop("positive_index", None)
+    return Predictor(meta, source=predictor.source, backend=backend)
+
+
 def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively) into a list of paths, failing on missing inputs."""
     inputs = list(inputs)
