@@ -102,6 +102,10 @@ def test_match_class_names():
     assert match_class_names(["Neutrophils", "Band"], wbc) is None  # two folders for one class: merged first (subtype_merges)
     assert match_class_names(["Neutrophils", "NEUTROPHIL"], wbc) is None  # two folders for one class
     assert match_class_names(["Neutrophils", "neutrophil"], wbc) is None
+    assert match_class_names(["NGS", "LYT"], wbc) == {"neutrophil": "NGS", "lymphocyte": "LYT"}  # a subtype alone
+    own = ["band", "lymphocyte", "neutrophil"]  # a lab's model that tells band cells apart
+    assert match_class_names(["Bands", "Neutrophils", "Lymphocytes"], own) == {"band": "Bands", "neutrophil": "Neutrophils",
+                                                                               "lymphocyte": "Lymphocytes"}
 
 
 def test_subtype_merges():

@@ -434,13 +434,15 @@ def _letters(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalpha())
 
 
-def _name_key(name: str) -> str:
+def _name_key(name: str, subtypes: bool = True) -> str:
     """The model class a data folder's name stands for, if it is a known name: the name in lower case,
-    letters only, through CLASS_ALIASES and SUBTYPES, a plural ("Neutrophils") made singular."""
+    letters only, through CLASS_ALIASES (and SUBTYPES, unless ``subtypes`` is False: a model with a
+    subtype class of its own), a plural ("Neutrophils") made singular."""
+    aliases = {**SUBTYPES, **CLASS_ALIASES} if subtypes else CLASS_ALIASES
     key = _letters(name)
-    if key not in CLASS_ALIASES and key not in SUBTYPES and key.endswith("s") and len(key) > 3:
+    if key not in aliases and key.endswith("s") and len(key) > 3:
         key = key[:-1]
-    return CLASS_ALIASES.get(key) or SUBTYPES.get(key) or key
+    return aliases.get(key, key)
 
 
 def match_class_names(data_classes: Iterable[str], class_names: Sequence[str], partial: bool = False) -> dict[str, str] | None:
@@ -449,10 +451,11 @@ def match_class_names(data_classes: Iterable[str], class_names: Sequence[str], p
     the model does not know matches exactly one model class that no other data class takes
     (``partial``: data classes that match none are left out instead)."""
     data_classes = set(data_classes)
-    by_key = {_name_key(c): c for c in class_names}
+    subtypes = not any(_is_subtype(c) for c in class_names)  # a model with a band class keeps "band" apart
+    by_key = {_name_key(c, subtypes): c for c in class_names}
     mapping: dict[str, str] = {}
     for data_class in sorted(data_classes - set(class_names)):
-        model_class = by_key.get(_name_key(data_class))
+        model_class = by_key.get(_name_key(data_class, subtypes))
         if model_class is None and partial:
             continue
         if model_class is None or model_class in mapping or model_class in data_classes:
