@@ -10,7 +10,9 @@ yellow cast. The crops are centred by our own localiser, so they test the framin
 localiser's search. A synthetic change of framing is not another lab: it tells which shift a
 model survives, not how it does on another lab's cells.
 
-A second table asks whether the window's size at inference matters (a train/test resolution
+A second table shrinks the tiles into a larger field (the cell spanning a tenth of it or less, as a
+camera at low magnification shows it), with and without the localiser's fine search. A third asks
+whether the window's size at inference matters (a train/test resolution
 discrepancy, Touvron et al. 2019): `wbc` trained at 112 px, run at 104 to 128 px.
 
 Writes the FRAMING block of docs/benchmarks.md.
@@ -32,13 +34,14 @@ from cross_lab import SHARED
 from doc import share, write_block
 from specialist_gate import split_items
 
-from leukoscope import perturb
+from leukoscope import localise, perturb
 from leukoscope.inference import load_model
 from leukoscope.localise import find_cell
 
 SIDES = (2.0, 1.6, 1.3, 1.1)  # the crop's side, in nucleus diameters (`wbc`'s window: 1 / 0.6 = 1.67)
 CASTS = {"yellow cast (1.1, 1.05, 0.7)": (1.1, 1.05, 0.7), "strong yellow cast (1.15, 1.1, 0.55)": (1.15, 1.1, 0.55)}
 SIZES = (104, 112, 120, 128)
+SHRINK = (0.5, 0.33, 0.25, 0.2, 0.15)  # the tile's share of the field's side (its cell spans about half the tile)
 
 
 def tight_crop(rgb: np.ndarray, side: float, resize: int | None = None) -> np.ndarray:
@@ -79,6 +82,26 @@ def framing_rows(models: dict, clean: list[np.ndarray], labels: list[str]) -> li
     return lines
 
 
+def small_cell_rows(model, clean: list[np.ndarray], labels: list[str]) -> list[str]:
+    """The tiles shrunk into a 1,080 px field (edge-padded), so that the cell spans a smaller share of it,
+    with and without the localiser's fine search for nuclei too small for its coarse one."""
+    lines = ["| PBC validation tile shrunk into a 1,080 px field, to | `wbc` right | cell located | `wbc` right without the fine search |",
+             "|---|---|---|---|"]
+    for factor in SHRINK:
+        images = [np.asarray(Image.fromarray(perturb.zoom(x, factor)).resize((1080, 1080), Image.BILINEAR)) for x in clean]
+        predictions = model.predict(images)
+        hits = sum(p.label == y for p, y in zip(predictions, labels))
+        located = sum(bool(p.localised) for p in predictions)
+        fine_search, localise.small_cell = localise.small_cell, lambda rgb: None
+        try:
+            coarse = right(model, images, labels)[0]
+        finally:
+            localise.small_cell = fine_search
+        lines.append(f"| {factor:g} | {share(hits, len(labels))} | {located} | {share(coarse, len(labels))} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def size_rows(paths: list[Path], labels: list[str]) -> list[str]:
     lines = ["| `wbc` window at inference | PBC validation right |", "|---|---|"]
     for size in SIZES:
@@ -98,7 +121,8 @@ def main() -> None:
     clean = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
     models = {name: load_model(name) for name in ("wbc", "pbc")}
     lines = [f"PBC's validation split ({len(labels)} images, 8 types, the models' own call), 95% Wilson intervals.", ""]
-    lines += framing_rows(models, clean, labels) + [""] + size_rows(paths, labels)
+    lines += framing_rows(models, clean, labels) + [""] + small_cell_rows(models["wbc"], clean, labels)
+    lines += [""] + size_rows(paths, labels)
     write_block("FRAMING", "\n".join(lines))
 
 

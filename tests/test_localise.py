@@ -314,3 +314,18 @@ def test_a_model_with_a_cast_range_frames_a_yellow_image_like_the_original_and_s
     assert np.abs(background_chroma(fixed) - background_chroma(plain)).max() < 0.02  # the same colours; brightness is the cast's
     crop_view = View(64, crop=0.8, cast=view.cast)
     assert frame(_slide_with_cell((1.0, 0.95, 0.6)), crop_view)[2] and not frame(original, crop_view)[2]
+
+
+def test_a_small_cell_in_a_large_field_is_found_as_count_finds_it():
+    """A white cell spanning under a tenth of the field's side (a camera at low magnification) is below
+    the coarse search's smallest nucleus; the finer search that count uses finds it."""
+    y, x, r = 700.0, 420.0, 18.0  # nucleus 36 px across in a 960 x 1280 field
+    image = field(960, 1280, [(y, x, r)], red_cells=300)
+    mask, step = localise.nucleus_mask(image)
+    assert mask.sum() < localise.MIN_AREA * mask.size  # too small for the coarse search alone
+    cell = find_cell(image)
+    assert cell is not None and abs(cell.y - y) <= 0.1 * 2 * r and abs(cell.x - x) <= 0.1 * 2 * r
+    assert abs(cell.diameter - 2 * r) <= 0.25 * 2 * r
+    window, found, _ = cell_window(image, 64, 0.6)
+    assert found and window[32, 32].tolist() == list(NUCLEUS)  # the window is centred on the nucleus
+    assert find_cells(field(960, 1280, [], red_cells=300)) == [] and find_cell(field(960, 1280, [], red_cells=300)) is None
