@@ -20,29 +20,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cross_lab import ROOT, SHARED, third_lab
+from cross_lab import ROOT
 from doc import write_block
-from specialist_gate import split_items
+from specialist_gate import image_sets
 
 from leukoscope.inference import load_model
-from leukoscope.metrics import WBC_TYPES
-
-
-def image_sets() -> dict[str, tuple[list, list[str]]]:
-    paths, types, sure = third_lab()
-
-    def third(keep) -> tuple[list, list[str]]:
-        return [p for p, t, s in zip(paths, types, sure) if keep(t, s)], [t for t, s in zip(types, sure) if keep(t, s)]
-
-    cnmc = sorted((SHARED / "cnmc2019").rglob("*.bmp"))
-    return {
-        "PBC validation": split_items("pbc.splits.csv", SHARED / "pbc", "val"),
-        "BCCD validation part": split_items("wbc.splits.csv", ROOT / "runs" / "data" / "wbc", "val", lambda p: "bccd" in p),
-        "ALL-IDB2, sure white cells": third(lambda t, s: t in WBC_TYPES and s),
-        "ALL-IDB2, all white cells": third(lambda t, s: t in WBC_TYPES),
-        "ALL-IDB2, platelets": third(lambda t, s: t == "platelet"),
-        "C-NMC cells (lymphocyte)": (cnmc, ["lymphocyte"] * len(cnmc)),
-    }
 
 
 def main() -> None:

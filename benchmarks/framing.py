@@ -44,9 +44,9 @@ SIZES = (104, 112, 120, 128)
 SHRINK = (0.5, 0.33, 0.25, 0.2, 0.15)  # the tile's share of the field's side (its cell spans about half the tile)
 
 
-def tight_crop(rgb: np.ndarray, side: float, resize: int | None = None) -> np.ndarray:
-    """The square of ``side`` nucleus diameters around the located cell (clipped to the image),
-    resized to ``resize`` px if given; the image itself where no cell is found."""
+def tight_crop(rgb: np.ndarray, side: float) -> np.ndarray:
+    """The square of ``side`` nucleus diameters around the located cell (clipped to the image); the
+    image itself where no cell is found."""
     cell = find_cell(rgb)
     if cell is None:
         return rgb
@@ -54,28 +54,33 @@ def tight_crop(rgb: np.ndarray, side: float, resize: int | None = None) -> np.nd
     half = cell.diameter * side / 2
     y0, y1 = int(max(0, cell.y - half)), int(min(h, cell.y + half))
     x0, x1 = int(max(0, cell.x - half)), int(min(w, cell.x + half))
-    crop = rgb[y0:y1, x0:x1]
-    return crop if resize is None else np.asarray(Image.fromarray(crop).resize((resize, resize), Image.BILINEAR))
+    return rgb[y0:y1, x0:x1]
 
 
-def right(model, images: list, labels: list[str]) -> tuple[int, int]:
-    """(images called right, images in domain)."""
+def resized(images: list[np.ndarray], size: int) -> list[np.ndarray]:
+    return [np.asarray(Image.fromarray(x).resize((size, size), Image.BILINEAR)) for x in images]
+
+
+def right(model, images: list, labels: list[str]) -> tuple[int, int, int]:
+    """(images called right, images in domain, images whose cell was located)."""
     predictions = model.predict(images)
-    return sum(p.label == y for p, y in zip(predictions, labels)), sum(bool(p.in_domain) for p in predictions)
+    return (sum(p.label == y for p, y in zip(predictions, labels)), sum(bool(p.in_domain) for p in predictions),
+            sum(bool(p.localised) for p in predictions))
 
 
 def framing_rows(models: dict, clean: list[np.ndarray], labels: list[str]) -> list[str]:
     variants: dict[str, list[np.ndarray]] = {"the tile as saved (360 px)": clean}
     for side in SIDES:
-        variants[f"crop {side} nucleus diameters, full resolution"] = [tight_crop(x, side) for x in clean]
-        variants[f"crop {side} nucleus diameters, resized to 120 px"] = [tight_crop(x, side, 120) for x in clean]
+        crops = [tight_crop(x, side) for x in clean]
+        variants[f"crop {side} nucleus diameters, full resolution"] = crops
+        variants[f"crop {side} nucleus diameters, resized to 120 px"] = resized(crops, 120)
     for name, gains in CASTS.items():
         variants[f"crop 1.3, 120 px, {name}"] = [perturb.white_balance(x, gains) for x in variants["crop 1.3 nucleus diameters, resized to 120 px"]]
     lines = ["| PBC validation images, framed as | `wbc` right | `wbc` in domain | `pbc` right | `pbc` in domain |", "|---|---|---|---|---|"]
     for name, images in variants.items():
         cells = []
         for model in models.values():
-            hits, in_domain = right(model, images, labels)
+            hits, in_domain, _ = right(model, images, labels)
             cells += [share(hits, len(labels)), str(in_domain)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
@@ -88,10 +93,8 @@ def small_cell_rows(model, clean: list[np.ndarray], labels: list[str]) -> list[s
     lines = ["| PBC validation tile shrunk into a 1,080 px field, to | `wbc` right | cell located | `wbc` right without the fine search |",
              "|---|---|---|---|"]
     for factor in SHRINK:
-        images = [np.asarray(Image.fromarray(perturb.zoom(x, factor)).resize((1080, 1080), Image.BILINEAR)) for x in clean]
-        predictions = model.predict(images)
-        hits = sum(p.label == y for p, y in zip(predictions, labels))
-        located = sum(bool(p.localised) for p in predictions)
+        images = resized([perturb.zoom(x, factor) for x in clean], 1080)
+        hits, _, located = right(model, images, labels)
         fine_search, localise.small_cell = localise.small_cell, lambda rgb: None
         try:
             coarse = right(model, images, labels)[0]

@@ -2,7 +2,7 @@
 
 A lab whose images can hold only some types can say so (`leukoscope predict wbc ... --classes
 basophil,eosinophil,lymphocyte,monocyte,neutrophil`). Scored on validation data and the third lab
-(benchmarks/average_models.py's sets: PBC's validation split, BCCD's validation part, ALL-IDB2's
+(benchmarks/specialist_gate.py's image_sets: PBC's validation split, BCCD's validation part, ALL-IDB2's
 annotated normal cells, C-NMC's 15 B-lymphoid cells as `lymphocyte`), the images of the 5 types only.
 Writes the RESTRICTED-CLASSES block of docs/benchmarks.md.
 
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from average_models import image_sets
+from specialist_gate import image_sets
 from doc import share, write_block
 
 from leukoscope.inference import load_model, restrict_classes

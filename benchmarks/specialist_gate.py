@@ -52,6 +52,24 @@ def split_items(splits_csv: str, folder: Path, part: str, keep=lambda path: True
     return [folder / s.path for s in chosen], [s.label for s in chosen]
 
 
+def image_sets() -> dict[str, tuple[list, list[str]]]:
+    """The real images the white-cell benchmarks score, validation data and the third lab only: name -> (paths, labels)."""
+    paths, types, sure = third_lab()
+
+    def third(keep) -> tuple[list, list[str]]:
+        return [p for p, t, s in zip(paths, types, sure) if keep(t, s)], [t for t, s in zip(types, sure) if keep(t, s)]
+
+    cnmc = sorted((SHARED / "cnmc2019").rglob("*.bmp"))
+    return {
+        "PBC validation": split_items("pbc.splits.csv", SHARED / "pbc", "val"),
+        "BCCD validation part": split_items("wbc.splits.csv", ROOT / "runs" / "data" / "wbc", "val", lambda p: "bccd" in p),
+        "ALL-IDB2, sure white cells": third(lambda t, s: t in WBC_TYPES and s),
+        "ALL-IDB2, all white cells": third(lambda t, s: t in WBC_TYPES),
+        "ALL-IDB2, platelets": third(lambda t, s: t == "platelet"),
+        "C-NMC cells (lymphocyte)": (cnmc, ["lymphocyte"] * len(cnmc)),
+    }
+
+
 def gates(models: dict, images: list, labels: list[str]) -> dict[str, int | str]:
     """Images right under each decision, and how many `pbc` took (found in its domain)."""
     pbc, wbc = (models[name].predict(images) for name in ("pbc", "wbc"))
@@ -78,16 +96,10 @@ def main() -> None:
     if not wbc_data.is_dir():
         sys.exit(f"specialist_gate: needs {wbc_data} (python tools/make_wbc_data.py --out {wbc_data})")
     models = {name: load_model(name) for name in ("pbc", "wbc")}
-    pbc_paths, pbc_labels = split_items("pbc.splits.csv", SHARED / "pbc", "val")
-    idb_paths, types, sure = third_lab()
-    keep = [t in WBC_TYPES and s for t, s in zip(types, sure)]
-    cnmc = sorted((SHARED / "cnmc2019").rglob("*.bmp"))
-    rows = {
-        "PBC validation": gates(models, pbc_paths, pbc_labels),
-        "BCCD validation part": gates(models, *split_items("wbc.splits.csv", wbc_data, "val", lambda p: "bccd" in p)),
-        "ALL-IDB2, sure white cells": gates(models, [p for p, k in zip(idb_paths, keep) if k], [t for t, k in zip(types, keep) if k]),
-        "C-NMC cells (lymphocyte)": gates(models, cnmc, ["lymphocyte"] * len(cnmc)),
-    }
+    sets = image_sets()
+    pbc_paths, pbc_labels = sets["PBC validation"]
+    rows = {name: gates(models, *sets[name])
+            for name in ("PBC validation", "BCCD validation part", "ALL-IDB2, sure white cells", "C-NMC cells (lymphocyte)")}
     clean = [np.asarray(Image.open(path).convert("RGB")) for path in pbc_paths]
     for name, shift in SHIFTS.items():
         rows[f"PBC validation, {name} (synthetic)"] = gates(models, [shift(x) for x in clean], pbc_labels)

@@ -90,15 +90,22 @@ def test_evaluate_with_a_class_map_scores_the_mapped_labels(tiny_run, tmp_path):
     assert "mapped onto the data" in (out / "report.html").read_text()
 
 
-def test_evaluate_scores_a_labs_subtype_folders_as_the_models_class(tmp_path, capsys):
-    """Munich AML keeps band (NGB) and segmented (NGS) neutrophils apart; PBC's neutrophil folder holds both."""
+def _pbc_test_lab(root: Path, folders: list[tuple[str, str, int, int]]) -> Path:
+    """A lab's class folders linked to PBC test images (which the bundled models never trained on):
+    (folder, PBC class, first, count) each."""
     pbc = require(DATA / "pbc")
     samples, splits = read_splits(Path(__file__).resolve().parents[1] / "configs" / "pbc.splits.csv")
-    test = [s for s, k in zip(samples, splits) if k == "test"]  # images the bundled models never trained on
-    for folder, label, start in (("NGB", "neutrophil", 0), ("NGS", "neutrophil", 4), ("LYT", "lymphocyte", 0)):
-        (tmp_path / "lab" / folder).mkdir(parents=True)
-        for sample in [s for s in test if s.label == label][start : start + 4]:
-            (tmp_path / "lab" / folder / Path(sample.path).name).symlink_to(pbc / sample.path)
+    test = [s for s, k in zip(samples, splits) if k == "test"]
+    for folder, label, start, n in folders:
+        (root / folder).mkdir(parents=True)
+        for sample in [s for s in test if s.label == label][start : start + n]:
+            (root / folder / Path(sample.path).name).symlink_to(pbc / sample.path)
+    return root
+
+
+def test_evaluate_scores_a_labs_subtype_folders_as_the_models_class(tmp_path, capsys):
+    """Munich AML keeps band (NGB) and segmented (NGS) neutrophils apart; PBC's neutrophil folder holds both."""
+    _pbc_test_lab(tmp_path / "lab", [("NGB", "neutrophil", 0, 4), ("NGS", "neutrophil", 4, 4), ("LYT", "lymphocyte", 0, 4)])
     out = tmp_path / "eval"
     assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(out)]) == 0
     assert "data classes merged, as one class of the model: NGB, NGS -> neutrophil" in capsys.readouterr().err
@@ -112,13 +119,7 @@ def test_evaluate_scores_a_labs_subtype_folders_as_the_models_class(tmp_path, ca
 
 
 def test_evaluate_leaves_out_classes_the_model_does_not_know_only_when_asked(tmp_path, capsys):
-    pbc = require(DATA / "pbc")
-    samples, splits = read_splits(Path(__file__).resolve().parents[1] / "configs" / "pbc.splits.csv")
-    test = [s for s, k in zip(samples, splits) if k == "test"]
-    for folder, label, n in (("LYT", "lymphocyte", 4), ("MON", "monocyte", 3), ("KSC", "platelet", 2)):  # KSC: smudge cells
-        (tmp_path / "lab" / folder).mkdir(parents=True)
-        for sample in [s for s in test if s.label == label][:n]:
-            (tmp_path / "lab" / folder / Path(sample.path).name).symlink_to(pbc / sample.path)
+    _pbc_test_lab(tmp_path / "lab", [("LYT", "lymphocyte", 0, 4), ("MON", "monocyte", 0, 3), ("KSC", "platelet", 0, 2)])  # KSC: smudge
     assert main(["evaluate", "wbc", str(tmp_path / "lab"), "--out", str(tmp_path / "refused")]) == 2
     err = capsys.readouterr().err
     assert "data has classes ['KSC'] that the model does not know (LYT = lymphocyte, MON = monocyte would match by name)" in err
@@ -151,13 +152,7 @@ def test_restricting_the_classes_renormalises_the_kept_probabilities_and_keeps_t
 
 
 def test_predict_and_evaluate_choose_among_the_given_classes(tmp_path, capsys):
-    pbc = require(DATA / "pbc")
-    samples, splits = read_splits(Path(__file__).resolve().parents[1] / "configs" / "pbc.splits.csv")
-    test = [s for s, k in zip(samples, splits) if k == "test"]
-    for label in ("lymphocyte", "monocyte"):
-        (tmp_path / "lab" / label).mkdir(parents=True)
-        for sample in [s for s in test if s.label == label][:3]:
-            (tmp_path / "lab" / label / Path(sample.path).name).symlink_to(pbc / sample.path)
+    _pbc_test_lab(tmp_path / "lab", [("lymphocyte", "lymphocyte", 0, 3), ("monocyte", "monocyte", 0, 3)])
     csv_path = tmp_path / "p.csv"
     assert main(["predict", "wbc", str(tmp_path / "lab"), "--out", str(csv_path), "--classes", "lymphocyte,monocyte"]) == 0
     header, *rows = [line.split(",") for line in csv_path.read_text().splitlines()]

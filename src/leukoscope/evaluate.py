@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ from .progress import note, plural, progress
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
 from .runs import prepare_output_folder
 from .transfer import describe
+
+CLASS_MAP_HINT = ("--class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal; a model class may take several "
+                  "data classes: neutrophil=band,neutrophil=seg)")
 
 
 def predict_logits(predictor: Predictor, images: torch.Tensor, batch_size: int = 128, tta: bool | str | None = None, desc: str | None = None) -> np.ndarray:
@@ -106,8 +110,7 @@ def evaluate(
     unknown = sorted({s.label for s in dataset.samples} - set(predictor.class_names))
     if unknown:
         raise LeukoscopeError(f"data has classes {unknown} that the model does not know; model classes: {predictor.class_names}; "
-                              "map them with --class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal; "
-                              "a model class may take several data classes: neutrophil=band,neutrophil=seg)")
+                              f"map them with {CLASS_MAP_HINT}")
     results = {split: _predict_split(predictor, dataset, splits, split, images, tta, workers) for split in SPLITS}
     results = {k: v for k, v in results.items() if v is not None}
     if getattr(predictor.backend, "precision", None):  # what ran, once --precision auto has chosen
@@ -275,7 +278,9 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     names = parse_classes(classes, predictor.class_names) if classes else predictor.class_names
     dataset, merged = merge_data_classes(detect_layout(data), names, class_map)
     mapping = class_mapping({s.label for s in dataset.samples}, names, class_map, skip_unknown)
-    dataset, skipped = known_classes_only(dataset, set(mapping.values()) if mapping else set(names), skip_unknown)
+    skipped = ""
+    if skip_unknown:
+        dataset, skipped = known_classes_only(dataset, set(mapping.values()) if mapping else set(names))
     splits, kind = assign_splits(dataset, model, predictor, split_file)
     if adapt:  # transductive: the test images' own statistics, never their labels
         from .adapt import adapt_to_files
@@ -321,8 +326,7 @@ def class_mapping(labels: set[str], class_names: list[str], class_map: str | Non
         hint = f" ({', '.join(f'{d} = {m}' for m, d in sorted(matchable.items()))} would match by name)" if matchable else ""
         raise LeukoscopeError(f"data has classes {[c for c in unknown if c not in matchable.values()]} that the model does not "
                               f"know{hint}; model classes: {class_names}; leave their images out with --skip-unknown, or map them "
-                              "with --class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal; a model class may "
-                              "take several data classes: neutrophil=band,neutrophil=seg)")
+                              f"with {CLASS_MAP_HINT}")
     return mapping
 
 
@@ -340,17 +344,13 @@ def merge_data_classes(dataset: Dataset, class_names: list[str], class_map: str 
     groups = {m: sorted(d for d in merges if merges[d] == m) for m in merges.values()}
     text = "; ".join(f"{', '.join(members)} -> {label}" for label, members in groups.items())
     note(f"data classes merged, as one class of the model: {text}" + ("" if class_map else " (--class-map to pair them otherwise)"))
-    merged = dataclasses.replace(dataset, samples=samples, classes=sorted({s.label for s in samples}))
-    return merged, f"Data classes were merged as one class of the model ({text})."
+    return _with_samples(dataset, samples), f"Data classes were merged as one class of the model ({text})."
 
 
-def known_classes_only(dataset: Dataset, known: set[str], skip_unknown: bool) -> tuple[Dataset, str]:
-    """``dataset`` without the images of classes not in ``known`` (if ``skip_unknown``), and a sentence
+def known_classes_only(dataset: Dataset, known: set[str]) -> tuple[Dataset, str]:
+    """``dataset`` without the images of classes not in ``known`` (``--skip-unknown``), and a sentence
     saying how many were left out of which classes ("" if none)."""
-    left_out: dict[str, int] = {}
-    for sample in dataset.samples:
-        if skip_unknown and sample.label not in known:
-            left_out[sample.label] = left_out.get(sample.label, 0) + 1
+    left_out = Counter(s.label for s in dataset.samples if s.label not in known)
     if not left_out:
         return dataset, ""
     samples = [s for s in dataset.samples if s.label in known]
@@ -359,4 +359,8 @@ def known_classes_only(dataset: Dataset, known: set[str], skip_unknown: bool) ->
                               "pair the data's classes with --class-map MODEL_CLASS=DATA_CLASS,...")
     text = ", ".join(f"{label} ({n})" for label, n in sorted(left_out.items()))
     note(f"--skip-unknown: left out {plural(sum(left_out.values()), 'image')} of classes the model does not know: {text}")
-    return dataclasses.replace(dataset, samples=samples, classes=sorted({s.label for s in samples})), f"Left out, of classes the model does not know: {text}."
+    return _with_samples(dataset, samples), f"Left out, of classes the model does not know: {text}."
+
+
+def _with_samples(dataset: Dataset, samples: list) -> Dataset:
+    return dataclasses.replace(dataset, samples=samples, classes=sorted({s.label for s in samples}))
