@@ -58,6 +58,38 @@ def test_predict_real_cells_with_heatmap(client):
         assert heatmap.size == (size, size)
 
 
+FIVE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+
+
+def test_a_service_restricted_to_some_classes_chooses_among_them_and_still_draws_heatmaps():
+    from leukoscope.inference import restrict_classes
+
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    whole = load_model("pbc")
+    app = TestClient(create_app(restrict_classes(whole, FIVE), "pbc", whole=whole))
+    assert app.get("/models").json()["models"][0]["restricted_from"] == whole.class_names
+    paths = [min((require(DATA / "pbc") / c).glob("*.jpg")) for c in ("lymphocyte", "platelet")]
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    results = app.post("/predict?heatmap=true", files=files).json()["results"]
+    assert results[0]["label"] == "lymphocyte" and results[1]["label"] in FIVE  # a platelet must be called one of the five
+    for r in results:
+        assert list(r["probabilities"]) == FIVE and abs(sum(r["probabilities"].values()) - 1) < 1e-4
+    # the heatmap is the whole model's for the called class (lymphocyte is the 3rd of five, the 5th of eight)
+    unrestricted = TestClient(create_app(whole, "pbc")).post("/predict?heatmap=true", files=files[:1]).json()["results"][0]
+    assert unrestricted["label"] == "lymphocyte" and results[0]["heatmap"] == unrestricted["heatmap"]
+
+
+def test_serve_refuses_classes_the_model_lacks_before_listening(capsys):
+    from leukoscope.cli import main
+
+    if "pbc" not in bundled_models():
+        pytest.skip("bundled model pbc not built (make models)")
+    assert main(["serve", "pbc", "--classes", "neutrophil,blast", "--port", str(_free_port())]) == 2
+    captured = capsys.readouterr()
+    assert "blast" in captured.err and "serving" not in captured.out
+
+
 @pytest.mark.parametrize("name, data, content_type, status, message", [
     ("notes.png", b"this is text, not an image", "image/png", 422, "unreadable image"),
     ("empty.jpg", b"", "image/jpeg", 422, "empty file"),

@@ -285,14 +285,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .inference import load_model
+    from .inference import load_model, parse_classes, restrict_classes
     from .serve import listen, serve
 
-    predictor = load_model(args.model, backend=args.backend, device=args.device, precision=args.precision)
+    predictor = whole = load_model(args.model, backend=args.backend, device=args.device, precision=args.precision)
+    if args.classes:
+        predictor = restrict_classes(whole, parse_classes(args.classes, whole.class_names))
     sock = listen(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {args.model} at http://{host}:{args.port}/ (API docs: /docs)")
-    serve(predictor, name=Path(str(args.model)).name, sock=sock)
+    serve(predictor, name=Path(str(args.model)).name, sock=sock, whole=whole)
     return 0
 
 
@@ -470,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="run folder, checkpoint file, exported .onnx or bundled model name")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    _add_classes(p)
     _add_backend(p)
     p.set_defaults(func=cmd_serve)
 

@@ -65,7 +65,9 @@ def _validation_message(err: RequestValidationError) -> str:
 
 
 def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
-               max_concurrent: int = MAX_CONCURRENT) -> FastAPI:
+               max_concurrent: int = MAX_CONCURRENT, whole: Predictor | None = None) -> FastAPI:
+    """The app for ``predictor``; ``whole`` is the model it was restricted from (``restrict_classes``), which
+    draws the heatmaps, since a restricted predictor chooses among some of its classes but has no network of its own."""
     app = FastAPI(title="Leukoscope", version=__version__, description="Blood-cell image classification: predictions, probabilities and Grad-CAM heatmaps.")
     explainer: list[Explainer | None] = []
     page = (resources.files("leukoscope.serve") / "static" / "index.html").read_text(encoding="utf-8")
@@ -74,7 +76,7 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
     def get_explainer() -> Explainer | None:
         if not explainer:
             try:
-                explainer.append(Explainer(predictor))
+                explainer.append(Explainer(whole or predictor))
             except LeukoscopeError:
                 explainer.append(None)
         return explainer[0]
@@ -102,9 +104,12 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
     @app.get("/models", dependencies=[only_query()])
     async def models() -> dict[str, Any]:
         meta = predictor.meta
-        return {"models": [{"name": name, "kind": predictor.kind, "arch": meta.get("arch"), "classes": predictor.class_names,
-                            "image_size": predictor.image_size, "temperature": predictor.temperature,
-                            "test_metrics": meta.get("metrics", {}).get("test", {})}]}
+        entry = {"name": name, "kind": predictor.kind, "arch": meta.get("arch"), "classes": predictor.class_names,
+                 "image_size": predictor.image_size, "temperature": predictor.temperature,
+                 "test_metrics": meta.get("metrics", {}).get("test", {})}
+        if meta.get("restricted_from"):
+            entry["restricted_from"] = meta["restricted_from"]
+        return {"models": [entry]}
 
     @app.post("/predict", dependencies=[only_query("heatmap")])
     async def predict(files: list[UploadFile] = File(..., description="one or several cell images"),
@@ -192,7 +197,7 @@ def classify(predictor: Predictor, decoded: list[tuple[np.ndarray, bool | None, 
         if found is not None:
             result["localised"] = found
         if explainer is not None:
-            result["heatmap"] = _data_url(explainer.overlay(image, predictor.class_names.index(pred.label)))
+            result["heatmap"] = _data_url(explainer.overlay(image, explainer.predictor.class_names.index(pred.label)))
         results.append(result)
     return results
 
@@ -208,8 +213,8 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         raise LeukoscopeError(f"cannot listen on {host}:{port}: {reason}; choose another --port or --host") from None
 
 
-def serve(predictor: Predictor, name: str, sock: socket.socket) -> None:
-    """Run the web app on a socket from ``listen`` until interrupted."""
+def serve(predictor: Predictor, name: str, sock: socket.socket, whole: Predictor | None = None) -> None:
+    """Run the web app on a socket from ``listen`` until interrupted (``whole``: see ``create_app``)."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(create_app(predictor, name), log_level="info")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(create_app(predictor, name, whole=whole), log_level="info")).run(sockets=[sock])
