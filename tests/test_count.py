@@ -176,3 +176,21 @@ def test_count_corrects_a_yellow_cast_as_the_model_does(tiny_run):
     cells, windows = count_image(model, yellow)
     assert len(cells) == len(plain_cells) == 1 and abs(cells[0].x0 - plain_cells[0].x0) <= 2
     assert windows[0][..., 2].mean() > 0.85 * windows[0][..., 0].mean()  # blue restored in the window the model saw
+
+
+def test_count_calls_every_cell_among_the_given_classes(tmp_path, capsys):
+    """`count --classes`: a differential of the five normal types; a class the model lacks is refused."""
+    folder = require(DATA / "bccd_wbc")
+    if "wbc" not in bundled_models():
+        pytest.skip("bundled model wbc not built (make models)")
+    five = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+    fields = sorted(folder.glob("*/*.jpg"))[:6]
+    out = tmp_path / "count"
+    assert main(["count", *map(str, fields), "--out", str(out), "--classes", ",".join(five)]) == 0
+    cells = _rows(out / "cells.csv")
+    assert cells and {c["label"] for c in cells} <= set(five)
+    total = next(r for r in _rows(out / "summary.csv") if r["image"] == "TOTAL")
+    assert [k[2:] for k in total if k.startswith("n_") and k != "n_cells" and k != "n_edge"] == five
+    assert main(["count", str(fields[0]), "--out", str(tmp_path / "bad"), "--classes", "neutrophil,smudge"]) == 2
+    assert "no class 'smudge'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written

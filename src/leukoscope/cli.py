@@ -341,7 +341,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     from .progress import plural
 
     prepare_output_folder(args.out, force=args.force, keep_splits=False, command="count")
-    summary, failed = count_command(args.inputs, args.model, args.out, args.group_by)
+    summary, failed = count_command(args.inputs, args.model, args.out, args.group_by, args.classes)
     for row in (r for r in summary if r["image"] == "TOTAL"):
         blast = f", blasts {row['blast_percent']:.1f}%" if "blast_percent" in row else ""
         print(f"{row['slide']}: {plural(row['n_cells'], 'white cell')}{blast}")
@@ -494,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", choices=["input", "parent"], default="input",
                    help="slides: each folder given (input, default) or each image's own folder (parent)")
     p.add_argument("--force", action="store_true", help="replace the results of an earlier count in --out")
+    _add_classes(p)
     p.set_defaults(func=cmd_count)
 
     p = sub.add_parser("check-data", help="report classes, patients, sizes, unreadable files and duplicates")

@@ -25,7 +25,7 @@ import numpy as np
 
 from .checkpoint import bundled_models
 from .errors import LeukoscopeError
-from .inference import Predictor, load_model
+from .inference import Predictor, load_model, parse_classes, restrict_classes
 from .io import (
     ImageReadError,
     View,
@@ -281,8 +281,10 @@ def write_report(out: Path, summary: Sequence[dict[str, Any]], gallery: dict[str
 GALLERY_SIZE = 12  # cells shown per class in the report
 
 
-def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, group_by: str = "input") -> tuple[list[dict[str, Any]], int]:
-    """``leukoscope count``: cells.csv, summary.csv, overlays/, report.html in ``out``; returns (summary rows, images not counted)."""
+def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, group_by: str = "input",
+                  classes: str | None = None) -> tuple[list[dict[str, Any]], int]:
+    """``leukoscope count``: cells.csv, summary.csv, overlays/, report.html in ``out``; returns (summary rows, images not counted).
+    ``classes`` ("A,B,..."): every cell is called among those of the model's classes only (``restrict_classes``)."""
     from PIL import Image
 
     from .explain import unique_name
@@ -292,6 +294,8 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
         name = missing[0].lower()
         raise LeukoscopeError(f"{missing[0]!r} is not a file or folder; to count with the bundled model {name!r}, use --model {name}")
     predictor = load_model(model)
+    if classes:
+        predictor = restrict_classes(predictor, parse_classes(classes, predictor.class_names))
     pairs = slides_of(inputs, group_by)
     if not pairs:
         raise LeukoscopeError(f"no image files found in {', '.join(map(str, inputs))}")
