@@ -67,7 +67,7 @@ def test_a_service_restricted_to_some_classes_chooses_among_them_and_still_draws
     if "pbc" not in bundled_models():
         pytest.skip("bundled model pbc not built (make models)")
     whole = load_model("pbc")
-    app = TestClient(create_app(restrict_classes(whole, FIVE), "pbc", whole=whole))
+    app = TestClient(create_app(restrict_classes(whole, FIVE), "pbc"))
     assert app.get("/models").json()["models"][0]["restricted_from"] == whole.class_names
     paths = [min((require(DATA / "pbc") / c).glob("*.jpg")) for c in ("lymphocyte", "platelet")]
     files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]

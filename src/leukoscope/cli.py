@@ -288,13 +288,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .inference import load_model, parse_classes, restrict_classes
     from .serve import listen, serve
 
-    predictor = whole = load_model(args.model, backend=args.backend, device=args.device, precision=args.precision)
+    predictor = load_model(args.model, backend=args.backend, device=args.device, precision=args.precision)
     if args.classes:
-        predictor = restrict_classes(whole, parse_classes(args.classes, whole.class_names))
+        predictor = restrict_classes(predictor, parse_classes(args.classes, predictor.class_names))
     sock = listen(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {args.model} at http://{host}:{args.port}/ (API docs: /docs)")
-    serve(predictor, name=Path(str(args.model)).name, sock=sock, whole=whole)
+    serve(predictor, name=Path(str(args.model)).name, sock=sock)
     return 0
 
 

@@ -44,15 +44,19 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 
 class Explainer:
-    """Heatmaps for a PyTorch predictor (not for ONNX or classical models, which have no gradients)."""
+    """Heatmaps for a PyTorch predictor (not for ONNX or classical models, which have no gradients). A predictor
+    restricted to some classes (``restrict_classes``) is explained by its whole model's network; class indices
+    stay the restricted predictor's."""
 
     def __init__(self, predictor: Predictor, method: str = "gradcam"):
         if method not in CAM_METHODS:
             raise LeukoscopeError(f"unknown CAM method {method!r}{did_you_mean(method, CAM_METHODS)}; choose from {', '.join(CAM_METHODS)}")
-        if "state_dict" not in predictor.checkpoint:
+        whole = predictor.whole or predictor
+        if "state_dict" not in whole.checkpoint:
             raise LeukoscopeError(f"heatmaps need a PyTorch model (run folder, checkpoint or bundled name); {predictor.source!r} is a {predictor.kind} model")
         self.predictor = predictor
-        self.model = model_from_checkpoint(predictor.checkpoint).float().eval()
+        self._columns = [whole.class_names.index(c) for c in predictor.class_names]  # the network's output of each class
+        self.model = model_from_checkpoint(whole.checkpoint).float().eval()
         for module in self.model.modules():
             if isinstance(module, nn.ReLU):
                 module.inplace = False  # gradient hooks need the activations unmodified
@@ -63,7 +67,7 @@ class Explainer:
         """(N, S, S) maps in [0, 1] for (N, 3, S, S) uint8 images and the class to explain per image."""
         pre = self.predictor.card.preprocessing
         x = eval_transform(batch_uint8, pre.mean, pre.std).contiguous()
-        targets = [ClassifierOutputTarget(int(c)) for c in class_indices]
+        targets = [ClassifierOutputTarget(self._columns[int(c)]) for c in class_indices]
         with self._lock, torch.enable_grad():
             maps = self.cam(input_tensor=x, targets=targets)
         return np.nan_to_num(np.asarray(maps, dtype=np.float32)).clip(0, 1)

@@ -76,9 +76,11 @@ class Predictor:
     augmentation, temperature, threshold, output rows) is shared, so callers never branch.
     """
 
-    def __init__(self, checkpoint: dict[str, Any], source: str = "", backend: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def __init__(self, checkpoint: dict[str, Any], source: str = "", backend: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 whole: Predictor | None = None):
         self.checkpoint = checkpoint
         self.source = source
+        self.whole = whole  # the model this one chooses among some classes of (restrict_classes), whose network draws heatmaps
         self.card = card = ModelCard.from_meta(checkpoint)
         self.class_names: list[str] = card.class_names
         self.view = card.preprocessing.view  # the square of each image the model sees: see io.frame
@@ -515,9 +517,9 @@ def restrict_classes(predictor: Predictor, classes: Sequence[str], tta: bool | s
 
     backend.kind = predictor.kind  # type: ignore[attr-defined]
     meta = {**predictor.meta, "class_names": list(classes), "threshold": None, "tta": "none",
-            "restricted_from": list(predictor.class_names)}  # no state_dict: heatmaps need the whole model
+            "restricted_from": list(predictor.class_names)}  # no state_dict: heatmaps come from the whole model
     meta.pop("positive_index", None)
-    return Predictor(meta, source=predictor.source, backend=backend)
+    return Predictor(meta, source=predictor.source, backend=backend, whole=predictor.whole or predictor)
 
 
 def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -65,9 +65,7 @@ def _validation_message(err: RequestValidationError) -> str:
 
 
 def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
-               max_concurrent: int = MAX_CONCURRENT, whole: Predictor | None = None) -> FastAPI:
-    """The app for ``predictor``; ``whole`` is the model it was restricted from (``restrict_classes``), which
-    draws the heatmaps, since a restricted predictor chooses among some of its classes but has no network of its own."""
+               max_concurrent: int = MAX_CONCURRENT) -> FastAPI:
     app = FastAPI(title="Leukoscope", version=__version__, description="Blood-cell image classification: predictions, probabilities and Grad-CAM heatmaps.")
     explainer: list[Explainer | None] = []
     page = (resources.files("leukoscope.serve") / "static" / "index.html").read_text(encoding="utf-8")
@@ -76,7 +74,7 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
     def get_explainer() -> Explainer | None:
         if not explainer:
             try:
-                explainer.append(Explainer(whole or predictor))
+                explainer.append(Explainer(predictor))
             except LeukoscopeError:
                 explainer.append(None)
         return explainer[0]
@@ -197,7 +195,7 @@ def classify(predictor: Predictor, decoded: list[tuple[np.ndarray, bool | None, 
         if found is not None:
             result["localised"] = found
         if explainer is not None:
-            result["heatmap"] = _data_url(explainer.overlay(image, explainer.predictor.class_names.index(pred.label)))
+            result["heatmap"] = _data_url(explainer.overlay(image, predictor.class_names.index(pred.label)))
         results.append(result)
     return results
 
@@ -213,8 +211,8 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         raise LeukoscopeError(f"cannot listen on {host}:{port}: {reason}; choose another --port or --host") from None
 
 
-def serve(predictor: Predictor, name: str, sock: socket.socket, whole: Predictor | None = None) -> None:
-    """Run the web app on a socket from ``listen`` until interrupted (``whole``: see ``create_app``)."""
+def serve(predictor: Predictor, name: str, sock: socket.socket) -> None:
+    """Run the web app on a socket from ``listen`` until interrupted."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(create_app(predictor, name, whole=whole), log_level="info")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(create_app(predictor, name), log_level="info")).run(sockets=[sock])
