@@ -43,6 +43,9 @@ def _search(estimator, grid: dict, seed: int, jobs: int = 2) -> GridSearchCV:
 
 def build_estimator(kind: str, seed: int) -> GridSearchCV:
     if kind == "svm":
+        # Platt probabilities by libsvm's internal cross-validation. scikit-learn 1.9 deprecates them (removed in 1.11,
+        # hence the pin in pyproject.toml); the suggested CalibratedClassifierCV(SVC(), ensemble=False) refuses a class
+        # with fewer than 5 images in a training fold, which small classes reach inside the grid search.
         pipe = make_pipeline(StandardScaler(), SVC(probability=True, class_weight="balanced", random_state=seed))
         return _search(pipe, {"svc__C": [1, 10, 100], "svc__gamma": ["scale", 0.003]}, seed)
     if kind == "mlp":
