@@ -10,6 +10,11 @@ and the 15 C-NMC cells (B-lymphoid: `lymphocyte`). Writes the AVERAGE-MODELS blo
 Usage (the light-jitter bundle is in the history of src/leukoscope/weights/wbc.pt):
     git show 9881f94^:src/leukoscope/weights/wbc.pt > /tmp/wbc_light.pt
     python benchmarks/average_models.py /tmp/wbc_light.pt
+
+With several models (runs of the `wbc` recipe, say), it prints each one's images right and the
+mean of all their probabilities with `wbc`'s; with --print, or several models, docs/benchmarks.md is left as it is:
+    python benchmarks/average_models.py runs/deep runs/wide
+    python benchmarks/average_models.py runs/deep --print
 """
 
 from __future__ import annotations
@@ -27,27 +32,41 @@ from specialist_gate import image_sets
 from leukoscope.inference import load_model
 
 
+def load_all(paths: list[str]) -> dict:
+    models = {"`wbc`": load_model("wbc"), **{path: load_model(path) for path in paths}}
+    names = models["`wbc`"].class_names
+    for path, model in models.items():
+        if model.class_names != names:
+            sys.exit(f"average_models: {path} has classes {model.class_names}, not {names}")
+    return models
+
+
 def main() -> None:
-    if len(sys.argv) != 2:
+    paths = [a for a in sys.argv[1:] if a != "--print"]
+    if not paths or any(p.startswith("-") for p in paths):
         sys.exit(__doc__)
     if not (ROOT / "runs" / "data" / "wbc").is_dir():
         sys.exit("average_models: needs runs/data/wbc (python tools/make_wbc_data.py --out runs/data/wbc)")
-    models = {"`wbc`": load_model("wbc"), "other": load_model(sys.argv[1])}
+    models = load_all(paths)
     names = models["`wbc`"].class_names
-    if models["other"].class_names != names:
-        sys.exit(f"average_models: {sys.argv[1]} has classes {models['other'].class_names}, not {names}")
-    lines = ["| images | n | `wbc` | other | mean | geometric mean | other where its alarm finds the image in domain, else `wbc` (taken) |",
-             "|---|---|---|---|---|---|---|"]
-    for name, (paths, labels) in image_sets().items():
-        predictions = [m.predict(paths) for m in models.values()]
+    single = len(paths) == 1
+    columns = ["other", "mean", "geometric mean", "other where its alarm finds the image in domain, else `wbc` (taken)"] if single else \
+        [*paths, "mean of all"]
+    lines = ["| images | n | `wbc` | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+    for name, (images, labels) in image_sets().items():
+        predictions = [m.predict(images) for m in models.values()]
         probs = [np.array([[p.probabilities[c] for c in names] for p in ps]) for ps in predictions]
-        taken = np.array([bool(p.in_domain) for p in predictions[1]])
         y = np.array([names.index(label) for label in labels])
-        calls = [probs[0], probs[1], probs[0] + probs[1], np.log(probs[0] + 1e-9) + np.log(probs[1] + 1e-9),
-                 np.where(taken[:, None], probs[1], probs[0])]
-        lines.append(f"| {name} | {len(y)} | " + " | ".join(str(int((c.argmax(1) == y).sum())) for c in calls) + f" ({taken.sum()}) |")
+        calls = [*probs, sum(probs)]
+        taken = ""
+        if single:
+            in_domain = np.array([bool(p.in_domain) for p in predictions[1]])
+            calls += [np.log(probs[0] + 1e-9) + np.log(probs[1] + 1e-9), np.where(in_domain[:, None], probs[1], probs[0])]
+            taken = f" ({in_domain.sum()})"
+        lines.append(f"| {name} | {len(y)} | " + " | ".join(str(int((c.argmax(1) == y).sum())) for c in calls) + taken + " |")
         print(lines[-1], flush=True)
-    write_block("AVERAGE-MODELS", "\n".join(lines))
+    if single and "--print" not in sys.argv:
+        write_block("AVERAGE-MODELS", "\n".join(lines))
 
 
 if __name__ == "__main__":
