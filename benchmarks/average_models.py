@@ -43,6 +43,7 @@ def load_all(paths: list[str]) -> dict:
 
 def main() -> None:
     paths = [a for a in sys.argv[1:] if a != "--print"]
+    write = len(paths) == 1 and "--print" not in sys.argv[1:]  # the block holds the table of one model against `wbc`
     if not paths or any(p.startswith("-") for p in paths):
         sys.exit(__doc__)
     if not (ROOT / "runs" / "data" / "wbc").is_dir():
@@ -65,7 +66,7 @@ def main() -> None:
             taken = f" ({in_domain.sum()})"
         lines.append(f"| {name} | {len(y)} | " + " | ".join(str(int((c.argmax(1) == y).sum())) for c in calls) + taken + " |")
         print(lines[-1], flush=True)
-    if single and "--print" not in sys.argv:
+    if write:
         write_block("AVERAGE-MODELS", "\n".join(lines))
 
 
