@@ -249,3 +249,46 @@ def test_training_without_validation_images_warns_what_that_costs(tmp_path, caps
     assert "warning: no validation images (4 images, 0 for testing)" in capsys.readouterr().err
     prediction = load_model(tmp_path / "run").predict(sorted(data.rglob("*.png"))[:1])[0]
     assert prediction.label in ("blast", "normal") and prediction.ood_score >= 0
+
+
+def test_mix_batch_mixup_and_cutmix_keep_pixels_and_labels_in_proportion():
+    from leukoscope.transforms import mix_batch
+
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 10, 10).contiguous()  # image i is the constant i
+    g = torch.Generator().manual_seed(0)
+    same, partner, lam = mix_batch(x, AugmentConfig(), g)
+    assert same is x and partner is None and lam == 1.0
+    mixed, partner, lam = mix_batch(x, AugmentConfig(mixup=0.2), g)
+    assert sorted(partner.tolist()) == [0, 1, 2, 3] and 0 < lam < 1
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[partner])
+    mixed, partner, lam = mix_batch(x, AugmentConfig(cutmix=1.0), g)
+    from_partner = (mixed == x[partner]) & (mixed != x)  # pixels taken from a different image
+    moved = [i for i in range(4) if partner[i] != i]
+    assert moved and all(from_partner[i].float().mean().item() == pytest.approx(1 - lam) for i in moved)
+    again = mix_batch(x, AugmentConfig(cutmix=1.0), torch.Generator().manual_seed(0))
+    first = mix_batch(x, AugmentConfig(cutmix=1.0), torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], first[0]) and again[2] == first[2]  # seeded
+    with pytest.raises(LeukoscopeError, match="augment.mixup and augment.cutmix must be >= 0"):
+        TrainConfig.from_dict({"augment": {"mixup": -0.2}})
+
+
+def test_mixed_cross_entropy_weighs_own_and_partner_labels():
+    import math
+
+    from leukoscope.trainer import mixed_cross_entropy
+
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])  # image 0: p = (0.75, 0.25); image 1: (0.5, 0.5)
+    target, partner = torch.tensor([0, 1]), torch.tensor([1, 0])
+    own = (-math.log(0.75) - math.log(0.5)) / 2
+    swapped = (-math.log(0.25) - math.log(0.5)) / 2  # each image scored on its partner's label
+    assert mixed_cross_entropy(logits, target, None, 1.0).item() == pytest.approx(own)
+    assert mixed_cross_entropy(logits, target, partner, 0.8).item() == pytest.approx(0.8 * own + 0.2 * swapped)
+
+
+def test_cnn_learns_a_separable_set_under_mixup_and_cutmix(tmp_path):
+    data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
+    config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=12, batch_size=16, lr=1e-2, seed=0, patience=12,
+                         augment=AugmentConfig(blur_p=0.0, mixup=0.2, cutmix=1.0))
+    metrics = train(data, tmp_path / "run", config)
+    assert metrics["test"]["accuracy"] >= 0.9
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["augment"]["mixup"] == 0.2

@@ -165,6 +165,8 @@ class TrainConfig:
             (self.colour_norm in COLOUR_MODES, f"colour_norm must be one of {', '.join(COLOUR_MODES)}, got {self.colour_norm!r}"),
             (self.cell is None or 0.1 <= self.cell <= 1.0, f"cell must be between 0.1 and 1.0 (the cell's share of the window), got {self.cell}"),
             (0 <= self.augment.colour_p <= 1, f"augment.colour_p must be between 0 and 1, got {self.augment.colour_p}"),
+            (self.augment.mixup >= 0 and self.augment.cutmix >= 0,
+             f"augment.mixup and augment.cutmix must be >= 0 (a Beta parameter, 0: off), got {self.augment.mixup} and {self.augment.cutmix}"),
             (0 <= self.distill <= 1, f"distill must be between 0 and 1 (the teacher's share of a target), got {self.distill}"),
             (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
             (self.teacher is None or self.method == "cnn", "teacher applies to CNN training (method cnn)"),

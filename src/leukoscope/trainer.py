@@ -30,7 +30,7 @@ from .models import cpu_bf16_safe, training_memory_format
 from .progress import note, progress
 from .runtime import cpu_info
 from .transfer import is_head
-from .transforms import eval_transform, train_transform
+from .transforms import eval_transform, mix_batch, train_transform
 
 
 def cpu_has_native_bf16() -> bool:
@@ -90,6 +90,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig, head: str | None = No
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def mixed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, partner: torch.Tensor | None, lam: float,
+                        weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of a batch mixed by ``transforms.mix_batch``: ``lam`` of each image's own target
+    and ``1 - lam`` of its partner's (plain cross-entropy when ``partner`` is None)."""
+    loss = F.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing)
+    if partner is None:
+        return loss
+    other = F.cross_entropy(logits, target[partner.to(target.device)], weight=weight, label_smoothing=label_smoothing)
+    return lam * loss + (1 - lam) * other
 
 
 def class_weights(labels: np.ndarray, num_classes: int, enabled: bool) -> torch.Tensor | None:
@@ -189,12 +200,13 @@ class Trainer:
         for batch in progress(batches, desc="batches", leave=False, disable=not world.is_main):
             idx = shard(batch, world)
             x = train_transform(images[idx], *self.stats, config.augment, self.rngs["augment"], size, view)
+            x, partner, lam = mix_batch(x, config.augment, self.rngs["augment"])
             x = x.to(self.device, memory_format=self.layout)
             y = targets_all[idx].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(x)
             target = y if self.targets is None else self.targets[idx].to(self.device)
-            loss = F.cross_entropy(logits.float(), target, weight=weights, label_smoothing=config.label_smoothing)
+            loss = mixed_cross_entropy(logits.float(), target, partner, lam, weights, config.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,8 @@ class AugmentConfig:
     hed: float = 0.0  # HED stain jitter: each stain's density scaled by U(1 - hed, 1 + hed) ...
     hed_shift: float = 0.0  # ... and shifted by U(-hed_shift, hed_shift) (Tellez et al. 2019: 0.05 and 0.05 "light")
     colour_p: float = 1.0  # the share of images whose colours are jittered (colour map and HED); the rest keep theirs
+    mixup: float = 0.0  # mixup (Zhang et al. 2018): blend each batch with a shuffled copy, weight ~ Beta(mixup, mixup); 0: off
+    cutmix: float = 0.0  # CutMix (Yun et al. 2019): paste a box of a shuffled copy, kept area ~ Beta(cutmix, cutmix); 0: off
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -79,6 +82,32 @@ def train_transform(
     x = _keep_some_colours(x, config, generator, lambda y: _random_hed(_random_colour(y, config, generator), config, generator))
     x = _random_blur(x, config, generator)
     return normalize(x.clamp_(0, 1), mean, std).contiguous(memory_format=torch.channels_last)
+
+
+def mix_batch(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """Mixup or CutMix on a training batch (one of them at random per batch when both are on).
+
+    Returns the mixed batch, each image's partner (indices into the batch; None when nothing was
+    mixed) and the share ``lam`` of its own label: the loss is ``lam * CE(y) + (1 - lam) * CE(y[partner])``.
+    """
+    modes = [mode for mode in ("mixup", "cutmix") if getattr(config, mode) > 0]
+    n = x.shape[0]
+    if not modes or n < 2:
+        return x, None, 1.0
+    mode = modes[int(torch.randint(len(modes), (1,), generator=g))]
+    alpha = getattr(config, mode)
+    lam = float(np.random.default_rng(int(torch.randint(2**62, (1,), generator=g))).beta(alpha, alpha))
+    partner = torch.randperm(n, generator=g)
+    if mode == "mixup":
+        return x * lam + x[partner] * (1 - lam), partner, lam
+    h, w = x.shape[-2:]
+    side = math.sqrt(1 - lam)
+    cy, cx = (int(v) for v in torch.randint(h, (1,), generator=g).tolist() + torch.randint(w, (1,), generator=g).tolist())
+    y0, y1 = max(cy - round(h * side / 2), 0), min(cy + round(h * side / 2), h)
+    x0, x1 = max(cx - round(w * side / 2), 0), min(cx + round(w * side / 2), w)
+    mixed = x.clone()
+    mixed[..., y0:y1, x0:x1] = x[partner][..., y0:y1, x0:x1]
+    return mixed, partner, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
