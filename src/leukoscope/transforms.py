@@ -89,6 +89,9 @@ def mix_batch(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> tup
 
     Returns the mixed batch, each image's partner (indices into the batch; None when nothing was
     mixed) and the share ``lam`` of its own label: the loss is ``lam * CE(y) + (1 - lam) * CE(y[partner])``.
+    Not torchvision's MixUp/CutMix or timm's Mixup: they draw from the global random state (torch's,
+    numpy's), where every augmentation here draws from the training's own seeded stream ``g``, so a
+    run's augmentation does not depend on what else consumed random numbers.
     """
     modes = [mode for mode in ("mixup", "cutmix") if getattr(config, mode) > 0]
     n = x.shape[0]
@@ -102,11 +105,11 @@ def mix_batch(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> tup
         return x * lam + x[partner] * (1 - lam), partner, lam
     h, w = x.shape[-2:]
     side = math.sqrt(1 - lam)
-    cy, cx = (int(v) for v in torch.randint(h, (1,), generator=g).tolist() + torch.randint(w, (1,), generator=g).tolist())
+    cy, cx = int(torch.randint(h, (1,), generator=g)), int(torch.randint(w, (1,), generator=g))
     y0, y1 = max(cy - round(h * side / 2), 0), min(cy + round(h * side / 2), h)
     x0, x1 = max(cx - round(w * side / 2), 0), min(cx + round(w * side / 2), w)
     mixed = x.clone()
-    mixed[..., y0:y1, x0:x1] = x[partner][..., y0:y1, x0:x1]
+    mixed[..., y0:y1, x0:x1] = x[partner, :, y0:y1, x0:x1]
     return mixed, partner, 1.0 - (y1 - y0) * (x1 - x0) / (h * w)
 
 
