@@ -7,7 +7,7 @@ import torch
 from leukoscope.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from leukoscope.errors import LeukoscopeError
 from leukoscope.models import create_model, list_models
-from leukoscope.models.cellnet import MixStyle, SqueezeExcite
+from leukoscope.models.cellnet import InstanceBatchNorm, MixStyle, SqueezeExcite
 from leukoscope.transforms import AugmentConfig, eval_transform, train_transform
 
 
@@ -67,6 +67,24 @@ def test_mixstyle_mixes_each_images_channel_statistics_in_training_only():
     assert torch.allclose(normalise(out), normalise(x), atol=1e-3)  # the content (what is where) is untouched
     out_std = out.std((2, 3))
     assert (out_std >= std.min(0).values - 1e-3).all() and (out_std <= std.max(0).values + 1e-3).all()
+
+
+def test_instance_batch_norm_removes_each_images_level_from_half_of_the_channels():
+    torch.manual_seed(0)
+    norm = InstanceBatchNorm(6)
+    x = torch.randn(4, 6, 8, 8)
+    gain, offset = torch.rand(4, 6, 1, 1) + 0.5, torch.randn(4, 6, 1, 1)  # another lab: each image and channel rescaled
+    for mode in (norm.train, norm.eval):
+        mode()
+        out, shifted = norm(x), norm(x * gain + offset)
+        assert out.shape == x.shape
+        assert torch.allclose(out[:, :3], shifted[:, :3], atol=1e-4)  # the instance half does not see the change
+        assert not torch.allclose(out[:, 3:], shifted[:, 3:], atol=1e-2)  # the batch half does
+    assert torch.allclose(norm.train()(x)[:, :3], norm.eval()(x)[:, :3])  # no running statistics in the instance half
+    model = create_model("cellnet", 8, ibn=True)
+    assert sum(isinstance(m, InstanceBatchNorm) for m in model.modules()) == 3  # the first three stages, not the last
+    assert not any(isinstance(m, InstanceBatchNorm) for m in create_model("cellnet", 8).modules())
+    assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 8)
 
 
 def test_architecture_options_are_checked_with_the_valid_ones_named():
@@ -221,3 +239,21 @@ def test_bundled_models_have_cards_that_match_the_docs(capsys):
         assert shown == card.replace(f"`{name}`", f"`{name.upper()}`")
         for needed in ("not for diagnosis", "95% CI", "Known failure modes", "Another lab", "By image"):
             assert needed in card, (name, needed)
+
+
+def test_instance_batch_norm_exports_to_onnx_with_the_same_probabilities(tmp_path):
+    from leukoscope.inference import load_model
+
+    torch.manual_seed(0)
+    model = create_model("cellnet", 3, ibn=True)
+    with torch.no_grad():  # batch statistics unlike the fresh defaults, so a dropped or misplaced half would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    meta = {"arch": "cellnet", "arch_kwargs": {"ibn": True}, "class_names": ["a", "b", "c"], "image_size": 48,
+            "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_checkpoint(tmp_path / "m.pt", build_checkpoint(model.eval(), meta))
+    images = torch.randint(0, 256, (5, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    on_torch = load_model(tmp_path / "m.pt", backend="torch").predict_proba(images)
+    on_onnx = load_model(tmp_path / "m.pt", backend="onnx").predict_proba(images)
+    assert np.abs(on_torch - on_onnx).max() < 1e-4 and on_torch.std(0).max() > 1e-3  # the images are told apart

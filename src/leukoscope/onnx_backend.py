@@ -141,6 +141,7 @@ def onnx_bytes(checkpoint: dict[str, Any], opset: int = OPSET, raw_pixels: bool 
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated, but needs no onnxscript and traces CellNet exactly
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # the padding's reversed pad list; harmless
+        warnings.filterwarnings("ignore", message=".*'instance_norm' is set to train=True")  # IBN's instance half: right in eval too
         torch.onnx.export(wrapped, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT],
                           output_names=["logits"], dynamic_axes={INPUT: {0: "batch"}, "logits": {0: "batch"}})
     import onnx

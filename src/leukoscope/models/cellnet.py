@@ -22,6 +22,7 @@ class CellNetConfig:
     dropout: float = 0.2
     se: bool = False  # squeeze-and-excitation gate in each block
     mixstyle: float = 0.0  # training only: probability per batch of mixing feature statistics between images (MixStyle)
+    ibn: bool = False  # instance-batch normalisation (IBN-a) in the first norm of the first three stages' blocks
 
     def __post_init__(self) -> None:
         if not 0 <= self.mixstyle <= 1:
@@ -31,11 +32,34 @@ class CellNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3, ibn: bool = False) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
-        nn.BatchNorm2d(c_out),
+        InstanceBatchNorm(c_out) if ibn else nn.BatchNorm2d(c_out),
     )
+
+
+class InstanceBatchNorm(nn.Module):
+    """IBN-a of Pan et al. (2018): half of the channels instance-normalised, half batch-normalised.
+
+    Instance normalisation removes each image's own contrast and colour level from those channels,
+    which is what another lab's stain and camera change; the batch-normalised half keeps the
+    features that tell cells apart. Pan et al. put it in the first norm of the early and middle
+    blocks, where appearance lives, not in the last stage. The instance half has no running
+    statistics, so it works the same in training, prediction and adaptation.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.split = channels // 2
+        self.instance = nn.InstanceNorm2d(self.split, affine=True)
+        self.batch = nn.BatchNorm2d(channels - self.split)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x[:, : self.split], x[:, self.split :]
+        # cat of channel slices comes out NCHW; the next convolution runs faster channels_last, the format
+        # that training and prediction use (an unconditional call keeps the module traceable for BatchNorm folding)
+        return torch.cat([self.instance(a), self.batch(b)], 1).contiguous(memory_format=torch.channels_last)
 
 
 class SqueezeExcite(nn.Module):
@@ -82,9 +106,9 @@ class MixStyle(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, se: bool = False):
+    def __init__(self, c_in: int, c_out: int, stride: int, se: bool = False, ibn: bool = False):
         super().__init__()
-        self.conv1 = conv_bn(c_in, c_out, stride)
+        self.conv1 = conv_bn(c_in, c_out, stride, ibn=ibn)
         self.conv2 = conv_bn(c_out, c_out)
         self.gate = SqueezeExcite(c_out) if se else nn.Identity()
         nn.init.zeros_(self.conv2[1].weight)  # each block starts as identity: stabler from scratch
@@ -106,7 +130,7 @@ class CellNet(nn.Module):
             if config.mixstyle and stage < 3:  # after the stem and the first two stages, where style lives (none: same layers as before)
                 layers.append(MixStyle(config.mixstyle))
             for i in range(depth):
-                layers.append(BasicBlock(c_in, width, stride=2 if i == 0 else 1, se=config.se))
+                layers.append(BasicBlock(c_in, width, stride=2 if i == 0 else 1, se=config.se, ibn=config.ibn and stage < 3))
                 c_in = width
             if stage < 2:
                 taps.append(len(layers) - 1)
