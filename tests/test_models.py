@@ -81,6 +81,7 @@ def test_instance_batch_norm_removes_each_images_level_from_half_of_the_channels
         assert torch.allclose(out[:, :3], shifted[:, :3], atol=1e-4)  # the instance half does not see the change
         assert not torch.allclose(out[:, 3:], shifted[:, 3:], atol=1e-2)  # the batch half does
     assert torch.allclose(norm.train()(x)[:, :3], norm.eval()(x)[:, :3])  # no running statistics in the instance half
+    assert norm(x.to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
     model = create_model("cellnet", 8, ibn=True)
     assert sum(isinstance(m, InstanceBatchNorm) for m in model.modules()) == 3  # the first three stages, not the last
     assert not any(isinstance(m, InstanceBatchNorm) for m in create_model("cellnet", 8).modules())
@@ -239,6 +240,18 @@ def test_bundled_models_have_cards_that_match_the_docs(capsys):
         assert shown == card.replace(f"`{name}`", f"`{name.upper()}`")
         for needed in ("not for diagnosis", "95% CI", "Known failure modes", "Another lab", "By image"):
             assert needed in card, (name, needed)
+
+
+def test_instance_batch_norm_keeps_the_memory_format_training_chose():
+    from leukoscope.models import training_memory_format
+
+    model = create_model("cellnet_tiny", 3, ibn=True)  # a strided 1x1 convolution on 8 channels: NCHW on CPU
+    assert training_memory_format(model, torch.device("cpu")) == torch.contiguous_format
+    seen = []
+    for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0].is_contiguous()))
+    model.train()(torch.randn(3, 3, 64, 64))
+    assert len(seen) > 10 and all(seen)  # no convolution was handed a channels_last tensor
 
 
 def test_instance_batch_norm_exports_to_onnx_with_the_same_probabilities(tmp_path):

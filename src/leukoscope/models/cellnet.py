@@ -57,9 +57,15 @@ class InstanceBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x[:, : self.split], x[:, self.split :]
-        # cat of channel slices comes out NCHW; the next convolution runs faster channels_last, the format
-        # that training and prediction use (an unconditional call keeps the module traceable for BatchNorm folding)
-        return torch.cat([self.instance(a), self.batch(b)], 1).contiguous(memory_format=torch.channels_last)
+        return in_format_of(torch.cat([self.instance(a), self.batch(b)], 1), x)
+
+
+@torch.fx.wrap  # kept whole when BatchNorm folding traces the network: its branch reads a real tensor's layout
+def in_format_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out`` in ``x``'s memory format. A cat of channel slices comes out NCHW whatever its input; the
+    next convolutions must see the format training chose (``models.training_memory_format``: NCHW where
+    a channels_last kernel is unsafe on this CPU, channels_last, the faster, elsewhere)."""
+    return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else out
 
 
 class SqueezeExcite(nn.Module):
