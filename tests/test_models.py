@@ -7,7 +7,7 @@ import torch
 from leukoscope.checkpoint import build_checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from leukoscope.errors import LeukoscopeError
 from leukoscope.models import create_model, list_models
-from leukoscope.models.cellnet import ColourContext, InstanceBatchNorm, MixStyle, SqueezeExcite
+from leukoscope.models.cellnet import InstanceBatchNorm, MixStyle, SqueezeExcite
 from leukoscope.transforms import AugmentConfig, eval_transform, train_transform
 
 
@@ -85,23 +85,6 @@ def test_instance_batch_norm_removes_each_images_level_from_half_of_the_channels
     model = create_model("cellnet", 8, ibn=True)
     assert sum(isinstance(m, InstanceBatchNorm) for m in model.modules()) == 3  # the first three stages, not the last
     assert not any(isinstance(m, InstanceBatchNorm) for m in create_model("cellnet", 8).modules())
-    assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 8)
-
-
-def test_colour_context_shows_every_pixel_its_images_channel_statistics():
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 5, 7)
-    out = ColourContext()(x)
-    assert out.shape == (2, 9, 5, 7) and torch.equal(out[:, :3], x)
-    for image in range(2):
-        for channel in range(3):
-            values = x[image, channel].flatten()
-            assert torch.allclose(out[image, 3 + channel], values.mean().expand(5, 7))
-            assert torch.allclose(out[image, 6 + channel], values.std().expand(5, 7))
-    assert ColourContext()(x.to(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
-    model = create_model("cellnet", 8, colour_context=True)
-    assert isinstance(model.features[0], ColourContext) and model.features[1][0].in_channels == 9
-    assert not any(isinstance(m, ColourContext) for m in create_model("cellnet", 8).modules())
     assert model.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 8)
 
 
@@ -271,17 +254,16 @@ def test_instance_batch_norm_keeps_the_memory_format_training_chose():
     assert len(seen) > 10 and all(seen)  # no convolution was handed a channels_last tensor
 
 
-@pytest.mark.parametrize("option", ["ibn", "colour_context"])
-def test_architecture_options_export_to_onnx_with_the_same_probabilities(tmp_path, option):
+def test_instance_batch_norm_exports_to_onnx_with_the_same_probabilities(tmp_path):
     from leukoscope.inference import load_model
 
     torch.manual_seed(0)
-    model = create_model("cellnet", 3, **{option: True})
+    model = create_model("cellnet", 3, ibn=True)
     with torch.no_grad():  # batch statistics unlike the fresh defaults, so a dropped or misplaced half would show
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-    meta = {"arch": "cellnet", "arch_kwargs": {option: True}, "class_names": ["a", "b", "c"], "image_size": 48,
+    meta = {"arch": "cellnet", "arch_kwargs": {"ibn": True}, "class_names": ["a", "b", "c"], "image_size": 48,
             "mean": [0.5] * 3, "std": [0.25] * 3}
     save_checkpoint(tmp_path / "m.pt", build_checkpoint(model.eval(), meta))
     images = torch.randint(0, 256, (5, 3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))

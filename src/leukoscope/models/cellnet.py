@@ -23,7 +23,6 @@ class CellNetConfig:
     se: bool = False  # squeeze-and-excitation gate in each block
     mixstyle: float = 0.0  # training only: probability per batch of mixing feature statistics between images (MixStyle)
     ibn: bool = False  # instance-batch normalisation (IBN-a) in the first norm of the first three stages' blocks
-    colour_context: bool = False  # the stem also sees each image's channel means and standard deviations (ColourContext)
 
     def __post_init__(self) -> None:
         if not 0 <= self.mixstyle <= 1:
@@ -67,25 +66,6 @@ def in_format_of(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     next convolutions must see the format training chose (``models.training_memory_format``: NCHW where
     a channels_last kernel is unsafe on this CPU, channels_last, the faster, elsewhere)."""
     return out.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else out
-
-
-class ColourContext(nn.Module):
-    """Each image's per-channel mean and standard deviation (over space), appended as 6 constant channels.
-
-    Under strong colour jitter an image's absolute colour says little, but a cell's colour relative
-    to the rest of its window survives a global change of brightness, white balance or stain
-    strength. A 3x3 convolution sees 3x3 pixels; with the window's statistics beside every pixel the
-    stem can compare each pixel with them from the first layer on. No weights; the same in training,
-    prediction and export.
-    """
-
-    channels = 9
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean((2, 3), keepdim=True)
-        std = x.std((2, 3), keepdim=True)
-        stats = torch.cat([mean, std], 1).expand(-1, -1, x.size(2), x.size(3))
-        return in_format_of(torch.cat([x, stats], 1), x)
 
 
 class SqueezeExcite(nn.Module):
@@ -149,9 +129,7 @@ class CellNet(nn.Module):
     def __init__(self, config: CellNetConfig):
         super().__init__()
         self.config = config
-        context = [ColourContext()] if config.colour_context else []
-        layers: list[nn.Module] = [*context, conv_bn(ColourContext.channels if context else 3, config.stem_width, stride=2),
-                                   nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [conv_bn(3, config.stem_width, stride=2), nn.ReLU(inplace=True)]
         taps = []
         c_in = config.stem_width
         for stage, (width, depth) in enumerate(zip(config.widths, config.depths, strict=True)):
