@@ -58,6 +58,24 @@ def test_byte_identical_images_stay_together(tmp_path):
         assert kind == "image"
 
 
+def test_a_copy_filed_under_another_class_is_named_and_training_warns(tmp_path, capsys):
+    from leukoscope.config import TrainConfig
+    from leukoscope.data.splits import label_conflicts
+    from leukoscope.runs import prepare_run
+
+    root = make_image_folder(tmp_path / "cells", n_per_class=20)
+    (root / "normal" / "misfiled.png").write_bytes((root / "blast" / "blast_003.png").read_bytes())
+    (root / "blast" / "copy.png").write_bytes((root / "blast" / "blast_007.png").read_bytes())  # same class: no conflict
+    ds = detect_layout(root)
+    assert label_conflicts(ds) == [["blast/blast_003.png", "normal/misfiled.png"]]
+    prepare_run(root, tmp_path / "run", TrainConfig(), "test")
+    err = capsys.readouterr().err
+    assert "warning: 1 image filed under two or more classes" in err
+    assert "blast/blast_003.png (blast), normal/misfiled.png (normal)" in err
+    (root / "normal" / "misfiled.png").unlink()
+    assert label_conflicts(detect_layout(root)) == []
+
+
 def test_patient_request_without_ids_falls_back_and_says_so(tmp_path):
     ds = detect_layout(make_image_folder(tmp_path, n_per_class=10))
     _, kind = make_splits(ds, by="patient")

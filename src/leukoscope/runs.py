@@ -23,7 +23,7 @@ from .calibration import MIN_IMAGES, fit_temperature, temperature_warning
 from .config import TrainConfig, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
 from .data.dataset import decode_many
-from .data.splits import check_split_leaks
+from .data.splits import check_split_leaks, label_conflicts
 from .errors import LeukoscopeError
 from .io import View, refuse_stream_folder
 from .progress import note, plural
@@ -126,6 +126,11 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
         splits, split_kind = prepare_splits(dataset, out, config, write=write)
     check_classes(dataset, splits)
     check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    if given is None and write and (conflicts := label_conflicts(dataset)):
+        labels = {s.path: s.label for s in dataset.samples}
+        example = ", ".join(f"{path} ({labels[path]})" for path in conflicts[0][:3])
+        note(f"warning: {plural(len(conflicts), 'image')} filed under two or more classes as byte-identical copies (e.g. {example}): "
+             "training learns each copy's label; keep one copy under the right class (`leukoscope check-data` lists them)")
     if "val" not in splits:
         note(f"warning: no validation images ({plural(len(splits), 'image')}, {splits.count('test')} for testing): the epoch is chosen "
              f"on training accuracy and the in-domain threshold set on the training images; add images or raise the validation fraction "

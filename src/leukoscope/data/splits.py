@@ -271,6 +271,13 @@ def run_splits(run_dir: str | os.PathLike, samples: list[Sample]) -> tuple[list[
     return [lookup[s.path] for s in samples], kind or "from splits.csv"
 
 
+def label_conflicts(dataset: Dataset) -> list[list[str]]:
+    """Paths of byte-identical files that carry different labels, one list per group: the same cell
+    filed under two classes, which a split keeps together but training learns both ways."""
+    groups = duplicate_groups([dataset.abspath(s) for s in dataset.samples])
+    return [[dataset.samples[i].path for i in g] for g in groups if len({dataset.samples[i].label for i in g}) > 1]
+
+
 def check_split_leaks(dataset: Dataset, splits: list[str], by_patient: bool = True) -> None:
     """Refuse a split where a patient or byte-identical images sit in two splits, or test lacks a class."""
     if by_patient and dataset.has_patients:
