@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 
@@ -98,10 +99,17 @@ def test_train_and_evaluate_skip_bad_files(trained, tmp_path, capsys):
     assert main(["train", str(data), "--out", str(tmp_path / "run"), *TINY]) == 0
     assert "warning: skipping" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "eval")]) == 0
+    err = capsys.readouterr().err
     assert main(["check-data", str(data), "--json", str(tmp_path / "check.json")]) == 1
-    report = __import__("json").loads((tmp_path / "check.json").read_text())
+    report = json.loads((tmp_path / "check.json").read_text())
     bad = {item["path"].split("/")[-1] for item in report["unreadable"]}
     assert bad == {n for n in copied if not expected[n]} | {"dangling.png", "pipe.png"}
+    named = {line.split(": ")[1].split("/")[-1] for line in err.splitlines() if line.startswith("warning: skipping /")}
+    more = [line for line in err.splitlines() if "more unreadable image" in line]
+    assert named <= bad and len(named) + sum(int(line.split()[2]) for line in more) == len(bad)  # each left-out file counted once
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert sum(m["unreadable"] for m in metrics.values()) == len(bad)
+    assert "unreadable (left out)" in (tmp_path / "eval" / "report.html").read_text()
 
 
 def test_serve_answers_4xx_never_5xx(trained, tmp_path):

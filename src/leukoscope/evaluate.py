@@ -29,7 +29,7 @@ from .metrics import (classification_report, expected_calibration_error, sensiti
                       threshold_for_sensitivity, wilson_interval)
 from .progress import note, plural, progress
 from .report import plot_confusion_matrices, plot_reliability, plot_roc, plot_training_curves, write_html_report
-from .runs import prepare_output_folder
+from .runs import prepare_output_folder, warn_unreadable
 from .transfer import describe
 
 CLASS_MAP_HINT = ("--class-map MODEL_CLASS=DATA_CLASS,... (e.g. Early=blast,Benign=normal; a model class may take several "
@@ -152,8 +152,9 @@ def _predict_split(predictor: Predictor, dataset: Dataset, splits: list[str], sp
     if images is not None and split in images:
         tensor, errors = images[split], [None] * len(members)
     else:
-        tensor, errors = decode_many([dataset.abspath(s) for s in members], predictor.view, desc=f"decode {split}", workers=workers,
-                                     recoloured=recoloured)
+        paths = [dataset.abspath(s) for s in members]
+        tensor, errors = decode_many(paths, predictor.view, desc=f"decode {split}", workers=workers, recoloured=recoloured)
+        warn_unreadable(paths, errors)
     ok = [i for i, e in enumerate(errors) if e is None]
     unfamiliar = np.array([predictor.unfamiliar(recoloured[i]) for i in ok] if recoloured else [False] * len(ok), dtype=bool)
     index = {c: i for i, c in enumerate(predictor.class_names)}

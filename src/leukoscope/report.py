@@ -161,11 +161,11 @@ def write_html_report(out_dir: Path, metrics: dict, class_names: Sequence[str], 
     splits = [s for s in ("train", "val", "test") if s in metrics]
     summary = _table(
         ["split", "n", "loss", "accuracy (95% CI)", "balanced acc. (95% CI)", "macro-F1 (95% CI)", "weighted F1", "ROC AUC (95% CI)",
-         "ECE before T", "ECE after T", "out of domain (95% CI)"],
+         "ECE before T", "ECE after T", "out of domain (95% CI)", "unreadable (left out)"],
         [[s, metrics[s]["n"], metrics[s]["loss"], _ci(metrics[s], "accuracy"), _ci(metrics[s], "balanced_accuracy"),
           _ci(metrics[s], "macro_f1"), metrics[s]["weighted_f1"], _ci(metrics[s], "roc_auc"),
           metrics[s].get("ece_uncalibrated", float("nan")), metrics[s]["ece"],
-          _ci(metrics[s], "out_of_domain") if "out_of_domain" in metrics[s] else "n/a"] for s in splits],
+          _ci(metrics[s], "out_of_domain") if "out_of_domain" in metrics[s] else "n/a", metrics[s].get("unreadable", 0)] for s in splits],
     )
     per_class = ""
     for s in splits:

@@ -141,6 +141,15 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
     return dataset, splits, split_kind
 
 
+def warn_unreadable(paths: list, errors: list[str | None], limit: int = 10) -> None:
+    """A warning per unreadable image (the first ``limit``, then how many more): they are left out, not scored."""
+    bad = [(path, error) for path, error in zip(paths, errors) if error is not None]
+    for path, error in bad[:limit]:
+        note(f"warning: skipping {path}: {error}")
+    if len(bad) > limit:
+        note(f"warning: skipping {plural(len(bad) - limit, 'more unreadable image')} (`leukoscope check-data DATA` lists them all)")
+
+
 def load_split_images(dataset: Dataset, splits: list[str], view: View, recoloured: list[bool] | None = None
                       ) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray], Dataset, list[str]]:
     """Decode every split; unreadable images are dropped from the dataset with a warning. ``recoloured``,
@@ -149,8 +158,7 @@ def load_split_images(dataset: Dataset, splits: list[str], view: View, recoloure
     paths = [dataset.abspath(s) for s in dataset.samples]
     images, errors = decode_many(paths, view, desc="decode images", recoloured=recoloured)
     bad = [i for i, e in enumerate(errors) if e is not None]
-    for i in bad[:10]:
-        note(f"warning: skipping {paths[i]}: {errors[i]}")
+    warn_unreadable(paths, errors)
     keep = [i for i, e in enumerate(errors) if e is None]
     if not any(splits[i] == "train" for i in keep):
         first = f" (first: {paths[bad[0]]}: {errors[bad[0]]})" if bad else ""
