@@ -59,12 +59,19 @@ def test_evaluate_and_predict_round_trip(synthetic_run, tmp_path, capsys):
     trained = json.loads((run / "metrics.json").read_text())
     assert evaluated["test"]["n"] == trained["test"]["n"]  # the run's splits.csv was reused
     assert abs(evaluated["test"]["accuracy"] - trained["test"]["accuracy"]) < 1e-9
+    scored = _rows(tmp_path / "eval" / "predictions.csv")
+    assert list(scored[0]) == ["path", "split", "label", "predicted", "confidence", "ood_score", "in_domain"]
+    for split in ("train", "val", "test"):  # the per-image flags add up to the split's out-of-domain share
+        flags = [r["in_domain"] for r in scored if r["split"] == split]
+        assert set(flags) <= {"true", "false"} and flags.count("false") / len(flags) == evaluated[split]["out_of_domain"]
     out = tmp_path / "preds.csv"
     assert main(["predict", str(run / "model.pt"), str(data), "--out", str(out)]) == 0
     rows = _rows(out)
     assert len(rows) == 32
     assert list(rows[0]) == ["path", "label", "confidence", "p_blast", "p_normal", "ood_score", "in_domain", "localised", "error"]
     assert all(float(r["ood_score"]) >= 0 and r["in_domain"] in ("true", "false") for r in rows)
+    alarm = {r["path"].split("/")[-1]: (r["ood_score"], r["in_domain"]) for r in scored}
+    assert all(alarm[r["path"].split("/")[-1]] == (r["ood_score"], r["in_domain"]) for r in rows)  # evaluate and predict agree
     for row in rows:
         assert row["label"] in ("blast", "normal") and not row["error"]
         assert abs(float(row["p_blast"]) + float(row["p_normal"]) - 1) < 1e-4

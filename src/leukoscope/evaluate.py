@@ -124,13 +124,16 @@ def evaluate(
         metrics[split] = summarize(r["y"], r["probs"], predictor.class_names, [s.patient for s in r["members"]], y_pred=calls)
         metrics[split]["ece_uncalibrated"] = expected_calibration_error(r["raw"], r["y"])
         metrics[split]["unreadable"] = r["unreadable"]
+        alarm = [("", "")] * len(calls)  # ood_score, in_domain: empty for a model without the alarm
         if r["ood"] is not None and len(r["ood"]):
-            flagged = int(((r["ood"] > predictor.ood_threshold) | r["unfamiliar"]).sum())  # as predict's in_domain
+            outside = (r["ood"] > predictor.ood_threshold) | r["unfamiliar"]  # as predict's in_domain
+            flagged = int(outside.sum())
             metrics[split]["out_of_domain"] = flagged / len(r["ood"])
             metrics[split]["out_of_domain_ci"] = list(wilson_interval(flagged, len(r["ood"])))
+            alarm = [(f"{score:.3f}", "false" if out else "true") for score, out in zip(r["ood"], outside)]
         if predictor.threshold is not None and len(predictor.class_names) == 2:
             metrics[split]["operating_point"] = operating_point(predictor, r["y"], r["probs"])
-        rows += [[s.path, split, s.label, predictor.class_names[c], float(p[c])] for s, p, c in zip(r["members"], r["probs"], calls)]
+        rows += [[s.path, split, s.label, predictor.class_names[c], float(p[c]), *a] for s, p, c, a in zip(r["members"], r["probs"], calls, alarm)]
     warn_small_test(metrics.get("test"))
     write_outputs(out_dir, metrics, predictor.class_names, rows, info, history)
     test = results.get("test")
@@ -230,7 +233,7 @@ def write_outputs(out_dir: Path, metrics: dict, class_names: list[str], rows: li
         handle.write(text)
     with atomic_write(out_dir / "predictions.csv", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "split", "label", "predicted", "confidence"])
+        writer.writerow(["path", "split", "label", "predicted", "confidence", "ood_score", "in_domain"])
         writer.writerows(rows)
     plot_confusion_matrices(metrics, class_names, out_dir / "confusion_matrix.png")
     if history:
