@@ -166,3 +166,21 @@ def test_check_data_warns_of_a_class_the_default_split_leaves_without_test_image
     warnings = check_data(data)["warnings"]
     assert any("leaves normal without test images: train refuses it" in w for w in warnings), warnings
     assert main(["train", str(data), "--out", str(tmp_path / "run"), "--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1"]) == 2
+
+
+def test_class_names_spelt_two_ways_are_named_by_check_data_and_train(tmp_path, capsys):
+    from leukoscope.config import TrainConfig
+    from leukoscope.data.check import check_data
+    from leukoscope.data.layouts import look_alike_classes
+    from leukoscope.runs import prepare_run
+
+    assert look_alike_classes(["Neutrophil", "neutrophils ", "NEUTROPHIL", "lymphocyte", "ALL", "all", "hem", "ig"]) == [
+        ["NEUTROPHIL", "Neutrophil", "neutrophils "], ["ALL", "all"]]
+    assert look_alike_classes(["blast", "normal", "ig", "igs"]) == []  # "igs" is too short to be read as a plural
+    data = make_image_folder(tmp_path / "data", n_per_class=12)
+    assert not any("differ only in case" in w for w in check_data(data)["warnings"])
+    (data / "normal").rename(data / "Blasts")  # a second lab's folder name for the same class
+    report = check_data(data)
+    assert any("'Blasts' / 'blast'" in w and "manifest.csv" in w for w in report["warnings"])
+    prepare_run(data, tmp_path / "run", TrainConfig(), "test")
+    assert "warning: class names that differ only in case, spaces or a plural are separate classes: 'Blasts' / 'blast'" in capsys.readouterr().err

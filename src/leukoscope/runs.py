@@ -23,6 +23,7 @@ from .calibration import MIN_IMAGES, fit_temperature, temperature_warning
 from .config import TrainConfig, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
 from .data.dataset import decode_many
+from .data.layouts import look_alike_warning
 from .data.splits import check_split_leaks, label_conflicts
 from .errors import LeukoscopeError
 from .io import View, refuse_stream_folder
@@ -126,6 +127,8 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
         splits, split_kind = prepare_splits(dataset, out, config, write=write)
     check_classes(dataset, splits)
     check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    if given is None and write and (look_alike := look_alike_warning(dataset.classes)):
+        note(f"warning: {look_alike}")
     if given is None and write and (conflicts := label_conflicts(dataset)):
         labels = {s.path: s.label for s in dataset.samples}
         example = ", ".join(f"{path} ({labels[path]})" for path in conflicts[0][:3])

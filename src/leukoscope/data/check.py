@@ -12,7 +12,7 @@ import numpy as np
 
 from ..io import ImageReadError, image_size, load_rgb
 from ..stain import colourless
-from .layouts import detect_layout
+from .layouts import detect_layout, look_alike_warning
 from .splits import duplicate_groups, make_splits, near_duplicate_pairs
 
 
@@ -56,6 +56,7 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         warnings.append(f"{sum(grayscale.values())} grayscale image(s) among colour ones ({per_class}): a class that holds "
                         "more of them than the others lets a model learn the colour mode instead of the cells")
     warnings += _short_classes(dataset)
+    warnings += [w for w in [look_alike_warning(dataset.classes)] if w]
     return {
         "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes, "images": len(dataset.samples),
         "classes": {c: {"images": counts[c], "patients": len(patients[c])} for c in dataset.classes},

@@ -62,6 +62,26 @@ def parse_uid(name: str) -> tuple[str, str] | None:
     return match.group(1).upper(), match.group(2).lower()
 
 
+def look_alike_classes(classes: list[str]) -> list[list[str]]:
+    """Groups of class names that differ only in case, spaces, punctuation or a plural ("Neutrophil",
+    "neutrophils ", "NEUTROPHIL"): most often one class spelt two ways by two labs or two people."""
+    groups: dict[str, list[str]] = {}
+    for name in classes:
+        key = "".join(ch for ch in name.lower() if ch.isalnum())
+        groups.setdefault(key[:-1] if key.endswith("s") and len(key) > 3 else key, []).append(name)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
+
+
+def look_alike_warning(classes: list[str]) -> str | None:
+    """One line naming the look-alike class names, with the fix; None when there are none."""
+    groups = look_alike_classes(classes)
+    if not groups:
+        return None
+    named = "; ".join(" / ".join(repr(c) for c in g) for g in groups)
+    return (f"class names that differ only in case, spaces or a plural are separate classes: {named}; "
+            "if each group is one class, give its folders one name or its images one label in manifest.csv")
+
+
 def detect_layout(root: str | os.PathLike) -> Dataset:
     """Return the labelled samples under ``root``; a one-line LeukoscopeError if none match."""
     root = Path(root)
