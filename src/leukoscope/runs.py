@@ -127,13 +127,8 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
         splits, split_kind = prepare_splits(dataset, out, config, write=write)
     check_classes(dataset, splits)
     check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
-    if given is None and write and (look_alike := look_alike_warning(dataset.classes)):
-        note(f"warning: {look_alike}")
-    if given is None and write and (conflicts := label_conflicts(dataset)):
-        labels = {s.path: s.label for s in dataset.samples}
-        example = ", ".join(f"{path} ({labels[path]})" for path in conflicts[0][:3])
-        note(f"warning: {plural(len(conflicts), 'image')} filed under two or more classes as byte-identical copies (e.g. {example}): "
-             "training learns each copy's label; keep one copy under the right class (`leukoscope check-data` lists them)")
+    if given is None and write:  # once per run, not per cross-validation fold or process
+        warn_label_problems(dataset)
     if "val" not in splits:
         note(f"warning: no validation images ({plural(len(splits), 'image')}, {splits.count('test')} for testing): the epoch is chosen "
              f"on training accuracy and the in-domain threshold set on the training images; add images or raise the validation fraction "
@@ -142,6 +137,17 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
         save_config(config, out / "config.yaml")
         (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))
     return dataset, splits, split_kind
+
+
+def warn_label_problems(dataset: Dataset) -> None:
+    """Warn of labels that are likely mistakes: one class spelt two ways, one image filed under two classes."""
+    if look_alike := look_alike_warning(dataset.classes):
+        note(f"warning: {look_alike}")
+    if conflicts := label_conflicts(dataset):
+        labels = {s.path: s.label for s in dataset.samples}
+        example = ", ".join(f"{path} ({labels[path]})" for path in conflicts[0][:3])
+        note(f"warning: {plural(len(conflicts), 'image')} filed under two or more classes as byte-identical copies (e.g. {example}): "
+             "training learns each copy's label; keep one copy under the right class (`leukoscope check-data` lists them)")
 
 
 def warn_unreadable(paths: list, errors: list[str | None], limit: int = 10) -> None:

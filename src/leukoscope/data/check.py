@@ -56,7 +56,8 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         warnings.append(f"{sum(grayscale.values())} grayscale image(s) among colour ones ({per_class}): a class that holds "
                         "more of them than the others lets a model learn the colour mode instead of the cells")
     warnings += _short_classes(dataset)
-    warnings += [w for w in [look_alike_warning(dataset.classes)] if w]
+    if look_alike := look_alike_warning(dataset.classes):
+        warnings.append(look_alike)
     return {
         "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes, "images": len(dataset.samples),
         "classes": {c: {"images": counts[c], "patients": len(patients[c])} for c in dataset.classes},
