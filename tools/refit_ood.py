@@ -26,6 +26,7 @@ import yaml
 from leukoscope.card import model_card
 from leukoscope.checkpoint import (
     ModelCard,
+    Preprocessing,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -69,7 +70,7 @@ def main() -> None:
     print(f"int8 graph {int8_path(out).name}: {int8_path(out).stat().st_size / 1e6:.1f} MB, {parity}")
 
 
-def refit_alarm(checkpoint: dict, data: Path, splits_file: Path, pre) -> None:
+def refit_alarm(checkpoint: dict, data: Path, splits_file: Path, pre: Preprocessing) -> None:
     """fit_ood on the pinned split's training images, its scales and threshold from the validation images."""
     samples, kinds = read_splits(splits_file)
     images = {}

@@ -19,6 +19,7 @@ from PIL import Image
 
 from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resolve_model_path
 from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
+from .data.layouts import singular
 from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
 from .io import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, iter_image_files, missing_inputs
@@ -442,8 +443,8 @@ def _name_key(name: str, subtypes: bool = True) -> str:
     subtype class of its own), a plural ("Neutrophils") made singular."""
     aliases = {**SUBTYPES, **CLASS_ALIASES} if subtypes else CLASS_ALIASES
     key = _letters(name)
-    if key not in aliases and key.endswith("s") and len(key) > 3:
-        key = key[:-1]
+    if key not in aliases:
+        key = singular(key)
     return aliases.get(key, key)
 
 

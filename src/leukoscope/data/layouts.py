@@ -62,13 +62,18 @@ def parse_uid(name: str) -> tuple[str, str] | None:
     return match.group(1).upper(), match.group(2).lower()
 
 
+def singular(key: str) -> str:
+    """A lower-case class name without a plural's final s ("neutrophils" -> "neutrophil"); names of three
+    letters or fewer are kept ("igs", "all"): too short to tell a plural from a name."""
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
 def look_alike_classes(classes: list[str]) -> list[list[str]]:
     """Groups of class names that differ only in case, spaces, punctuation or a plural ("Neutrophil",
     "neutrophils ", "NEUTROPHIL"): most often one class spelt two ways by two labs or two people."""
     groups: dict[str, list[str]] = {}
     for name in classes:
-        key = "".join(ch for ch in name.lower() if ch.isalnum())
-        groups.setdefault(key[:-1] if key.endswith("s") and len(key) > 3 else key, []).append(name)
+        groups.setdefault(singular("".join(ch for ch in name.lower() if ch.isalnum())), []).append(name)
     return [sorted(g) for g in groups.values() if len(g) > 1]
 
 
