@@ -177,3 +177,15 @@ def test_the_third_lab_annotation_describes_every_normal_all_idb2_cell_once():
     types = Counter(row["type"] for row in rows)
     assert set(types) <= {"basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"}
     assert {row["certain"] for row in rows} == {"yes", "no"} and types["lymphocyte"] > types["neutrophil"] > 0
+
+
+def test_a_link_to_another_class_folder_takes_none_of_its_images(tmp_path):
+    from leukoscope.io import iter_image_files
+
+    for rel in ["data/normal/a.png", "data/normal/b.png", "data/blast/c.png"]:
+        _tiny(tmp_path / rel, "PNG")
+    (tmp_path / "data" / "aaa").symlink_to(tmp_path / "data" / "normal")  # sorts before normal
+    (tmp_path / "data" / "blast" / "copy").symlink_to(tmp_path / "data" / "normal")
+    ds = detect_layout(tmp_path / "data")
+    assert Counter(s.label for s in ds.samples) == {"normal": 2, "blast": 1}
+    assert sorted(p.name for p in iter_image_files([tmp_path / "data"])) == ["a.png", "b.png", "c.png"]

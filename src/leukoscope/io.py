@@ -85,20 +85,29 @@ def _escape_undecodable(text: str) -> str:
 
 def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk`` in sorted order that follows symlinked folders (a lab's folders of links) but enters each
-    real folder once, so that a link back up the tree (a loop) or two links to one folder repeat nothing."""
+    real folder once, so that a link back up the tree (a loop) or two links to one folder repeat nothing.
+
+    A link to a folder that is itself inside ``root`` is not followed: that folder is walked under its own
+    name, so that ``blast -> normal`` cannot file the normal images under ``blast`` by sorting first."""
+    inside = {key for current, _, _ in os.walk(root) if (key := _folder_key(current))}
     seen: set[tuple[int, int]] = set()
     for current, dirs, files in os.walk(root, followlinks=True):
-        try:
-            info = os.stat(current)
-        except OSError:
+        key = _folder_key(current)
+        if key is None or key in seen:
             dirs[:] = []
             continue
-        if (info.st_dev, info.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((info.st_dev, info.st_ino))
-        dirs.sort()
+        seen.add(key)
+        dirs[:] = sorted(d for d in dirs if not (os.path.islink(os.path.join(current, d))
+                                                 and _folder_key(os.path.join(current, d)) in inside))
         yield current, dirs, files
+
+
+def _folder_key(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = True, crop: float = 1.0) -> np.ndarray:
