@@ -135,6 +135,7 @@ def test_segment_survives_the_corpus(tmp_path):
     for name, ok in expected.items():
         if name in ("one_pixel.png", "strip_2000x3.png"):  # too thin to segment: reported, not crashed
             assert "at least 8x8" in rows[name]["error"], name
+            assert ("2000x3" if name.startswith("strip") else "1x1") in rows[name]["error"], name  # the file's own size
         else:
             assert bool(rows[name]["error"]) != ok, (name, rows[name]["error"])
 

@@ -40,6 +40,10 @@ def cluster_labels(image: np.ndarray, k: int = 3, seed: int = 0, sample: int = 3
         return km.predict(lab).reshape(image.shape[:2]), km.cluster_centers_
 
 
+def _size(image: np.ndarray) -> str:
+    return f"{image.shape[1]}x{image.shape[0]}" + (f" with {image.shape[2]} channels" if image.ndim == 3 and image.shape[2] != 3 else "")
+
+
 def _border_share(labels: np.ndarray, k: int) -> np.ndarray:
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     return np.bincount(border, minlength=k) / len(border)
@@ -48,7 +52,7 @@ def _border_share(labels: np.ndarray, k: int) -> np.ndarray:
 def segment_cell(image: np.ndarray, k: int = 3, seed: int = 0, single_cell: bool = True) -> Segmentation:
     """Segment an RGB uint8 image; ``single_cell=False`` keeps every leukocyte of a smear field."""
     if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 8:
-        raise ValueError(f"expected an RGB image of at least 8x8 pixels, got shape {image.shape}")
+        raise ValueError(f"expected an RGB image of at least 8x8 pixels, got {_size(image)}")
     labels, centers = cluster_labels(image, k, seed)
     background = int(np.argmax(_border_share(labels, k)))
     candidates = [c for c in range(k) if c != background]
@@ -155,6 +159,8 @@ def segment_files(paths, out_dir, mode: str = "auto", max_side: int = 512) -> li
         row = {"path": str(path), "mode": "", "leukocytes": "", "nucleus_area": "", "cell_area": "", "nucleus_ratio": "", "error": ""}
         try:
             image = load_rgb(path)
+            if min(image.shape[:2]) < 8:  # said before any shrinking, in the file's own pixels
+                raise ValueError(f"an image of {_size(image)} pixels: segmenting needs at least 8x8")
             if max(image.shape[:2]) > max_side:
                 pil = Image.fromarray(image)
                 pil.thumbnail((max_side, max_side))
