@@ -186,6 +186,8 @@ def test_a_link_to_another_class_folder_takes_none_of_its_images(tmp_path):
         _tiny(tmp_path / rel, "PNG")
     (tmp_path / "data" / "aaa").symlink_to(tmp_path / "data" / "normal")  # sorts before normal
     (tmp_path / "data" / "blast" / "copy").symlink_to(tmp_path / "data" / "normal")
+    _tiny(tmp_path / "data" / ".store" / "eo" / "d.png", "PNG")  # a hidden folder is not read, a link to it is
+    (tmp_path / "data" / "eosinophil").symlink_to(tmp_path / "data" / ".store" / "eo")
     ds = detect_layout(tmp_path / "data")
-    assert Counter(s.label for s in ds.samples) == {"normal": 2, "blast": 1}
-    assert sorted(p.name for p in iter_image_files([tmp_path / "data"])) == ["a.png", "b.png", "c.png"]
+    assert Counter(s.label for s in ds.samples) == {"normal": 2, "blast": 1, "eosinophil": 1}
+    assert sorted(p.name for p in iter_image_files([tmp_path / "data"])) == ["a.png", "b.png", "c.png", "d.png"]

@@ -83,13 +83,20 @@ def _escape_undecodable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+def walk(root: str | os.PathLike, skip_hidden: bool = False) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk`` in sorted order that follows symlinked folders (a lab's folders of links) but enters each
     real folder once, so that a link back up the tree (a loop) or two links to one folder repeat nothing.
 
-    A link to a folder that is itself inside ``root`` is not followed: that folder is walked under its own
-    name, so that ``blast -> normal`` cannot file the normal images under ``blast`` by sorting first."""
-    inside = {key for current, _, _ in os.walk(root) if (key := _folder_key(current))}
+    A link to a folder that is itself walked under ``root`` is not followed: that folder is read under its own
+    name, so that ``blast -> normal`` cannot file the normal images under ``blast`` by sorting first. With
+    ``skip_hidden``, folders whose names start with a dot are not entered (a link to one is followed)."""
+    def entered(names: list[str]) -> list[str]:
+        return sorted(d for d in names if not (skip_hidden and d.startswith(".")))
+
+    inside = set()
+    for current, dirs, _ in os.walk(root):
+        dirs[:] = entered(dirs)
+        inside.add(_folder_key(current))
     seen: set[tuple[int, int]] = set()
     for current, dirs, files in os.walk(root, followlinks=True):
         key = _folder_key(current)
@@ -97,8 +104,8 @@ def walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
             dirs[:] = []
             continue
         seen.add(key)
-        dirs[:] = sorted(d for d in dirs if not (os.path.islink(os.path.join(current, d))
-                                                 and _folder_key(os.path.join(current, d)) in inside))
+        dirs[:] = [d for d in entered(dirs) if not (os.path.islink(os.path.join(current, d))
+                                                    and _folder_key(os.path.join(current, d)) in inside)]
         yield current, dirs, files
 
 

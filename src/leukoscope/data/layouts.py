@@ -110,8 +110,7 @@ def detect_layout(root: str | os.PathLike) -> Dataset:
 def _walk(root: Path) -> list[Path]:
     """All non-hidden files under root, relative to it, in sorted order."""
     out = []
-    for current, dirs, names in walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for current, _, names in walk(root, skip_hidden=True):
         base = Path(current).relative_to(root)
         out.extend(base / n for n in sorted(names) if not n.startswith("."))
     return out
