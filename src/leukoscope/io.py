@@ -93,10 +93,7 @@ def walk(root: str | os.PathLike, skip_hidden: bool = False) -> Iterator[tuple[s
     def entered(names: list[str]) -> list[str]:
         return sorted(d for d in names if not (skip_hidden and d.startswith(".")))
 
-    inside = set()
-    for current, dirs, _ in os.walk(root):
-        dirs[:] = entered(dirs)
-        inside.add(_folder_key(current))
+    inside: set[tuple[int, int] | None] | None = None  # the folders walked without following links; listed at the first link
     seen: set[tuple[int, int]] = set()
     for current, dirs, files in os.walk(root, followlinks=True):
         key = _folder_key(current)
@@ -104,9 +101,26 @@ def walk(root: str | os.PathLike, skip_hidden: bool = False) -> Iterator[tuple[s
             dirs[:] = []
             continue
         seen.add(key)
-        dirs[:] = [d for d in entered(dirs) if not (os.path.islink(os.path.join(current, d))
-                                                    and _folder_key(os.path.join(current, d)) in inside)]
+        kept = []
+        for name in entered(dirs):
+            folder = os.path.join(current, name)
+            if os.path.islink(folder):
+                if inside is None:
+                    inside = _real_folders(root, entered)
+                if _folder_key(folder) in inside:
+                    continue
+            kept.append(name)
+        dirs[:] = kept
         yield current, dirs, files
+
+
+def _real_folders(root: str | os.PathLike, entered: Callable[[list[str]], list[str]]) -> set[tuple[int, int] | None]:
+    """The folders under root reached without following a link."""
+    found = set()
+    for current, dirs, _ in os.walk(root):
+        dirs[:] = entered(dirs)
+        found.add(_folder_key(current))
+    return found
 
 
 def _folder_key(path: str) -> tuple[int, int] | None:
