@@ -6,9 +6,9 @@ quantisation of the convolutions, QDQ, per channel, calibrated on 256 training i
 model's pinned split). Measured on the validation split (never test): accuracy of both, the share
 of identical calls, and the largest probability difference; then images/s of the model alone
 (ONNX Runtime, batch 64, images already decoded) for both graphs. Whether int8 is faster depends
-on the CPU (VNNI / AMX). Writes the INT8-<model> block of docs/benchmarks.md.
+on the CPU (VNNI / AMX). Writes the INT8-<model> block of docs/benchmarks.md (or --block NAME).
 
-Usage: python benchmarks/int8.py [--model pbc] [--data ../shared/data/pbc]
+Usage: python benchmarks/int8.py [--model pbc] [--data ../shared/data/pbc] [--block NAME]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="pbc")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pbc")
+    parser.add_argument("--block", help="the docs/benchmarks.md block to write (default: INT8-<model>; give another name to keep "
+                                        "a second CPU's figures beside the first's)")
     args = parser.parse_args()
     model = load_model(args.model, backend="torch")
     samples, splits = read_splits(ROOT / "configs" / f"{args.model}.splits.csv")
@@ -78,7 +80,7 @@ def main() -> None:
     lines += ["", f"Identical calls on {100 * same:.2f}% of the validation images; probability difference: max {diff.max():.3f}, "
               f"99th percentile {np.percentile(diff.max(1), 99):.3f}, median {np.median(diff.max(1)):.4f}."]
     print("\n".join(lines))
-    write_block(f"INT8-{args.model}", "\n".join(lines))
+    write_block(args.block or f"INT8-{args.model}", "\n".join(lines))
 
 
 if __name__ == "__main__":
