@@ -31,6 +31,7 @@ from doc import cpu, write_block  # noqa: E402
 
 from leukoscope.inference import TTA_VIEWS  # noqa: E402
 from leukoscope.runtime import cpu_info
+from leukoscope.trainer import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -121,7 +122,8 @@ def int8_peak(n: int = 2048, reps: int = 10) -> float | None:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-NATIVE = {"bf16": ({"avx512_bf16", "amx_bf16"}, "AVX512-BF16 and AMX"), "int8": ({"avx512_vnni", "avx_vnni", "amx_int8"}, "VNNI and AMX")}
+VNNI = {"avx512_vnni", "avx_vnni", "amx_int8"}  # native int8 dot products (without them, vpmaddubsw's 16-bit pairs)
+LACKS = {"bf16": "AVX512-BF16 and AMX", "int8": "VNNI and AMX"}
 
 
 def native_peaks() -> dict[str, float | None]:
@@ -129,10 +131,9 @@ def native_peaks() -> dict[str, float | None]:
 
     An emulated peak is no yardstick: on an AVX2-only EPYC bf16 ran at 1 GFLOP/s and ``torch._int_mm`` at
     2 GOP/s, which made the end-to-end rate "5,000%" of them (ONNX Runtime's int8 path does not use it)."""
-    flags = cpu_info()[1]
     return {"fp32": matmul_peak(torch.float32),
-            "bf16": matmul_peak(torch.bfloat16, n=512, reps=3) if NATIVE["bf16"][0] & flags else None,
-            "int8": (int8_peak() or None) if NATIVE["int8"][0] & flags else None}
+            "bf16": matmul_peak(torch.bfloat16, n=512, reps=3) if cpu_has_native_bf16() else None,
+            "int8": (int8_peak() or None) if VNNI & cpu_info()[1] else None}
 
 
 def model_flops(model: str):
@@ -207,7 +208,7 @@ def render(tp: dict, runs_of: dict, views: int, flops: float, size: int, peaks: 
              f"Model: {flops:.3f} GFLOP per view at {size} px (forward, FlopCounterMode), {views} view(s) per image by default. "
              f"Achieved {achieved:.1f} GFLOP/s end to end; "
              "measured matmul peak " + ", ".join(f"{v:.0f} {'GOP' if k == 'int8' else 'GFLOP'}/s {k}" for k, v in peaks.items() if v)
-             + "".join(f"; no {k} peak (the CPU lacks {NATIVE[k][1]}: a matmul would time emulation)" for k, v in peaks.items() if v is None)
+             + "".join(f"; no {k} peak (the CPU lacks {LACKS[k]}: a matmul would time emulation)" for k, v in peaks.items() if v is None)
              + ". Fraction of each peak: "
              + ", ".join(f"{k} {achieved / v:.1%}" for k, v in peaks.items() if v) + " (the default path runs the convolutions in int8 "
              "where `--precision auto` measured int8 faster, else in fp32; decoding and framing take most of the time).", "",
