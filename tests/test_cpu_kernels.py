@@ -89,3 +89,16 @@ def test_explicit_bf16_is_refused_where_its_gradients_are_wrong():
     assert resolve_precision(config, model=model, device=torch.device("cpu")) is False
     config.precision, config.min_image_size = "fp32", None
     assert resolve_precision(config, model=model, device=torch.device("cpu")) is False
+
+
+def test_auto_precision_says_when_a_cpu_without_native_bf16_makes_training_slower(monkeypatch):
+    from leukoscope import trainer
+    from leukoscope.config import TrainConfig
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)
+    assert "no native bf16" in trainer.precision_note(TrainConfig(), cpu, bf16=False)
+    assert trainer.precision_note(TrainConfig(precision="fp32"), cpu, bf16=False) is None  # asked for: nothing to explain
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: True)
+    assert trainer.precision_note(TrainConfig(), cpu, bf16=False) is None  # fp32 there is cpu_bf16_safe's choice, not the CPU's
+    assert trainer.precision_note(TrainConfig(), cpu, bf16=True) is None

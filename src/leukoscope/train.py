@@ -43,7 +43,7 @@ from .runtime import keep_freed_memory
 from .stain import fit_cast_range, fit_target
 from .tracking import log_run, require_mlflow
 from .train_classical import train_classical
-from .trainer import Trainer, channel_stats, class_weights, load_context, resolve_precision
+from .trainer import Trainer, channel_stats, class_weights, load_context, precision_note, resolve_precision
 from .transfer import describe, head_name, init_from_parent, load_parent, parent_stats
 
 
@@ -152,6 +152,8 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     stats = parent_stats(parent) if parent else channel_stats(tensors["train"])  # a backbone expects its own normalisation
     model = model.to(device, memory_format=training_memory_format(model, device))
     bf16 = resolve_precision(config, device, model)
+    if (why := precision_note(config, device, bf16)) is not None:
+        note(why)
     card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
                                                                  config.cell, view.stain, view.colour, view.reduce, view.cast), config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
