@@ -27,7 +27,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import cpu, write_block  # noqa: E402
+from doc import add_block_argument, cpu, write_block  # noqa: E402
 
 from leukoscope.inference import TTA_VIEWS  # noqa: E402
 from leukoscope.runtime import cpu_info
@@ -233,8 +233,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=8192, help="images in the large run of our pipelines")
     parser.add_argument("--reference-large", type=int, default=512, help="images in the large run of the reference")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--block", help="the docs/benchmarks.md block to write (default: BENCHMARK-<model>; give another name to "
-                                        "keep a second CPU's figures beside the first's)")
+    add_block_argument(parser, "BENCHMARK-<model>")
     args = parser.parse_args()
     data = Path(args.data) if args.data else DATA / args.model.replace("-", "_")
     images = sorted(data.rglob("*.jpg"))

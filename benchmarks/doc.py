@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -25,6 +26,13 @@ def write_block(name: str, body: str) -> None:
     if start not in text:
         text = text.rstrip("\n") + "\n\n" + start + "\n" + end + "\n"
     DOC.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+
+
+def add_block_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--block NAME``: the block a script writes instead of its own (``default``, as its help names it),
+    so that a second CPU's figures sit beside the first's instead of replacing them."""
+    parser.add_argument("--block", help=f"the docs/benchmarks.md block to write (default: {default}; give another name to keep "
+                                        "a second CPU's figures beside the first's)")
 
 
 def share(hits: int, n: int) -> str:

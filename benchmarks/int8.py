@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from doc import cpu, write_block  # noqa: E402
+from doc import add_block_argument, cpu, write_block  # noqa: E402
 
 from leukoscope.data import read_splits  # noqa: E402
 from leukoscope.data.dataset import decode_many  # noqa: E402
@@ -49,8 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="pbc")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "pbc")
-    parser.add_argument("--block", help="the docs/benchmarks.md block to write (default: INT8-<model>; give another name to keep "
-                                        "a second CPU's figures beside the first's)")
+    add_block_argument(parser, "INT8-<model>")
     args = parser.parse_args()
     model = load_model(args.model, backend="torch")
     samples, splits = read_splits(ROOT / "configs" / f"{args.model}.splits.csv")
