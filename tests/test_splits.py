@@ -184,3 +184,24 @@ def test_class_names_spelt_two_ways_are_named_by_check_data_and_train(tmp_path, 
     assert any("'Blasts' / 'blast'" in w and "manifest.csv" in w for w in report["warnings"])
     prepare_run(data, tmp_path / "run", TrainConfig(), "test")
     assert "warning: class names that differ only in case, spaces or a plural are separate classes: 'Blasts' / 'blast'" in capsys.readouterr().err
+
+
+def test_a_refused_split_is_not_recorded_so_the_same_command_works_once_the_data_is_fixed(tmp_path):
+    from leukoscope.config import TrainConfig
+    from leukoscope.runs import prepare_run
+
+    data = make_image_folder(tmp_path / "cells", n_per_class=12)
+    (data / "rare").mkdir()
+    (data / "normal" / "normal_000.png").rename(data / "rare" / "only.png")  # one image: none left for test
+    with pytest.raises(LeukoscopeError, match=r"classes \['rare'\] have no (test|training) images"):
+        prepare_run(data, tmp_path / "run", TrainConfig(), "test")
+    assert not (tmp_path / "run" / "splits.csv").exists()
+    (data / "rare" / "only.png").rename(data / "normal" / "normal_000.png")
+    (data / "rare").rmdir()
+    _, splits, _ = prepare_run(data, tmp_path / "run", TrainConfig(), "test")  # the fixed folder trains in the same --out
+    assert read_splits(tmp_path / "run" / "splits.csv")[1] == splits
+    (data / "normal" / "normal_005.png").unlink()
+    with pytest.raises(LeukoscopeError) as refused:
+        prepare_run(data, tmp_path / "run", TrainConfig(), "test")
+    assert str(refused.value).endswith("(24 images listed, 23 found; it lists 'normal/normal_005.png', which is not there): "
+                                       "delete it to split again, or use a new --out folder")

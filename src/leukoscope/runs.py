@@ -89,17 +89,24 @@ def seed_everything(seed: int, rank: int = 0, world_size: int = 1) -> dict[str, 
     return {"order": order, "augment": torch.Generator().manual_seed(seed + 1000 * rank)}
 
 
-def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig, write: bool = True) -> tuple[list[str], str]:
-    """Reuse ``out/splits.csv`` when present (same images required), else make and write it."""
-    if (out / "splits.csv").is_file():
-        recorded = run_splits(out, dataset.samples)
-        if recorded is None or len(read_splits(out / "splits.csv")[0]) != len(dataset.samples):
-            raise LeukoscopeError(f"{out / 'splits.csv'} lists other images than {dataset.root}; use a new --out folder")
-        return recorded
+def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig) -> tuple[list[str], str, bool]:
+    """Reuse ``out/splits.csv`` when present (same images required), else make a new split.
+
+    The flag says the split is new: the caller records it once it has passed the checks.
+    """
+    path = out / SPLITS_FILE
+    if path.is_file():
+        listed = [r.path for r in read_splits(path)[0]]
+        found = [s.path for s in dataset.samples]
+        if sorted(listed) != sorted(found):
+            added, gone = sorted(set(found) - set(listed)), sorted(set(listed) - set(found))
+            example = (f"{added[0]!r} is not in it" if added else f"it lists {gone[0]!r}, which is not there" if gone
+                       else "it lists an image twice")
+            raise LeukoscopeError(f"{path} lists other images than {dataset.root} ({plural(len(listed), 'image')} listed, "
+                                  f"{len(found)} found; {example}): delete it to split again, or use a new --out folder")
+        return (*run_splits(out, dataset.samples), False)
     splits, kind = make_splits(dataset, config.fractions, config.split_seed_value, config.split_by)
-    if write:
-        write_splits(out / "splits.csv", dataset.samples, splits)
-    return splits, kind
+    return splits, kind, True
 
 
 def check_classes(dataset: Dataset, splits: list[str]) -> None:
@@ -120,13 +127,14 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
     """
     if given is not None:
         dataset, splits, split_kind = given
-        if write:
-            write_splits(out / "splits.csv", dataset.samples, splits)
+        new = True
     else:
         dataset = detect_layout(data)
-        splits, split_kind = prepare_splits(dataset, out, config, write=write)
+        splits, split_kind, new = prepare_splits(dataset, out, config)
     check_classes(dataset, splits)
     check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    if new and write:  # a refused split is not recorded, so that the same command works once the data is fixed
+        write_splits(out / SPLITS_FILE, dataset.samples, splits)
     if given is None and write:  # once per run, not per cross-validation fold or process
         warn_label_problems(dataset)
     if "val" not in splits:
