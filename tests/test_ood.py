@@ -213,3 +213,14 @@ def test_predict_does_not_warn_on_tiles_like_the_training_ones(tmp_path, capsys)
     for tile in tiles:
         (tmp_path / tile.name).symlink_to(tile)
     assert "look unlike" not in _predict_warning(capsys, "pbc", tmp_path, tmp_path / "pbc.csv")
+
+
+def test_the_out_of_domain_warning_agrees_with_its_count():
+    from types import SimpleNamespace
+
+    from leukoscope.predict import out_of_domain_warning
+
+    model = SimpleNamespace(view=SimpleNamespace(cell=0.6), class_names=["a", "b"])
+    assert out_of_domain_warning(model, 1, 4) is None  # a quarter or less: no warning
+    assert out_of_domain_warning(model, 1, 1).startswith("warning: 1 of 1 image looks unlike this model's training images")
+    assert out_of_domain_warning(model, 2, 3).startswith("warning: 2 of 3 images look unlike")

@@ -30,7 +30,7 @@ def out_of_domain_warning(predictor: Predictor, outside: int, predicted: int) ->
     magnification wrongly (docs/benchmarks.md, "Framing": `pbc` 98% -> 39-74% on recut PBC tiles)."""
     if outside <= OOD_WARN_SHARE * max(predicted, 1):
         return None
-    text = (f"warning: {outside} of {plural(predicted, 'image')} look unlike this model's training images "
+    text = (f"warning: {outside} of {plural(predicted, 'image')} {'looks' if outside == 1 else 'look'} unlike this model's training images "
             "(in_domain false: other cells, or another lab's stain or camera): check its calls on a few labelled ones; "
             "see --adapt, or fine-tune with train --init")
     if predictor.view.cell is None and set(WBC_TYPES) <= set(predictor.class_names):
