@@ -1,6 +1,5 @@
 import json
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -293,35 +292,3 @@ def test_cnn_learns_a_separable_set_under_mixup_and_cutmix(tmp_path):
     metrics = train(data, tmp_path / "run", config)
     assert metrics["test"]["accuracy"] >= 0.9
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["augment"]["mixup"] == 0.2
-
-
-def test_consistency_pairs_share_geometry_and_the_loss_is_the_views_jensen_shannon_divergence():
-    import math
-
-    from leukoscope.trainer import view_disagreement
-    from leukoscope.transforms import train_pair_transform
-
-    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 3, 24, 24), dtype=np.uint8))
-    config = AugmentConfig(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, blur_p=0.0)
-    views = train_pair_transform(batch, [0.0] * 3, [1.0] * 3, config, torch.Generator().manual_seed(0))
-    assert views.shape == (6, 3, 24, 24)
-    own = train_pair_transform(batch, [0.0] * 3, [1.0] * 3, AugmentConfig(brightness=0, contrast=0, saturation=0, stain=0, blur_p=0.0),
-                               torch.Generator().manual_seed(0))
-    assert torch.allclose(own[:3], own[3:], atol=1e-6)  # no colour jitter: both views are the same warp of each image
-    assert torch.allclose(views[3:], own[3:], atol=1e-6)  # the second view keeps the images' own colours
-    assert not torch.allclose(views[:3], views[3:], atol=1e-2)
-    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])  # view 1: p = (0.75, 0.25); view 2: (0.5, 0.5)
-    m = (0.625, 0.375)
-    kl = lambda p: sum(pi * math.log(pi / mi) for pi, mi in zip(p, m))  # noqa: E731
-    assert view_disagreement(logits).item() == pytest.approx(0.5 * (kl((0.75, 0.25)) + kl((0.5, 0.5))))
-    assert view_disagreement(torch.cat([logits[:1], logits[:1]])).item() == pytest.approx(0.0, abs=1e-7)
-    with pytest.raises(LeukoscopeError, match="cannot be combined with mixup"):
-        TrainConfig.from_dict({"augment": {"consistency": 1.0, "mixup": 0.2}})
-
-
-def test_cnn_learns_a_separable_set_with_consistency_pairs(tmp_path):
-    data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
-    config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=12, batch_size=16, lr=1e-2, seed=0, patience=12,
-                         augment=AugmentConfig(blur_p=0.0, consistency=2.0))
-    metrics = train(data, tmp_path / "run", config)
-    assert metrics["test"]["accuracy"] >= 0.9

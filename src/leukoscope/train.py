@@ -43,7 +43,7 @@ from .runtime import keep_freed_memory
 from .stain import fit_cast_range, fit_target
 from .tracking import log_run, require_mlflow
 from .train_classical import train_classical
-from .trainer import Trainer, channel_stats, class_weights, images_per_step, load_context, precision_note, resolve_precision
+from .trainer import Trainer, channel_stats, class_weights, load_context, precision_note, resolve_precision
 from .transfer import describe, head_name, init_from_parent, load_parent, parent_stats
 
 
@@ -163,7 +163,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
         model.load_state_dict(resume_state["weights"])
     model = wrap(model, world, device, config.sync_bn, config.batch_size)
     trainer = Trainer(model, config, stats, rngs, device, world, bf16, class_weights(labels["train"], len(dataset.classes), config.class_balance),
-                      steps_per_epoch=max(1, len(tensors["train"]) // images_per_step(config)), head=head)
+                      steps_per_epoch=max(1, len(tensors["train"]) // config.batch_size), head=head)
     context = load_context(dataset, splits, config, view)
     if config.teacher:
         trainer.targets = distill_from(config.teacher, dataset, splits, labels["train"], config.distill, config.distill_temperature)

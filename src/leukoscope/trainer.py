@@ -30,7 +30,7 @@ from .models import cpu_bf16_safe, training_memory_format
 from .progress import note, progress
 from .runtime import cpu_info
 from .transfer import is_head
-from .transforms import eval_transform, mix_batch, train_pair_transform, train_transform
+from .transforms import eval_transform, mix_batch, train_transform
 
 
 def cpu_has_native_bf16() -> bool:
@@ -111,20 +111,6 @@ def mixed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, partner: tor
         return loss
     other = F.cross_entropy(logits, target[partner.to(target.device)], weight=weight, label_smoothing=label_smoothing)
     return lam * loss + (1 - lam) * other
-
-
-def images_per_step(config: TrainConfig) -> int:
-    """Distinct training images per step: half the batch under ``augment.consistency`` (two views each)."""
-    return max(1, config.batch_size // 2) if config.augment.consistency > 0 else config.batch_size
-
-
-def view_disagreement(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Jensen-Shannon divergence between the predictions for the first and second half of a batch
-    (two views of the same images, as ``transforms.train_pair_transform`` stacks them; AugMix's
-    consistency loss, Hendrycks et al. 2020)."""
-    a, b = F.log_softmax(logits, 1).chunk(2)
-    mean = torch.logsumexp(torch.stack([a, b]), 0) - np.log(2)
-    return 0.5 * (F.kl_div(mean, a, log_target=True, reduction="batchmean") + F.kl_div(mean, b, log_target=True, reduction="batchmean"))
 
 
 def class_weights(labels: np.ndarray, num_classes: int, enabled: bool) -> torch.Tensor | None:
@@ -215,9 +201,7 @@ class Trainer:
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
         order = torch.randperm(len(images), generator=self.rngs["order"])
-        step = images_per_step(config)
-        pairs = config.augment.consistency > 0
-        batches = [order[i : i + step] for i in range(0, len(order), step)]
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         if len(batches) > 1 and len(batches[-1]) < 2 * world.size:
             batches = batches[:-1]  # batch norm cannot train on a single image per rank
         total_loss, correct, seen = 0.0, 0, 0
@@ -225,30 +209,23 @@ class Trainer:
         weights = None if self.class_weights is None else self.class_weights.to(self.device)
         for batch in progress(batches, desc="batches", leave=False, disable=not world.is_main):
             idx = shard(batch, world)
-            if pairs:
-                x, partner, lam = train_pair_transform(images[idx], *self.stats, config.augment, self.rngs["augment"], size, view), None, 1.0
-                idx_views = torch.cat([idx, idx])
-            else:
-                x = train_transform(images[idx], *self.stats, config.augment, self.rngs["augment"], size, view)
-                x, partner, lam = mix_batch(x, config.augment, self.rngs["augment"])
-                idx_views = idx
+            x = train_transform(images[idx], *self.stats, config.augment, self.rngs["augment"], size, view)
+            x, partner, lam = mix_batch(x, config.augment, self.rngs["augment"])
             x = x.to(self.device, memory_format=self.layout)
-            y = targets_all[idx_views].to(self.device)
+            y = targets_all[idx].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 logits = self.model(x)
-            target = y if self.targets is None else self.targets[idx_views].to(self.device)
+            target = y if self.targets is None else self.targets[idx].to(self.device)
             loss = mixed_cross_entropy(logits.float(), target, partner, lam, weights, config.label_smoothing)
-            if pairs:
-                loss = loss + config.augment.consistency * view_disagreement(logits.float())
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(unwrap(self.model))
-            total_loss += loss.item() * len(idx_views)
+            total_loss += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
-            seen += len(idx_views)
+            seen += len(idx)
         total_loss, correct, seen = all_sum([total_loss, correct, seen], world)
         return total_loss / max(seen, 1), correct / max(seen, 1)
 

@@ -36,7 +36,6 @@ class AugmentConfig:
     colour_p: float = 1.0  # the share of images whose colours are jittered (colour map and HED); the rest keep theirs
     mixup: float = 0.0  # mixup (Zhang et al. 2018): blend each batch with a shuffled copy, weight ~ Beta(mixup, mixup); 0: off
     cutmix: float = 0.0  # CutMix (Yun et al. 2019): paste a box of a shuffled copy, kept area ~ Beta(cutmix, cutmix); 0: off
-    consistency: float = 0.0  # weight of the agreement between two views of each image: colours jittered and its own (0: off)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -83,21 +82,6 @@ def train_transform(
     x = _keep_some_colours(x, config, generator, lambda y: _random_hed(_random_colour(y, config, generator), config, generator))
     x = _random_blur(x, config, generator)
     return normalize(x.clamp_(0, 1), mean, std).contiguous(memory_format=torch.channels_last)
-
-
-def train_pair_transform(
-    batch_uint8: torch.Tensor, mean, std, config: AugmentConfig, generator: torch.Generator, size: int | None = None,
-    view: float = 1.0,
-) -> torch.Tensor:
-    """Two views of each of N images, as 2N: the first N with the colour jitter, the last N with the images'
-    own colours, both under the same random geometry (``consistency`` training: the loss asks the two views
-    for the same prediction, so that colour robustness does not have to cost the training lab's colours)."""
-    x = to_float(batch_uint8)
-    size = size if size is not None or view == 1.0 else round(x.shape[-1] * view)
-    x = _random_affine(x, config, generator, size, view)
-    jittered = _random_hed(_random_colour(x, config, generator), config, generator)
-    both = _random_blur(torch.cat([jittered, x]), config, generator)
-    return normalize(both.clamp_(0, 1), mean, std).contiguous(memory_format=torch.channels_last)
 
 
 def mix_batch(x: torch.Tensor, config: AugmentConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
