@@ -166,6 +166,11 @@ def test_check_data_warns_of_a_class_the_default_split_leaves_without_test_image
     warnings = check_data(data)["warnings"]
     assert any("leaves normal without test images: train refuses it" in w for w in warnings), warnings
     assert main(["train", str(data), "--out", str(tmp_path / "run"), "--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1"]) == 2
+    for path in (data / "normal").iterdir():
+        path.unlink()
+    (data / "normal").rmdir()
+    report = check_data(data)  # one class: a folder to score a model on, not to train
+    assert report["ok"] and "1 class (blast): train needs at least 2; evaluate can still score a model's calls on it" in report["warnings"]
 
 
 def test_class_names_spelt_two_ways_are_named_by_check_data_and_train(tmp_path, capsys):

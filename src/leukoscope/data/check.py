@@ -55,7 +55,11 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         per_class = ", ".join(f"{c}: {n} of {counts[c]}" for c, n in sorted(grayscale.items()))
         warnings.append(f"{sum(grayscale.values())} grayscale image(s) among colour ones ({per_class}): a class that holds "
                         "more of them than the others lets a model learn the colour mode instead of the cells")
-    warnings += _short_classes(dataset)
+    if len(dataset.classes) < 2:
+        warnings.append(f"{len(dataset.classes)} class ({', '.join(dataset.classes) or 'none'}): train needs at least 2; "
+                        "evaluate can still score a model's calls on it")
+    else:
+        warnings += _short_classes(dataset)
     if look_alike := look_alike_warning(dataset.classes):
         warnings.append(look_alike)
     return {
