@@ -108,9 +108,15 @@ def test_explain_bundled_model_on_real_cells(tmp_path):
     if "pbc" not in bundled_models():
         pytest.skip("bundled model pbc not built (make models)")
     image = sorted((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))[0]
-    assert main(["explain", "pbc", str(image), "--out", str(tmp_path)]) == 0
-    row = next(csv.DictReader(open(tmp_path / "explanations.csv")))
-    assert row["predicted"] == "eosinophil" and (tmp_path / row["heatmap"]).is_file()
+    Image.new("RGB", (360, 363)).save(tmp_path / "black.png")  # nothing like a CellaVision tile
+    assert main(["explain", "pbc", str(image), str(tmp_path / "black.png"), "--out", str(tmp_path / "cams")]) == 0
+    cell, black = csv.DictReader((tmp_path / "cams" / "explanations.csv").read_text().splitlines())
+    assert cell["predicted"] == "eosinophil" and (tmp_path / "cams" / cell["heatmap"]).is_file()
+    assert cell["in_domain"] == "true" and black["in_domain"] == "false"  # the alarm, as predict writes it
+    assert main(["predict", "pbc", str(image), str(tmp_path / "black.png"), "--out", str(tmp_path / "p.csv"), "--backend", "torch"]) == 0
+    for explained, predicted in zip((cell, black), csv.DictReader((tmp_path / "p.csv").read_text().splitlines())):
+        assert [explained[k] for k in ("predicted", "confidence", "ood_score", "in_domain")] == [
+            predicted[k] for k in ("label", "confidence", "ood_score", "in_domain")]
 
 
 def test_int8_export_refuses_a_graph_off_parity(run, tmp_path, capsys, monkeypatch):

@@ -23,7 +23,7 @@ from torch import nn
 
 from .checkpoint import model_from_checkpoint
 from .errors import LeukoscopeError, did_you_mean
-from .inference import Predictor
+from .inference import Predictor, alarm_cells
 from .io import ImageReadError, atomic_write, load_view
 from .models import CellNet
 from .transforms import eval_transform
@@ -110,23 +110,27 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
     rows, used, failed = [], set(), 0
     for path in paths:
         try:
-            image = load_view(path, model.view)[0]
+            image, localised, recoloured = load_view(path, model.view)
         except ImageReadError as err:
-            rows.append([str(path), "", "", "", "", str(err)])
+            rows.append([str(path), "", "", "", "", "", "", "", str(err)])
             failed += 1
             continue
-        probs = model.predict_proba(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None])[0]
-        called = model.decide(probs)  # the operating threshold where the model has one, as predict and serve
+        # the call, its probabilities and the out-of-domain alarm as predict gives them (its decision rule included)
+        prediction = model.predict_arrays([np.asarray(image)], [str(path)])[0]
+        prediction.localised = localised
+        model.mark_recoloured(prediction, recoloured)
+        called = names.index(prediction.label)
         cls = called if class_name is None else names.index(class_name)
         overlay = explainer.overlay(image, cls)
         name = unique_name(Path(path).stem, used) + "_cam.png"
-        caption = f"{names[called]} {probs[called]:.3f} | heatmap for {names[cls]} ({method})"
+        unlike = " | OUT OF DOMAIN" if prediction.in_domain is False else ""
+        caption = f"{prediction.label} {prediction.confidence:.3f} | heatmap for {names[cls]} ({method}){unlike}"
         with atomic_write(out_dir / name, "wb") as handle:
             handle.write(png_bytes(panel(image, overlay, caption)))
-        rows.append([str(path), names[called], f"{probs[called]:.6f}", names[cls], name, ""])
+        rows.append([str(path), prediction.label, f"{prediction.confidence:.6f}", names[cls], name, *alarm_cells(prediction), ""])
     with atomic_write(out_dir / "explanations.csv", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "predicted", "confidence", "explained_class", "heatmap", "error"])
+        writer.writerow(["path", "predicted", "confidence", "explained_class", "heatmap", "ood_score", "in_domain", "localised", "error"])
         writer.writerows(rows)
     return len(rows) - failed, failed
 

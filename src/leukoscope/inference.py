@@ -47,6 +47,13 @@ class Prediction:
     localised: bool | None = None  # cell-centric models: whether the white cell was found (else the whole image was used)
 
 
+def alarm_cells(prediction: Prediction) -> list[str]:
+    """The ``ood_score``, ``in_domain`` and ``localised`` cells of a CSV row (empty where not known)."""
+    flag = lambda value: "" if value is None else str(value).lower()  # noqa: E731
+    ood = "" if prediction.in_domain is None else f"{prediction.ood_score:.3f}"
+    return [ood, flag(prediction.in_domain), flag(prediction.localised)]
+
+
 class TorchBackend:
     """Runs a checkpoint's network on uint8 batches: BatchNorm folded, channels_last; fp32 on CPU,
     bf16 autocast on CUDA. Outputs come back to the CPU as fp32."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .distributed import World, barrier, close, init_world
 from .errors import LeukoscopeError
-from .inference import Prediction, Predictor
+from .inference import Prediction, Predictor, alarm_cells
 from .io import atomic_write, is_stream_output
 from .metrics import WBC_TYPES
 from .progress import plural, progress
@@ -46,9 +46,7 @@ def header(predictor: Predictor) -> list[str]:
 def row(predictor: Predictor, pred: Prediction) -> list[str]:
     probs = [f"{pred.probabilities[c]:.6f}" if pred.probabilities else "" for c in predictor.class_names]
     confidence = f"{pred.confidence:.6f}" if not pred.error else ""
-    ood = "" if pred.in_domain is None else f"{pred.ood_score:.3f}"
-    flag = lambda value: "" if value is None else str(value).lower()  # noqa: E731
-    return [pred.source, pred.label, confidence, *probs, ood, flag(pred.in_domain), flag(pred.localised), pred.error]
+    return [pred.source, pred.label, confidence, *probs, *alarm_cells(pred), pred.error]
 
 
 def write_rows(predictor: Predictor, predictions: Iterable[Prediction], out: str | os.PathLike, total: int) -> tuple[int, int]:
