@@ -120,13 +120,15 @@ def test_real_bccd_fields_the_labelled_cell_is_found_and_named():
         pytest.skip("bundled model wbc not built (make models)")
     model = load_model("wbc")
     samples, dataset = _unseen_fields(model, folder, 40)
-    found = named = 0
+    found, named, familiar = 0, 0, []
     for sample in samples:
         rgb = np.asarray(Image.open(dataset.abspath(sample)).convert("RGB"))
         cells, _ = count_image(model, rgb)
         found += bool(cells)
         named += sample.label in {c.label for c in cells}
+        familiar += [c.in_domain for c in cells]
     assert found >= 0.95 * len(samples), f"a white cell found in {found} of {len(samples)} fields"
+    assert set(familiar) <= {True, False} and sum(familiar) >= 0.6 * len(familiar)  # a lab `wbc` trained on: mostly in domain
     assert named >= 0.6 * len(samples), f"the labelled type among the detected cells in {named} of {len(samples)} fields"
 
 
@@ -140,6 +142,18 @@ def test_real_aria_fields_hold_detected_cells_and_count_runs_with_the_blast_mode
     assert main(["count", *map(str, paths[:4]), "--model", "blast", "--out", str(tmp_path / "c")]) == 0
     total = [r for r in _rows(tmp_path / "c" / "summary.csv") if r["image"] == "TOTAL"][-1]
     assert int(total["n_cells"]) >= 4 and 0 <= float(total["blast_percent"]) <= 100
+
+
+def test_count_flags_cells_of_a_lab_the_model_never_saw_and_warns(tmp_path, capsys):
+    folder = require(ARIA)
+    if "wbc" not in bundled_models():
+        pytest.skip("bundled model wbc not built (make models)")
+    paths = sorted((folder / "Benign").glob("*.jpg"))[:2]  # another lab's marrow-like fields: nothing `wbc` trained on
+    assert main(["count", *map(str, paths), "--out", str(tmp_path / "c")]) == 0
+    cells = [c for c in _rows(tmp_path / "c" / "cells.csv") if c["label"] != "platelet"]
+    total = [r for r in _rows(tmp_path / "c" / "summary.csv") if r["image"] == "TOTAL"][-1]
+    assert int(total["n_out_of_domain"]) == sum(c["in_domain"] == "false" for c in cells) > 0.75 * int(total["n_cells"])
+    assert "counted cells look unlike the model's training images" in capsys.readouterr().err
 
 
 def test_count_service_endpoint(tiny_run):
@@ -190,7 +204,7 @@ def test_count_calls_every_cell_among_the_given_classes(tmp_path, capsys):
     cells = _rows(out / "cells.csv")
     assert cells and {c["label"] for c in cells} <= set(five)
     total = next(r for r in _rows(out / "summary.csv") if r["image"] == "TOTAL")
-    assert [k[2:] for k in total if k.startswith("n_") and k != "n_cells" and k != "n_edge"] == five
+    assert [k[2:] for k in total if k.startswith("n_") and k not in ("n_cells", "n_edge", "n_out_of_domain")] == five
     assert main(["count", str(fields[0]), "--out", str(tmp_path / "bad"), "--classes", "neutrophil,smudge"]) == 2
     assert "no class 'smudge'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before anything is written

@@ -43,7 +43,7 @@ DEFAULT_FILL = 0.6  # a crop-mode model sees a cell whose nucleus spans about th
 NOT_COUNTED = ("platelet",)  # detections with these labels are not white cells: listed, not counted
 BOX_SCALE = 1.3  # the reported box spans the cell: its nucleus's diameter times this
 GRAYSCALE = "a grayscale image: white cells are found and typed by the colours of their stain; not counted"
-CELL_COLUMNS = ["slide", "image", "cell", "x0", "y0", "x1", "y1", "area", "label", "confidence", "ood_score", "edge", "error"]
+CELL_COLUMNS = ["slide", "image", "cell", "x0", "y0", "x1", "y1", "area", "label", "confidence", "ood_score", "in_domain", "edge", "error"]
 
 
 @dataclass
@@ -61,15 +61,17 @@ class CountedCell:
     label: str = ""
     confidence: float = float("nan")
     ood_score: float = float("nan")
+    in_domain: bool | None = None  # as predict's column: None where the model has no out-of-domain alarm
     edge: bool = False
     error: str = ""
 
     def row(self) -> list[Any]:
         if self.error:
-            return [self.slide, self.image, "", "", "", "", "", "", "", "", "", "", self.error]
+            return [self.slide, self.image, *[""] * (len(CELL_COLUMNS) - 3), self.error]
         ood = "" if np.isnan(self.ood_score) else f"{self.ood_score:.3f}"
+        in_domain = "" if self.in_domain is None else str(self.in_domain).lower()
         return [self.slide, self.image, self.cell, self.x0, self.y0, self.x1, self.y1, self.area, self.label, f"{self.confidence:.4f}", ood,
-                str(self.edge).lower(), ""]
+                in_domain, str(self.edge).lower(), ""]
 
 
 def cell_view(predictor: Predictor) -> View:
@@ -98,7 +100,7 @@ def count_image(predictor: Predictor, rgb: np.ndarray, slide: str = "", image: s
     and each one's window as the model saw it. A cell segmented onto black is put on a plain
     background first, and a yellow cast outside the model's training range corrected, as every
     cell-centric view does (``localise.as_slide``)."""
-    rgb = as_slide(rgb, predictor.view.cast)[0]  # as the model's own view does (localise.cell_window)
+    rgb, painted, corrected = as_slide(rgb, predictor.view.cast)  # as the model's own view does (localise.cell_window)
     cells = find_cells(rgb)
     if not cells:
         return [], []
@@ -106,7 +108,9 @@ def count_image(predictor: Predictor, rgb: np.ndarray, slide: str = "", image: s
     predictions = predictor.predict_arrays(windows, [image] * len(cells))
     out = []
     for i, (cell, pred) in enumerate(zip(cells, predictions), start=1):
-        out.append(CountedCell(slide, image, i, *box(cell, rgb.shape), cell.area, pred.label, pred.confidence, pred.ood_score, cell.edge))
+        predictor.mark_recoloured(pred, painted is not None or corrected)  # as predict marks a recoloured image
+        out.append(CountedCell(slide, image, i, *box(cell, rgb.shape), cell.area, pred.label, pred.confidence, pred.ood_score,
+                               pred.in_domain, cell.edge))
     return out, windows
 
 
@@ -160,7 +164,8 @@ def summarise(cells: Sequence[CountedCell], images: Sequence[tuple[str, str]], c
     def row(slide: str, image: str, members: list[CountedCell]) -> dict[str, Any]:
         labels = Counter(c.label for c in members if not c.error)
         n = sum(labels[c] for c in counted)
-        out: dict[str, Any] = {"slide": slide, "image": image, "n_cells": n, "n_edge": sum(c.edge for c in members if not c.error)}
+        out: dict[str, Any] = {"slide": slide, "image": image, "n_cells": n, "n_edge": sum(c.edge for c in members if not c.error),
+                               "n_out_of_domain": sum(c.in_domain is False for c in members if not c.error and c.label in counted)}
         out.update({f"n_{c}": labels[c] for c in class_names})
         out.update({f"pct_{c}": round(100 * labels[c] / n, 2) if n else 0.0 for c in counted})
         if "blast" in class_names:
