@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA, require
+from conftest import ARIA, DATA, require
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -215,5 +215,11 @@ def test_page_in_headless_chromium(live_server, tmp_path):
         page.wait_for_function("document.querySelector('.card.field img.overlay').naturalWidth > 0")
         assert "white cell" in page.inner_text(".card.field .verdict.count")
         assert page.locator(".card.field .cells tr").count() >= 2  # a header and at least one detected cell
+        aria = min((require(ARIA) / "Benign").glob("*.jpg"))  # another lab's field: the differential is flagged
+        page.set_input_files("#files", str(aria))
+        page.wait_for_function("document.querySelectorAll('.card.field .verdict.count').length == 2", timeout=30_000)
+        assert "cells look unlike the model's training images" in page.locator(".card.field").first.inner_text()
+        cells = page.locator(".card.field").first.locator(".cells td").all_inner_texts()
+        assert cells[4::5].count("no") >= 1  # the in-domain column
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
