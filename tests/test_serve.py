@@ -159,6 +159,16 @@ def test_a_port_in_use_is_a_one_line_error_before_serving(tiny_run, capsys):
     assert "serving" not in captured.out  # no address announced that nothing answers
 
 
+def test_port_0_announces_the_port_it_bound(tiny_run, capsys, monkeypatch):
+    import leukoscope.serve
+    from leukoscope.cli import main
+
+    bound = []
+    monkeypatch.setattr(leukoscope.serve, "serve", lambda predictor, name, sock: bound.append(sock.getsockname()[1]) or sock.close())
+    assert main(["serve", str(tiny_run[1]), "--port", "0"]) == 0
+    assert bound and bound[0] > 0 and f"at http://127.0.0.1:{bound[0]}/ " in capsys.readouterr().out  # not ":0"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

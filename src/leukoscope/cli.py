@@ -293,7 +293,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         predictor = restrict_classes(predictor, parse_classes(args.classes, predictor.class_names))
     sock = listen(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {args.model} at http://{host}:{args.port}/ (API docs: /docs)")
+    print(f"serving {args.model} at http://{host}:{sock.getsockname()[1]}/ (API docs: /docs)")  # the port bound (--port 0: a free one)
     serve(predictor, name=Path(str(args.model)).name, sock=sock)
     return 0
 
@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the web app and JSON API")
     p.add_argument("model", help="run folder, checkpoint file, exported .onnx or bundled model name")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 0-65535 (0: any free port)")
     _add_classes(p)
     _add_backend(p)
     p.set_defaults(func=cmd_serve)
@@ -513,6 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a bundled model (or checkpoint) whose model card to print")
     p.set_defaults(func=cmd_models)
     return parser
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0-65535, else a one-line usage error (not the socket's traceback)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a whole number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {port}")
+    return port
 
 
 def main(argv: Sequence[str] | None = None) -> int:
