@@ -198,8 +198,9 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["models", "{tmp}/cut.pt"], "not a readable leukoscope checkpoint"),  # a download cut short
         (["predict", "{tmp}/notes.joblib", "{data}", "--out", "{tmp}/p.csv"], "not a readable leukoscope classical model"),
         (["explain", "{tmp}/model.onnx", "{data}", "--out", "{tmp}/x"], "is an exported ONNX graph; explain (Grad-CAM"),
-        (["serve", "pbc", "--port", "99999"], "argument --port: a port is between 0 and 65535, got 99999"),  # was the socket's traceback
-        (["serve", "pbc", "--port", "http"], "argument --port: a port is a whole number, got 'http'"),
+        (["serve", "pbc", "--port", "99999"], "argument --port: must be at most 65535, got 99999"),  # was the socket's traceback
+        (["serve", "pbc", "--port", "http"], "argument --port: expected a whole number, got 'http'"),
+        (["export", "pbc", "--format", "onnx", "--out", "{tmp}/m.onnx", "--tolerance", "-1"], "argument --tolerance: must be > 0, got -1.0"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):

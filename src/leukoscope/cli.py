@@ -32,6 +32,24 @@ def _non_negative_int(text: str) -> int:
     return _whole_number(text, 0, "0 or more")
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535: a one-line usage error otherwise, not the socket's traceback."""
+    port = _whole_number(text, 0, "0 or more")
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be at most 65535, got {port}")
+    return port
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def _add_adapt_steps(p: argparse.ArgumentParser) -> None:
     from .adapt import ENTROPY_STEPS
 
@@ -467,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
     p.add_argument("--images", nargs="+", help="real images or folders to check the export on (up to 64 used)")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max allowed probability difference (default 1e-3)")
+    p.add_argument("--tolerance", type=_positive_float, default=1e-3, help="max allowed probability difference (default 1e-3)")
     p.add_argument("--precision", choices=["fp32", "int8"], default="fp32",
                    help="int8: convolutions quantised (ONNX Runtime static QDQ, per channel): the model's own int8 graph (bundled "
                         "models ship one; a run folder's is built from its training images), or one calibrated on --calibration "
@@ -478,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the web app and JSON API")
     p.add_argument("model", help="run folder, checkpoint file, exported .onnx or bundled model name")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=port_number, default=8000, help="TCP port, 0-65535 (0: any free port)")
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0-65535 (0: any free port)")
     _add_classes(p)
     _add_backend(p)
     p.set_defaults(func=cmd_serve)
@@ -513,17 +531,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="a bundled model (or checkpoint) whose model card to print")
     p.set_defaults(func=cmd_models)
     return parser
-
-
-def port_number(text: str) -> int:
-    """A TCP port for argparse: 0-65535, else a one-line usage error (not the socket's traceback)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a port is a whole number, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, got {port}")
-    return port
 
 
 def main(argv: Sequence[str] | None = None) -> int:
