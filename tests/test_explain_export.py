@@ -89,10 +89,16 @@ def test_onnx_export_round_trip(run, tmp_path, capsys):
     assert main(["predict", str(onnx_path), str(data), "--out", str(tmp_path / "p.csv")]) == 0
 
 
-def test_export_fails_loudly_beyond_tolerance(run, tmp_path, capsys):
+def test_export_fails_loudly_beyond_tolerance(run, tmp_path, capsys, monkeypatch):
+    import leukoscope.export
+
     _, folder = run
-    assert main(["export", str(folder), "--out", str(tmp_path / "m.onnx"), "--tolerance", "-1"]) == 2
+    real = leukoscope.export.export_onnx
+    monkeypatch.setattr(leukoscope.export, "export_onnx", lambda *a, **k: real(*a, **{**k, "tolerance": -1.0}))  # no graph can pass
+    assert main(["export", str(folder), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "not written" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+    assert main(["export", str(folder), "--out", str(tmp_path / "m.onnx"), "--tolerance", "-1"]) == 2  # a usage error, as every number
+    assert "argument --tolerance: must be > 0, got -1.0" in capsys.readouterr().err
 
 
 def test_onnx_export_of_bundled_model_on_real_cells(tmp_path, capsys):
