@@ -355,7 +355,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_count(args: argparse.Namespace) -> int:
     from .counting import count_command
-    from .predict import OOD_WARN_SHARE
+    from .predict import looks_unlike
     from .runs import prepare_output_folder
     from .progress import plural
 
@@ -365,9 +365,8 @@ def cmd_count(args: argparse.Namespace) -> int:
         blast = f", blasts {row['blast_percent']:.1f}%" if "blast_percent" in row else ""
         print(f"{row['slide']}: {plural(row['n_cells'], 'white cell')}{blast}")
     overall = [r for r in summary if r["image"] == "TOTAL"][-1]
-    if overall["n_out_of_domain"] > OOD_WARN_SHARE * max(overall["n_cells"], 1):
-        verb = "looks" if overall["n_out_of_domain"] == 1 else "look"
-        print(f"warning: {overall['n_out_of_domain']} of the {plural(overall['n_cells'], 'counted cell')} {verb} unlike the model's training "
+    if (unlike := looks_unlike(overall["n_out_of_domain"], overall["n_cells"])) is not None:
+        print(f"warning: {overall['n_out_of_domain']} of the {plural(overall['n_cells'], 'counted cell')} {unlike} the model's training "
               "images (in_domain false in cells.csv: another lab's stain or camera, or not white cells): check the overlays before "
               "trusting the differential", file=sys.stderr)
     print(f"cells.csv, summary.csv, overlays/ and report.html in {args.out}" + (f"; {plural(failed, 'image')} not counted (error column)" if failed else ""))

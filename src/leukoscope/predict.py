@@ -23,14 +23,23 @@ from .progress import plural, progress
 OOD_WARN_SHARE = 0.25  # predict warns when more than this share of a run's images is out of domain
 
 
+def looks_unlike(outside: int, total: int) -> str | None:
+    """The verb of an out-of-domain warning ("looks unlike" for one, "look unlike" for several) where more than
+    OOD_WARN_SHARE of ``total`` images or cells are out of domain; None where no warning is due. Shared by
+    predict's warning and count's."""
+    if outside <= OOD_WARN_SHARE * max(total, 1):
+        return None
+    return "looks unlike" if outside == 1 else "look unlike"
+
+
 def out_of_domain_warning(predictor: Predictor, outside: int, predicted: int) -> str | None:
     """The warning ``predict`` prints when more than OOD_WARN_SHARE of the ``predicted`` images are out
     of domain (None otherwise). A white-cell model that takes a fixed central crop points to `wbc`,
     which finds and frames the cell itself: such a model reads cells cropped tightly or at another
     magnification wrongly (docs/benchmarks.md, "Framing": `pbc` 98% -> 39-74% on recut PBC tiles)."""
-    if outside <= OOD_WARN_SHARE * max(predicted, 1):
+    if (unlike := looks_unlike(outside, predicted)) is None:
         return None
-    text = (f"warning: {outside} of {plural(predicted, 'image')} {'looks' if outside == 1 else 'look'} unlike this model's training images "
+    text = (f"warning: {outside} of {plural(predicted, 'image')} {unlike} this model's training images "
             "(in_domain false: other cells, or another lab's stain or camera): check its calls on a few labelled ones; "
             "see --adapt, or fine-tune with train --init")
     if predictor.view.cell is None and set(WBC_TYPES) <= set(predictor.class_names):
