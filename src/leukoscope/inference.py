@@ -49,7 +49,7 @@ class Prediction:
 
 def alarm_cells(prediction: Prediction) -> list[str]:
     """The ``ood_score``, ``in_domain`` and ``localised`` cells of a CSV row (empty where not known)."""
-    flag = lambda value: "" if value is None else str(value).lower()  # noqa: E731
+    flag = lambda value: "" if value is None else str(value).lower()
     ood = "" if prediction.in_domain is None else f"{prediction.ood_score:.3f}"
     return [ood, flag(prediction.in_domain), flag(prediction.localised)]
 
