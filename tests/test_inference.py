@@ -67,6 +67,28 @@ def test_a_path_pil_image_array_and_upload_give_the_same_probabilities(name, fol
     assert np.abs(array - path).max() <= (REDUCED_TOLERANCE if predictor.view.reduce else TOLERANCE)
 
 
+def test_file_objects_are_images_and_other_objects_are_refused():
+    """An open file (``open(path, "rb")``, an upload's BytesIO) is one encoded image, as its bytes are; a text-mode
+    file or an object that is no image says what to give instead, rather than failing deep in decoding."""
+    import io
+
+    paths = sorted(require(DATA / "pbc").rglob("*.jpg"))[::500][:3]
+    predictor = load_model("pbc", backend="torch")
+    by_path = predictor.predict(paths)
+    with open(paths[0], "rb") as first:
+        files = predictor.predict([first, *(io.BytesIO(p.read_bytes()) for p in paths[1:])])
+    probs = lambda predictions: np.array([list(p.probabilities.values()) for p in predictions])
+    assert np.abs(probs(files) - probs(by_path)).max() <= TOLERANCE and not any(f.error for f in files)
+    with open(paths[0], "rb") as first:  # one file object alone (a batch of one: other kernels, same call)
+        assert np.abs(probs(predictor.predict(first)) - probs(by_path[:1])).max() <= TOLERANCE
+    with open(paths[0]) as text, pytest.raises(TypeError, match=r"is open in text mode: open images in binary mode"):
+        predictor.predict([text])
+    with pytest.raises(TypeError, match=r"cannot predict an item of type 'float': give image paths, folders, bytes"):
+        predictor.predict([paths[0], 3.5])
+    with pytest.raises(TypeError, match=r"cannot predict 'NoneType'"):
+        predictor.predict(None)
+
+
 def test_bundled_models_describe_themselves():
     for name, path in bundled_models().items():
         predictor = load_model(name)

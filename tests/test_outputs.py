@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -84,6 +86,17 @@ def test_predict_to_stdout_keeps_logs_on_stderr(tiny_run, capsys):
     assert len(rows) == 12 and rows[0]["label"] in ("blast", "normal")
     assert "12 images predicted, 0 failed; written to standard output" in captured.err
     assert not os.path.exists("-")
+
+
+def test_predict_into_a_pipe_closed_early_ends_quietly(tiny_run):
+    """`predict MODEL cells/ --out - | head -1`: once the reader stops, predict stops, with no error and no traceback."""
+    data, run = tiny_run
+    proc = subprocess.Popen([sys.executable, "-m", "leukoscope", "predict", str(run), str(data), "--out", "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader has gone before the first row
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err
 
 
 def test_predict_through_a_symlink_and_into_a_fifo(tiny_run, tmp_path):

@@ -532,6 +532,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not hit the closed pipe again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor behind sys.stdout (captured, as in tests): nothing to flush
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -549,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LeukoscopeError as err:
         print(f"leukoscope: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `predict ... --out - | head`: the reader stopped reading; end quietly, as cat does
+        _discard_stdout()
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
     except OSError as err:  # an output that cannot be written: a folder, no permission, a full disk
         print(f"leukoscope: error: {err}", file=sys.stderr)
         return 1
