@@ -16,6 +16,30 @@ def _tiny(path: Path, ext_format: str = "BMP") -> None:
     Image.new("RGB", (2, 2)).save(path, format=ext_format)
 
 
+def test_result_folders_inside_the_data_are_left_out(tmp_path, capsys):
+    """A run, an evaluation or a count written inside the data folder is not data: its report PNGs are not a class
+    of the next training, and predict/count do not take a count's overlays for fields."""
+    from leukoscope.io import iter_image_files
+
+    for rel in ["blast/a.png", "normal/b.png", "runs/r1/confusion_matrix.png", "runs/r1/gallery/x.png",
+                "eval/confusion_matrix.png", "counts/overlay_a.png", "keep/normal/c.png"]:
+        _tiny(tmp_path / rel, "PNG")
+    (tmp_path / "runs/r1/run.json").write_text("{}")
+    (tmp_path / "eval/metrics.json").write_text("{}")
+    (tmp_path / "eval/report.html").write_text("")
+    (tmp_path / "counts/cells.csv").write_text("")
+    (tmp_path / "counts/summary.csv").write_text("")
+    (tmp_path / "keep/normal/report.html").write_text("")  # one of a set alone marks nothing
+    ds = detect_layout(tmp_path)
+    assert ds.classes == ["blast", "normal"] and len(ds.samples) == 3
+    err = capsys.readouterr().err
+    assert "left out runs/r1: leukoscope's results (run.json), not data" in err.replace(str(tmp_path) + "/", "")
+    assert "(metrics.json, report.html)" in err and "(cells.csv, summary.csv)" in err
+    found = sorted(p.relative_to(tmp_path).as_posix() for p in iter_image_files([tmp_path]))
+    assert found == ["blast/a.png", "keep/normal/c.png", "normal/b.png"]
+    assert len(list(iter_image_files([tmp_path / "counts"]))) == 1  # a results folder given itself is read
+
+
 def test_image_folder_any_depth_any_extension_case(tmp_path):
     for rel in ["a/b/Early/x1.JPG", "a/b/Early/x2.jpeg", "a/c/Pro/y.TIFF", "a/c/Pro/z.Png", "a/c/Pro/w.bmp"]:
         fmt = {"jpg": "JPEG", "jpeg": "JPEG", "tiff": "TIFF", "png": "PNG", "bmp": "BMP"}[rel.rsplit(".", 1)[1].lower()]

@@ -29,6 +29,10 @@ from .errors import LeukoscopeError
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".avif", ".heic", ".heif")
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vsi", ".czi", ".bif", ".isyntax", ".vms", ".vmu")  # whole-slide scans: not read
 COMPANION_EXTENSIONS = (".csv", ".tsv", ".txt", ".json", ".xml", ".md", ".yaml", ".yml", ".ini", ".db", ".log", ".html", ".pdf", ".zip")
+# Files that leukoscope's own output folders hold: a training run, an evaluation, a count, explanations, segmentations.
+# A folder below the one given that holds one of these sets is results, not data: a run written inside its data
+# folder must not become a class of the next training (its report PNGs as "images"), nor a count's overlays fields.
+RESULT_MARKERS = (("run.json",), ("metrics.json", "report.html"), ("cells.csv", "summary.csv"), ("explanations.csv",), ("segmentation.csv",))
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard), after reading the header
 
 
@@ -97,7 +101,7 @@ def walk(root: str | os.PathLike, skip_hidden: bool = False) -> Iterator[tuple[s
     seen: set[tuple[int, int]] = set()
     for current, dirs, files in os.walk(root, followlinks=True):
         key = _folder_key(current)
-        if key is None or key in seen:
+        if key is None or key in seen or (os.path.normpath(current) != os.path.normpath(root) and _results_note(current, files)):
             dirs[:] = []
             continue
         seen.add(key)
@@ -112,6 +116,17 @@ def walk(root: str | os.PathLike, skip_hidden: bool = False) -> Iterator[tuple[s
             kept.append(name)
         dirs[:] = kept
         yield current, dirs, files
+
+
+def _results_note(folder: str, files: list[str]) -> bool:
+    """Whether ``folder`` holds leukoscope's results (see RESULT_MARKERS); if so, say that it is left out."""
+    names = set(files)
+    marker = next((m for m in RESULT_MARKERS if names.issuperset(m)), None)
+    if marker is not None:
+        from .progress import note
+
+        note(f"left out {printable(folder)}: leukoscope's results ({', '.join(marker)}), not data")
+    return marker is not None
 
 
 def _real_folders(root: str | os.PathLike, entered: Callable[[list[str]], list[str]]) -> set[tuple[int, int] | None]:
