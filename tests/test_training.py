@@ -246,7 +246,9 @@ def test_training_without_validation_images_warns_what_that_costs(tmp_path, caps
 
     data = make_image_folder(tmp_path / "data", n_per_class=2)
     train(data, tmp_path / "run", TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1, batch_size=4, fractions=(1.0, 0.0, 0.0)))
-    assert "warning: no validation images (4 images, 0 for testing)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: no validation images (4 images, 0 for testing)" in err
+    assert "note: no test images (--fractions 1,0,0): the run reports training and validation numbers only" in err
     prediction = load_model(tmp_path / "run").predict(sorted(data.rglob("*.png"))[:1])[0]
     assert prediction.label in ("blast", "normal") and prediction.ood_score >= 0
 
