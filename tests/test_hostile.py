@@ -68,6 +68,30 @@ def test_other_image_extensions_are_read_and_unreadable_formats_named(trained, t
     assert ".svs: whole-slide scans, too large to read whole: export fields or tiles" in err
 
 
+def test_archives_are_named_as_archives(trained, tmp_path, capsys):
+    """A lab's images often come zipped: predict, count and train say "unpack it", not "unreadable image"."""
+    import tarfile
+    import zipfile
+
+    cells = next((trained / "data" / "blast").iterdir())
+    with zipfile.ZipFile(tmp_path / "cells.zip", "w") as packed:
+        packed.write(cells, "blast/a.png")
+    with tarfile.open(tmp_path / "cells.tgz", "w:gz") as packed:
+        packed.add(cells, "blast/a.png")
+    (tmp_path / "lab").mkdir()
+    shutil.copy(tmp_path / "cells.zip", tmp_path / "lab" / "more.zip")
+    shutil.copy(cells, tmp_path / "lab" / "a.png")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(trained / "run"), str(tmp_path / "cells.zip"), str(tmp_path / "cells.tgz"), str(tmp_path / "lab"),
+                 "--out", str(out)]) == 1
+    errors = [r["error"] for r in csv.DictReader(out.read_text(encoding="utf-8").splitlines())]
+    assert errors == ["a zip archive, not an image: unpack it and give the folder",
+                      "a gzip archive, not an image: unpack it and give the folder", ""]
+    assert "1 file not read" in capsys.readouterr().err.replace("(.zip: 1)", "").split(".zip: archives: unpack them")[0]
+    assert main(["train", str(tmp_path / "cells.zip"), "--out", str(tmp_path / "run")]) == 2
+    assert "data path" in (err := capsys.readouterr().err) and "is a zip archive, not a folder: unpack it" in err
+
+
 def test_heic_photos_decode_to_their_pixels():
     from PIL import ImageDraw
 

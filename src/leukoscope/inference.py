@@ -23,11 +23,11 @@ from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa:
 from .data.layouts import singular
 from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
-from .io import IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, iter_image_files, missing_inputs
+from .io import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, iter_image_files, missing_inputs
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
-from .progress import note
+from .progress import note, plural
 from .transforms import eval_transform
 
 TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # flip: image + mirror image; dihedral: 4 rotations x 2 flips
@@ -562,6 +562,8 @@ def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         slides = sorted(set(skipped) & set(SLIDE_EXTENSIONS))
         hint = (f"; {', '.join(slides)}: whole-slide scans, too large to read whole: export fields or tiles from them "
                 "first (QuPath, or the scanner's viewer)") if slides else ""
-        note(f"note: {sum(skipped.values())} files not read, their extensions not an image format leukoscope reads "
+        if archives := sorted(set(skipped) & set(ARCHIVE_EXTENSIONS)):
+            hint += f"; {', '.join(archives)}: archives: unpack them and give their folders"
+        note(f"note: {plural(sum(skipped.values()), 'file')} not read, their extensions not an image format leukoscope reads "
              f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)}){hint}")
     return paths

@@ -28,7 +28,8 @@ from .errors import LeukoscopeError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".avif", ".heic", ".heif")
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vsi", ".czi", ".bif", ".isyntax", ".vms", ".vmu")  # whole-slide scans: not read
-COMPANION_EXTENSIONS = (".csv", ".tsv", ".txt", ".json", ".xml", ".md", ".yaml", ".yml", ".ini", ".db", ".log", ".html", ".pdf", ".zip")
+COMPANION_EXTENSIONS = (".csv", ".tsv", ".txt", ".json", ".xml", ".md", ".yaml", ".yml", ".ini", ".db", ".log", ".html", ".pdf")
+ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")  # not read, named in predict's note
 # Files that leukoscope's own output folders hold: a training run, an evaluation, a count, explanations, segmentations.
 # A folder below the one given that holds one of these sets is results, not data: a run written inside its data
 # folder must not become a class of the next training (its report PNGs as "images"), nor a count's overlays fields.
@@ -255,12 +256,26 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
     except Image.DecompressionBombError:  # larger still than PIL's own limit, refused while reading the header
         raise ImageReadError(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,}): cut it into tiles") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+        if (packed := archive_kind(head)) is not None:
+            raise ImageReadError(f"{packed}, not an image: unpack it and give the folder") from None
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
         raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
     return resize_center_crop(rgb, size, crop) if size is not None else np.asarray(rgb)
 
 
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+ARCHIVE_MAGIC = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive",
+                 b"Rar!\x1a\x07": "a RAR archive", b"BZh": "a bzip2 archive", b"\xfd7zXZ\x00": "an xz archive"}
+
+
+def archive_kind(path_or_head: str | os.PathLike | bytes) -> str | None:
+    """'a zip archive' (7z, RAR, gzip, ...) for a file that packs others, told by its first bytes; None otherwise.
+    A lab's dataset often arrives as one: said so, it is a fix (unpack it), not an unreadable image."""
+    try:
+        head = path_or_head if isinstance(path_or_head, bytes) else _head(path_or_head, 8)
+    except OSError:
+        return None
+    return next((kind for magic, kind in ARCHIVE_MAGIC.items() if head.startswith(magic)), None)
 HEIC_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx")  # HEVC-coded HEIF; AVIF ("avif") PIL reads
 
 

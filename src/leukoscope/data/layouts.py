@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LeukoscopeError
-from ..io import is_image_file, printable, walk
+from ..io import archive_kind, is_image_file, printable, walk
 
 UID_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(all|hem)\.bmp$", re.IGNORECASE)
 CNMC_PRELIM_DIR = "C-NMC_test_prelim_phase_data"
@@ -93,6 +93,8 @@ def detect_layout(root: str | os.PathLike) -> Dataset:
     if not root.exists():
         raise LeukoscopeError(f"data path {str(root)!r} does not exist; expected {EXPECTED}")
     if not root.is_dir():
+        if (packed := archive_kind(root)) is not None:
+            raise LeukoscopeError(f"data path {str(root)!r} is {packed}, not a folder: unpack it and give the folder it holds")
         raise LeukoscopeError(f"data path {str(root)!r} is not a folder; expected {EXPECTED}")
     files = _walk(root)
     dataset = _detect_cnmc(root, files) or _detect_image_folder(root, files)
