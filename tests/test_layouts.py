@@ -92,6 +92,15 @@ def test_a_manifest_with_windows_paths_is_read_and_rows_naming_nothing_are_repor
     assert any(n.startswith("1 of manifest.csv's 3 rows name no image") and "'imgs/sub/typo.png'" in n for n in ds.notes)
 
 
+def test_a_manifest_saved_by_excel_with_semicolons_is_read(tmp_path):
+    """Excel writes "CSV" with ';' (and a byte-order mark) where the decimal mark is a comma: German, French, ... settings."""
+    for name in ("a.png", "b.png"):
+        _tiny(tmp_path / "imgs" / name, "PNG")
+    (tmp_path / "manifest.csv").write_bytes("path;label;patient\r\nimgs\\a.png;blast;P1\r\nimgs\\b.png;normal;P2\r\n".encode("utf-8-sig"))
+    ds = detect_layout(tmp_path)
+    assert {s.path: (s.label, s.patient) for s in ds.samples} == {"imgs/a.png": ("blast", "P1"), "imgs/b.png": ("normal", "P2")}
+
+
 def test_names_decomposed_by_macos_and_composed_by_windows_are_one_class_and_match_the_manifest(tmp_path):
     import unicodedata
 

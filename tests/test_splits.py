@@ -91,6 +91,26 @@ def test_split_file_round_trip(tmp_path):
     assert samples == ds.samples and read == splits
 
 
+def test_split_file_saved_by_excel_is_read_and_wrong_files_are_named(tmp_path):
+    """A split file edited in Excel (';' where the decimal mark is a comma, a byte-order mark, CRLF) reads as written;
+    an image, a folder or another CSV given as --split is named as such, not dumped as bytes."""
+    ds = _patient_dataset(tmp_path, n_patients=6, per_patient=2)
+    splits, _ = make_splits(ds, seed=0)
+    write_splits(tmp_path / "splits.csv", ds.samples, splits)
+    lines = (tmp_path / "splits.csv").read_text().splitlines()
+    (tmp_path / "excel.csv").write_bytes("\r\n".join(line.replace(",", ";") for line in lines).encode("utf-8-sig"))
+    samples, read = read_splits(tmp_path / "excel.csv")
+    assert samples == ds.samples and read == splits
+    Image.new("RGB", (8, 8)).save(tmp_path / "cell.png")  # --split given an image: arguments mixed up
+    with pytest.raises(LeukoscopeError, match=r"is not a split file \(binary data, not CSV text\)"):
+        read_splits(tmp_path / "cell.png")
+    with pytest.raises(LeukoscopeError, match=r"is a folder: give the split file in it, '.*splits.csv'"):
+        read_splits(tmp_path)
+    (tmp_path / "other.csv").write_text("path,label\n" + "x" * 200 + ",y\n")
+    with pytest.raises(LeukoscopeError, match=r"expected columns path,label,patient,split, found 'path,label'$"):
+        read_splits(tmp_path / "other.csv")
+
+
 @pytest.mark.parametrize("fractions", [(0.5, 0.5, 0.5), (1.2, -0.1, -0.1), (0.5, 0.5)])
 def test_bad_fractions_rejected(tmp_path, fractions):
     ds = _patient_dataset(tmp_path, n_patients=4, per_patient=1)

@@ -72,6 +72,13 @@ def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] 
             yield path
 
 
+def csv_delimiter(text: str) -> str:
+    """The delimiter of a CSV file from its header line: ',' or, as Excel saves "CSV" where the decimal mark is a
+    comma (German, French, ... settings), ';', or a tab; whichever splits the header into the most columns."""
+    header = text.split("\n", 1)[0]
+    return max((",", ";", "\t"), key=header.count)
+
+
 def printable(name: str) -> str:
     """A folder or file name as text: bytes that are not UTF-8 (Latin-1 from an old archive, which Python
     decodes to lone surrogates) written as ``\\xNN``, in Unicode's composed form (NFC: macOS writes names

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LeukoscopeError
-from ..io import archive_kind, is_image_file, printable, walk
+from ..io import archive_kind, csv_delimiter, is_image_file, printable, walk
 
 UID_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(all|hem)\.bmp$", re.IGNORECASE)
 CNMC_PRELIM_DIR = "C-NMC_test_prelim_phase_data"
@@ -193,7 +193,7 @@ def _read_manifest(path: Path) -> dict[str, tuple[str | None, str]]:
     except UnicodeDecodeError:  # Excel's "CSV (Comma delimited)" on Windows writes cp1252
         text = path.read_bytes().decode("cp1252", errors="replace")
     with io.StringIO(text, newline="") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, delimiter=csv_delimiter(text))
         fields = {name.lower(): name for name in reader.fieldnames or []}
         path_col = next((fields[c] for c in ("path", "file", "filename") if c in fields), None)
         if path_col is None:

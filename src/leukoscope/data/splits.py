@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import os
 from collections import Counter, defaultdict
@@ -21,7 +22,9 @@ from ..io import (
     MAX_PIXELS,
     ImageReadError,
     atomic_write,
+    csv_delimiter,
     load_rgb,
+    printable,
     regular_file_stat,
     sha256_file,
 )
@@ -241,12 +244,21 @@ def write_splits(path: str | os.PathLike, samples: list[Sample], splits: list[st
 
 def read_splits(path: str | os.PathLike) -> tuple[list[Sample], list[str]]:
     path = Path(path)
+    if path.is_dir() and (path / "splits.csv").is_file():
+        raise LeukoscopeError(f"split file {str(path)!r} is a folder: give the split file in it, {str(path / 'splits.csv')!r}")
     if not path.is_file():
         raise LeukoscopeError(f"split file {str(path)!r} not found")
-    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        reader = csv.DictReader(handle)
+    expected = ",".join(SPLIT_COLUMNS)
+    data = path.read_bytes()
+    if b"\x00" in data[:4096]:
+        raise LeukoscopeError(f"{path} is not a split file (binary data, not CSV text): give the splits.csv of a run, "
+                              f"or a CSV with the columns {expected}")
+    text = data.decode("utf-8-sig", errors="surrogateescape")  # -sig: a byte-order mark, as Excel writes one
+    with io.StringIO(text, newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=csv_delimiter(text))
         if reader.fieldnames != SPLIT_COLUMNS:
-            raise LeukoscopeError(f"{path}: expected columns {','.join(SPLIT_COLUMNS)}, found {reader.fieldnames}")
+            found = printable(",".join(reader.fieldnames or []))
+            raise LeukoscopeError(f"{path}: expected columns {expected}, found {found[:80] + ('...' if len(found) > 80 else '')!r}")
         rows = list(reader)
     bad = sorted({r["split"] for r in rows} - set(SPLITS))
     if bad:
