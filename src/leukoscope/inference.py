@@ -516,14 +516,18 @@ def map_classes(predictor: Predictor, mapping: dict[str, str], tta: bool | str |
 
 
 def parse_classes(text: str, class_names: Sequence[str]) -> list[str]:
-    """'basophil, Eosinophil,...' -> those of the model's classes (case ignored), in the model's order."""
-    by_lower = {c.lower(): c for c in class_names}
+    """'basophil, Eosinophils,...' -> those of the model's classes (case and a plural's s ignored), in the model's order."""
+    by_key: dict[str, list[str]] = {}
+    for c in class_names:
+        for key in {c.lower(), singular(c.lower())}:
+            by_key.setdefault(key, []).append(c)
     chosen = set()
     for name in filter(None, (p.strip() for p in text.split(","))):
-        if name.lower() not in by_lower:
+        found = by_key.get(name.lower()) or by_key.get(singular(name.lower()), [])
+        if len(found) != 1:
             raise LeukoscopeError(f"--classes: the model has no class {name!r}{did_you_mean(name, class_names)}; "
                                   f"its classes: {', '.join(class_names)}")
-        chosen.add(by_lower[name.lower()])
+        chosen.add(found[0])
     if len(chosen) < 2:
         raise LeukoscopeError(f"--classes: name at least two of the model's classes ({', '.join(class_names)}), got {text!r}")
     return [c for c in class_names if c in chosen]
