@@ -85,8 +85,8 @@ def test_archives_are_named_as_archives(trained, tmp_path, capsys):
     assert main(["predict", str(trained / "run"), str(tmp_path / "cells.zip"), str(tmp_path / "cells.tgz"), str(tmp_path / "lab"),
                  "--out", str(out)]) == 1
     errors = [r["error"] for r in csv.DictReader(out.read_text(encoding="utf-8").splitlines())]
-    assert errors == ["a zip archive, not an image: unpack it and give the folder",
-                      "a gzip archive, not an image: unpack it and give the folder", ""]
+    assert errors == ["a zip archive, not an image: unpack it and give its images",
+                      "a gzip archive, not an image: unpack it and give its images", ""]
     assert "1 file not read" in capsys.readouterr().err.replace("(.zip: 1)", "").split(".zip: archives: unpack them")[0]
     assert main(["train", str(tmp_path / "cells.zip"), "--out", str(tmp_path / "run")]) == 2
     assert "data path" in (err := capsys.readouterr().err) and "is a zip archive, not a folder: unpack it" in err

@@ -264,7 +264,7 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
         raise ImageReadError(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,}): cut it into tiles") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
         if (packed := archive_kind(head)) is not None:
-            raise ImageReadError(f"{packed}, not an image: unpack it and give the folder") from None
+            raise ImageReadError(f"{packed}, not an image: unpack it and give its images") from None
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
         raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
     return resize_center_crop(rgb, size, crop) if size is not None else np.asarray(rgb)
