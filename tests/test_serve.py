@@ -93,6 +93,7 @@ def test_serve_refuses_classes_the_model_lacks_before_listening(capsys):
 @pytest.mark.parametrize("name, data, content_type, status, message", [
     ("notes.png", b"this is text, not an image", "image/png", 422, "unreadable image"),
     ("empty.jpg", b"", "image/jpeg", 422, "empty file"),
+    ("cells.jpg", b"PK\x03\x04" + bytes(60), "image/jpeg", 422, "a zip archive, not an image: unpack it"),
     ("page.html", b"<html></html>", "text/html", 415, "unsupported content type"),
     ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png", 413, "larger than"),
     ("wide.png", _png(np.zeros((2, 600_000, 3), np.uint8)), "image/png", 413, "too large"),
