@@ -182,6 +182,10 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["train", "{tmp}/nowhere", "--out", "{tmp}/run"], "does not exist"),
         (["train", "{data}", "--out", "{tmp}/run", "--arch", "resnet19"], "did you mean 'resnet18'"),
         (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/bad.yaml"], "did you mean 'epochs'"),
+        (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/typed.yaml"], "typed.yaml: epochs must be a whole number, got 'three'"),
+        (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/aug.yaml"], "aug.yaml: augment.hue must be a number, got 'lots'"),
+        (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/fr.yaml"], "fractions must be a list of 3 numbers, got [0.7, 0.3]"),
+        (["train", "{data}", "--out", "{tmp}/run", "--config", "{image}"], "not a YAML text file (it holds binary data)"),
         (["predict", "{tmp}/no_model", "{data}", "--out", "{tmp}/p.csv"], "neither a run folder"),
         (["evaluate", "{tmp}/no_model", "{data}", "--out", "{tmp}/e"], "neither a run folder"),
         (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--backend", "tensorrt"], "invalid choice: 'tensorrt'"),
@@ -206,6 +210,9 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     data = make_image_folder(tmp_path / "data", n_per_class=2)
     (tmp_path / "bad.yaml").write_text("epoch: 3\n")
+    (tmp_path / "typed.yaml").write_text("epochs: three\n")  # was a TypeError traceback
+    (tmp_path / "aug.yaml").write_text("augment:\n  hue: lots\n")
+    (tmp_path / "fr.yaml").write_text("fractions: [0.7, 0.3]\n")
     (tmp_path / "notes.pt").write_text("hi\n")  # torch.load raised KeyError on it
     (tmp_path / "notes.joblib").write_text("junk\n")  # joblib.load: UnpicklingError
     (tmp_path / "model.onnx").write_bytes(b"")  # refused for what it is, before it is read

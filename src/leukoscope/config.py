@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -139,7 +141,11 @@ class TrainConfig:
             if key not in known:
                 raise LeukoscopeError(f"{source}: unknown option {key!r}{did_you_mean(key, known)}; valid: {', '.join(sorted(known))}")
         values = dict(values)
+        check_types(cls, values, source)
         if "augment" in values:
+            if not isinstance(values["augment"], (dict, type(None))):
+                raise LeukoscopeError(f"{source}: augment must be a mapping of augmentation options, got {values['augment']!r}")
+            check_types(AugmentConfig, values["augment"] or {}, source, "augment.")
             try:
                 values["augment"] = AugmentConfig.from_dict(values["augment"])
             except TypeError as err:
@@ -197,6 +203,42 @@ class TrainConfig:
             raise LeukoscopeError(f"{source}: --method {self.method} needs --backbone RUN_OR_BUNDLED_MODEL (a CNN trained on the same split)")
 
 
+def check_types(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> None:
+    """A one-line error for an option of the wrong type (``epochs: three`` in a YAML file), before it fails
+    deep in training; an int is taken where a float is meant (``lr: 1``)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise LeukoscopeError(f"{source}: {prefix}{key} must be {_describe(hint)}, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, a) for a in args)
+    if origin is tuple:  # fixed length: fractions, a scale range
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    return True  # mappings and nested settings are checked where they are read
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    return {float: "a number", int: "a whole number", bool: "true or false", str: "a string", type(None): "empty (null)"}.get(hint, str(hint))
+
+
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
     """Defaults, then the YAML file, then command-line overrides (None means 'not given')."""
     values: dict[str, Any] = {}
@@ -205,7 +247,9 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> Tr
         if not path.is_file():
             raise LeukoscopeError(f"config file {str(path)!r} not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise LeukoscopeError(f"{path}: not a YAML text file (it holds binary data); give the configs/*.yaml kind of file") from None
         except yaml.YAMLError as err:
             raise LeukoscopeError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
