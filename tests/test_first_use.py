@@ -24,6 +24,16 @@ def test_misspelt_command_gets_a_suggestion(capsys):
     assert "unknown command 'predcit' (did you mean 'predict'?)" in capsys.readouterr().err
 
 
+def test_no_arguments_or_help_show_the_commands(capsys):
+    assert main([]) == 2  # was only "the following arguments are required: COMMAND"
+    out = capsys.readouterr().out
+    assert out.startswith("usage: leukoscope") and all(c in out for c in ("train", "predict", "count", "check-data"))
+    with pytest.raises(SystemExit) as done:
+        main(["help", "predict"])  # as git and pip take it
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: leukoscope predict")
+    assert main(["help", "predcit"]) == 2 and "did you mean 'predict'?" in capsys.readouterr().err
+
+
 def test_bundled_model_names_ignore_case(capsys):
     assert load_model("PBC").class_names == load_model("pbc").class_names
     assert main(["predict", "pcb", "x.png", "--out", "-"]) == 2

@@ -544,7 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+    if not argv:  # a first try with no arguments: what the commands are, not only that one is missing
+        parser.print_help()
+        return 2
+    if argv[0] == "help":  # `leukoscope help [COMMAND]`, as git and pip take it
+        argv = [*argv[1:2], "--help"]
+    if not argv[0].startswith("-") and argv[0] not in commands:
         from .errors import did_you_mean
 
         hint = did_you_mean(argv[0].lower(), commands)
