@@ -90,6 +90,10 @@ def test_archives_are_named_as_archives(trained, tmp_path, capsys):
     assert "1 file not read" in capsys.readouterr().err.replace("(.zip: 1)", "").split(".zip: archives: unpack them")[0]
     assert main(["train", str(tmp_path / "cells.zip"), "--out", str(tmp_path / "run")]) == 2
     assert "data path" in (err := capsys.readouterr().err) and "is a zip archive, not a folder: unpack it" in err
+    data = make_image_folder(tmp_path / "data", n_per_class=12)
+    shutil.copy(tmp_path / "cells.zip", data / "blast" / "batch2.zip")  # images a lab forgot to unpack
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), *TINY]) == 0
+    assert "warning: 1 archive not read (e.g. 'blast/batch2.zip'): unpack them where their images belong" in capsys.readouterr().err
 
 
 def test_heic_photos_decode_to_their_pixels():

@@ -40,6 +40,23 @@ def test_result_folders_inside_the_data_are_left_out(tmp_path, capsys):
     assert len(list(iter_image_files([tmp_path / "counts"]))) == 1  # a results folder given itself is read
 
 
+def test_archives_in_the_data_are_named(tmp_path):
+    """Images still zipped inside a class folder would be missing from training unsaid (train and check-data warn);
+    a folder of archives only says to unpack them rather than that no layout matched."""
+    from leukoscope.data.layouts import archives_warning
+
+    _tiny(tmp_path / "a" / "blast" / "x.png", "PNG")
+    _tiny(tmp_path / "a" / "normal" / "y.png", "PNG")
+    (tmp_path / "a" / "normal" / "batch2.zip").write_bytes(b"PK\x03\x04")
+    ds = detect_layout(tmp_path / "a")
+    assert ds.archives == ["normal/batch2.zip"]
+    assert archives_warning(ds.archives) == "1 archive not read (e.g. 'normal/batch2.zip'): unpack them where their images belong"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "cells.tar.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(LeukoscopeError, match=r"no dataset layout recognised in .*: 1 archive not read \(e.g. 'cells.tar.gz'\)"):
+        detect_layout(tmp_path / "b")
+
+
 def test_image_folder_any_depth_any_extension_case(tmp_path):
     for rel in ["a/b/Early/x1.JPG", "a/b/Early/x2.jpeg", "a/c/Pro/y.TIFF", "a/c/Pro/z.Png", "a/c/Pro/w.bmp"]:
         fmt = {"jpg": "JPEG", "jpeg": "JPEG", "tiff": "TIFF", "png": "PNG", "bmp": "BMP"}[rel.rsplit(".", 1)[1].lower()]

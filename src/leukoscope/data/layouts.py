@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LeukoscopeError
-from ..io import archive_kind, csv_delimiter, is_image_file, printable, walk
+from ..io import (
+    ARCHIVE_EXTENSIONS,
+    archive_kind,
+    csv_delimiter,
+    is_image_file,
+    printable,
+    walk,
+)
 
 UID_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(all|hem)\.bmp$", re.IGNORECASE)
 CNMC_PRELIM_DIR = "C-NMC_test_prelim_phase_data"
@@ -45,6 +52,7 @@ class Dataset:
     samples: list[Sample]
     classes: list[str]
     notes: list[str] = field(default_factory=list)
+    archives: list[str] = field(default_factory=list)  # zip, tar.gz, ... files under root: images not read
 
     def abspath(self, sample: Sample) -> Path:
         return self.root / sample.path
@@ -66,6 +74,14 @@ def singular(key: str) -> str:
     """A lower-case class name without a plural's final s ("neutrophils" -> "neutrophil"); names of three
     letters or fewer are kept ("igs", "all"): too short to tell a plural from a name."""
     return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
+def archives_warning(archives: list[str]) -> str:
+    """What to say of archives found among a dataset's images ("" for none): their images are not read."""
+    if not archives:
+        return ""
+    return (f"{len(archives)} archive{'s' if len(archives) != 1 else ''} not read (e.g. {archives[0]!r}): "
+            "unpack them where their images belong")
 
 
 def look_alike_classes(classes: list[str]) -> list[list[str]]:
@@ -98,6 +114,7 @@ def detect_layout(root: str | os.PathLike) -> Dataset:
         raise LeukoscopeError(f"data path {str(root)!r} is not a folder; expected {EXPECTED}")
     files = _walk(root)
     dataset = _detect_cnmc(root, files) or _detect_image_folder(root, files)
+    archives = [printable(f.as_posix()) for f in files if f.suffix.lower() in ARCHIVE_EXTENSIONS]
     if dataset is None:
         flat = [f for f in files if is_image_file(f) and len(f.parts) == 1]
         if flat:
@@ -105,7 +122,8 @@ def detect_layout(root: str | os.PathLike) -> Dataset:
                 f"{str(root)!r} holds {len(flat)} image{'s' if len(flat) != 1 else ''} but no class subfolders: put each class "
                 f"in its own folder ({root.name}/<class>/<image>), or add {root.name}/manifest.csv with path,label columns; "
                 "to classify unlabelled images use `leukoscope predict`")
-        raise LeukoscopeError(f"no dataset layout recognised in {str(root)!r}: expected {EXPECTED}")
+        raise LeukoscopeError(f"no dataset layout recognised in {str(root)!r}: " + (archives_warning(archives) or f"expected {EXPECTED}"))
+    dataset.archives = archives
     return dataset
 
 
