@@ -94,6 +94,8 @@ def test_archives_are_named_as_archives(trained, tmp_path, capsys):
     shutil.copy(tmp_path / "cells.zip", data / "blast" / "batch2.zip")  # images a lab forgot to unpack
     assert main(["train", str(data), "--out", str(tmp_path / "run"), *TINY]) == 0
     assert "warning: 1 archive not read (e.g. 'blast/batch2.zip'): unpack them where their images belong" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "run"), str(data), "--out", str(tmp_path / "eval")]) == 0
+    assert "warning: 1 archive not read (e.g. 'blast/batch2.zip')" in capsys.readouterr().err
 
 
 def test_heic_photos_decode_to_their_pixels():

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits
+from .data.layouts import archives_warning
 from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
@@ -280,7 +281,10 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
     predictor = load_model(model, backend="torch" if adapt else backend, device=device, precision=precision,
                            purpose=ADAPT_PURPOSE if adapt else None)
     names = parse_classes(classes, predictor.class_names) if classes else predictor.class_names
-    dataset, merged = merge_data_classes(detect_layout(data), names, class_map)
+    found = detect_layout(data)
+    if packed := archives_warning(found.archives):
+        note(f"warning: {packed}")
+    dataset, merged = merge_data_classes(found, names, class_map)
     mapping = class_mapping({s.label for s in dataset.samples}, names, class_map, skip_unknown)
     skipped = ""
     if skip_unknown:
