@@ -173,6 +173,10 @@ def test_count_service_endpoint(tiny_run):
     result = body["results"][0]
     assert len(result["cells"]) == 3 and result["filename"] == "f.png" and result["overlay"].startswith("data:image/png;base64,")
     assert body["summary"]["n_cells"] == 3 and set(body["summary"]) >= {"n_blast", "pct_blast", "blast_percent"}
+    outside = body["summary"]["n_out_of_domain"]  # the page shows the service's warning, on count's own rule
+    assert (body["summary"]["warning"] is None) == (outside <= 0.25 * 3)
+    if body["summary"]["warning"]:
+        assert body["summary"]["warning"].startswith(f"{outside} of the 3 cells look")
     bad = client.post("/count", files={"files": ("x.jpg", b"\xff\xd8 broken", "image/jpeg")})
     assert bad.status_code == 422 and "x.jpg" in json.dumps(bad.json())
 

@@ -141,6 +141,7 @@ def count_fields(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pix
     """Per field its cells and overlay; the summary row over every field. The first bad upload is a 4xx naming it."""
     from ..counting import as_dicts, count_image, overlay, summarise
     from ..io import decode_bytes
+    from ..predict import looks_unlike
 
     results, everything = [], []
     for filename, data in uploads:
@@ -153,7 +154,11 @@ def count_fields(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pix
         results.append({"filename": filename, "width": rgb.shape[1], "height": rgb.shape[0], "cells": as_dicts(cells),
                         "overlay": _data_url(overlay(rgb, cells, predictor.class_names))})
     total = summarise(everything, [("upload", f) for f, _ in uploads], predictor.class_names)[-1]
-    return results, {k: v for k, v in total.items() if k not in ("slide", "image")}
+    summary = {k: v for k, v in total.items() if k not in ("slide", "image")}
+    unlike = looks_unlike(summary["n_out_of_domain"], summary["n_cells"])  # count's own rule, so the page restates nothing
+    summary["warning"] = None if unlike is None else (f"{summary['n_out_of_domain']} of the {summary['n_cells']} cells {unlike} "
+                                                      "the model's training images: treat the differential as unreliable.")
+    return results, summary
 
 
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
