@@ -40,14 +40,19 @@ def _port(text: str) -> int:
     return port
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str, low: float, high: float, bound: str) -> float:
+    """A float in (low, high]: a one-line usage error otherwise (NaN included), as _whole_number for integers."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    if not low < value <= high:
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, 0.0, float("inf"), "> 0")
 
 
 def _add_adapt_steps(p: argparse.ArgumentParser) -> None:
@@ -81,10 +86,7 @@ def _check_out(out: str, inputs: list, kind: str, suffixes: tuple[str, ...]) -> 
 
 
 def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+    return _number(text, 0.0, 1.0, "in (0, 1]")
 
 
 class _Parser(argparse.ArgumentParser):
