@@ -34,6 +34,8 @@ TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # flip: image + mirror image;
 TTA_MODES = tuple(TTA_VIEWS)
 BACKENDS = ("auto", "torch", "onnx")  # what runs a CNN checkpoint; see load_model
 PREFETCH = 2  # batches decoded ahead of the one the model runs (+5% images/s over one for `wbc`, docs/benchmarks.md)
+ONE_IMAGE = (str, os.PathLike, bytes, bytearray, Image.Image)  # what predict takes as one image, not a list of them
+_INPUT_KINDS = "give image paths, folders, bytes, binary file objects, PIL images, arrays or tensors"
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Predictor:
         decoding.array_to_rgb); a 4-d array or tensor is a batch."""
         if isinstance(images, (np.ndarray, torch.Tensor)):
             images = list(images) if images.ndim == 4 else [images]  # a batch (N images) or one image
-        elif isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image)) or hasattr(images, "read"):
+        elif isinstance(images, ONE_IMAGE) or hasattr(images, "read"):
             images = [images]
         elif not isinstance(images, Iterable):
             raise TypeError(f"cannot predict {type(images).__name__!r}: {_INPUT_KINDS}, or a list of them")
@@ -155,7 +157,7 @@ class Predictor:
                 items.append(item.detach().cpu().numpy())
             elif hasattr(item, "read"):
                 items.append(_read_binary(item))
-            elif isinstance(item, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray)):
+            elif isinstance(item, (*ONE_IMAGE, np.ndarray)):
                 items.append(bytes(item) if isinstance(item, bytearray) else item)
             else:
                 raise TypeError(f"cannot predict an item of type {type(item).__name__!r}: {_INPUT_KINDS}")
@@ -275,9 +277,6 @@ def _nchw(images: np.ndarray) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S), copied by numpy: torch's copy would wake its OpenMP threads,
     which then spin on the cores the decoding workers need (-8% images/s end to end for `wbc`)."""
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
-_INPUT_KINDS = "give image paths, folders, bytes, binary file objects, PIL images, arrays or tensors"
 
 
 def _read_binary(file: Any) -> bytes:

@@ -130,7 +130,7 @@ def _results_note(folder: str, files: list[str]) -> bool:
     """Whether ``folder`` holds leukoscope's results (see RESULT_MARKERS); if so, say that it is left out."""
     names = set(files)
     marker = next((m for m in RESULT_MARKERS if names.issuperset(m)), None)
-    if marker is not None:
+    if marker is not None:  # progress imported here, not at the top: io stays free of tqdm for commands that walk no folder
         from .progress import note
 
         note(f"left out {printable(folder)}: leukoscope's results ({', '.join(marker)}), not data")

@@ -137,13 +137,14 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
         write_splits(out / SPLITS_FILE, dataset.samples, splits)
     if given is None and write:  # once per run, not per cross-validation fold or process
         warn_label_problems(dataset)
+    fractions = ",".join(f"{f:g}" for f in config.fractions)
     if "val" not in splits:
         note(f"warning: no validation images ({plural(len(splits), 'image')}, {splits.count('test')} for testing): the epoch is chosen "
              f"on training accuracy and the in-domain threshold set on the training images; add images or raise the validation fraction "
-             f"(--fractions, now {','.join(f'{f:g}' for f in config.fractions)})")
+             f"(--fractions, now {fractions})")
     if "test" not in splits and given is None:
-        note(f"note: no test images (--fractions {','.join(f'{f:g}' for f in config.fractions)}): the run reports training and "
-             "validation numbers only; score it on images it never saw with `leukoscope evaluate`")
+        note(f"note: no test images (--fractions {fractions}): the run reports training and validation numbers only; score it on "
+             "images it never saw with `leukoscope evaluate`")
     if write:
         save_config(config, out / "config.yaml")
         (out / "run.json").write_text(json.dumps({"data": str(data), "command": command, "split_kind": split_kind, "status": "training"}, indent=2))

@@ -26,6 +26,7 @@ from ..io import (
     printable,
     walk,
 )
+from ..progress import plural
 
 UID_PATTERN = re.compile(r"^UID_(H?\d+)_\d+_\d+_(all|hem)\.bmp$", re.IGNORECASE)
 CNMC_PRELIM_DIR = "C-NMC_test_prelim_phase_data"
@@ -80,8 +81,7 @@ def archives_warning(archives: list[str]) -> str:
     """What to say of archives found among a dataset's images ("" for none): their images are not read."""
     if not archives:
         return ""
-    return (f"{len(archives)} archive{'s' if len(archives) != 1 else ''} not read (e.g. {archives[0]!r}): "
-            "unpack them where their images belong")
+    return f"{plural(len(archives), 'archive')} not read (e.g. {archives[0]!r}): unpack them where their images belong"
 
 
 def look_alike_classes(classes: list[str]) -> list[list[str]]:
