@@ -101,7 +101,8 @@ def walk(root: str | os.PathLike, skip_hidden: bool = False) -> Iterator[tuple[s
 
     A link to a folder that is itself walked under ``root`` is not followed: that folder is read under its own
     name, so that ``blast -> normal`` cannot file the normal images under ``blast`` by sorting first. With
-    ``skip_hidden``, folders whose names start with a dot are not entered (a link to one is followed)."""
+    ``skip_hidden``, folders whose names start with a dot are not entered (a link to one is followed). A folder of
+    leukoscope's results below ``root`` (RESULT_MARKERS) is not entered either, with a note."""
     def entered(names: list[str]) -> list[str]:
         return sorted(d for d in names if not (skip_hidden and d.startswith(".")))
 
@@ -109,7 +110,7 @@ def walk(root: str | os.PathLike, skip_hidden: bool = False) -> Iterator[tuple[s
     seen: set[tuple[int, int]] = set()
     for current, dirs, files in os.walk(root, followlinks=True):
         key = _folder_key(current)
-        if key is None or key in seen or (os.path.normpath(current) != os.path.normpath(root) and _results_note(current, files)):
+        if key is None or key in seen or (seen and _results_note(current, files)):  # seen: below root, which comes first
             dirs[:] = []
             continue
         seen.add(key)
