@@ -89,6 +89,18 @@ def test_a_field_given_twice_is_counted_once(tiny_run, tmp_path, capsys):
     assert len(records) == 1 and "2 images given more than once: counted once" in capsys.readouterr().err
 
 
+def test_a_folder_s_archives_and_slide_scans_are_named_rather_than_passed_over(tiny_run, tmp_path, capsys):
+    """As predict says: a lab's zipped fields or a whole-slide scan in the folder are not silently left out of the count."""
+    Image.fromarray(field(200, 260, [(100, 130, 26)], red_cells=10)).save(tmp_path / "f.png")
+    (tmp_path / "more_fields.zip").write_bytes(b"PK\x03\x04" + bytes(60))
+    (tmp_path / "slide.svs").write_bytes(b"II*\x00" + bytes(60))
+    (tmp_path / "notes.txt").write_text("stained 2026-11-30")  # a lab's companion file: not an image, not worth a word
+    records = leukoscope.count(tmp_path, model=str(tiny_run[1]))
+    err = capsys.readouterr().err
+    assert len(records) == 1 and "2 files not read" in err and ".svs: 1" in err and ".zip: 1" in err
+    assert ".zip: archives: unpack them" in err and ".svs: whole-slide scans" in err and ".txt" not in err
+
+
 def test_a_grayscale_field_is_not_counted_rather_than_counted_as_empty(tiny_run, tmp_path):
     colour = field(200, 260, [(100, 130, 26)], red_cells=10)
     Image.fromarray(colour).save(tmp_path / "colour.png")

@@ -25,7 +25,7 @@ import numpy as np
 
 from .checkpoint import bundled_models
 from .errors import LeukoscopeError
-from .inference import Predictor, load_model, parse_classes, restrict_classes
+from .inference import Predictor, load_model, note_skipped, parse_classes, restrict_classes
 from .io import (
     ImageReadError,
     View,
@@ -119,10 +119,10 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
     image's own folder is its slide); a file given is a slide of its own folder."""
     if group_by not in ("input", "parent"):
         raise LeukoscopeError(f"--group-by must be input or parent, got {group_by!r}")
-    pairs, seen, repeated = [], set(), 0
+    pairs, seen, repeated, skipped = [], set(), 0, Counter()
     for item in inputs:
         path = Path(item)
-        for image in iter_image_files([path]):
+        for image in iter_image_files([path], skipped):
             if (real := os.path.realpath(image)) in seen:  # a folder and its file, or one folder twice: a field counts once
                 repeated += 1
                 continue
@@ -131,6 +131,7 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
             pairs.append((slide.name or str(slide), image))
     if repeated:
         note(f"{plural(repeated, 'image')} given more than once: counted once")
+    note_skipped(skipped)
     return pairs
 
 

@@ -553,6 +553,20 @@ def restrict_classes(predictor: Predictor, classes: Sequence[str], tta: bool | s
     return Predictor(meta, source=predictor.source, backend=backend, whole=predictor.whole or predictor)
 
 
+def note_skipped(skipped: Counter[str]) -> None:
+    """Say which files a folder search passed over for their extension (``iter_image_files``'s count), and what to do."""
+    if not skipped:
+        return
+    kinds = ", ".join(f"{suffix}: {count}" for suffix, count in skipped.most_common())
+    slides = sorted(set(skipped) & set(SLIDE_EXTENSIONS))
+    hint = (f"; {', '.join(slides)}: whole-slide scans, too large to read whole: export fields or tiles from them "
+            "first (QuPath, or the scanner's viewer)") if slides else ""
+    if archives := sorted(set(skipped) & set(ARCHIVE_EXTENSIONS)):
+        hint += f"; {', '.join(archives)}: archives: unpack them and give their folders"
+    note(f"note: {plural(sum(skipped.values()), 'file')} not read, their extensions not an image format leukoscope reads "
+         f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)}){hint}")
+
+
 def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively) into a list of paths, failing on missing inputs."""
     inputs = list(inputs)
@@ -560,13 +574,5 @@ def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         raise LeukoscopeError(f"input {missing[0]!r} does not exist")
     skipped: Counter[str] = Counter()
     paths = list(iter_image_files(inputs, skipped))
-    if skipped:
-        kinds = ", ".join(f"{suffix}: {count}" for suffix, count in skipped.most_common())
-        slides = sorted(set(skipped) & set(SLIDE_EXTENSIONS))
-        hint = (f"; {', '.join(slides)}: whole-slide scans, too large to read whole: export fields or tiles from them "
-                "first (QuPath, or the scanner's viewer)") if slides else ""
-        if archives := sorted(set(skipped) & set(ARCHIVE_EXTENSIONS)):
-            hint += f"; {', '.join(archives)}: archives: unpack them and give their folders"
-        note(f"note: {plural(sum(skipped.values()), 'file')} not read, their extensions not an image format leukoscope reads "
-             f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)}){hint}")
+    note_skipped(skipped)
     return paths
