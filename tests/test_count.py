@@ -101,6 +101,20 @@ def test_a_folder_s_archives_and_slide_scans_are_named_rather_than_passed_over(t
     assert ".zip: archives: unpack them" in err and ".svs: whole-slide scans" in err and ".txt" not in err
 
 
+def test_a_file_given_by_its_bare_name_is_a_slide_named_after_its_folder(tiny_run, tmp_path, capsys, monkeypatch):
+    """`count f.png gray.png` in the fields' folder: the slide is that folder, not "."; a field not counted is said beside the slide's total."""
+    folder = tmp_path / "slide_7"
+    folder.mkdir()
+    colour = field(200, 260, [(100, 130, 26)], red_cells=10)
+    Image.fromarray(colour).save(folder / "f.png")
+    Image.fromarray(colour).convert("L").save(folder / "gray.png")
+    monkeypatch.chdir(folder)
+    assert main(["count", "f.png", "gray.png", "--model", str(tiny_run[1]), "--out", str(tmp_path / "c")]) == 1
+    line = capsys.readouterr().out.splitlines()[0]  # the tiny model is a blast model: its total gives a blast percentage
+    assert line.startswith("slide_7: 1 white cell, blasts ") and line.endswith("%; 1 image not counted (unreadable or grayscale)")
+    assert {r["slide"] for r in _rows(tmp_path / "c" / "summary.csv")} == {"slide_7"}
+
+
 def test_a_grayscale_field_is_not_counted_rather_than_counted_as_empty(tiny_run, tmp_path):
     colour = field(200, 260, [(100, 130, 26)], red_cells=10)
     Image.fromarray(colour).save(tmp_path / "colour.png")
@@ -191,6 +205,25 @@ def test_count_service_endpoint(tiny_run):
         assert body["summary"]["warning"].startswith(f"{outside} of the 3 cells look")
     bad = client.post("/count", files={"files": ("x.jpg", b"\xff\xd8 broken", "image/jpeg")})
     assert bad.status_code == 422 and "x.jpg" in json.dumps(bad.json())
+    gray = client.post("/count", files={"files": ("g.png", _png_bytes(image[..., 0]), "image/png")})  # as the CLI: not "0 cells"
+    assert gray.status_code == 422 and "grayscale" in gray.json()["error"] and gray.json()["file"] == "g.png"
+    # Among several fields, a bad one is an error entry in its place and the others are counted.
+    mixed = client.post("/count", files=[("files", ("x.jpg", b"\xff\xd8 broken", "image/jpeg")),
+                                         ("files", ("f.png", buffer.getvalue(), "image/png")),
+                                         ("files", ("g.png", _png_bytes(image[..., 0]), "image/png"))])
+    assert mixed.status_code == 200, mixed.text
+    first, second, third = mixed.json()["results"]
+    assert first["filename"] == "x.jpg" and first["status"] == 422 and "unreadable" in first["error"] and "cells" not in first
+    assert len(second["cells"]) == 3 and "grayscale" in third["error"]
+    assert mixed.json()["summary"]["n_cells"] == 3 and mixed.json()["summary"]["error"] == "2 images not counted (unreadable or grayscale)"
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_count_corrects_a_yellow_cast_as_the_model_does(tiny_run):

@@ -104,6 +104,23 @@ def test_bad_uploads_get_4xx_json(client, name, data, content_type, status, mess
     assert message in response.json()["error"] and response.json()["file"] == name
 
 
+def test_a_bad_upload_among_several_is_an_error_entry_and_the_others_are_answered(client):
+    """One corrupt file in a batch of 32 must not cost the other 31 their results; only a request of nothing
+    readable is refused (its first file's 4xx, as above)."""
+    cell = sorted((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))[0]
+    files = [("files", ("page.html", b"<html></html>", "text/html")), ("files", (cell.name, cell.read_bytes(), "image/jpeg")),
+             ("files", ("notes.png", b"this is text", "image/png")), ("files", ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png"))]
+    response = client.post("/predict?heatmap=true", files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["filename"] for r in results] == ["page.html", cell.name, "notes.png", "big.png"]  # in the order sent
+    assert [r.get("status") for r in results] == [415, None, 422, 413]
+    assert "unsupported content type" in results[0]["error"] and "unreadable image" in results[2]["error"]
+    assert results[1]["label"] == "eosinophil" and results[1]["heatmap"] and "error" not in results[1]
+    none_readable = client.post("/predict", files=[files[2], files[0]])
+    assert none_readable.status_code == 422 and none_readable.json()["file"] == "notes.png"
+
+
 def test_missing_or_misnamed_files_field_is_the_apps_json_error(client):
     for response in (client.post("/predict"), client.post("/predict", files=[("file", ("a.png", _png(np.zeros((8, 8, 3), np.uint8)), "image/png"))])):
         assert response.status_code == 422

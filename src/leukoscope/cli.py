@@ -365,7 +365,7 @@ def cmd_count(args: argparse.Namespace) -> int:
     summary, failed = count_command(args.inputs, args.model, args.out, args.group_by, args.classes)
     for row in (r for r in summary if r["image"] == "TOTAL"):
         blast = f", blasts {row['blast_percent']:.1f}%" if "blast_percent" in row else ""
-        print(f"{row['slide']}: {plural(row['n_cells'], 'white cell')}{blast}")
+        print(f"{row['slide']}: {plural(row['n_cells'], 'white cell')}{blast}" + (f"; {row['error']}" if row["error"] else ""))
     overall = [r for r in summary if r["image"] == "TOTAL"][-1]
     if (unlike := looks_unlike(overall["n_out_of_domain"], overall["n_cells"])) is not None:
         print(f"warning: {overall['n_out_of_domain']} of the {plural(overall['n_cells'], 'counted cell')} {unlike} the model's training "

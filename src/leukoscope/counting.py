@@ -25,7 +25,13 @@ import numpy as np
 
 from .checkpoint import bundled_models
 from .errors import LeukoscopeError
-from .inference import Predictor, load_model, note_skipped, parse_classes, restrict_classes
+from .inference import (
+    Predictor,
+    load_model,
+    note_skipped,
+    parse_classes,
+    restrict_classes,
+)
 from .io import (
     ImageReadError,
     View,
@@ -128,7 +134,7 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
                 continue
             seen.add(real)
             slide = image.parent if group_by == "parent" or not path.is_dir() else path
-            pairs.append((slide.name or str(slide), image))
+            pairs.append((slide.name or slide.resolve().name or str(slide), image))  # `count f.png`: its folder's name, not "."
     if repeated:
         note(f"{plural(repeated, 'image')} given more than once: counted once")
     note_skipped(skipped)
@@ -152,10 +158,16 @@ def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: s
         except ImageReadError as err:
             yield None, [CountedCell(slide, str(path), error=str(err))], []
             continue
-        if predictor.unfamiliar(colourless(rgb)):  # find_cells would find none: not a field "with 0 cells"
-            yield None, [CountedCell(slide, str(path), error=GRAYSCALE)], []
-            continue
-        yield rgb, *count_image(predictor, rgb, slide, str(path))
+        cells, windows = count_field(predictor, rgb, slide, str(path))
+        yield None if cells and cells[0].error else rgb, cells, windows
+
+
+def count_field(predictor: Predictor, rgb: np.ndarray, slide: str = "", image: str = "") -> tuple[list[CountedCell], list[np.ndarray]]:
+    """``count_image``, or one record with ``error`` for a field that cannot be counted: a grayscale one, in which
+    find_cells would find no cell, is not a field "with 0 cells"."""
+    if predictor.unfamiliar(colourless(rgb)):
+        return [CountedCell(slide, image, error=GRAYSCALE)], []
+    return count_image(predictor, rgb, slide, image)
 
 
 def summarise(cells: Sequence[CountedCell], images: Sequence[tuple[str, str]], class_names: Sequence[str]) -> list[dict[str, Any]]:

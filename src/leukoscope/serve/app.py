@@ -3,7 +3,8 @@
 Uploads are read into memory with a byte limit, then decoded (with a pixel limit) and classified
 in a thread pool, a bounded number at a time, so the event loop stays free; nothing is written to
 disk by this code (Starlette spools large multipart parts to the system temp directory). Every
-error, bad uploads and malformed requests alike, is a 4xx JSON ``{"error": ..., "file": ...}``.
+error, bad uploads and malformed requests alike, is a 4xx JSON ``{"error": ..., "file": ...}``, except that a bad file
+among readable ones is an error entry in its place among the results, so one corrupt file does not cost a batch.
 Each result carries a PNG preview of exactly the region the model saw, rendered by the server, so
 the page shows every accepted format (TIFF too) and the heatmap lines up with its preview.
 """
@@ -114,13 +115,14 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
                       heatmap: bool = Query(False, description="add a Grad-CAM overlay PNG as a data URL")) -> dict[str, Any]:
         if len(files) > MAX_FILES:
             raise HTTPException(413, f"at most {MAX_FILES} files per request, got {len(files)}")
-        uploads = [(f.filename or "", await read_upload(f, max_bytes)) for f in files]
+        uploads = refuse_if_none_read(await read_uploads(files, max_bytes))
         async with slots:
             started = time.perf_counter()
-            images = await run_in_threadpool(decode_uploads, uploads, predictor, max_pixels)
-            results = await run_in_threadpool(classify, predictor, images, get_explainer() if heatmap else None)
-        for (filename, _), result in zip(uploads, results):
-            result["filename"] = filename
+            decoded = refuse_if_none_read(await run_in_threadpool(decode_uploads, uploads, predictor, max_pixels))
+            good = [image for _, image in decoded if not isinstance(image, UploadError)]
+            classified = iter(await run_in_threadpool(classify, predictor, good, get_explainer() if heatmap else None))
+        results = [failed(image) if isinstance(image, UploadError) else {**next(classified), "filename": filename}
+                   for filename, image in decoded]
         return {"model": name, "results": results, "seconds": round(time.perf_counter() - started, 4)}
 
     @app.post("/count", dependencies=[only_query()])
@@ -128,7 +130,7 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
         """Every white cell of each field: boxes, labels and an overlay per field, and the differential over all of them."""
         if len(files) > MAX_FILES:
             raise HTTPException(413, f"at most {MAX_FILES} files per request, got {len(files)}")
-        uploads = [(f.filename or "", await read_upload(f, max_bytes)) for f in files]
+        uploads = refuse_if_none_read(await read_uploads(files, max_bytes))
         async with slots:
             started = time.perf_counter()
             results, summary = await run_in_threadpool(count_fields, uploads, predictor, max_pixels)
@@ -137,28 +139,73 @@ def create_app(predictor: Predictor, name: str = "model", max_bytes: int = MAX_B
     return app
 
 
-def count_fields(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per field its cells and overlay; the summary row over every field. The first bad upload is a 4xx naming it."""
-    from ..counting import as_dicts, count_image, overlay, summarise
-    from ..io import decode_bytes
+def count_fields(uploads: list[tuple[str, bytes | UploadError]], predictor: Predictor, max_pixels: int
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per field its cells and overlay, or its error; the summary row over every field (``error`` says how many were
+    not counted). When no field could be counted, the first one's error is the request's 4xx."""
+    from ..counting import summarise
     from ..predict import looks_unlike
 
-    results, everything = [], []
+    outcomes, everything = [], []
     for filename, data in uploads:
-        try:
-            rgb = decode_bytes(data, None, max_pixels)
-        except ImageReadError as err:
-            raise UploadError(413 if "too large" in str(err) else 422, filename, str(err)) from None
-        cells, _ = count_image(predictor, rgb, "upload", filename)
+        outcome, cells = _count_upload(filename, data, predictor, max_pixels)
+        outcomes.append((filename, outcome))
         everything.extend(cells)
-        results.append({"filename": filename, "width": rgb.shape[1], "height": rgb.shape[0], "cells": as_dicts(cells),
-                        "overlay": _data_url(overlay(rgb, cells, predictor.class_names))})
+    results = [failed(v) if isinstance(v, UploadError) else v for _, v in refuse_if_none_read(outcomes)]
     total = summarise(everything, [("upload", f) for f, _ in uploads], predictor.class_names)[-1]
     summary = {k: v for k, v in total.items() if k not in ("slide", "image")}
     unlike = looks_unlike(summary["n_out_of_domain"], summary["n_cells"])  # count's own rule, so the page restates nothing
     summary["warning"] = None if unlike is None else (f"{summary['n_out_of_domain']} of the {summary['n_cells']} cells {unlike} "
                                                       "the model's training images: treat the differential as unreliable.")
     return results, summary
+
+
+def _count_upload(filename: str, data: bytes | UploadError, predictor: Predictor, max_pixels: int
+                  ) -> tuple[dict[str, Any] | UploadError, list[Any]]:
+    """One field's result (cells and overlay) or its UploadError, and its records for the summary."""
+    from ..counting import CountedCell, as_dicts, count_field, overlay
+    from ..io import decode_bytes
+
+    problem = data if isinstance(data, UploadError) else None
+    if problem is None:
+        try:
+            rgb = decode_bytes(data, None, max_pixels)
+        except ImageReadError as err:
+            problem = _unreadable(filename, err)
+    if problem is not None:
+        return problem, [CountedCell("upload", filename, error=problem.reason)]
+    cells, _ = count_field(predictor, rgb, "upload", filename)
+    if cells and cells[0].error:  # grayscale: not a field "with 0 cells"
+        return UploadError(422, filename, cells[0].error), cells
+    return {"filename": filename, "width": rgb.shape[1], "height": rgb.shape[0], "cells": as_dicts(cells),
+            "overlay": _data_url(overlay(rgb, cells, predictor.class_names))}, cells
+
+
+def refuse_if_none_read(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """(filename, outcome) pairs back, unless no file could be read: then the first one's UploadError is the request's
+    4xx. Otherwise each bad file becomes an ``error`` entry among the results (``failed``) and the others are answered."""
+    errors = [outcome for _, outcome in pairs if isinstance(outcome, UploadError)]
+    if pairs and len(errors) == len(pairs):
+        raise errors[0]
+    return pairs
+
+
+def failed(err: UploadError) -> dict[str, Any]:
+    return {"filename": err.filename, "error": err.reason, "status": err.status}
+
+
+def _unreadable(filename: str, err: ImageReadError) -> UploadError:
+    return UploadError(413 if "too large" in str(err) else 422, filename, str(err))
+
+
+async def read_uploads(files: list[UploadFile], max_bytes: int) -> list[tuple[str, bytes | UploadError]]:
+    uploads: list[tuple[str, bytes | UploadError]] = []
+    for upload in files:
+        try:
+            uploads.append((upload.filename or "", await read_upload(upload, max_bytes)))
+        except UploadError as err:
+            uploads.append((upload.filename or "", err))
+    return uploads
 
 
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
@@ -172,15 +219,16 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     return data
 
 
-def decode_uploads(uploads: list[tuple[str, bytes]], predictor: Predictor, max_pixels: int) -> list[tuple[np.ndarray, bool | None, bool]]:
+def decode_uploads(uploads: list[tuple[str, bytes | UploadError]], predictor: Predictor, max_pixels: int
+                   ) -> list[tuple[str, tuple[np.ndarray, bool | None, bool] | UploadError]]:
     """Each upload as the model sees it (its crop or cell window, at its size), whether a cell was
-    located and whether it was recoloured (see io.frame); the first bad one is a 4xx naming the file."""
-    images = []
+    located and whether it was recoloured (see io.frame); or the UploadError that names what is wrong with it."""
+    images: list[tuple[str, tuple[np.ndarray, bool | None, bool] | UploadError]] = []
     for name, data in uploads:
         try:
-            images.append(load_view(data, predictor.view, max_pixels))
+            images.append((name, data if isinstance(data, UploadError) else load_view(data, predictor.view, max_pixels)))
         except ImageReadError as err:
-            raise UploadError(413 if "too large" in str(err) else 422, name, str(err)) from None
+            images.append((name, _unreadable(name, err)))
     return images
 
 
