@@ -250,6 +250,12 @@ def test_an_output_never_replaces_an_input_nor_takes_an_image_s_name(tiny_run, t
     assert "is one of this command's inputs" in capsys.readouterr().err and images[1].read_bytes() == before
     assert main(["predict", str(run), str(images[0]), "--out", str(tmp_path / "preds.png")]) == 2  # arguments mixed up
     assert "names an image, but this writes CSV" in capsys.readouterr().err and not (tmp_path / "preds.png").exists()
+    assert main(["predict", str(run), str(images[0]), "--out", str(tmp_path / "preds.xlsx")]) == 2  # CSV text Excel would refuse
+    assert ("this writes CSV, not an Excel workbook: give a .csv, .tsv or .txt file name (Excel opens a .csv)" in capsys.readouterr().err
+            and not (tmp_path / "preds.xlsx").exists())
+    assert main(["predict", str(run), *map(str, images), "--out", str(tmp_path / "preds.tsv")]) == 0  # tab-separated, as named
+    lines = (tmp_path / "preds.tsv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("path\tlabel\tconfidence\t") and "," not in lines[1]
     checkpoint = run / "model.pt"
     before = checkpoint.read_bytes()
     assert main(["export", str(run), "--out", str(checkpoint)]) == 2

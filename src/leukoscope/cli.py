@@ -70,6 +70,14 @@ def _check_adapt_steps(args: argparse.Namespace) -> None:
         raise LeukoscopeError(f"--adapt-steps {args.adapt_steps} does nothing without --adapt: add --adapt, or drop it")
 
 
+DATA_FORMATS = {".xlsx": "an Excel workbook", ".xls": "an Excel workbook", ".ods": "a spreadsheet", ".json": "JSON",
+                ".jsonl": "JSON lines", ".parquet": "Parquet", ".feather": "Feather", ".h5": "HDF5", ".pkl": "a pickle"}
+
+
+def _either(choices: tuple[str, ...]) -> str:
+    return " or ".join(choices) if len(choices) < 3 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
 def _check_out(out: str, inputs: list, kind: str, suffixes: tuple[str, ...]) -> None:
     """A file output must not replace one of the command's inputs (an image, the model) nor carry an image's or
     a model's extension, which is a mix-up of arguments: ``predict wbc a.jpg --out b.jpg`` wrote CSV over b.jpg."""
@@ -82,7 +90,10 @@ def _check_out(out: str, inputs: list, kind: str, suffixes: tuple[str, ...]) -> 
     suffix = Path(out).suffix.lower()
     if suffix in IMAGE_EXTENSIONS + (".pt", ".onnx", ".joblib") and suffix not in suffixes:
         raise LeukoscopeError(f"--out {out} names {'an image' if suffix in IMAGE_EXTENSIONS else 'a model'}, but this writes {kind}: "
-                              f"give a {' or '.join(suffixes)} file name")
+                              f"give a {_either(suffixes)} file name")
+    if suffix in DATA_FORMATS and suffix not in suffixes:  # a .xlsx of CSV text: Excel refuses to open it
+        raise LeukoscopeError(f"--out {out}: this writes {kind}, not {DATA_FORMATS[suffix]}: give a {_either(suffixes)} file name"
+                              + (" (Excel opens a .csv)" if suffix in (".xlsx", ".xls", ".ods") else ""))
 
 
 def _probability(text: str) -> float:

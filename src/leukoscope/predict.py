@@ -62,13 +62,18 @@ def write_rows(predictor: Predictor, predictions: Iterable[Prediction], out: str
     """Write the CSV; returns (failed, out of domain)."""
     failed = outside = 0
     with atomic_write(out, newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, delimiter=delimiter(out))
         writer.writerow(header(predictor))
         for pred in progress(predictions, total=total, desc="predict", unit="image"):
             writer.writerow(row(predictor, pred))
             failed += bool(pred.error)
             outside += pred.in_domain is False
     return failed, outside
+
+
+def delimiter(out: str | os.PathLike) -> str:
+    """Tabs for a ``.tsv`` output (as its name promises), commas otherwise."""
+    return "\t" if str(out).lower().endswith(".tsv") else ","
 
 
 def part_path(out: str | os.PathLike, rank: int) -> Path:
@@ -108,7 +113,7 @@ def merge_parts(out: str | os.PathLike, size: int, total: int) -> tuple[int, int
     head, bodies = parts[0][0], [p[1:] for p in parts]
     ordered = [bodies[i % size][i // size] for i in range(total)]
     with atomic_write(out, newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, delimiter=delimiter(out))
         writer.writerow(head)
         writer.writerows(ordered)
     for rank in range(size):
