@@ -173,7 +173,14 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
     errors = [r for r in rows if r["error"]]
     assert len(errors) == 1 and errors[0]["path"].endswith("broken.bmp") and "\n" not in errors[0]["error"]
     assert sum(r["label"] in ("all", "hem") for r in rows) == 15
-    assert "15 images predicted, 1 failed" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "15 images predicted, 1 failed" in captured.out
+    assert f"{folder / 'broken.bmp'}: error: {errors[0]['error']}" in captured.err  # the reason, without opening the CSV
+    for name in ("a.jpg", "b.jpg", "c.jpg"):  # many: the first few said, the rest counted
+        (folder / name).write_bytes(b"junk")
+    assert main(["predict", str(run), str(folder), "--out", str(out)]) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line or line.startswith("...")]
+    assert len(lines) == 4 and lines[-1] == f"... and 1 more: see the error column of {out}"
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,8 @@ def test_explain_writes_heatmaps_and_reports_bad_files(run, tmp_path, capsys):
     assert len(rows) == 4 and rows[-1]["error"].startswith("unreadable image")
     panel = np.asarray(Image.open(tmp_path / "cams" / rows[0]["heatmap"]))
     assert panel.shape[1] == 2 * 2 * 32 and panel.std() > 0
-    assert "3 heatmaps, 1 failed" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "3 heatmaps, 1 failed" in captured.out and f"broken.png: error: {rows[-1]['error']}" in captured.err
 
 
 def test_explain_rejects_unknown_method_and_class(run, tmp_path, capsys):

@@ -74,6 +74,17 @@ DATA_FORMATS = {".xlsx": "an Excel workbook", ".xls": "an Excel workbook", ".ods
                 ".jsonl": "JSON lines", ".parquet": "Parquet", ".feather": "Feather", ".h5": "HDF5", ".pkl": "a pickle"}
 
 
+SHOWN_FAILURES = 3  # files whose error a command prints; the rest are in its CSV
+
+
+def _tell_failures(failures: list[tuple[str, str]], rest: str) -> None:
+    """Print why the first few files failed (one line each, on stderr), so that a single bad file needs no CSV opened."""
+    for path, error in failures[:SHOWN_FAILURES]:
+        print(f"{path}: error: {error}", file=sys.stderr)
+    if len(failures) > SHOWN_FAILURES:
+        print(f"... and {len(failures) - SHOWN_FAILURES} more: see {rest}", file=sys.stderr)
+
+
 def _either(choices: tuple[str, ...]) -> str:
     return " or ".join(choices) if len(choices) < 3 else f"{', '.join(choices[:-1])} or {choices[-1]}"
 
@@ -261,13 +272,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     total, failures, outside = predict_csv(predictor, paths, args.out, args.batch_size, tta, args.workers)
     if total == 0:  # a torchrun rank other than 0: rank 0 merges and reports
         return 0
+    _tell_failures(failures, "the error column of " + ("the CSV" if is_stream_output(args.out) else args.out))
     if getattr(predictor.backend, "choice", None):
         print(f"precision auto: {predictor.backend.choice} ({predictor.backend.reason})", file=sys.stderr)
-    warning = out_of_domain_warning(predictor, outside, len(paths) - failures)
+    warning = out_of_domain_warning(predictor, outside, len(paths) - len(failures))
     if warning:
         print(warning, file=sys.stderr)
     where = "standard output" if args.out == "-" else args.out
-    print(f"{plural(len(paths) - failures, 'image')} predicted, {failures} failed; written to {where}", file=log)
+    print(f"{plural(len(paths) - len(failures), 'image')} predicted, {len(failures)} failed; written to {where}", file=log)
     return 1 if failures else 0
 
 
@@ -283,7 +295,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
     done, failed = explain_files(predictor, paths, args.out, method=args.method, class_name=args.target_class)
-    print(f"{plural(done, 'heatmap')}, {failed} failed; written to {args.out} (index: {Path(args.out) / 'explanations.csv'})")
+    index = Path(args.out) / "explanations.csv"
+    _tell_failures(failed, f"the error column of {index}")
+    print(f"{plural(done, 'heatmap')}, {len(failed)} failed; written to {args.out} (index: {index})")
     return 1 if failed else 0
 
 
@@ -357,12 +371,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
     rows = segment_files(progress(paths, desc="segment", unit="image"), args.out, mode=args.mode)
     for row in rows:
-        if row["error"]:
-            print(f"{row['path']}: error: {row['error']}", file=sys.stderr)
-        elif row["mode"] == "field":
+        if row["mode"] == "field" and not row["error"]:
             print(f"{row['path']}: smear field, {plural(int(row['leukocytes']), 'leukocyte')} found")
-    failed = sum(bool(r["error"]) for r in rows)
-    print(f"{plural(len(rows) - failed, 'image')} segmented, {failed} failed; masks and overlays in {args.out} (index: {Path(args.out) / 'segmentation.csv'})")
+    failed = [(r["path"], r["error"]) for r in rows if r["error"]]
+    index = Path(args.out) / "segmentation.csv"
+    _tell_failures(failed, f"the error column of {index}")
+    print(f"{plural(len(rows) - len(failed), 'image')} segmented, {len(failed)} failed; masks and overlays in {args.out} (index: {index})")
     return 1 if failed else 0
 
 
@@ -374,6 +388,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 
     prepare_output_folder(args.out, force=args.force, keep_splits=False, command="count")
     summary, failed = count_command(args.inputs, args.model, args.out, args.group_by, args.classes)
+    _tell_failures(failed, f"the error column of {Path(args.out) / 'cells.csv'}")
     for row in (r for r in summary if r["image"] == "TOTAL"):
         blast = f", blasts {row['blast_percent']:.1f}%" if "blast_percent" in row else ""
         print(f"{row['slide']}: {plural(row['n_cells'], 'white cell')}{blast}" + (f"; {row['error']}" if row["error"] else ""))
@@ -382,7 +397,7 @@ def cmd_count(args: argparse.Namespace) -> int:
         print(f"warning: {overall['n_out_of_domain']} of the {plural(overall['n_cells'], 'counted cell')} {unlike} the model's training "
               "images (in_domain false in cells.csv: another lab's stain or camera, or not white cells): check the overlays before "
               "trusting the differential", file=sys.stderr)
-    print(f"cells.csv, summary.csv, overlays/ and report.html in {args.out}" + (f"; {plural(failed, 'image')} not counted (error column)" if failed else ""))
+    print(f"cells.csv, summary.csv, overlays/ and report.html in {args.out}" + (f"; {plural(len(failed), 'image')} not counted (error column)" if failed else ""))
     return 1 if failed else 0
 
 

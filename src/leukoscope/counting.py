@@ -300,8 +300,9 @@ GALLERY_SIZE = 12  # cells shown per class in the report
 
 
 def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, group_by: str = "input",
-                  classes: str | None = None) -> tuple[list[dict[str, Any]], int]:
-    """``leukoscope count``: cells.csv, summary.csv, overlays/, report.html in ``out``; returns (summary rows, images not counted).
+                  classes: str | None = None) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """``leukoscope count``: cells.csv, summary.csv, overlays/, report.html in ``out``; returns (summary rows, (image, error)
+    of each image not counted).
     ``classes`` ("A,B,..."): every cell is called among those of the model's classes only (``restrict_classes``)."""
     from PIL import Image
 
@@ -336,5 +337,5 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
     write_summary(out / "summary.csv", summary)
     failed = [c for c in cells if c.error]
     write_report(out, summary, dict(sorted(gallery.items())), predictor.class_names, predictor.source, failed)
-    return summary, len(failed)
+    return summary, [(c.image, c.error) for c in failed]
 

@@ -97,8 +97,10 @@ def panel(image: np.ndarray, overlay: np.ndarray, caption: str = "", scale: int 
     return np.asarray(canvas)
 
 
-def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str | os.PathLike, method: str = "gradcam", class_name: str | None = None) -> tuple[int, int]:
-    """``leukoscope explain``: one ``<name>_cam.png`` per image plus ``explanations.csv``; returns (done, failed)."""
+def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str | os.PathLike, method: str = "gradcam",
+                  class_name: str | None = None) -> tuple[int, list[tuple[str, str]]]:
+    """``leukoscope explain``: one ``<name>_cam.png`` per image plus ``explanations.csv``; returns (heatmaps written,
+    (path, error) of each image that failed)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LeukoscopeError(f"--out {str(out_dir)!r} is a file, not a folder; give a folder for the heatmaps")
@@ -107,13 +109,13 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
     if class_name is not None and class_name not in names:
         raise LeukoscopeError(f"unknown class {class_name!r}{did_you_mean(class_name, names)}; the model's classes: {', '.join(names)}")
     explainer = Explainer(model, method)
-    rows, used, failed = [], set(), 0
+    rows, used, failed = [], set(), []
     for path in paths:
         try:
             image, localised, recoloured = load_view(path, model.view)
         except ImageReadError as err:
             rows.append([str(path), "", "", "", "", "", "", "", str(err)])
-            failed += 1
+            failed.append((str(path), str(err)))
             continue
         # the call, its probabilities and the out-of-domain alarm as predict gives them (its decision rule included)
         prediction = model.predict_arrays([np.asarray(image)], [str(path)])[0]
@@ -132,7 +134,7 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
         writer = csv.writer(handle)
         writer.writerow(["path", "predicted", "confidence", "explained_class", "heatmap", "ood_score", "in_domain", "localised", "error"])
         writer.writerows(rows)
-    return len(rows) - failed, failed
+    return len(rows) - len(failed), failed
 
 
 def unique_name(stem: str, used: set[str]) -> str:

@@ -58,15 +58,17 @@ def row(predictor: Predictor, pred: Prediction) -> list[str]:
     return [pred.source, pred.label, confidence, *probs, *alarm_cells(pred), pred.error]
 
 
-def write_rows(predictor: Predictor, predictions: Iterable[Prediction], out: str | os.PathLike, total: int) -> tuple[int, int]:
-    """Write the CSV; returns (failed, out of domain)."""
-    failed = outside = 0
+def write_rows(predictor: Predictor, predictions: Iterable[Prediction], out: str | os.PathLike, total: int
+               ) -> tuple[list[tuple[str, str]], int]:
+    """Write the CSV; returns ((path, error) of each image that failed, images out of domain)."""
+    failed, outside = [], 0
     with atomic_write(out, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, delimiter=delimiter(out))
         writer.writerow(header(predictor))
         for pred in progress(predictions, total=total, desc="predict", unit="image"):
             writer.writerow(row(predictor, pred))
-            failed += bool(pred.error)
+            if pred.error:
+                failed.append((pred.source, pred.error))
             outside += pred.in_domain is False
     return failed, outside
 
@@ -81,9 +83,9 @@ def part_path(out: str | os.PathLike, rank: int) -> Path:
 
 
 def predict_csv(predictor: Predictor, paths: Sequence[Path], out: str | os.PathLike, batch_size: int = 64,
-                tta: str | None = None, workers: int | None = None) -> tuple[int, int, int]:
-    """Predict ``paths`` into the CSV ``out``, sharded when run under torchrun; returns (images, failed, out of domain)
-    over all ranks (0, 0, 0 on ranks other than 0, which only write their part). ``workers``: decoding
+                tta: str | None = None, workers: int | None = None) -> tuple[int, list[tuple[str, str]], int]:
+    """Predict ``paths`` into the CSV ``out``, sharded when run under torchrun; returns (images, (path, error) of those
+    that failed, images out of domain) over all ranks (0, [], 0 on ranks other than 0, which only write their part). ``workers``: decoding
     processes per rank (see Predictor.predict_iter)."""
     world = World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
     if not world.distributed:
@@ -98,13 +100,13 @@ def predict_csv(predictor: Predictor, paths: Sequence[Path], out: str | os.PathL
         print(f"rank {world.rank}/{world.size}: predicted {len(mine)} of {len(paths)} images", flush=True)
         barrier(world)
         if not world.is_main:
-            return 0, 0, 0
+            return 0, [], 0
         return merge_parts(out, world.size, len(paths))
     finally:
         close(world)
 
 
-def merge_parts(out: str | os.PathLike, size: int, total: int) -> tuple[int, int, int]:
+def merge_parts(out: str | os.PathLike, size: int, total: int) -> tuple[int, list[tuple[str, str]], int]:
     """Interleave the ranks' parts back into input order (input i went to rank i % size)."""
     parts = []
     for rank in range(size):
@@ -120,4 +122,4 @@ def merge_parts(out: str | os.PathLike, size: int, total: int) -> tuple[int, int
         part_path(out, rank).unlink()
     error = head.index("error")
     in_domain = head.index("in_domain")
-    return total, sum(bool(r[error]) for r in ordered), sum(r[in_domain] == "false" for r in ordered)
+    return total, [(r[0], r[error]) for r in ordered if r[error]], sum(r[in_domain] == "false" for r in ordered)
