@@ -121,6 +121,14 @@ def test_a_bad_upload_among_several_is_an_error_entry_and_the_others_are_answere
     assert none_readable.status_code == 422 and none_readable.json()["file"] == "notes.png"
 
 
+@pytest.mark.parametrize("content_type", ["image/jpg", "image/pjpeg", "image/x-png", "application/octet-stream", ""])
+def test_a_client_s_other_name_for_an_image_type_is_accepted(client, content_type):
+    """The bytes decide the format: `curl -F files=@a.jpg;type=image/jpg` is a JPEG like any other."""
+    cell = sorted((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))[0]
+    response = client.post("/predict", files=[("files", (cell.name, cell.read_bytes(), content_type))])
+    assert response.status_code == 200 and response.json()["results"][0]["label"] == "eosinophil"
+
+
 def test_missing_or_misnamed_files_field_is_the_apps_json_error(client):
     for response in (client.post("/predict"), client.post("/predict", files=[("file", ("a.png", _png(np.zeros((8, 8, 3), np.uint8)), "image/png"))])):
         assert response.status_code == 422

@@ -35,8 +35,9 @@ MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 25_000_000
 MAX_FILES = 32
 MAX_CONCURRENT = 2  # requests decoding and classifying at once (one per core here); the rest wait their turn
-ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/bmp", "image/x-ms-bmp", "image/tiff", "image/webp", "image/gif", "image/jp2",
-                  "image/avif", "image/heic", "image/heif", "application/octet-stream", "")
+# Any image/* type: clients name the same format many ways (image/jpg, image/pjpeg, image/x-png, image/x-tiff), and the
+# file's bytes, not its type, decide what it is. Untyped uploads (curl's default for unknown extensions) are accepted too.
+UNTYPED = ("application/octet-stream", "")
 
 
 class UploadError(Exception):
@@ -211,7 +212,7 @@ async def read_uploads(files: list[UploadFile], max_bytes: int) -> list[tuple[st
 async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
     name = upload.filename or ""
     content_type = (upload.content_type or "").split(";")[0].strip().lower()
-    if content_type not in ACCEPTED_TYPES:
+    if not content_type.startswith("image/") and content_type not in UNTYPED:
         raise UploadError(415, name, f"unsupported content type {content_type!r}; send JPEG, PNG, BMP, TIFF, WebP, AVIF or HEIC images")
     data = await upload.read(max_bytes + 1)
     if len(data) > max_bytes:
