@@ -57,6 +57,31 @@ def test_archives_in_the_data_are_named(tmp_path):
         detect_layout(tmp_path / "b")
 
 
+def test_a_batch_folder_inside_a_class_folder_is_named_as_the_likely_mix_up(tmp_path, capsys):
+    """`Lymphocyte/batch 2/*.jpg` makes 'batch 2' a class (the layout's class is each image's own folder): train,
+    evaluate and check-data say so with the fix. Patient folders above class folders are not flagged."""
+    from leukoscope.cli import main
+    from leukoscope.data.layouts import folder_warnings
+
+    for rel in ["a/Neutrophil/x.png", "a/Lymphocyte/batch 2/y.png", "a/Lymphocyte/batch 2/z.png", "a/Monocyte/w.png"]:
+        _tiny(tmp_path / rel, "PNG")
+    ds = detect_layout(tmp_path / "a")
+    assert ds.classes == ["Monocyte", "Neutrophil", "batch 2"]
+    assert folder_warnings(ds) == ["classes are the folders that hold the images: 1 class 'batch 2' (in Lymphocyte/) is the only "
+                                   "class inside a folder above it; if 'Lymphocyte' is the class, move the images of "
+                                   "Lymphocyte/batch 2/ up into Lymphocyte/, or label them in manifest.csv"]
+    assert main(["check-data", str(tmp_path / "a")]) in (0, 1)
+    assert "'batch 2' (in Lymphocyte/) is the only class" in capsys.readouterr().out
+    (tmp_path / "a" / "manifest.csv").write_text("path,label\nLymphocyte/batch 2/y.png,Lymphocyte\nLymphocyte/batch 2/z.png,Lymphocyte\n")
+    assert folder_warnings(detect_layout(tmp_path / "a")) == []  # the fix it names
+    for rel in ["P1/blast/a.png", "P1/normal/b.png", "P2/blast/c.png", "P3/normal/d.png", "P4/Blasts/e.png"]:
+        _tiny(tmp_path / "b" / rel, "PNG")  # one class per patient folder for P2 and P3, but shared: patients, not batches
+    assert folder_warnings(detect_layout(tmp_path / "b")) == []
+    for rel in ["neutrophil/neutrophils/a.png", "lymphocyte/b.png"]:  # the class's own name again: not a mix-up
+        _tiny(tmp_path / "c" / rel, "PNG")
+    assert folder_warnings(detect_layout(tmp_path / "c")) == []
+
+
 def test_image_folder_any_depth_any_extension_case(tmp_path):
     for rel in ["a/b/Early/x1.JPG", "a/b/Early/x2.jpeg", "a/c/Pro/y.TIFF", "a/c/Pro/z.Png", "a/c/Pro/w.bmp"]:
         fmt = {"jpg": "JPEG", "jpeg": "JPEG", "tiff": "TIFF", "png": "PNG", "bmp": "BMP"}[rel.rsplit(".", 1)[1].lower()]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits
-from .data.layouts import archives_warning
+from .data.layouts import folder_warnings
 from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
@@ -282,8 +282,8 @@ def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = N
                            purpose=ADAPT_PURPOSE if adapt else None)
     names = parse_classes(classes, predictor.class_names) if classes else predictor.class_names
     found = detect_layout(data)
-    if packed := archives_warning(found.archives):
-        note(f"warning: {packed}")
+    for warning in folder_warnings(found):
+        note(f"warning: {warning}")
     dataset, merged = merge_data_classes(found, names, class_map)
     mapping = class_mapping({s.label for s in dataset.samples}, names, class_map, skip_unknown)
     skipped = ""

@@ -23,7 +23,7 @@ from .calibration import MIN_IMAGES, fit_temperature, temperature_warning
 from .config import TrainConfig, save_config
 from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
 from .data.dataset import decode_many
-from .data.layouts import archives_warning, look_alike_warning
+from .data.layouts import folder_warnings, look_alike_warning
 from .data.splits import check_split_leaks, label_conflicts
 from .errors import LeukoscopeError
 from .io import View, refuse_stream_folder
@@ -152,12 +152,12 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
 
 
 def warn_label_problems(dataset: Dataset) -> None:
-    """Warn of labels that are likely mistakes (one class spelt two ways, one image filed under two classes) and of
-    images still packed in archives."""
+    """Warn of labels that are likely mistakes (one class spelt two ways, one image filed under two classes, a batch
+    folder inside a class folder taken for the class) and of images still packed in archives."""
     if look_alike := look_alike_warning(dataset.classes):
         note(f"warning: {look_alike}")
-    if packed := archives_warning(dataset.archives):
-        note(f"warning: {packed}")
+    for warning in folder_warnings(dataset):
+        note(f"warning: {warning}")
     if conflicts := label_conflicts(dataset):
         labels = {s.path: s.label for s in dataset.samples}
         example = ", ".join(f"{path} ({labels[path]})" for path in conflicts[0][:3])

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..io import ImageReadError, image_size, load_rgb
 from ..stain import colourless
-from .layouts import archives_warning, detect_layout, look_alike_warning
+from .layouts import detect_layout, folder_warnings, look_alike_warning
 from .splits import duplicate_groups, make_splits, near_duplicate_pairs
 
 
@@ -62,8 +62,7 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         warnings += _short_classes(dataset)
     if look_alike := look_alike_warning(dataset.classes):
         warnings.append(look_alike)
-    if packed := archives_warning(dataset.archives):
-        warnings.append(packed)
+    warnings += folder_warnings(dataset)
     return {
         "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes, "images": len(dataset.samples),
         "classes": {c: {"images": counts[c], "patients": len(patients[c])} for c in dataset.classes},

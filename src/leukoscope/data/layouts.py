@@ -84,12 +84,48 @@ def archives_warning(archives: list[str]) -> str:
     return f"{plural(len(archives), 'archive')} not read (e.g. {archives[0]!r}): unpack them where their images belong"
 
 
+def nested_classes(dataset: Dataset) -> list[tuple[str, str]]:
+    """(top folder, class) where a class folder sits inside a top folder of ``root`` as its only class and is found
+    nowhere else ("Lymphocyte/batch 2/"): most often a lab's batch or date folder inside its class folder, which the
+    image-folder layout, whose class is each image's own folder, takes for the class. A patient or lab folder above
+    the class folders ("P1/blast/", "P1/normal/", "P2/blast/") holds several classes or shares them: not listed."""
+    if dataset.layout != "image-folder":
+        return []
+    inside: dict[str, set[str]] = {}
+    tops_of: dict[str, set[str]] = {}
+    for sample in dataset.samples:
+        parts = sample.path.split("/")
+        if sample.label != printable(parts[-2]):  # labelled by manifest.csv
+            continue
+        tops_of.setdefault(_key(sample.label), set()).add(parts[0] if len(parts) > 2 else "")  # "Blasts" is "blast" here
+        if len(parts) > 2:
+            inside.setdefault(parts[0], set()).add(sample.label)
+    return sorted((top, label) for top, (label, *more) in inside.items()
+                  if not more and tops_of[_key(label)] == {top} and _key(label) != _key(top))
+
+
+def folder_warnings(dataset: Dataset) -> list[str]:
+    """What to say of how a dataset's folders are laid out: archives not read, class folders nested in one folder each."""
+    warnings = [archives_warning(dataset.archives)] if dataset.archives else []
+    if nested := nested_classes(dataset):
+        named = ", ".join(f"{label!r} (in {top}/)" for top, label in nested[:3]) + (f" and {len(nested) - 3} more" if len(nested) > 3 else "")
+        top, label = nested[0]
+        warnings.append(f"classes are the folders that hold the images: {plural(len(nested), 'class')} {named} "
+                        f"{'is' if len(nested) == 1 else 'are'} the only class inside a folder above it; if {top!r} is the class, move "
+                        f"the images of {top}/{label}/ up into {top}/, or label them in manifest.csv")
+    return warnings
+
+
+def _key(name: str) -> str:
+    return singular("".join(ch for ch in name.lower() if ch.isalnum()))
+
+
 def look_alike_classes(classes: list[str]) -> list[list[str]]:
     """Groups of class names that differ only in case, spaces, punctuation or a plural ("Neutrophil",
     "neutrophils ", "NEUTROPHIL"): most often one class spelt two ways by two labs or two people."""
     groups: dict[str, list[str]] = {}
     for name in classes:
-        groups.setdefault(singular("".join(ch for ch in name.lower() if ch.isalnum())), []).append(name)
+        groups.setdefault(_key(name), []).append(name)
     return [sorted(g) for g in groups.values() if len(g) > 1]
 
 
