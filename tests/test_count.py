@@ -115,6 +115,28 @@ def test_a_file_given_by_its_bare_name_is_a_slide_named_after_its_folder(tiny_ru
     assert {r["slide"] for r in _rows(tmp_path / "c" / "summary.csv")} == {"slide_7"}
 
 
+def test_a_phone_s_48_mpixel_field_is_counted_with_boxes_in_its_own_pixels(tiny_run, tmp_path):
+    """Over the 40 Mpixel limit, a JPEG is decoded at 1/2 scale (io.jpeg_reduction); its cells' boxes and areas are
+    still given in the file's pixels, and its overlay puts them on the cells."""
+    small = field(300, 420, [(80, 90, 28), (200, 300, 24)], seed=3)
+    Image.fromarray(small).save(tmp_path / "small.png")
+    Image.fromarray(small).resize((420 * 19, 300 * 19), Image.BICUBIC).save(tmp_path / "big.jpg", quality=92)  # 45.5 Mpixel
+    cells = {}
+    for r in leukoscope.count(tmp_path, model=str(tiny_run[1])):
+        cells.setdefault(Path(r.image).name, []).append(r)
+    assert not any(c.error for c in cells["big.jpg"]) and len(cells["big.jpg"]) == len(cells["small.png"]) == 2
+    for big, plain in zip(sorted(cells["big.jpg"], key=lambda c: c.x0), sorted(cells["small.png"], key=lambda c: c.x0)):
+        assert all(abs(getattr(big, k) - 19 * getattr(plain, k)) <= 0.06 * 19 * (plain.x1 - plain.x0) for k in ("x0", "y0", "x1", "y1"))
+        assert 0.8 < big.area / (19 * 19 * plain.area) < 1.25
+    assert main(["count", str(tmp_path / "big.jpg"), "--model", str(tiny_run[1]), "--out", str(tmp_path / "c")]) == 0
+    drawn = np.asarray(Image.open(tmp_path / "c" / "overlays" / "big.png"))
+    assert drawn.shape[:2] == (1143, 1600)  # 1600 px at most, whatever the file
+    top = sorted(cells["big.jpg"], key=lambda c: c.x0)[0]
+    k = 1600 / (420 * 19)
+    edge = drawn[round(top.y0 * k) + 4 : round(top.y1 * k) - 4, round(top.x0 * k)]  # the box's left side, drawn in a class colour
+    assert (np.abs(edge.astype(int) - drawn[round(top.y0 * k) + 4 : round(top.y1 * k) - 4, round(top.x0 * k) - 8]).sum(axis=1) > 60).mean() > 0.8
+
+
 def test_a_grayscale_field_is_not_counted_rather_than_counted_as_empty(tiny_run, tmp_path):
     colour = field(200, 260, [(100, 130, 26)], red_cells=10)
     Image.fromarray(colour).save(tmp_path / "colour.png")

@@ -200,6 +200,37 @@ def test_fast_jpeg_decoding_gives_the_pixels_of_pil_draft_mode(tmp_path):
     assert load_rgb(rotated).shape == (120, 80, 3)  # EXIF honoured (PIL path)
 
 
+def test_a_jpeg_too_large_to_decode_whole_is_read_at_a_reduced_scale(tmp_path):
+    """A phone's 48 Mpixel photo through the eyepiece: the JPEG decoder's 1/2, 1/4 or 1/8 scale brings it within the
+    pixel limit without decoding it whole (with or without EXIF, so by simplejpeg or PIL); other formats are refused."""
+    import io as bytes_io
+
+    from conftest import synthetic_cell
+
+    from leukoscope.io import ImageReadError, jpeg_reduction
+
+    assert [jpeg_reduction(w, h, 40_000_000) for w, h in ((6000, 4000), (8064, 6048), (16000, 12000), (40000, 30000), (60000, 60000))] == [1, 2, 4, 8, None]
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(synthetic_cell(rng, 400, 0.5, 20)).resize((400, 300))
+    plain, tagged = bytes_io.BytesIO(), bytes_io.BytesIO()
+    image.save(plain, format="JPEG", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 1  # an orientation tag, as phones write: the PIL path
+    image.save(tagged, format="JPEG", quality=95, exif=exif)
+    whole = decode_bytes(plain.getvalue())
+    for data in (plain.getvalue(), tagged.getvalue()):
+        half = decode_bytes(data, max_pixels=40_000)  # 120,000 pixels: 1/2 scale (30,000) is within it
+        assert half.shape == (150, 200, 3)
+        assert np.abs(half.astype(int) - np.asarray(Image.fromarray(whole).resize((200, 150), Image.BOX), int)).mean() < 3
+        assert decode_bytes(data, max_pixels=8_000).shape == (75, 100, 3)  # 1/4
+        with pytest.raises(ImageReadError, match=r"image too large: 400x300 pixels \(limit 1,000\)"):
+            decode_bytes(data, max_pixels=1_000)  # beyond 1/8
+    png = bytes_io.BytesIO()
+    image.save(png, format="PNG")
+    with pytest.raises(ImageReadError, match="image too large"):
+        decode_bytes(png.getvalue(), max_pixels=40_000)
+
+
 @pytest.mark.parametrize("name, samples", [
     ("twelve_bit.tif", lambda rgb: rgb.astype("uint16") * 16),  # 12 bits in a 16-bit container: PIL made it near black
     ("twelve_bit_lzw.tif", lambda rgb: rgb.astype("uint16") * 16),  # LZW, as cameras write it (needs imagecodecs)

@@ -36,6 +36,7 @@ from .io import (
     ImageReadError,
     View,
     atomic_write,
+    image_size,
     iter_image_files,
     load_rgb,
     missing_inputs,
@@ -159,7 +160,20 @@ def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: s
             yield None, [CountedCell(slide, str(path), error=str(err))], []
             continue
         cells, windows = count_field(predictor, rgb, slide, str(path))
-        yield None if cells and cells[0].error else rgb, cells, windows
+        yield None if cells and cells[0].error else rgb, in_file_pixels(cells, file_pixels(path, rgb)), windows
+
+
+def file_pixels(path: Path, rgb: np.ndarray) -> float:
+    """The file's pixels per decoded pixel: 1, or 2, 4 or 8 for a JPEG too large to decode whole (io.jpeg_reduction)."""
+    return max(image_size(path)) / max(rgb.shape[:2])  # sides compared largest to largest: an EXIF rotation swaps them
+
+
+def in_file_pixels(cells: list[CountedCell], scale: float) -> list[CountedCell]:
+    """Boxes and areas in the file's pixels, for cells found in an image decoded at 1/``scale``."""
+    if scale == 1:
+        return cells
+    return [c if c.error else replace(c, x0=round(c.x0 * scale), y0=round(c.y0 * scale), x1=round(c.x1 * scale),
+                                      y1=round(c.y1 * scale), area=round(c.area * scale * scale)) for c in cells]
 
 
 def count_field(predictor: Predictor, rgb: np.ndarray, slide: str = "", image: str = "") -> tuple[list[CountedCell], list[np.ndarray]]:
@@ -225,14 +239,16 @@ def colours(class_names: Sequence[str]) -> dict[str, str]:
     return {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(class_names)}
 
 
-def overlay(rgb: np.ndarray, cells: Sequence[CountedCell], class_names: Sequence[str]) -> np.ndarray:
-    """The field with each cell's box in its class colour and its label (dashed-looking thin box for edge cells)."""
+def overlay(rgb: np.ndarray, cells: Sequence[CountedCell], class_names: Sequence[str], file_pixels: float = 1.0) -> np.ndarray:
+    """The field with each cell's box in its class colour and its label (dashed-looking thin box for edge cells);
+    ``file_pixels``: how many of the boxes' pixels one pixel of ``rgb`` spans (a JPEG decoded at reduced size)."""
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(rgb)
-    scale = min(1.0, MAX_OVERLAY_SIDE / max(image.size))
-    if scale < 1:
-        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+    shrink = min(1.0, MAX_OVERLAY_SIDE / max(image.size))
+    if shrink < 1:
+        image = image.resize((round(image.width * shrink), round(image.height * shrink)), Image.BILINEAR)
+    scale = shrink / file_pixels  # from the boxes' pixels to the overlay's
     draw = ImageDraw.Draw(image)
     palette = colours(class_names)
     width = max(2, round(max(image.size) / 300))
@@ -328,7 +344,7 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
         if rgb is None:
             continue
         name = unique_name(f"{slide}_{path.stem}" if group_by == "parent" else path.stem, used)
-        Image.fromarray(overlay(rgb, found, predictor.class_names)).save(out / "overlays" / f"{name}.png")
+        Image.fromarray(overlay(rgb, found, predictor.class_names, file_pixels(path, rgb))).save(out / "overlays" / f"{name}.png")
         for c, window in zip(found, windows):
             if len(gallery.setdefault(c.label, [])) < GALLERY_SIZE:
                 gallery[c.label].append(window)

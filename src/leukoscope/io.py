@@ -234,12 +234,19 @@ def _jpeg_scaled(data: bytes, max_pixels: int, factor: Callable[[int, int], int]
         import simplejpeg
 
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        if height * width > max_pixels:
+        scale = max(factor(height, width), jpeg_reduction(width, height, max_pixels) or 0)
+        if height * width > max_pixels * scale * scale:  # beyond what 1/8 brings under the limit: PIL's path refuses it
             return None
-        scale = factor(height, width)
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale))
     except (ImportError, ValueError, OSError):
         return None
+
+
+def jpeg_reduction(width: int, height: int, max_pixels: int) -> int | None:
+    """The JPEG decoder's scale (1, 2, 4 or 8: 1/scale of each side, in the DCT, without decoding the whole image)
+    that brings ``width x height`` within ``max_pixels``; None when even 1/8 does not. Such a JPEG is read at that
+    scale: a model frames every image to about 112 px, and ``count`` gives its cells' boxes in the file's pixels."""
+    return next((scale for scale in (1, 2, 4, 8) if -(-width // scale) * -(-height // scale) <= max_pixels), None)
 
 
 def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
@@ -254,8 +261,11 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
             if im is None:
                 im = Image.open(source)
         with im:
-            if im.width * im.height > max_pixels:
+            reduce = jpeg_reduction(im.width, im.height, max_pixels) if im.format == "JPEG" else None
+            if im.width * im.height > max_pixels and reduce is None:
                 raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,}): cut it into tiles")
+            if reduce is not None and reduce > 1:  # a phone's 48 Mpixel photo: decoded at 1/2, never whole
+                im.draft("RGB", (-(-im.width // reduce), -(-im.height // reduce)))
             if draft and size is not None and im.format == "JPEG":
                 need = int(np.ceil(size / crop))
                 im.draft("RGB", (need, need))
