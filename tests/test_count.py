@@ -57,7 +57,7 @@ def test_count_writes_cells_summary_overlays_and_report(tiny_run, fields, tmp_pa
     assert abs(float(totals["ALL"]["blast_percent"]) - 100 * counted["blast"] / 4) < 0.01
     assert int(totals["slide_a"]["n_cells"]) == 3 and int(totals["slide_b"]["n_cells"]) == 1
     errors = {r["image"].split("/")[-1]: r["error"] for r in summary if r["error"]}  # unreadable is not "no cells"
-    assert set(errors) == {"broken.jpg", "TOTAL"} and "1 image not counted (unreadable or grayscale)" in errors["TOTAL"]
+    assert set(errors) == {"broken.jpg", "TOTAL"} and "1 image not counted (unreadable, too large or grayscale)" in errors["TOTAL"]
     assert not totals["slide_a"]["error"]
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["empty.png", "f1.png", "f2.png"]
     assert "Differential count" in (out / "report.html").read_text()
@@ -111,7 +111,7 @@ def test_a_file_given_by_its_bare_name_is_a_slide_named_after_its_folder(tiny_ru
     monkeypatch.chdir(folder)
     assert main(["count", "f.png", "gray.png", "--model", str(tiny_run[1]), "--out", str(tmp_path / "c")]) == 1
     line = capsys.readouterr().out.splitlines()[0]  # the tiny model is a blast model: its total gives a blast percentage
-    assert line.startswith("slide_7: 1 white cell, blasts ") and line.endswith("%; 1 image not counted (unreadable or grayscale)")
+    assert line.startswith("slide_7: 1 white cell, blasts ") and line.endswith("%; 1 image not counted (unreadable, too large or grayscale)")
     assert {r["slide"] for r in _rows(tmp_path / "c" / "summary.csv")} == {"slide_7"}
 
 
@@ -237,7 +237,7 @@ def test_count_service_endpoint(tiny_run):
     first, second, third = mixed.json()["results"]
     assert first["filename"] == "x.jpg" and first["status"] == 422 and "unreadable" in first["error"] and "cells" not in first
     assert len(second["cells"]) == 3 and "grayscale" in third["error"]
-    assert mixed.json()["summary"]["n_cells"] == 3 and mixed.json()["summary"]["error"] == "2 images not counted (unreadable or grayscale)"
+    assert mixed.json()["summary"]["n_cells"] == 3 and mixed.json()["summary"]["error"] == "2 images not counted (unreadable, too large or grayscale)"
 
 
 def _png_bytes(array: np.ndarray) -> bytes:

@@ -144,7 +144,7 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
 
 def count(paths: str | os.PathLike | Iterable[str | os.PathLike], model: str | os.PathLike | Predictor = "wbc",
           group_by: str = "input") -> list[CountedCell]:
-    """Per-cell records of every image in ``paths`` (files and folders); an unreadable or grayscale file gives one record with ``error``."""
+    """Per-cell records of every image in ``paths`` (files and folders); an unreadable, too large or grayscale file gives one record with ``error``."""
     predictor = model if isinstance(model, Predictor) else load_model(model)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     return [cell for _, cells, _ in iter_counts(predictor, slides_of(paths, group_by)) for cell in cells]
@@ -198,7 +198,7 @@ def summarise(cells: Sequence[CountedCell], images: Sequence[tuple[str, str]], c
         if "blast" in class_names:
             out["blast_percent"] = out["pct_blast"]
         failed = [c.error for c in members if c.error]  # an unreadable image is not a field without cells
-        out["error"] = (failed[0] if image != "TOTAL" else f"{len(failed)} image{'s' * (len(failed) > 1)} not counted (unreadable or grayscale)") if failed else ""
+        out["error"] = (failed[0] if image != "TOTAL" else f"{len(failed)} image{'s' * (len(failed) > 1)} not counted (unreadable, too large or grayscale)") if failed else ""
         return out
 
     by_image: dict[tuple[str, str], list[CountedCell]] = {key: [] for key in images}
