@@ -240,6 +240,26 @@ def test_count_service_endpoint(tiny_run):
     assert mixed.json()["summary"]["n_cells"] == 3 and mixed.json()["summary"]["error"] == "2 images not counted (unreadable, too large or grayscale)"
 
 
+def test_count_service_gives_boxes_in_the_upload_s_pixels_when_it_decodes_it_reduced(tiny_run):
+    """Over the service's pixel limit a JPEG is decoded at 1/2 scale; width, height and boxes stay in its own pixels."""
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from leukoscope.serve.app import create_app
+
+    buffer = io.BytesIO()
+    Image.fromarray(field(600, 840, [(160, 180, 56), (400, 600, 48)], seed=3)).save(buffer, format="JPEG", quality=95)
+    upload = {"files": ("f.jpg", buffer.getvalue(), "image/jpeg")}
+    model = load_model(tiny_run[1])
+    whole = TestClient(create_app(model, "tiny")).post("/count", files=upload).json()["results"][0]
+    half = TestClient(create_app(model, "tiny", max_pixels=200_000)).post("/count", files=upload).json()["results"][0]
+    assert (half["width"], half["height"]) == (whole["width"], whole["height"]) == (840, 600)
+    assert len(half["cells"]) == len(whole["cells"]) == 2
+    for a, b in zip(sorted(half["cells"], key=lambda c: c["x0"]), sorted(whole["cells"], key=lambda c: c["x0"])):
+        assert all(abs(a[k] - b[k]) <= 8 for k in ("x0", "y0", "x1", "y1")), (a, b)
+
+
 def _png_bytes(array: np.ndarray) -> bytes:
     import io
 

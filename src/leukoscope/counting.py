@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -163,8 +163,9 @@ def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: s
         yield None if cells and cells[0].error else rgb, in_file_pixels(cells, file_pixels(path, rgb)), windows
 
 
-def file_pixels(path: Path, rgb: np.ndarray) -> float:
-    """The file's pixels per decoded pixel: 1, or 2, 4 or 8 for a JPEG too large to decode whole (io.jpeg_reduction)."""
+def file_pixels(path: Path | BinaryIO, rgb: np.ndarray) -> float:
+    """The file's pixels per decoded pixel: 1, or about 2, 4 or 8 for a JPEG too large to decode whole
+    (io.jpeg_reduction); ``path`` may be an upload's bytes as a file object."""
     return max(image_size(path)) / max(rgb.shape[:2])  # sides compared largest to largest: an EXIF rotation swaps them
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import socket
 import time
 from importlib import resources
@@ -164,7 +165,7 @@ def count_fields(uploads: list[tuple[str, bytes | UploadError]], predictor: Pred
 def _count_upload(filename: str, data: bytes | UploadError, predictor: Predictor, max_pixels: int
                   ) -> tuple[dict[str, Any] | UploadError, list[Any]]:
     """One field's result (cells and overlay) or its UploadError, and its records for the summary."""
-    from ..counting import CountedCell, as_dicts, count_field, overlay
+    from ..counting import CountedCell, as_dicts, count_field, file_pixels, in_file_pixels, overlay
     from ..io import decode_bytes
 
     problem = data if isinstance(data, UploadError) else None
@@ -178,8 +179,10 @@ def _count_upload(filename: str, data: bytes | UploadError, predictor: Predictor
     cells, _ = count_field(predictor, rgb, "upload", filename)
     if cells and cells[0].error:  # grayscale: not a field "with 0 cells"
         return UploadError(422, filename, cells[0].error), cells
-    return {"filename": filename, "width": rgb.shape[1], "height": rgb.shape[0], "cells": as_dicts(cells),
-            "overlay": _data_url(overlay(rgb, cells, predictor.class_names))}, cells
+    scale = file_pixels(io.BytesIO(data), rgb)  # a JPEG over the pixel limit is decoded reduced: boxes in its own pixels
+    image = overlay(rgb, in_file_pixels(cells, scale), predictor.class_names, scale)
+    return {"filename": filename, "width": round(rgb.shape[1] * scale), "height": round(rgb.shape[0] * scale),
+            "cells": as_dicts(in_file_pixels(cells, scale)), "overlay": _data_url(image)}, cells
 
 
 def refuse_if_none_read(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
