@@ -242,6 +242,23 @@ def test_a_run_on_folders_named_in_latin1_trains_evaluates_and_resumes(tmp_path)
     assert "norm\\xe9l" in (tmp_path / "eval" / "classification_report.txt").read_text(encoding="utf-8")
 
 
+def test_a_full_disk_is_a_one_line_error_naming_the_output(tiny_run, tmp_path, monkeypatch, capsys):
+    """A write that fails for space names no file of its own ([Errno 28] alone): the message names --out and the fix."""
+    import errno
+
+    import leukoscope.predict
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    data, run = tiny_run
+    monkeypatch.setattr(leukoscope.predict, "write_rows", full)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run), str(data), "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (f"leukoscope: error: no space left on the disk of --out {out}: free some space there, "
+                                               "or give an --out on another disk")
+
+
 def test_an_output_never_replaces_an_input_nor_takes_an_image_s_name(tiny_run, tmp_path, capsys):
     data, run = tiny_run
     images = sorted((data / "blast").iterdir())[:2]

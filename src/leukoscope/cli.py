@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import sys
@@ -583,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = did_you_mean(argv[0].lower(), commands)
         print(f"leukoscope: error: unknown command {argv[0]!r}{hint}; commands: {', '.join(commands)}", file=sys.stderr)
         return 2
+    args = None
     try:
         args = parser.parse_args(argv)
         args.argv = argv
@@ -594,6 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _discard_stdout()
         return 128 + 13  # what a shell reports for a process ended by SIGPIPE
     except OSError as err:  # an output that cannot be written: a folder, no permission, a full disk
+        out = getattr(args, "out", None)
+        if err.errno == errno.ENOSPC and not err.filename and out:  # a write, not an open: the error names no file
+            err = f"no space left on the disk of --out {out}: free some space there, or give an --out on another disk"
         print(f"leukoscope: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
