@@ -212,6 +212,10 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["serve", "pbc", "--port", "99999"], "argument --port: must be at most 65535, got 99999"),  # was the socket's traceback
         (["serve", "pbc", "--port", "http"], "argument --port: expected a whole number, got 'http'"),
         (["export", "pbc", "--format", "onnx", "--out", "{tmp}/m.onnx", "--tolerance", "-1"], "argument --tolerance: must be > 0, got -1.0"),
+        (["predict", "pbc", "https://lab.example/cell.jpg", "--out", "{tmp}/p.csv"], "it is a URL, and leukoscope reads local files only"),
+        (["evaluate", "pbc", "https://lab.example/cells", "--out", "{tmp}/e"], "data path 'https://lab.example/cells' does not exist; it is a URL"),
+        (["predict", "https://lab.example/m.pt", "{data}", "--out", "{tmp}/p.csv"], "bundled model; it is a URL, and leukoscope"),
+        (["count", "{tmp}/nowhere", "--out", "{tmp}/c"], "nowhere' does not exist"),  # was a field 'not counted'
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
@@ -229,6 +233,15 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("leukoscope: error:") and "\n" not in err
+
+
+def test_a_quoted_tilde_is_pointed_to_the_home_folder_it_meant(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "cells").mkdir()
+    assert main(["predict", "pbc", "~/cells", "--out", str(tmp_path / "p.csv")]) == 2
+    assert f"input '~/cells' does not exist; a quoted '~' is not expanded: did you mean '{tmp_path / 'cells'}'?" in capsys.readouterr().err
+    assert main(["predict", "pbc", "~/elsewhere", "--out", str(tmp_path / "p.csv")]) == 2
+    assert capsys.readouterr().err.strip() == "leukoscope: error: input '~/elsewhere' does not exist"  # no guess where none holds
 
 
 @pytest.mark.parametrize("flags, mode", [([], None), (["--tta", "dihedral"], "dihedral"), (["--tta", "flip"], "flip"), (["--no-tta"], "none")])

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from .errors import UNPICKLING_ERRORS, LeukoscopeError, did_you_mean, first_line
-from .io import View, atomic_write, is_image_file
+from .io import View, atomic_write, is_image_file, not_found_hint
 from .stain import MODES as COLOUR_MODES
 from .models import create_model
 
@@ -183,5 +183,5 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     names = ", ".join(sorted(bundled)) or "none installed"
     raise LeukoscopeError(
         f"model {str(model)!r} is neither a run folder, a checkpoint file nor a bundled model"
-        f"{did_you_mean(str(model).lower(), by_lower)}; bundled models: {names}"
+        f"{did_you_mean(str(model).lower(), by_lower) or not_found_hint(str(model))}; bundled models: {names}"
     )

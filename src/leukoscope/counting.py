@@ -40,6 +40,7 @@ from .io import (
     iter_image_files,
     load_rgb,
     missing_inputs,
+    not_found_hint,
 )
 from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import note, plural, progress
@@ -329,6 +330,8 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
     if missing and missing[0].lower() in bundled_models():  # `count wbc FOLDER`, as predict is called
         name = missing[0].lower()
         raise LeukoscopeError(f"{missing[0]!r} is not a file or folder; to count with the bundled model {name!r}, use --model {name}")
+    if missing:  # as predict: a typo in a path is not a field that could not be read
+        raise LeukoscopeError(f"input {missing[0]!r} does not exist{not_found_hint(missing[0])}")
     predictor = load_model(model)
     if classes:
         predictor = restrict_classes(predictor, parse_classes(classes, predictor.class_names))

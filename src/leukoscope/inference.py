@@ -23,7 +23,7 @@ from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa:
 from .data.layouts import singular
 from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
-from .io import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, iter_image_files, missing_inputs
+from .io import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, iter_image_files, missing_inputs, not_found_hint
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
@@ -571,7 +571,7 @@ def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively) into a list of paths, failing on missing inputs."""
     inputs = list(inputs)
     if missing := missing_inputs(inputs):
-        raise LeukoscopeError(f"input {missing[0]!r} does not exist")
+        raise LeukoscopeError(f"input {missing[0]!r} does not exist{not_found_hint(missing[0])}")
     skipped: Counter[str] = Counter()
     paths = list(iter_image_files(inputs, skipped))
     note_skipped(skipped)

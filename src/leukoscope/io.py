@@ -45,6 +45,16 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def not_found_hint(text: str) -> str:
+    """Why a path that names nothing was likely meant otherwise: a URL (nothing is downloaded), or a '~' that the
+    shell did not expand because it was quoted. '' when neither."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+        return "; it is a URL, and leukoscope reads local files only (it downloads nothing): download it and give its path"
+    if text.startswith("~") and (home := os.path.expanduser(text)) != text and os.path.exists(home):
+        return f"; a quoted '~' is not expanded: did you mean {home!r}?"
+    return ""
+
+
 def missing_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     """The inputs that name nothing on disk (a broken symlink does name a file: it becomes an error row)."""
     return [str(item) for item in inputs if not Path(item).exists() and not Path(item).is_symlink()]
@@ -172,12 +182,12 @@ def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = Tru
     return _decode(path, size, draft, str(path), crop=crop)
 
 
-def _readable(path: str | os.PathLike) -> Path:
-    path = Path(path)
+def _readable(given: str | os.PathLike) -> Path:
+    path = Path(given)
     if path.is_dir():
         raise ImageReadError("is a directory")
     if not path.exists():
-        raise ImageReadError("file not found" if not path.is_symlink() else "broken symlink")
+        raise ImageReadError("file not found" + not_found_hint(os.fspath(given)) if not path.is_symlink() else "broken symlink")
     try:
         size = regular_file_stat(path).st_size
     except OSError as error:

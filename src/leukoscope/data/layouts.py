@@ -23,6 +23,7 @@ from ..io import (
     archive_kind,
     csv_delimiter,
     is_image_file,
+    not_found_hint,
     printable,
     walk,
 )
@@ -141,9 +142,9 @@ def look_alike_warning(classes: list[str]) -> str | None:
 
 def detect_layout(root: str | os.PathLike) -> Dataset:
     """Return the labelled samples under ``root``; a one-line LeukoscopeError if none match."""
-    root = Path(root)
+    given, root = os.fspath(root), Path(root)
     if not root.exists():
-        raise LeukoscopeError(f"data path {str(root)!r} does not exist; expected {EXPECTED}")
+        raise LeukoscopeError(f"data path {given!r} does not exist" + (not_found_hint(given) or f"; expected {EXPECTED}"))
     if not root.is_dir():
         if (packed := archive_kind(root)) is not None:
             raise LeukoscopeError(f"data path {str(root)!r} is {packed}, not a folder: unpack it and give the folder it holds")
