@@ -124,7 +124,13 @@ def test_cross_validation_writes_every_fold(tmp_path, capsys):
     accs = [f["accuracy"] for f in result["folds"]]
     assert result["summary"]["accuracy"]["mean"] == pytest.approx(np.mean(accs))
     assert result["summary"]["accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
-    assert "± " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "± " in out
+    pooled = result["pooled"]  # every pooled image was called by the one fold model that did not train on it
+    assert pooled["n"] == result["images"] and pooled["correct"] == sum(round(f["accuracy"] * f["n_val"]) for f in result["folds"])
+    low, high = pooled["accuracy_ci"]
+    assert pooled["accuracy"] == pytest.approx(pooled["correct"] / pooled["n"]) and low <= pooled["accuracy"] <= high
+    assert f"pooled: {pooled['correct']} of {pooled['n']} images right" in out
     splits = [line.split(",")[-1] for line in (tmp_path / "cv" / "cv" / "fold_1" / "splits.csv").read_text().splitlines()[1:]]
     assert set(splits) == {"train", "val"}
 

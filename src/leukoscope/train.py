@@ -36,6 +36,7 @@ from .models import create_model, training_memory_format
 from .ood import fit_ood, supports_ood
 from .io import ImageReadError, View, atomic_write, load_rgb
 from .localise import fill_masked_background
+from .metrics import wilson_interval
 from .progress import note, plural, progress
 from .refit import refit_classifier
 from .runs import calibrate, load_split_images, prepare_output_folder, prepare_run, seed_everything
@@ -113,18 +114,23 @@ def cross_validate(data: str | os.PathLike, out: Path, config: TrainConfig, comm
     for fold in progress(range(config.cv), desc=f"cross-validation, {config.cv} folds", unit="fold"):
         fold_splits = ["val" if f == fold else "train" for f in folds]
         metrics = train_cnn(data, out / "cv" / f"fold_{fold + 1}", fold_config, command, given=(subset, fold_splits, split_kind))
-        rows.append({"fold": fold + 1, "n_train": fold_splits.count("train"), "n_val": fold_splits.count("val"),
-                     **{m: metrics["val"][m] for m in CV_METRICS}})
+        rows.append({"fold": fold + 1, "n_train": fold_splits.count("train"), "n_val": metrics["val"]["n"],
+                     "correct": round(metrics["val"]["accuracy"] * metrics["val"]["n"]), **{m: metrics["val"][m] for m in CV_METRICS}})
         note(f"fold {fold + 1}/{config.cv}: " + ", ".join(f"{m} {rows[-1][m]:.4f}" for m in CV_METRICS))
     summary = {m: {"mean": float(np.mean([r[m] for r in rows])), "std": float(np.std([r[m] for r in rows], ddof=1))} for m in CV_METRICS}
+    correct, scored = sum(r["correct"] for r in rows), sum(r["n_val"] for r in rows)
+    pooled = {"correct": correct, "n": scored, "accuracy": correct / scored, "accuracy_ci": list(wilson_interval(correct, scored))}
     result = {"k": config.cv, "split_kind": split_kind, "images": len(pool), "config": config.to_dict(), "command": command,
-              "folds": rows, "summary": summary}
+              "folds": rows, "summary": summary, "pooled": pooled}
     with atomic_write(out / "cv.json") as handle:
         json.dump(result, handle, indent=2)
     print(f"{'fold':>6} " + " ".join(f"{m:>17}" for m in CV_METRICS))
     for r in rows:
         print(f"{r['fold']:>6} " + " ".join(f"{r[m]:>17.4f}" for m in CV_METRICS))
     print(f"{'mean':>6} " + " ".join(f"{summary[m]['mean']:>9.4f} ± {summary[m]['std']:.4f}" for m in CV_METRICS))
+    low, high = pooled["accuracy_ci"]
+    print(f"pooled: {correct} of {scored} images right, {100 * pooled['accuracy']:.1f}% (95% CI {100 * low:.1f}-{100 * high:.1f}), "
+          "each called by the fold's model that did not train on it")
     return {"cv": result}
 
 
