@@ -54,7 +54,7 @@ def detection_lines(predictor) -> list[str]:
     unseen = unseen_samples(dataset, predictor.checkpoint.get("seen_images"))
     pairs = [(s.label, dataset.abspath(s)) for s in unseen]
     found = one = named = 0
-    for (label, _), (_, cells, _) in zip(pairs, iter_counts(predictor, pairs)):
+    for (label, _), (_, cells, _, _) in zip(pairs, iter_counts(predictor, pairs)):
         found += bool(cells)
         one += len(cells) == 1
         named += label in {c.label for c in cells}
@@ -76,7 +76,7 @@ def blast_mosaic_lines(model: str = "blast", side: int = 2) -> list[str]:
     for start in range(0, len(tiles) - side * side + 1, side * side):
         group = tiles[start : start + side * side]
         mosaic = np.concatenate([np.concatenate([t for _, t in group[r * side : (r + 1) * side]], 1) for r in range(side)], 0)
-        _, cells, _ = next(iter_counts(predictor, [("mosaic", _as_path(mosaic))]))
+        _, cells, _, _ = next(iter_counts(predictor, [("mosaic", _as_path(mosaic))]))
         fields += 1
         called_blast = False
         for i, (label, _) in enumerate(group):
@@ -120,7 +120,7 @@ def main() -> None:
             seconds, cells = [], []
             for k, pair in enumerate(pairs):
                 start = time.perf_counter()
-                _, found, _ = next(iter_counts(predictor, [pair]))
+                _, found, _, _ = next(iter_counts(predictor, [pair]))
                 if k:  # the first field warms up the model and the thread pools
                     seconds.append(time.perf_counter() - start)
                     cells.append(len(found))

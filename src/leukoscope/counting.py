@@ -148,12 +148,13 @@ def count(paths: str | os.PathLike | Iterable[str | os.PathLike], model: str | o
     """Per-cell records of every image in ``paths`` (files and folders); an unreadable, too large or grayscale file gives one record with ``error``."""
     predictor = model if isinstance(model, Predictor) else load_model(model)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    return [cell for _, cells, _ in iter_counts(predictor, slides_of(paths, group_by)) for cell in cells]
+    return [cell for _, cells, _, _ in iter_counts(predictor, slides_of(paths, group_by)) for cell in cells]
 
 
 def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: str | None = None
-                ) -> Iterator[tuple[np.ndarray | None, list[CountedCell], list[np.ndarray]]]:
-    """(decoded image or None, its cells, their windows) per image, in order."""
+                ) -> Iterator[tuple[np.ndarray | None, list[CountedCell], list[np.ndarray], float]]:
+    """(decoded image or None, its cells in the file's pixels, their windows, the file's pixels per decoded pixel) per
+    image, in order."""
     for slide, path in progress(pairs, total=len(pairs), desc=desc, unit="field", disable=desc is None):
         try:
             rgb = load_rgb(path)
@@ -161,7 +162,8 @@ def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: s
             yield None, [CountedCell(slide, str(path), error=str(err))], []
             continue
         cells, windows = count_field(predictor, rgb, slide, str(path))
-        yield None if cells and cells[0].error else rgb, in_file_pixels(cells, file_pixels(path, rgb)), windows
+        scale = file_pixels(path, rgb)
+        yield None if cells and cells[0].error else rgb, in_file_pixels(cells, scale), windows, scale
 
 
 def file_pixels(path: Path | BinaryIO, rgb: np.ndarray) -> float:
@@ -343,12 +345,12 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
     cells: list[CountedCell] = []
     gallery: dict[str, list[np.ndarray]] = {}
     used: set[str] = set()
-    for (slide, path), (rgb, found, windows) in zip(pairs, iter_counts(predictor, pairs, desc="count")):
+    for (slide, path), (rgb, found, windows, scale) in zip(pairs, iter_counts(predictor, pairs, desc="count")):
         cells.extend(found)
         if rgb is None:
             continue
         name = unique_name(f"{slide}_{path.stem}" if group_by == "parent" else path.stem, used)
-        Image.fromarray(overlay(rgb, found, predictor.class_names, file_pixels(path, rgb))).save(out / "overlays" / f"{name}.png")
+        Image.fromarray(overlay(rgb, found, predictor.class_names, scale)).save(out / "overlays" / f"{name}.png")
         for c, window in zip(found, windows):
             if len(gallery.setdefault(c.label, [])) < GALLERY_SIZE:
                 gallery[c.label].append(window)

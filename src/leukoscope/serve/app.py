@@ -180,9 +180,9 @@ def _count_upload(filename: str, data: bytes | UploadError, predictor: Predictor
     if cells and cells[0].error:  # grayscale: not a field "with 0 cells"
         return UploadError(422, filename, cells[0].error), cells
     scale = file_pixels(io.BytesIO(data), rgb)  # a JPEG over the pixel limit is decoded reduced: boxes in its own pixels
-    image = overlay(rgb, in_file_pixels(cells, scale), predictor.class_names, scale)
-    return {"filename": filename, "width": round(rgb.shape[1] * scale), "height": round(rgb.shape[0] * scale),
-            "cells": as_dicts(in_file_pixels(cells, scale)), "overlay": _data_url(image)}, cells
+    cells = in_file_pixels(cells, scale)
+    return {"filename": filename, "width": round(rgb.shape[1] * scale), "height": round(rgb.shape[0] * scale), "cells": as_dicts(cells),
+            "overlay": _data_url(overlay(rgb, cells, predictor.class_names, scale))}, cells
 
 
 def refuse_if_none_read(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
