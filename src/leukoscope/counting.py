@@ -159,7 +159,7 @@ def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: s
         try:
             rgb = load_rgb(path)
         except ImageReadError as err:
-            yield None, [CountedCell(slide, str(path), error=str(err))], []
+            yield None, [CountedCell(slide, str(path), error=str(err))], [], 1.0
             continue
         cells, windows = count_field(predictor, rgb, slide, str(path))
         scale = file_pixels(path, rgb)
