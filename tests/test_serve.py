@@ -136,6 +136,13 @@ def test_missing_or_misnamed_files_field_is_the_apps_json_error(client):
         assert set(body) == {"error", "file"} and "files" in body["error"] and "multipart" in body["error"]
 
 
+def test_a_form_sent_with_no_file_chosen_says_so(client):
+    response = client.post("/predict", files=[("files", ("", b"", "image/jpeg"))])  # what a browser's empty file input sends
+    assert response.status_code == 422
+    assert response.json()["error"] == ("files.0: a form field with no file in it (no file chosen, or text instead of an image) "
+                                        "(send images as multipart form field 'files')")
+
+
 def test_unknown_query_options_are_rejected(client):
     image = ("files", ("a.png", _png(np.zeros((8, 8, 3), np.uint8)), "image/png"))
     response = client.post("/predict?heatmpa=true", files=[image])

@@ -63,7 +63,10 @@ def _validation_message(err: RequestValidationError) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else e.get("msg", "invalid"))
+        msg = e.get("msg", "invalid")
+        if "Expected UploadFile" in msg:  # a part without a file name: a form sent with no file chosen, or text
+            msg = "a form field with no file in it (no file chosen, or text instead of an image)"
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) + " (send images as multipart form field 'files')"
 
 
