@@ -131,7 +131,7 @@ def test_a_phone_s_48_mpixel_field_is_counted_with_boxes_in_its_own_pixels(tiny_
     assert main(["count", str(tmp_path / "big.jpg"), "--model", str(tiny_run[1]), "--out", str(tmp_path / "c")]) == 0
     drawn = np.asarray(Image.open(tmp_path / "c" / "overlays" / "big.png"))
     assert drawn.shape[:2] == (1143, 1600)  # 1600 px at most, whatever the file
-    top = sorted(cells["big.jpg"], key=lambda c: c.x0)[0]
+    top = min(cells["big.jpg"], key=lambda c: c.x0)
     k = 1600 / (420 * 19)
     edge = drawn[round(top.y0 * k) + 4 : round(top.y1 * k) - 4, round(top.x0 * k)]  # the box's left side, drawn in a class colour
     assert (np.abs(edge.astype(int) - drawn[round(top.y0 * k) + 4 : round(top.y1 * k) - 4, round(top.x0 * k) - 8]).sum(axis=1) > 60).mean() > 0.8

@@ -67,9 +67,9 @@ def test_a_batch_folder_inside_a_class_folder_is_named_as_the_likely_mix_up(tmp_
         _tiny(tmp_path / rel, "PNG")
     ds = detect_layout(tmp_path / "a")
     assert ds.classes == ["Monocyte", "Neutrophil", "batch 2"]
-    assert folder_warnings(ds) == ["classes are the folders that hold the images: 1 class 'batch 2' (in Lymphocyte/) is the only "
-                                   "class inside a folder above it; if 'Lymphocyte' is the class, move the images of "
-                                   "Lymphocyte/batch 2/ up into Lymphocyte/, or label them in manifest.csv"]
+    assert folder_warnings(ds) == [("classes are the folders that hold the images: 1 class 'batch 2' (in Lymphocyte/) is the only "
+                                    "class inside a folder above it; if 'Lymphocyte' is the class, move the images of "
+                                    "Lymphocyte/batch 2/ up into Lymphocyte/, or label them in manifest.csv")]
     assert main(["check-data", str(tmp_path / "a")]) in (0, 1)
     assert "'batch 2' (in Lymphocyte/) is the only class" in capsys.readouterr().out
     (tmp_path / "a" / "manifest.csv").write_text("path,label\nLymphocyte/batch 2/y.png,Lymphocyte\nLymphocyte/batch 2/z.png,Lymphocyte\n")

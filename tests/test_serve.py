@@ -107,7 +107,7 @@ def test_bad_uploads_get_4xx_json(client, name, data, content_type, status, mess
 def test_a_bad_upload_among_several_is_an_error_entry_and_the_others_are_answered(client):
     """One corrupt file in a batch of 32 must not cost the other 31 their results; only a request of nothing
     readable is refused (its first file's 4xx, as above)."""
-    cell = sorted((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))[0]
+    cell = min((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))
     files = [("files", ("page.html", b"<html></html>", "text/html")), ("files", (cell.name, cell.read_bytes(), "image/jpeg")),
              ("files", ("notes.png", b"this is text", "image/png")), ("files", ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png"))]
     response = client.post("/predict?heatmap=true", files=files)
@@ -124,7 +124,7 @@ def test_a_bad_upload_among_several_is_an_error_entry_and_the_others_are_answere
 @pytest.mark.parametrize("content_type", ["image/jpg", "image/pjpeg", "image/x-png", "application/octet-stream", ""])
 def test_a_client_s_other_name_for_an_image_type_is_accepted(client, content_type):
     """The bytes decide the format: `curl -F files=@a.jpg;type=image/jpg` is a JPEG like any other."""
-    cell = sorted((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))[0]
+    cell = min((require(DATA / "pbc") / "eosinophil").glob("*.jpg"))
     response = client.post("/predict", files=[("files", (cell.name, cell.read_bytes(), content_type))])
     assert response.status_code == 200 and response.json()["results"][0]["label"] == "eosinophil"
 

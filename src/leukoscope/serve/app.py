@@ -168,7 +168,14 @@ def count_fields(uploads: list[tuple[str, bytes | UploadError]], predictor: Pred
 def _count_upload(filename: str, data: bytes | UploadError, predictor: Predictor, max_pixels: int
                   ) -> tuple[dict[str, Any] | UploadError, list[Any]]:
     """One field's result (cells and overlay) or its UploadError, and its records for the summary."""
-    from ..counting import CountedCell, as_dicts, count_field, file_pixels, in_file_pixels, overlay
+    from ..counting import (
+        CountedCell,
+        as_dicts,
+        count_field,
+        file_pixels,
+        in_file_pixels,
+        overlay,
+    )
     from ..io import decode_bytes
 
     problem = data if isinstance(data, UploadError) else None
