@@ -62,6 +62,17 @@ def test_predict_in_python_accepts_folders(tiny_run):
     assert [p.source for p in model.predict([data / "blast", data / "normal" / "normal_000.png"])][-1].endswith("normal_000.png")
 
 
+def test_an_image_given_twice_is_predicted_once(tiny_run, tmp_path, capsys):
+    """A folder and a file in it, or one folder twice: one row per file, as count counts a field once."""
+    data, run = tiny_run
+    one = data / "normal" / "normal_000.png"
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(data / "normal"), str(one), str(data / "normal"), "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == len(list((data / "normal").iterdir())) == 12 and sum(r.startswith(str(one) + ",") for r in rows) == 1
+    assert "note: 13 images given more than once: read once" in capsys.readouterr().err
+
+
 def test_class_map_sums_probabilities_many_to_one(tiny_run):
     _, run = tiny_run
     model = load_model(run, backend="torch")

@@ -41,6 +41,7 @@ from .io import (
     load_rgb,
     missing_inputs,
     not_found_hint,
+    once_each,
 )
 from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import note, plural, progress
@@ -127,16 +128,13 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
     image's own folder is its slide); a file given is a slide of its own folder."""
     if group_by not in ("input", "parent"):
         raise LeukoscopeError(f"--group-by must be input or parent, got {group_by!r}")
-    pairs, seen, repeated, skipped = [], set(), 0, Counter()
+    found, skipped = [], Counter()
     for item in inputs:
         path = Path(item)
         for image in iter_image_files([path], skipped):
-            if (real := os.path.realpath(image)) in seen:  # a folder and its file, or one folder twice: a field counts once
-                repeated += 1
-                continue
-            seen.add(real)
             slide = image.parent if group_by == "parent" or not path.is_dir() else path
-            pairs.append((slide.name or slide.resolve().name or str(slide), image))  # `count f.png`: its folder's name, not "."
+            found.append((slide.name or slide.resolve().name or str(slide), image))  # `count f.png`: its folder's name, not "."
+    pairs, repeated = once_each(found, lambda pair: pair[1])  # a folder and its file, or one folder twice: a field counts once
     if repeated:
         note(f"{plural(repeated, 'image')} given more than once: counted once")
     note_skipped(skipped)

@@ -18,12 +18,27 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import ModelCard, load_checkpoint, model_from_checkpoint, resolve_model_path
-from .checkpoint import CHECKPOINT_NAME, CLASSICAL_NAME, bundled_models  # noqa: F401 (re-exported: where callers look for them)
+from .checkpoint import (  # noqa: F401 (re-exported: where callers look for them)
+    CHECKPOINT_NAME,
+    CLASSICAL_NAME,
+    ModelCard,
+    bundled_models,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_model_path,
+)
 from .data.layouts import singular
 from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
-from .io import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, SLIDE_EXTENSIONS, iter_image_files, missing_inputs, not_found_hint
+from .io import (
+    ARCHIVE_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    SLIDE_EXTENSIONS,
+    iter_image_files,
+    missing_inputs,
+    not_found_hint,
+    once_each,
+)
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
@@ -568,11 +583,13 @@ def note_skipped(skipped: Counter[str]) -> None:
 
 
 def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively) into a list of paths, failing on missing inputs."""
+    """Expand files and folders (recursively) into a list of paths, each file once, failing on missing inputs."""
     inputs = list(inputs)
     if missing := missing_inputs(inputs):
         raise LeukoscopeError(f"input {missing[0]!r} does not exist{not_found_hint(missing[0])}")
     skipped: Counter[str] = Counter()
-    paths = list(iter_image_files(inputs, skipped))
+    paths, repeated = once_each(iter_image_files(inputs, skipped), lambda path: path)
+    if repeated:
+        note(f"note: {plural(repeated, 'image')} given more than once: read once")
     note_skipped(skipped)
     return paths

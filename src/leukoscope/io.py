@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -53,6 +54,22 @@ def not_found_hint(text: str) -> str:
     if text.startswith("~") and (home := os.path.expanduser(text)) != text and os.path.exists(home):
         return f"; a quoted '~' is not expanded: did you mean {home!r}?"
     return ""
+
+
+T = TypeVar("T")
+
+
+def once_each(items: Iterable[T], path: Callable[[T], str | os.PathLike]) -> tuple[list[T], int]:
+    """``items`` in order, each file once (by its real path: a folder and a file in it, one folder given twice, or two
+    links to one file name it twice), and how many repeats were dropped."""
+    kept, seen, repeated = [], set(), 0
+    for item in items:
+        if (real := os.path.realpath(path(item))) in seen:
+            repeated += 1
+            continue
+        seen.add(real)
+        kept.append(item)
+    return kept, repeated
 
 
 def missing_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
