@@ -225,6 +225,9 @@ def test_a_jpeg_too_large_to_decode_whole_is_read_at_a_reduced_scale(tmp_path):
         assert decode_bytes(data, max_pixels=8_000).shape == (75, 100, 3)  # 1/4
         with pytest.raises(ImageReadError, match=r"image too large: 400x300 pixels \(limit 1,000\)"):
             decode_bytes(data, max_pixels=1_000)  # beyond 1/8
+    odd = bytes_io.BytesIO()
+    image.resize((401, 301)).save(odd, format="JPEG", quality=95, exif=exif)  # odd sides, by PIL: 1/2 still, not whole
+    assert decode_bytes(odd.getvalue(), max_pixels=40_000).shape == (151, 201, 3)
     png = bytes_io.BytesIO()
     image.save(png, format="PNG")
     with pytest.raises(ImageReadError, match="image too large"):

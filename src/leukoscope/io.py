@@ -276,6 +276,19 @@ def jpeg_reduction(width: int, height: int, max_pixels: int) -> int | None:
     return next((scale for scale in (1, 2, 4, 8) if -(-width // scale) * -(-height // scale) <= max_pixels), None)
 
 
+def _draft_request(im: Image.Image, reduce: int | None, size: int | None, crop: float) -> tuple[int, int] | None:
+    """The size to ask a JPEG's decoder for (PIL's draft picks the largest scale that keeps the image at least that
+    large): 1/``reduce`` of each side for one over the pixel limit (a phone's 48 Mpixel photo, never decoded whole;
+    floor, not ceiling, or an odd side would fall back to full scale), and no more than ``size`` needs."""
+    if im.format != "JPEG":
+        return None
+    request = (im.width // reduce, im.height // reduce) if reduce and reduce > 1 else None
+    if size is not None:
+        need = int(np.ceil(size / crop))
+        request = (need, need) if request is None else (min(need, request[0]), min(need, request[1]))
+    return request
+
+
 def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
     head = _head(source, 64)  # what PIL cannot read well is told by its first bytes: deep TIFFs, HEIC
     deep = _deep_tiff(source, head, max_pixels)
@@ -291,11 +304,8 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
             reduce = jpeg_reduction(im.width, im.height, max_pixels) if im.format == "JPEG" else None
             if im.width * im.height > max_pixels and reduce is None:
                 raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,}): cut it into tiles")
-            if reduce is not None and reduce > 1:  # a phone's 48 Mpixel photo: decoded at 1/2, never whole
-                im.draft("RGB", (-(-im.width // reduce), -(-im.height // reduce)))
-            if draft and size is not None and im.format == "JPEG":
-                need = int(np.ceil(size / crop))
-                im.draft("RGB", (need, need))
+            if request := _draft_request(im, reduce, size if draft else None, crop):
+                im.draft("RGB", request)  # one call: PIL ignores a second one
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(im)
     except Image.DecompressionBombError:  # larger still than PIL's own limit, refused while reading the header
@@ -321,6 +331,8 @@ def archive_kind(path_or_head: str | os.PathLike | bytes) -> str | None:
     except OSError:
         return None
     return next((kind for magic, kind in ARCHIVE_MAGIC.items() if head.startswith(magic)), None)
+
+
 HEIC_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx")  # HEVC-coded HEIF; AVIF ("avif") PIL reads
 
 
