@@ -202,7 +202,8 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["predict", "pbc", "--tta", "{data}", "--out", "{tmp}/p.csv"], "argument --tta: invalid choice"),
         (["train", "{data}", "--out", "{tmp}/run", "--method", "svn"], "(did you mean 'svm'?)"),
         (["train", "{data}", "--out", "{tmp}/run", "--optimizer", "adam"], "(did you mean 'adamw'?)"),
-        (["predict", "pbc", "{data}"], "the following arguments are required: --out"),
+        (["predict", "pbc", "{data}"], "required: --out (--out: CSV file to write, or - for standard output)"),
+        (["count", "{data}"], "required: --out (--out: folder for cells.csv, summary.csv"),
         (["predict", "{image}", "{data}", "--out", "{tmp}/p.csv"], "an image, not a model; give the model first"),
         (["explain", "pbc", "{data}", "--out", "{image}"], "is a file, not a folder"),
         (["predict", "{tmp}/notes.pt", "{data}", "--out", "{tmp}/p.csv"], "not a readable leukoscope checkpoint"),  # text

@@ -123,6 +123,9 @@ class _Parser(argparse.ArgumentParser):
         if match := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
             choices = [c.strip(" '") for c in match.group(2).split(",")]
             message += did_you_mean(match.group(1), choices)
+        if match := re.search(r"the following arguments are required: (.*)", message):
+            wanted = [self._option_string_actions.get(name.strip()) for name in match.group(1).split(",")]
+            message += "".join(f" ({action.option_strings[-1]}: {action.help})" for action in wanted if action and action.help)
         raise LeukoscopeError(f"{self.prog}: {message}")
 
 
@@ -486,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict image files and folders into a CSV")
     p.add_argument("model", help="run folder, checkpoint file or bundled model name")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--out", required=True, help="CSV file to write, or - for standard output")
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
                    help="runs of 256+ files: decode (and run the network) in N forked processes (default: one per core, "
