@@ -24,7 +24,8 @@ from doc import write_block  # noqa: E402
 
 from leukoscope import load_model  # noqa: E402
 from leukoscope.data import detect_layout, read_splits  # noqa: E402
-from leukoscope.io import frame, load_rgb, sha256_file  # noqa: E402
+from leukoscope.images import frame, load_rgb  # noqa: E402
+from leukoscope.io import sha256_file
 from leukoscope.metrics import WBC_TYPES  # noqa: E402
 from leukoscope.perturb import PERTURBATIONS  # noqa: E402
 

@@ -90,7 +90,7 @@ def test_segment_real_cells_and_smear_field(tmp_path, capsys):
 def test_auto_mode_tells_fields_from_single_cells_on_real_images():
     """The first 8 images of each class folder (sorted): the auto rule was set on random samples."""
     from leukoscope.classical.segment import segment_image
-    from leukoscope.io import load_rgb
+    from leukoscope.images import load_rgb
 
     def modes(folder, pattern):
         out = []

@@ -116,7 +116,7 @@ def test_a_file_given_by_its_bare_name_is_a_slide_named_after_its_folder(tiny_ru
 
 
 def test_a_phone_s_48_mpixel_field_is_counted_with_boxes_in_its_own_pixels(tiny_run, tmp_path):
-    """Over the 40 Mpixel limit, a JPEG is decoded at 1/2 scale (io.jpeg_reduction); its cells' boxes and areas are
+    """Over the 40 Mpixel limit, a JPEG is decoded at 1/2 scale (images.jpeg_reduction); its cells' boxes and areas are
     still given in the file's pixels, and its overlay puts them on the cells."""
     small = field(300, 420, [(80, 90, 28), (200, 300, 24)], seed=3)
     Image.fromarray(small).save(tmp_path / "small.png")

@@ -8,7 +8,7 @@ from conftest import make_image_folder
 
 from leukoscope import decoding
 from leukoscope.decoding import Decoder, worker_processes
-from leukoscope.io import View
+from leukoscope.images import View
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_load_and_infer_needs_a_worker_network(files):
     ((363, 360), View(112, crop=0.7, reduce=True).with_context(1 / 0.7), 2),  # training context: 160 px of 180
 ])
 def test_reduction_is_the_largest_factor_that_still_covers_the_view(shape, view, factor):
-    from leukoscope.io import reduction
+    from leukoscope.images import reduction
 
     assert reduction(*shape, view) == factor
 
@@ -148,7 +148,7 @@ def test_reduced_jpeg_files_uploads_and_arrays_agree_within_decoder_rounding(tmp
     block-averaged by 2 instead: same size, pixels within decoder rounding."""
     from PIL import Image
 
-    from leukoscope.io import frame, load_view, reduction
+    from leukoscope.images import frame, load_view, reduction
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:363, :360]
@@ -174,7 +174,7 @@ def test_a_view_of_the_reduced_size_is_the_dct_decode_itself_without_resampling(
     import simplejpeg
     from PIL import Image
 
-    from leukoscope.io import load_view
+    from leukoscope.images import load_view
 
     rng = np.random.default_rng(1)
     path = tmp_path / "tile.jpg"

@@ -35,7 +35,7 @@ def test_report_has_reliability_gallery_and_operating_point(run):
     # recompute, do not trust: the stored calibration errors from the model's own test predictions
     from leukoscope.data import read_splits
     from leukoscope.metrics import expected_calibration_error
-    from leukoscope.io import load_rgb
+    from leukoscope.images import load_rgb
 
     model = load_model(folder, backend="torch")
     samples, splits = read_splits(folder / "splits.csv")

@@ -15,7 +15,7 @@ from PIL import Image
 
 from leukoscope import load_model
 from leukoscope.cli import main
-from leukoscope.io import decode_bytes, load_rgb
+from leukoscope.images import decode_bytes, load_rgb
 
 TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
 
@@ -178,7 +178,7 @@ def test_fast_jpeg_decoding_gives_the_pixels_of_pil_draft_mode(tmp_path):
     from PIL import Image
 
     from conftest import DATA, synthetic_cell
-    from leukoscope.io import _decode, decode_bytes, load_rgb
+    from leukoscope.images import _decode, decode_bytes, load_rgb
 
     rng = np.random.default_rng(0)
     paths = []
@@ -207,7 +207,7 @@ def test_a_jpeg_too_large_to_decode_whole_is_read_at_a_reduced_scale(tmp_path):
 
     from conftest import synthetic_cell
 
-    from leukoscope.io import ImageReadError, jpeg_reduction
+    from leukoscope.images import ImageReadError, jpeg_reduction
 
     assert [jpeg_reduction(w, h, 40_000_000) for w, h in ((6000, 4000), (8064, 6048), (16000, 12000), (40000, 30000), (60000, 60000))] == [1, 2, 4, 8, None]
     rng = np.random.default_rng(0)
@@ -247,7 +247,7 @@ def test_deep_images_keep_their_exposure(tmp_path, name, samples):
     import tifffile
     from PIL import Image
 
-    from leukoscope.io import decode_bytes, image_size, load_rgb
+    from leukoscope.images import decode_bytes, image_size, load_rgb
 
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     rgb[0, 0] = 255  # white somewhere, as a smear's background is

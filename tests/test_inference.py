@@ -1,7 +1,7 @@
 """The fast inference path (threaded, pipelined decoding, channels_last, fp16-stored weights,
 batching) against a plain reference path (one decode at a time, contiguous fp32), on real images.
 
-Both decode every image the same way (``io.load_view``): a path, its bytes, a PIL image and an array of it are one input."""
+Both decode every image the same way (``images.load_view``): a path, its bytes, a PIL image and an array of it are one input."""
 
 from pathlib import Path
 
@@ -14,7 +14,7 @@ from leukoscope import load_model, onnx_backend
 from leukoscope.checkpoint import model_from_checkpoint
 from leukoscope.errors import LeukoscopeError
 from leukoscope.inference import bundled_models
-from leukoscope.io import load_view
+from leukoscope.images import load_view
 from PIL import Image
 from leukoscope.onnx_backend import onnx_bytes
 from leukoscope.transforms import normalize, to_float
@@ -49,10 +49,10 @@ def test_fast_path_matches_reference(name, folder, backend):
 @pytest.mark.parametrize("name, folder", [("pbc", "pbc"), ("wbc", "bccd_wbc")])
 def test_a_path_pil_image_array_and_upload_give_the_same_probabilities(name, folder):
     """One decode-and-frame function for every kind of input: within 1e-3 (in fact identical pixels), but for
-    files against arrays where the view reduces JPEGs (``io.reduction``)."""
+    files against arrays where the view reduces JPEGs (``images.reduction``)."""
     if name not in bundled_models():
         pytest.skip(f"bundled model {name} not built (make models)")
-    from leukoscope.io import load_view
+    from leukoscope.images import load_view
 
     paths = sorted(require(DATA / folder).rglob("*.jpg"))[::61][:12]
     predictor = load_model(name, backend="torch")

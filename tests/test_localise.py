@@ -8,7 +8,7 @@ import torch
 from conftest import CNMC, DATA, require
 
 from leukoscope import localise
-from leukoscope.io import View, frame, load_rgb, load_view
+from leukoscope.images import View, frame, load_rgb, load_view
 from leukoscope.localise import cell_window, crop_square, find_cell, find_cells
 from leukoscope.stain import fit_target, normalise, od_stats
 from leukoscope.transforms import AugmentConfig, _random_hed

@@ -42,7 +42,7 @@ def held_out_wbc():
 
 @pytest.mark.parametrize("name", ["stain: haematoxylin x1.3", "white balance (1.1, 1.0, 0.85)", "zoom x0.8", "defocus blur r=1.5"])
 def test_bundled_pbc_model_is_robust_to_perturbation(held_out_wbc, name):
-    from leukoscope.io import load_rgb
+    from leukoscope.images import load_rgb
 
     predictor, paths, labels = held_out_wbc
     assert len(paths) == 40

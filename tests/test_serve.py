@@ -168,7 +168,7 @@ def test_every_format_gets_a_server_preview_of_the_region_the_model_saw(client):
         preview = np.asarray(Image.open(io.BytesIO(__import__("base64").b64decode(result["preview"].split(",", 1)[1]))))
         assert preview.shape == (size, size, 3)
         # the preview is the model's crop: the central 70% of the shorter side for pbc, not the whole 200x150 frame
-        from leukoscope.io import resize_center_crop
+        from leukoscope.images import resize_center_crop
 
         assert np.abs(preview.astype(int) - resize_center_crop(cell, size, 0.7).astype(int)).max() <= 1
 

@@ -106,7 +106,7 @@ def test_a_model_trained_with_reduce_learns_and_predicts_files_and_arrays_alike(
     from PIL import Image
 
     from leukoscope import load_model
-    from leukoscope.io import reduction
+    from leukoscope.images import reduction
 
     data = make_image_folder(tmp_path / "cells", n_per_class=40, size=80, ext=".jpg")
     config = TrainConfig(arch="cellnet_tiny", image_size=24, crop=0.6, crop_context=True, reduce=True, epochs=12, batch_size=16,

@@ -22,7 +22,8 @@ from torch import nn
 
 from . import __version__
 from .errors import UNPICKLING_ERRORS, LeukoscopeError, did_you_mean, first_line
-from .io import View, atomic_write, is_image_file, not_found_hint
+from .io import atomic_write, is_image_file, not_found_hint
+from .images import View
 from .stain import MODES as COLOUR_MODES
 from .models import create_model
 
@@ -37,7 +38,7 @@ class Preprocessing:
     ``cell`` of it), resized to ``image_size``, colour-normalised onto ``stain`` where set,
     scaled to [0, 1] and normalised by ``mean``/``std``. ``colour`` names the colour normalisation
     (see stain: none, white, or reinhard onto the ``stain`` target). ``reduce``: images shrink by 2, 4
-    or 8 before the crop is resized where that still covers it (see io.reduction). ``cast``: the
+    or 8 before the crop is resized where that still covers it (see images.reduction). ``cast``: the
     training images' background colour range, below whose blue share a yellow cast is corrected
     (see stain.correct_cast)."""
 

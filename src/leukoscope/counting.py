@@ -25,6 +25,7 @@ import numpy as np
 
 from .checkpoint import bundled_models
 from .errors import LeukoscopeError
+from .images import ImageReadError, View, image_size, load_rgb
 from .inference import (
     Predictor,
     load_model,
@@ -33,12 +34,8 @@ from .inference import (
     restrict_classes,
 )
 from .io import (
-    ImageReadError,
-    View,
     atomic_write,
-    image_size,
     iter_image_files,
-    load_rgb,
     missing_inputs,
     not_found_hint,
     once_each,
@@ -166,7 +163,7 @@ def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: s
 
 def file_pixels(path: Path | BinaryIO, rgb: np.ndarray) -> float:
     """The file's pixels per decoded pixel: 1, or about 2, 4 or 8 for a JPEG too large to decode whole
-    (io.jpeg_reduction); ``path`` may be an upload's bytes as a file object."""
+    (images.jpeg_reduction); ``path`` may be an upload's bytes as a file object."""
     return max(image_size(path)) / max(rgb.shape[:2])  # sides compared largest to largest: an EXIF rotation swaps them
 
 

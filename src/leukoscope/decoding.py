@@ -27,20 +27,20 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .io import ImageReadError, View, frame, load_view, to_rgb, to_uint8
+from .images import ImageReadError, View, frame, load_view, to_rgb, to_uint8
 from .runtime import usable_cores
 
 PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool costs ~30 ms to start)
 THREADS = 4
 
-Decoded = tuple[np.ndarray | None, str, bool | None, bool]  # (image as the view shows it, error, whether the cell was located, recoloured: see io.frame)
+Decoded = tuple[np.ndarray | None, str, bool | None, bool]  # (image as the view shows it, error, whether the cell was located, recoloured: see images.frame)
 Outputs = tuple[np.ndarray, ...]  # a network's outputs for a batch, one row per image
 Infer = Callable[[np.ndarray], Outputs]
 
 
 def decode_item(item: Any, view: View) -> Decoded:
     """A file path, upload bytes, PIL image or image array (see array_to_rgb) as ``view`` shows it; one framing for
-    every kind of input (see ``io.frame``). An unreadable one gives (None, its error, None, False)."""
+    every kind of input (see ``images.frame``). An unreadable one gives (None, its error, None, False)."""
     try:
         if isinstance(item, Image.Image):
             image, found, recoloured = frame(np.asarray(to_rgb(item)), view)
@@ -78,7 +78,7 @@ def load_and_infer(items: Sequence[Any], view: View) -> tuple[list[Decoded], Out
 
 def array_to_rgb(array: np.ndarray) -> np.ndarray:
     """An image array as 8-bit RGB: HxW, HxWx1, HxWx3 or HxWx4, or channels first (3xHxW, as torchvision
-    holds images); uint8 as it is, other integers and floats by ``io.to_uint8`` (floats up to 1.0 as
+    holds images); uint8 as it is, other integers and floats by ``images.to_uint8`` (floats up to 1.0 as
     fractions of white, a 12-bit camera's integers by their 12-bit range). Negative or non-finite
     values (a normalised tensor, not pixels) and booleans are refused with the reason."""
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):

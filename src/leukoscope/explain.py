@@ -23,8 +23,9 @@ from torch import nn
 
 from .checkpoint import model_from_checkpoint
 from .errors import LeukoscopeError, did_you_mean
+from .images import ImageReadError, load_view
 from .inference import Predictor, alarm_cells
-from .io import ImageReadError, atomic_write, load_view
+from .io import atomic_write
 from .models import CellNet
 from .transforms import eval_transform
 

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from .errors import LeukoscopeError
+from .images import View, load_view
 from .inference import Predictor, TorchBackend
-from .io import View, atomic_write, load_view
+from .io import atomic_write
 from .onnx_backend import OnnxBackend, onnx_bytes
 
 TOLERANCE = 1e-3  # max absolute difference of any class probability, ONNX Runtime vs PyTorch
@@ -25,7 +26,7 @@ def check_images(paths: Sequence[os.PathLike], view: View, limit: int = 64) -> t
     """Real images as the model sees them, to compare the export on; random images when none are given.
 
     The graph starts after framing (cell location, stain normalisation): those stay in Python, as
-    ``leukoscope.io.frame``, before the graph."""
+    ``leukoscope.images.frame``, before the graph."""
     arrays = []
     size = view.size
     paths = list(paths)

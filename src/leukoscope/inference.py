@@ -109,7 +109,7 @@ class Predictor:
         self.whole = whole  # the model this one chooses among some classes of (restrict_classes), whose network draws heatmaps
         self.card = card = ModelCard.from_meta(checkpoint)
         self.class_names: list[str] = card.class_names
-        self.view = card.preprocessing.view  # the square of each image the model sees: see io.frame
+        self.view = card.preprocessing.view  # the square of each image the model sees: see images.frame
         self.image_size: int = self.view.size
         self.temperature = card.temperature
         self.threshold: float | None = card.threshold
@@ -260,7 +260,7 @@ class Predictor:
 
     def mark_recoloured(self, prediction: Prediction, recoloured: bool) -> None:
         """An image recoloured to look like a slide (a black background painted where its window shows
-        it, or a colour cast corrected) or without colour (grayscale; see io.frame) is out of domain for a model none of whose
+        it, or a colour cast corrected) or without colour (grayscale; see images.frame) is out of domain for a model none of whose
         training images was: recolouring makes the cell readable, not familiar (`blast` called
         C-NMC's painted cells blast with an ood_score below its threshold)."""
         if self.unfamiliar(recoloured) and prediction.in_domain is not None:

@@ -27,7 +27,8 @@ import torch
 from .data import read_splits
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
-from .io import View, atomic_write, sha256_file
+from .images import View
+from .io import atomic_write, sha256_file
 from .onnx_backend import INT8_RECIPE, OnnxBackend, onnx_bytes, quantize_int8
 from .progress import note
 

@@ -26,7 +26,8 @@ from .data.dataset import decode_many
 from .data.layouts import folder_warnings, look_alike_warning
 from .data.splits import check_split_leaks, label_conflicts
 from .errors import LeukoscopeError
-from .io import View, refuse_stream_folder
+from .io import refuse_stream_folder
+from .images import View
 from .progress import note, plural
 
 if TYPE_CHECKING:

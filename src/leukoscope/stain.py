@@ -92,7 +92,7 @@ def colourless(rgb: np.ndarray) -> bool:
     (a monochrome camera, a converted file) has 0 to a few levels of JPEG noise; in stained images the 99th
     percentile of chroma is 45 to 130 (PBC, BCCD, ALL-IDB2, Aria, C-NMC, on black too). The colour of a
     stain is what the models read, so such an image is out of domain for a model that never trained on
-    one (see io.frame). 0.015 ms for a 360 px tile."""
+    one (see images.frame). 0.015 ms for a 360 px tile."""
     step = max(1, round(min(rgb.shape[:2]) / 48))
     sample = rgb[::step, ::step]
     r, g, b = sample[..., 0], sample[..., 1], sample[..., 2]

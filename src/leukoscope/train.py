@@ -34,7 +34,8 @@ from .evaluate import evaluate, headline
 from .inference import Predictor
 from .models import create_model, training_memory_format
 from .ood import fit_ood, supports_ood
-from .io import ImageReadError, View, atomic_write, load_rgb
+from .io import atomic_write
+from .images import ImageReadError, View, load_rgb
 from .localise import fill_masked_background
 from .metrics import wilson_interval
 from .progress import note, plural, progress

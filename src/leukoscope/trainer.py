@@ -24,7 +24,7 @@ from .data import Dataset
 from .data.dataset import decode_many
 from .distributed import World, all_sum, broadcast_flag, shard, sync_buffers, unwrap
 from .errors import LeukoscopeError
-from .io import View
+from .images import View
 from .metrics import accuracy, balanced_accuracy
 from .models import cpu_bf16_safe, training_memory_format
 from .progress import note, progress

@@ -150,7 +150,8 @@ def segment_files(paths, out_dir, mode: str = "auto", max_side: int = 512) -> li
 
     from PIL import Image
 
-    from ..io import ImageReadError, atomic_write, load_rgb
+    from ..images import ImageReadError, load_rgb
+    from ..io import atomic_write
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

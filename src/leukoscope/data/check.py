@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import ImageReadError, image_size, load_rgb
+from ..images import ImageReadError, image_size, load_rgb
 from ..stain import colourless
 from .layouts import detect_layout, folder_warnings, look_alike_warning
 from .splits import duplicate_groups, make_splits, near_duplicate_pairs

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..decoding import Decoder
-from ..io import View
+from ..images import View
 from ..progress import progress
 
 CHUNK = 64  # files per submitted piece of work
@@ -25,7 +25,7 @@ def decode_many(paths: Sequence[str | os.PathLike], view: View | int, desc: str 
     worker processes for long runs; ``workers``: how many, see ``decoding.worker_processes``).
 
     Unreadable images are left black in the tensor; callers drop or report them. ``recoloured``, if
-    given, gets whether each image was recoloured to look like a slide (see ``io.frame``).
+    given, gets whether each image was recoloured to look like a slide (see ``images.frame``).
     """
     view = View(view) if isinstance(view, int) else view
     out = torch.zeros((len(paths), 3, view.size, view.size), dtype=torch.uint8)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LeukoscopeError
+from ..images import archive_kind
 from ..io import (
     ARCHIVE_EXTENSIONS,
-    archive_kind,
     csv_delimiter,
     is_image_file,
     not_found_hint,

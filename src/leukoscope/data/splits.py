@@ -18,16 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LeukoscopeError
-from ..io import (
-    MAX_PIXELS,
-    ImageReadError,
-    atomic_write,
-    csv_delimiter,
-    load_rgb,
-    printable,
-    regular_file_stat,
-    sha256_file,
-)
+from ..images import MAX_PIXELS, ImageReadError, load_rgb
+from ..io import atomic_write, csv_delimiter, printable, regular_file_stat, sha256_file
 from .layouts import Dataset, Sample
 
 SPLITS = ("train", "val", "test")

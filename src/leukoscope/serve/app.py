@@ -29,8 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__
 from ..errors import LeukoscopeError
 from ..explain import Explainer, png_bytes
+from ..images import ImageReadError, load_view
 from ..inference import Predictor
-from ..io import ImageReadError, load_view
 
 MAX_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 25_000_000
@@ -176,7 +176,7 @@ def _count_upload(filename: str, data: bytes | UploadError, predictor: Predictor
         in_file_pixels,
         overlay,
     )
-    from ..io import decode_bytes
+    from ..images import decode_bytes
 
     problem = data if isinstance(data, UploadError) else None
     if problem is None:
@@ -236,7 +236,7 @@ async def read_upload(upload: UploadFile, max_bytes: int) -> bytes:
 def decode_uploads(uploads: list[tuple[str, bytes | UploadError]], predictor: Predictor, max_pixels: int
                    ) -> list[tuple[str, tuple[np.ndarray, bool | None, bool] | UploadError]]:
     """Each upload as the model sees it (its crop or cell window, at its size), whether a cell was
-    located and whether it was recoloured (see io.frame); or the UploadError that names what is wrong with it."""
+    located and whether it was recoloured (see images.frame); or the UploadError that names what is wrong with it."""
     images: list[tuple[str, tuple[np.ndarray, bool | None, bool] | UploadError]] = []
     for name, data in uploads:
         try:

@@ -1,0 +1,394 @@
+"""Image files and bytes to 8-bit RGB arrays, and the square a model sees of them (``View``, ``frame``).
+
+Every input goes through here: files, uploads, arrays and PIL images, in train, evaluate, predict, serve, explain and
+export. Bottom layer: no torch; only the localise and stain helpers, and io's file checks, below it."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import localise, stain
+from .io import not_found_hint, regular_file_stat
+
+MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard), after reading the header
+
+
+class ImageReadError(Exception):
+    """A single file could not be turned into an RGB image; the message is short."""
+
+
+def load_rgb(path: str | os.PathLike, size: int | None = None, draft: bool = True, crop: float = 1.0) -> np.ndarray:
+    """Decode an image file to an RGB uint8 array (H, W, 3).
+
+    With ``size``, the central square (``crop`` of the shorter side) is resized to ``size x size``; with ``draft``,
+    JPEGs are decoded at a reduced scale (1/2, 1/4, 1/8) that still covers ``size``, which is
+    several times faster for large JPEGs. Raises ImageReadError with a short reason for
+    anything that is not a readable image.
+    """
+    path = _readable(path)
+    if path.suffix.lower() in (".jpg", ".jpeg") and (size is None or draft):
+        data = path.read_bytes()
+        fast = decode_jpeg_fast(data, size, crop)
+        if fast is not None:
+            return fast
+    return _decode(path, size, draft, str(path), crop=crop)
+
+
+def _readable(given: str | os.PathLike) -> Path:
+    path = Path(given)
+    if path.is_dir():
+        raise ImageReadError("is a directory")
+    if not path.exists():
+        raise ImageReadError("file not found" + not_found_hint(os.fspath(given)) if not path.is_symlink() else "broken symlink")
+    try:
+        size = regular_file_stat(path).st_size
+    except OSError as error:
+        raise ImageReadError(error.strerror) from None
+    if size == 0:
+        raise ImageReadError("empty file")
+    return path
+
+
+
+def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
+    """Like ``load_rgb`` for an image held in memory (an upload); refuses more than ``max_pixels``."""
+    if not data:
+        raise ImageReadError("empty file")
+    fast = decode_jpeg_fast(data, size, crop, max_pixels)
+    if fast is not None:
+        return fast
+    return _decode(io.BytesIO(data), size, True, "", max_pixels, crop)
+
+
+def decode_jpeg_fast(data: bytes, size: int | None = None, crop: float = 1.0, max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
+    """A JPEG decoded by libjpeg-turbo through simplejpeg, with the pixels of PIL's decoder (both
+    libjpeg-turbo, accurate IDCT and upsampling; tests/test_hostile.py): whole (``size`` None), about
+    2x faster than PIL on PBC's 360 px JPEGs (0.45 ms against 1.0 ms); or, with ``size``, at the
+    smallest DCT scale that still covers it as PIL's draft mode does (about 25% faster), then cropped
+    and resized. None where it does not apply (not a JPEG, an EXIF orientation to honour, CMYK, a
+    damaged or oversized file): the caller then decodes with PIL."""
+    if size is None:
+        return _jpeg_scaled(data, max_pixels, lambda height, width: 1)
+    need = int(np.ceil(size / crop))
+
+    def draft(height: int, width: int) -> int:  # PIL's draft mode scales by 1/2, 1/4 or 1/8 only: the same factor
+        ratio = min(width // need, height // need)
+        return next(s for s in (8, 4, 2, 1) if ratio >= s or s == 1)
+
+    decoded = _jpeg_scaled(data, max_pixels, draft)
+    return None if decoded is None else resize_center_crop(decoded, size, crop)
+
+
+def _jpeg_scaled(data: bytes, max_pixels: int, factor: Callable[[int, int], int]) -> np.ndarray | None:
+    """A JPEG decoded by libjpeg-turbo (simplejpeg) at 1/``factor(height, width)`` of its size, in the
+    DCT (the sizes ``Image.reduce`` gives); None where that does not apply (see ``decode_jpeg_fast``)."""
+    if data[:2] != b"\xff\xd8" or b"Exif" in data[:65536]:
+        return None
+    try:
+        import simplejpeg
+
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        scale = max(factor(height, width), jpeg_reduction(width, height, max_pixels) or 0)
+        if height * width > max_pixels * scale * scale:  # beyond what 1/8 brings under the limit: PIL's path refuses it
+            return None
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale))
+    except (ImportError, ValueError, OSError):
+        return None
+
+
+def jpeg_reduction(width: int, height: int, max_pixels: int) -> int | None:
+    """The JPEG decoder's scale (1, 2, 4 or 8: 1/scale of each side, in the DCT, without decoding the whole image)
+    that brings ``width x height`` within ``max_pixels``; None when even 1/8 does not. Such a JPEG is read at that
+    scale: a model frames every image to about 112 px, and ``count`` gives its cells' boxes in the file's pixels."""
+    return next((scale for scale in (1, 2, 4, 8) if -(-width // scale) * -(-height // scale) <= max_pixels), None)
+
+
+def _draft_request(im: Image.Image, reduce: int | None, size: int | None, crop: float) -> tuple[int, int] | None:
+    """The size to ask a JPEG's decoder for (PIL's draft picks the largest scale that keeps the image at least that
+    large): 1/``reduce`` of each side for one over the pixel limit (a phone's 48 Mpixel photo, never decoded whole;
+    floor, not ceiling, or an odd side would fall back to full scale), and no more than ``size`` needs."""
+    if im.format != "JPEG":
+        return None
+    request = (im.width // reduce, im.height // reduce) if reduce and reduce > 1 else None
+    if size is not None:
+        need = int(np.ceil(size / crop))
+        request = (need, need) if request is None else (min(need, request[0]), min(need, request[1]))
+    return request
+
+
+def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
+    head = _head(source, 64)  # what PIL cannot read well is told by its first bytes: deep TIFFs, HEIC
+    deep = _deep_tiff(source, head, max_pixels)
+    if deep is not None:
+        return resize_center_crop(deep, size, crop) if size is not None else deep
+    try:
+        with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked here, with a clearer message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = _heic(source, head, max_pixels)
+            if im is None:
+                im = Image.open(source)
+        with im:
+            reduce = jpeg_reduction(im.width, im.height, max_pixels) if im.format == "JPEG" else None
+            if im.width * im.height > max_pixels and reduce is None:
+                raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,}): cut it into tiles")
+            if request := _draft_request(im, reduce, size if draft else None, crop):
+                im.draft("RGB", request)  # one call: PIL ignores a second one
+            im = ImageOps.exif_transpose(im)
+            rgb = to_rgb(im)
+    except Image.DecompressionBombError:  # larger still than PIL's own limit, refused while reading the header
+        raise ImageReadError(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,}): cut it into tiles") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+        if (packed := archive_kind(head)) is not None:
+            raise ImageReadError(f"{packed}, not an image: unpack it and give its images") from None
+        text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
+        raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
+    return resize_center_crop(rgb, size, crop) if size is not None else np.asarray(rgb)
+
+
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+ARCHIVE_MAGIC = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive",
+                 b"Rar!\x1a\x07": "a RAR archive", b"BZh": "a bzip2 archive", b"\xfd7zXZ\x00": "an xz archive"}
+
+
+def archive_kind(path_or_head: str | os.PathLike | bytes) -> str | None:
+    """'a zip archive' (7z, RAR, gzip, ...) for a file that packs others, told by its first bytes; None otherwise.
+    A lab's dataset often arrives as one: said so, it is a fix (unpack it), not an unreadable image."""
+    try:
+        head = path_or_head if isinstance(path_or_head, bytes) else _head(path_or_head, 8)
+    except OSError:
+        return None
+    return next((kind for magic, kind in ARCHIVE_MAGIC.items() if head.startswith(magic)), None)
+
+
+HEIC_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx")  # HEVC-coded HEIF; AVIF ("avif") PIL reads
+
+
+def _head(source, n: int) -> bytes:
+    if isinstance(source, io.BytesIO):
+        return source.getvalue()[:n]
+    with open(source, "rb") as handle:
+        return handle.read(n)
+
+
+def _is_heic(head: bytes) -> bool:
+    return head[4:8] == b"ftyp" and (head[8:12] in HEIC_BRANDS or (head[8:12] in (b"mif1", b"msf1")
+                                                                   and any(b in head[16:64] for b in HEIC_BRANDS)))
+
+
+def _open_heic(source):
+    """A HEIC file opened by libheif through pi-heif (header read, pixels not yet decoded)."""
+    try:
+        import pi_heif
+    except ImportError:
+        raise ImageReadError("a HEIC image: install pi-heif to read it (pip install pi-heif), or save it as JPEG or PNG") from None
+    return pi_heif.open_heif(source)
+
+
+def _heic(source, head: bytes, max_pixels: int) -> Image.Image | None:
+    """A HEIC photo (what phones write, through an eyepiece too) decoded by libheif through pi-heif, with
+    its orientation applied; None for anything else (``head``: the file's first 64 bytes). PIL has no HEVC decoder."""
+    if not _is_heic(head):
+        return None
+    try:
+        heif = _open_heic(source)
+        if heif.size[0] * heif.size[1] > max_pixels:
+            raise ImageReadError(f"image too large: {heif.size[0]}x{heif.size[1]} pixels (limit {max_pixels:,}): cut it into tiles")
+        return Image.frombytes(heif.mode, heif.size, heif.data, "raw", heif.mode, heif.stride)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise ImageReadError(f"unreadable HEIC image: {err or type(err).__name__}"[:160]) from None
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+
+
+def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
+    """A TIFF with more than 8 bits per sample (a scientific camera's 12- or 16-bit RGB, float32) as
+    8-bit RGB, read by tifffile; None for anything else, which PIL reads. PIL reads a 16-bit RGB TIFF
+    by its high bytes, so 12-bit data came out almost black, and it cannot open float TIFFs at all."""
+    if head[:4] not in TIFF_MAGIC:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(source) as tif:
+            page = tif.pages[0]
+            if page.bitspersample <= 8 and page.sampleformat != 3:  # 3: IEEE float
+                return None
+            if page.imagewidth * page.imagelength > max_pixels:
+                raise ImageReadError(f"image too large: {page.imagewidth}x{page.imagelength} pixels (limit {max_pixels:,}): cut it into tiles")
+            arr = page.asarray()
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as err:
+        raise ImageReadError(f"unreadable image: {err or type(err).__name__}"[:160]) from None
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):  # planar: channels first
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] < 3 or min(arr.shape[:2]) < 1:
+        raise ImageReadError(f"unreadable image: TIFF samples of shape {arr.shape} are not an RGB or grayscale picture")
+    return to_uint8(arr[:, :, :3])
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header: PIL's, or tifffile's for a TIFF that PIL cannot open (float samples)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        if _is_heic(_head(path, 64)):
+            try:
+                return tuple(_open_heic(path).size)
+            except (ValueError, OSError, RuntimeError):
+                raise ImageReadError("unreadable HEIC image: no size in its header") from None
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return page.imagewidth, page.imagelength
+        except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError):
+            raise ImageReadError("unreadable image: no size in its header") from None
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Samples of any depth to 0-255, by the smallest container that holds the image's largest value:
+    floats up to 1.0 as fractions of white; integers (or larger floats) as 8-, 10-, 12-, 14- or 16-bit data,
+    so a 12-bit camera's image keeps its exposure instead of being stretched to its own maximum."""
+    values = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    top = float(values.max())
+    if arr.dtype.kind == "f" and top <= 1.0:
+        white = 1.0
+    else:
+        white = next((2.0**bits - 1 for bits in (8, 10, 12, 14, 16) if top <= 2**bits - 1), top or 1.0)
+    return np.round(values * (255.0 / white)).clip(0, 255).astype(np.uint8)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode (16-bit, palette, RGBA, CMYK, grayscale) to 8-bit RGB."""
+    if im.width < 1 or im.height < 1:
+        raise ValueError("empty image")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        im = Image.fromarray(to_uint8(np.asarray(im)))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im)
+    im = im.convert("RGB")
+    im.load()
+    return im
+
+
+def resize_center_crop(im: Image.Image | np.ndarray, size: int, crop: float = 1.0) -> np.ndarray:
+    """The central square (``crop`` of the shorter side), resized to ``size x size`` (bilinear, antialiased;
+    ``localise.resize_box``). Cropping before resizing keeps memory bounded for extreme aspect ratios (a 2000x3 strip).
+    """
+    rgb = np.asarray(im)
+    h, w = rgb.shape[:2]
+    side = max(1, round(min(w, h) * crop))
+    left, top = (w - side) // 2, (h - side) // 2
+    if side == size:
+        return rgb[top : top + side, left : left + side].copy()
+    return localise.resize_box(rgb, (left, top, left + side, top + side), size)
+
+
+@dataclass(frozen=True)
+class View:
+    """The square of an image a model sees, at ``size`` x ``size``, and its colour normalisation.
+
+    ``crop``: the central fraction of the shorter side (a centred cell, as CellaVision tiles are).
+    ``cell``: a window centred on the located white cell, whose diameter fills this fraction of
+    the window (see localise); ``crop`` is then unused. ``colour``: the colour normalisation of
+    each window (see stain: none, white or reinhard, whose target OD statistics are ``stain``).
+    ``context`` > 1: training decodes that factor more around the same centre, for augmentation
+    to rotate or shift into view. ``reduce`` (central crops only): shrink the image first by the
+    largest of 8, 4 or 2 that still leaves the crop ``size`` pixels across (see ``reduction``).
+    ``cast``: the training images' range of background colours; a whole image whose background is
+    well yellower than it (its blue share well below) has its cast corrected first (see
+    stain.correct_cast).
+    """
+
+    size: int
+    crop: float = 1.0
+    cell: float | None = None
+    stain: tuple[float, ...] | None = None
+    context: float = 1.0
+    colour: str = "none"
+    reduce: bool = False
+    cast: tuple[float, ...] | None = None
+
+    def with_context(self, factor: float) -> View:
+        return replace(self, size=round(self.size * factor), context=factor)
+
+
+REDUCTIONS = (8, 4, 2)
+
+
+def reduction(height: int, width: int, view: View) -> int:
+    """By how much an image of ``height`` x ``width`` shrinks before ``view`` frames it: with
+    ``view.reduce``, the largest of 8, 4 and 2 whose reduced image still has a central crop of
+    ``view.size`` pixels or more; otherwise 1.
+
+    Why: a JPEG decodes at 1/2, 1/4 or 1/8 of its size in libjpeg-turbo's DCT (half the time at 1/2),
+    and the crop is then resized from half the pixels. Arrays, PIL images and other formats are
+    shrunk by block averaging (``Image.reduce``, the same sizes), so every input still goes through
+    one pipeline; the two shrinkings differ by decoder rounding (docs/benchmarks.md, "Decoding at
+    half size").
+    """
+    if not view.reduce or view.cell is not None:
+        return 1
+    crop = min(1.0, view.crop * view.context)
+    return next((f for f in REDUCTIONS if round(min(-(-height // f), -(-width // f)) * crop) >= view.size), 1)
+
+
+MIN_SIDE_SHARE = 0.25  # see frame: a 20 px thumbnail shown to a 112 px model; PBC tiles shrunk to 64 px: 482 of 515 right
+
+
+def frame(rgb: np.ndarray, view: View, reduced: bool = False) -> tuple[np.ndarray, bool | None, bool]:
+    """``rgb`` (H, W, 3 uint8, whole) as ``view`` shows it, whether a cell was located (None when the
+    view is not cell-centric) and whether it was recoloured to look like a slide: a black background
+    painted where the window shows it, or a colour cast corrected (``localise.cell_window``,
+    ``stain.correct_cast``). A grayscale image, which has no stain colour to read (``stain.colourless``),
+    and an image too small to hold a cell's detail (its side, or the central crop's, under MIN_SIDE_SHARE
+    of the model's input: magnified more than 4x) count as recoloured too, so that they are out of domain
+    for a model that never trained on such images.
+    The one function every path (files, uploads, arrays, PIL images; train, evaluate, predict, serve,
+    explain, export) goes through. ``reduced``: ``rgb`` was already decoded at ``reduction``'s scale
+    (a JPEG; see ``load_view``)."""
+    if not reduced and (factor := reduction(*rgb.shape[:2], view)) > 1:
+        rgb = np.asarray(Image.fromarray(rgb).reduce(factor))
+    if view.cell is not None:
+        out, found, recoloured = localise.cell_window(rgb, view.size, view.cell, view.context, view.cast)
+    else:
+        crop = min(1.0, view.crop * view.context)
+        corrected = stain.correct_cast(rgb, view.cast)
+        out, found, recoloured = resize_center_crop(corrected, view.size, crop), None, corrected is not rgb
+    few_pixels = min(rgb.shape[:2]) * (1.0 if view.cell is not None else min(1.0, view.crop)) < MIN_SIDE_SHARE * view.size
+    return stain.apply(out, view.colour, view.stain), found, recoloured or few_pixels or stain.colourless(rgb)
+
+
+def load_view(source: str | os.PathLike | bytes, view: View, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, bool | None, bool]:
+    """A file (path) or an upload (bytes) decoded and framed as ``view`` shows it; see ``frame``.
+
+    A JPEG decodes in libjpeg-turbo at ``reduction``'s scale (whole unless ``view.reduce``); anything
+    else, or a JPEG it cannot take (EXIF orientation, CMYK, damage), decodes whole through PIL and is
+    reduced in ``frame``. Without ``reduce``, a path, its bytes, its decoded array and a PIL image of
+    it give the same pixels, so the same probabilities.
+    """
+    data = source if isinstance(source, bytes) else None
+    if data is None and Path(source).suffix.lower() in (".jpg", ".jpeg"):
+        data = _readable(source).read_bytes()
+    if data and (rgb := _jpeg_scaled(data, max_pixels, lambda height, width: reduction(height, width, view))) is not None:
+        return frame(rgb, view, reduced=True)
+    rgb = decode_bytes(source, None, max_pixels) if isinstance(source, bytes) else load_rgb(source)
+    return frame(rgb, view)
