@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from specialist_gate import image_sets
 from doc import share, write_block
 
-from leukoscope.inference import load_model, restrict_classes
+from leukoscope.classes import restrict_classes
+from leukoscope.inference import load_model
 from leukoscope.metrics import WBC_TYPES
 
 

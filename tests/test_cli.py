@@ -99,7 +99,7 @@ def test_evaluate_matches_class_folders_named_otherwise(synthetic_run, tmp_path,
 
 
 def test_match_class_names():
-    from leukoscope.inference import match_class_names
+    from leukoscope.classes import match_class_names
 
     wbc = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
     assert match_class_names(["Neutrophils", "LYT", "eos", "Baso", "ig"], wbc) == {
@@ -116,7 +116,7 @@ def test_match_class_names():
 
 
 def test_subtype_merges():
-    from leukoscope.inference import subtype_merges
+    from leukoscope.classes import subtype_merges
 
     wbc = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
     munich = ["BAS", "EOS", "LYT", "MMZ", "MON", "MYB", "NGB", "NGS", "PMO"]  # Munich AML's folders for PBC's types

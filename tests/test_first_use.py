@@ -15,7 +15,7 @@ from leukoscope import load_model
 from leukoscope.cli import main
 from leukoscope.data import read_splits
 from leukoscope.errors import LeukoscopeError
-from leukoscope.inference import class_map_merges, map_classes, parse_class_map
+from leukoscope.classes import class_map_merges, map_classes, parse_class_map
 
 
 
@@ -153,7 +153,7 @@ def test_evaluate_leaves_out_classes_the_model_does_not_know_only_when_asked(tmp
 
 
 def test_restricting_the_classes_renormalises_the_kept_probabilities_and_keeps_the_alarm():
-    from leukoscope.inference import parse_classes, restrict_classes
+    from leukoscope.classes import parse_classes, restrict_classes
 
     wbc = load_model("wbc")
     five = parse_classes("Neutrophils, basophil,eosinophil ,LYMPHOCYTE,monocytes", wbc.class_names)  # case, plurals, spaces

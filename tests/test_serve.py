@@ -62,7 +62,7 @@ FIVE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
 
 def test_a_service_restricted_to_some_classes_chooses_among_them_and_still_draws_heatmaps():
-    from leukoscope.inference import restrict_classes
+    from leukoscope.classes import restrict_classes
 
     if "pbc" not in bundled_models():
         pytest.skip("bundled model pbc not built (make models)")

@@ -252,7 +252,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .adapt import PURPOSE as ADAPT_PURPOSE
-    from .inference import iter_inputs, load_model, parse_classes, restrict_classes, tta_mode
+    from .classes import parse_classes, restrict_classes
+    from .inference import iter_inputs, load_model, tta_mode
     from .io import is_stream_output
     from .predict import out_of_domain_warning, predict_csv
     from .progress import plural
@@ -334,7 +335,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .inference import load_model, parse_classes, restrict_classes
+    from .classes import parse_classes, restrict_classes
+    from .inference import load_model
     from .serve import listen, serve
 
     predictor = load_model(args.model, backend=args.backend, device=args.device, precision=args.precision)

@@ -24,15 +24,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .checkpoint import bundled_models
+from .classes import parse_classes, restrict_classes
 from .errors import LeukoscopeError
 from .images import ImageReadError, View, image_size, load_rgb
-from .inference import (
-    Predictor,
-    load_model,
-    note_skipped,
-    parse_classes,
-    restrict_classes,
-)
+from .inference import Predictor, load_model, note_skipped
 from .io import (
     atomic_write,
     iter_image_files,

@@ -18,13 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .classes import (
+    class_map_merges,
+    map_classes,
+    match_class_names,
+    parse_class_map,
+    parse_classes,
+    restrict_classes,
+    subtype_merges,
+)
 from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits
 from .data.layouts import folder_warnings
 from .data.splits import splits_from_seen
 from .data.dataset import decode_many
 from .errors import LeukoscopeError
-from .inference import (Predictor, class_map_merges, load_model, map_classes, match_class_names, parse_class_map, parse_classes,
-                        resolve_model_path, restrict_classes, subtype_merges, tta_mode)
+from .inference import Predictor, load_model, resolve_model_path, tta_mode
 from .io import atomic_write
 from .metrics import (classification_report, expected_calibration_error, sensitivity_specificity, softmax, summarize,
                       threshold_for_sensitivity, wilson_interval)
@@ -342,7 +350,7 @@ def merge_data_classes(dataset: Dataset, class_names: list[str], class_map: str 
     """``dataset`` with the data classes that stand for one model class merged into one label, and a
     sentence saying so ("" if none): those ``class_map`` gives one model class together
     ('neutrophil=band,neutrophil=seg'), or without a class map the known subtypes of a model class
-    (inference.SUBTYPES: Munich AML's "NGB" and "NGS" become the model's "neutrophil")."""
+    (classes.SUBTYPES: Munich AML's "NGB" and "NGS" become the model's "neutrophil")."""
     labels = {s.label for s in dataset.samples}
     merges = class_map_merges(class_map, class_names) if class_map else subtype_merges(labels, class_names)
     merges = {d: m for d, m in merges.items() if d in labels}
