@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -91,3 +92,41 @@ def test_torchrun_two_gloo_ranks_stay_in_sync(tmp_path):
     assert (run / "splits.csv").read_bytes() == (single / "splits.csv").read_bytes()
     assert len((run / "history.csv").read_text().splitlines()) == 1 + 3
     assert json.loads((run / "run.json").read_text())["world_size"] == 2
+
+
+def _predict_blocked_on_its_output(tmp_path: Path, run: Path, image: Path) -> tuple[subprocess.Popen, list]:
+    """A predict run whose CSV goes to a pipe that nobody reads: it blocks there, its decoding workers started."""
+    import psutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2000):  # 2,000 rows: several times what a pipe holds
+        os.link(image, images / f"{i:04d}.png")
+    proc = subprocess.Popen([sys.executable, "-m", "leukoscope", "predict", str(run), str(images), "--out", "-", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(workers := psutil.Process(proc.pid).children()) < 2:
+        assert proc.poll() is None and time.time() < deadline, "predict ended before it started its workers"
+        time.sleep(0.05)
+    return proc, workers
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_predict_leaves_no_worker_processes_behind(tmp_path, tiny_run, stop):
+    """SIGTERM (a scheduler, `timeout`, `docker stop`) ends predict as Ctrl-C does: exit status 143 and its workers
+    stopped. Killed outright (kill -9, the OOM killer), its workers end with it instead of waiting forever."""
+    import psutil
+
+    data, run = tiny_run
+    proc, workers = _predict_blocked_on_its_output(tmp_path, run, next(data.rglob("*.png")))
+    try:
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"{len(alive)} worker processes left running after {stop.name}"
+        if stop == signal.SIGTERM:
+            assert proc.returncode == 143 and "leukoscope: terminated" in err.decode()
+    finally:
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()

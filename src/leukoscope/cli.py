@@ -6,8 +6,10 @@ import argparse
 import errno
 import os
 import shlex
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
@@ -574,6 +576,29 @@ def _discard_stdout() -> None:
         pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``timeout``, ``docker stop``, ``kill``) as an exception in the main thread, so that a
+    command ends as on Ctrl-C: its output's temporary file removed, its decoding workers stopped, exit status 143."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated while a command runs (Python's default is to die at once, leaving both behind)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # main() called outside the main thread: signals are not ours to take
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -593,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         args.argv = argv
-        return args.func(args)
+        with _sigterm_raises():
+            return args.func(args)
     except LeukoscopeError as err:
         print(f"leukoscope: error: {err}", file=sys.stderr)
         return 2
@@ -606,6 +632,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             err = f"no space left on the disk of --out {out}: free some space there, or give an --out on another disk"
         print(f"leukoscope: error: {err}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("leukoscope: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("leukoscope: interrupted", file=sys.stderr)
         return 130

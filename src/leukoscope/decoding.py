@@ -17,7 +17,9 @@ were faster for them.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -60,9 +62,24 @@ def load_views(items: Sequence[Any], view: View) -> list[Decoded]:
 _infer: Infer | None = None  # the network of this worker process (set by _start_worker)
 
 
-def _start_worker(make_infer: Callable[[], Infer]) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _start_worker(parent: int, make_infer: Callable[[], Infer] | None) -> None:
+    """In each worker process, first: end with the parent, however it ends. A SIGTERM ends the worker at once (the
+    parent's handler, which fork copies, would raise inside the pool's protocol), and the kernel sends one when the
+    parent dies (kill -9, the OOM killer), which would otherwise leave the worker waiting on the pool's queue forever,
+    holding its memory. Then the worker's network, if it runs one (``make_infer``)."""
     global _infer
-    _infer = make_infer()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux's C library: the parent's own handler still ends the pool on SIGTERM
+        pass
+    if os.getppid() != parent:  # the parent died between the fork and the prctl
+        os._exit(1)
+    if make_infer is not None:
+        _infer = make_infer()
 
 
 def load_and_infer(items: Sequence[Any], view: View) -> tuple[list[Decoded], Outputs | None]:
@@ -127,9 +144,8 @@ class Decoder:
         self.view = view
         self.processes = worker_processes(files, view, infer is not None, workers) if processes is None else processes
         self.infers = bool(self.processes and infer is not None)
-        self.pool: Executor = (ProcessPoolExecutor(self.processes, mp_context=get_context("fork"),
-                                                   initializer=_start_worker if self.infers else None,
-                                                   initargs=(infer,) if self.infers else ()) if self.processes
+        self.pool: Executor = (ProcessPoolExecutor(self.processes, mp_context=get_context("fork"), initializer=_start_worker,
+                                                   initargs=(os.getpid(), infer if self.infers else None)) if self.processes
                                else ThreadPoolExecutor(THREADS))
 
     def submit(self, paths: Sequence[Any]) -> list[Future]:
