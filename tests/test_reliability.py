@@ -41,16 +41,19 @@ def test_same_seed_same_splits_and_metrics(tmp_path):
     _assert_same_metrics(_metrics(tmp_path / "a"), _metrics(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("extra", [[], ["--ema", "0.9"]], ids=["plain", "ema"])
-def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, extra):
+@pytest.mark.parametrize(("extra", "stop"), [([], signal.SIGKILL), (["--ema", "0.9"], signal.SIGKILL), ([], signal.SIGTERM)],
+                         ids=["plain", "ema", "sigterm"])
+def test_resume_after_kill_9_or_sigterm_matches_uninterrupted_run(tmp_path, extra, stop):
     data = make_image_folder(tmp_path / "data", n_per_class=48, size=48)
     args = ["train", str(data), *TINY, "--epochs", "8", "--seed", "3", *extra]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
 
     run = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "leukoscope", *args, "--out", str(run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "leukoscope", *args, "--out", str(run)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     history = run / "history.csv"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -58,8 +61,10 @@ def test_resume_after_kill_9_matches_uninterrupted_run(tmp_path, extra):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "training finished before it could be killed; make the test data larger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, stop)
+    proc.wait(timeout=60)
+    if stop == signal.SIGTERM:  # a scheduler's stop: the run says how to continue it
+        assert proc.returncode == 143 and f"terminated; continue it with: leukoscope train --resume {run}" in log.read_text()
     epochs_done = len(history.read_text().splitlines()) - 1
     assert 2 <= epochs_done < 8 and not (run / "metrics.json").exists()
 

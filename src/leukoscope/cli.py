@@ -632,9 +632,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             err = f"no space left on the disk of --out {out}: free some space there, or give an --out on another disk"
         print(f"leukoscope: error: {err}", file=sys.stderr)
         return 1
-    except Terminated:
-        print("leukoscope: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("leukoscope: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        print(f"leukoscope: {'terminated' if terminated else 'interrupted'}{_resume_hint(args)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+def _resume_hint(args: argparse.Namespace | None) -> str:
+    """How to continue a training run that was stopped after an epoch was saved; '' for anything else."""
+    run = (args.out or args.resume) if getattr(args, "command", None) == "train" else None
+    if run is None or not (Path(run) / "last.pt").is_file():
+        return ""
+    return f"; continue it with: leukoscope train --resume {shlex.quote(str(run))}"
