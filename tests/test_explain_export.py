@@ -69,8 +69,11 @@ def test_explain_rejects_unknown_method_and_class(run, tmp_path, capsys):
     image = str(sorted((data / "blast").glob("*.png"))[0])
     assert main(["explain", str(folder), image, "--out", str(tmp_path), "--method", "gradcan"]) == 2
     assert "did you mean 'gradcam'" in capsys.readouterr().err
-    assert main(["explain", str(folder), image, "--out", str(tmp_path), "--class", "blasts"]) == 2
-    assert "did you mean 'blast'" in capsys.readouterr().err
+    assert main(["explain", str(folder), image, "--out", str(tmp_path), "--class", "blsat"]) == 2
+    assert "--class: the model has no class 'blsat' (did you mean 'blast'?)" in capsys.readouterr().err
+    assert main(["explain", str(folder), image, "--out", str(tmp_path / "cams"), "--class", "Normals"]) == 0  # as --classes reads it
+    with open(tmp_path / "cams" / "explanations.csv") as handle:
+        assert [row["explained_class"] for row in csv.DictReader(handle)] == ["normal"]
 
 
 def test_onnx_export_round_trip(run, tmp_path, capsys):

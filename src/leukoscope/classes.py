@@ -152,19 +152,20 @@ def map_classes(predictor: Predictor, mapping: dict[str, str], tta: bool | str |
     return Predictor(meta, source=predictor.source, backend=backend)
 
 
+def model_class(name: str, class_names: Sequence[str], option: str = "--class") -> str:
+    """The model's class that ``name`` names, its case and a plural's s ignored ('Eosinophils' -> 'eosinophil');
+    a one-line error naming ``option`` and the model's classes otherwise."""
+    found = [c for c in class_names if c.lower() == name.lower()]
+    found = found or [c for c in class_names if singular(c.lower()) == singular(name.lower())]
+    if len(found) != 1:
+        raise LeukoscopeError(f"{option}: the model has no class {name!r}{did_you_mean(name, class_names)}; "
+                              f"its classes: {', '.join(class_names)}")
+    return found[0]
+
+
 def parse_classes(text: str, class_names: Sequence[str]) -> list[str]:
     """'basophil, Eosinophils,...' -> those of the model's classes (case and a plural's s ignored), in the model's order."""
-    by_key: dict[str, list[str]] = {}
-    for c in class_names:
-        for key in {c.lower(), singular(c.lower())}:
-            by_key.setdefault(key, []).append(c)
-    chosen = set()
-    for name in filter(None, (p.strip() for p in text.split(","))):
-        found = by_key.get(name.lower()) or by_key.get(singular(name.lower()), [])
-        if len(found) != 1:
-            raise LeukoscopeError(f"--classes: the model has no class {name!r}{did_you_mean(name, class_names)}; "
-                                  f"its classes: {', '.join(class_names)}")
-        chosen.add(found[0])
+    chosen = {model_class(name, class_names, "--classes") for name in filter(None, (p.strip() for p in text.split(",")))}
     if len(chosen) < 2:
         raise LeukoscopeError(f"--classes: name at least two of the model's classes ({', '.join(class_names)}), got {text!r}")
     return [c for c in class_names if c in chosen]

@@ -22,6 +22,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from .checkpoint import model_from_checkpoint
+from .classes import model_class
 from .errors import LeukoscopeError, did_you_mean
 from .images import ImageReadError, load_view
 from .inference import Predictor, alarm_cells
@@ -107,8 +108,8 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
         raise LeukoscopeError(f"--out {str(out_dir)!r} is a file, not a folder; give a folder for the heatmaps")
     out_dir.mkdir(parents=True, exist_ok=True)
     names = model.class_names
-    if class_name is not None and class_name not in names:
-        raise LeukoscopeError(f"unknown class {class_name!r}{did_you_mean(class_name, names)}; the model's classes: {', '.join(names)}")
+    if class_name is not None:
+        class_name = model_class(class_name, names)
     explainer = Explainer(model, method)
     rows, used, failed = [], set(), []
     for path in paths:
