@@ -217,6 +217,10 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["evaluate", "pbc", "https://lab.example/cells", "--out", "{tmp}/e"], "data path 'https://lab.example/cells' does not exist; it is a URL"),
         (["predict", "https://lab.example/m.pt", "{data}", "--out", "{tmp}/p.csv"], "bundled model; it is a URL, and leukoscope"),
         (["count", "{tmp}/nowhere", "--out", "{tmp}/c"], "nowhere' does not exist"),  # was a field 'not counted'
+        (["train", "{data}", "--out", "{tmp}/run", "--learning-rate", "0.1"], "unrecognized arguments: --learning-rate 0.1 (did you mean --lr?)"),
+        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--batchsize=3"], "leukoscope predict: unrecognized arguments: --batchsize=3 (did you mean --batch-size?)"),
+        (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/lr.yaml"], "lr.yaml: unknown option 'learning_rate' (did you mean 'lr'?)"),
+        (["train", "{data}", "--out", "{tmp}/run", "--augment", "{{hu: 0.1}}"], "unknown option 'augment.hu' (did you mean 'hue'?); valid: "),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
@@ -225,6 +229,7 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     (tmp_path / "typed.yaml").write_text("epochs: three\n")  # was a TypeError traceback
     (tmp_path / "aug.yaml").write_text("augment:\n  hue: lots\n")
     (tmp_path / "fr.yaml").write_text("fractions: [0.7, 0.3]\n")
+    (tmp_path / "lr.yaml").write_text("learning_rate: 0.1\n")  # as other tools name it
     (tmp_path / "notes.pt").write_text("hi\n")  # torch.load raised KeyError on it
     (tmp_path / "notes.joblib").write_text("junk\n")  # joblib.load: UnpicklingError
     (tmp_path / "model.onnx").write_bytes(b"")  # refused for what it is, before it is read
@@ -292,3 +297,12 @@ def test_split_seed_fixes_the_split_while_the_seed_varies(tmp_path):
     assert (tmp_path / "1" / "splits.csv").read_bytes() == (tmp_path / "2" / "splits.csv").read_bytes()
     assert main(["train", str(data), "--out", str(tmp_path / "3"), *TINY, "--epochs", "1", "--seed", "3"]) == 0
     assert (tmp_path / "3" / "splits.csv").read_bytes() != (tmp_path / "1" / "splits.csv").read_bytes()
+
+
+def test_inputs_after_the_options_are_inputs_too(tmp_path, capsys):
+    """`predict MODEL a/ --out p.csv b/`: argparse takes only the inputs before the options; the rest were refused."""
+    data = make_image_folder(tmp_path / "data", n_per_class=2)
+    first, *rest = sorted(data.rglob("*.png"))
+    out = tmp_path / "p.csv"
+    assert main(["predict", "pbc", str(first), "--out", str(out), *map(str, rest)]) == 0
+    assert [row["path"] for row in _rows(out)] == [str(p) for p in [first, *rest]]

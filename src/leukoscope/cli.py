@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
-from .errors import LeukoscopeError
+from .errors import LeukoscopeError, closest
 
 
 def _whole_number(text: str, minimum: int, bound: str) -> int:
@@ -576,6 +576,16 @@ def _discard_stdout() -> None:
         pass
 
 
+def _unrecognised(command: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's 'unrecognized arguments', with the command's option its first flag likely meant
+    (``--learning-rate`` -> ``--lr``, ``--batchsize`` -> ``--batch-size``)."""
+    message = f"{command.prog}: unrecognized arguments: {' '.join(extras)}"
+    flag = next((e.split("=")[0] for e in extras if e.startswith("-")), None)
+    options = {o.lstrip("-").replace("-", "_"): o for a in command._actions for o in a.option_strings if o.startswith("--")}
+    guess = closest(flag.lstrip("-").replace("-", "_"), options) if flag else None
+    return message + (f" (did you mean {options[guess]}?)" if guess else "")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop, ``timeout``, ``docker stop``, ``kill``) as an exception in the main thread, so that a
     command ends as on Ctrl-C: its output's temporary file removed, its decoding workers stopped, exit status 143."""
@@ -616,7 +626,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = None
     try:
-        args = parser.parse_args(argv)
+        args, extras = parser.parse_known_args(argv)
+        if extras and isinstance(getattr(args, "inputs", None), list) and not any(e.startswith("-") for e in extras):
+            args.inputs += extras  # more inputs after the options (`predict wbc a/ --out p.csv b/`): argparse stops at the first
+            extras = []
+        if extras:
+            raise LeukoscopeError(_unrecognised(commands[args.command], extras))
         args.argv = argv
         with _sigterm_raises():
             return args.func(args)

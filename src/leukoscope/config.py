@@ -136,15 +136,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        for key in values:
-            if key not in known:
-                raise LeukoscopeError(f"{source}: unknown option {key!r}{did_you_mean(key, known)}; valid: {', '.join(sorted(known))}")
+        check_keys(cls, values, source)
         values = dict(values)
         check_types(cls, values, source)
         if "augment" in values:
             if not isinstance(values["augment"], (dict, type(None))):
                 raise LeukoscopeError(f"{source}: augment must be a mapping of augmentation options, got {values['augment']!r}")
+            check_keys(AugmentConfig, values["augment"] or {}, source, "augment.")
             check_types(AugmentConfig, values["augment"] or {}, source, "augment.")
             try:
                 values["augment"] = AugmentConfig.from_dict(values["augment"])
@@ -201,6 +199,15 @@ class TrainConfig:
         check_method(self.method)
         if self.method in NEEDS_BACKBONE and not self.backbone:
             raise LeukoscopeError(f"{source}: --method {self.method} needs --backbone RUN_OR_BUNDLED_MODEL (a CNN trained on the same split)")
+
+
+def check_keys(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> None:
+    """A one-line error for an option ``cls`` does not have, with the one it likely meant and every valid one."""
+    known = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            raise LeukoscopeError(f"{source}: unknown option {prefix + str(key)!r}{did_you_mean(str(key), known)}; "
+                                  f"valid: {', '.join(sorted(known))}")
 
 
 def check_types(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> None:

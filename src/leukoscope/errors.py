@@ -22,13 +22,23 @@ def first_line(err: BaseException, limit: int = 120) -> str:
 
 
 SYNONYMS = {"gpu": "cuda", "pytorch": "torch", "onnxruntime": "onnx", "ort": "onnx", "float32": "fp32", "float": "fp32",
-            "bfloat16": "bf16", "quantized": "int8", "uint8": "int8"}  # what users type for --device, --backend, --precision
+            "bfloat16": "bf16", "quantized": "int8", "uint8": "int8",  # what users type for --device, --backend, --precision
+            # and for training options, as other tools name them (flags and YAML keys alike)
+            "learning_rate": "lr", "learningrate": "lr", "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs",
+            "img_size": "image_size", "input_size": "image_size", "model": "arch", "architecture": "arch", "bs": "batch_size",
+            "batchsize": "batch_size", "wd": "weight_decay", "smoothing": "label_smoothing", "output": "out", "o": "out"}
+
+
+def closest(value: str, choices: Iterable[str]) -> str | None:
+    """The choice that ``value`` most likely meant: its common synonym (gpu -> cuda) or a close spelling; None if none."""
+    choices = list(choices)
+    if SYNONYMS.get(value.lower()) in choices:
+        return SYNONYMS[value.lower()]
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean X?)' when a close match (or a common synonym: gpu -> cuda) exists, else ''."""
-    choices = list(choices)
-    if SYNONYMS.get(value.lower()) in choices:
-        return f" (did you mean {SYNONYMS[value.lower()]!r}?)"
-    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    guess = closest(value, choices)
+    return f" (did you mean {guess!r}?)" if guess is not None else ""
