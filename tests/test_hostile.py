@@ -68,6 +68,26 @@ def test_other_image_extensions_are_read_and_unreadable_formats_named(trained, t
     assert ".svs: whole-slide scans, too large to read whole: export fields or tiles" in err
 
 
+def test_tiff_files_of_several_pages_are_named_with_the_page_read(trained, tmp_path, capsys):
+    """A z-stack or several fields saved as the pages of one TIFF: the first page is read, and that is said."""
+    import tifffile
+
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    cell = Image.open(next((trained / "data" / "blast").iterdir())).convert("RGB")
+    cell.save(folder / "stack.tif", save_all=True, append_images=[cell.rotate(90)] * 4)  # 5 pages
+    tifffile.imwrite(folder / "big.tiff", np.stack([np.asarray(cell)] * 3), bigtiff=True, photometric="rgb")
+    cell.save(folder / "thumbnail.tif", save_all=True, append_images=[cell.resize((8, 8))])  # one image and its preview
+    cell.save(folder / "one.tif")
+    os.mkfifo(folder / "pipe.tif")  # its header is not waited for
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(trained / "run"), str(folder), "--out", str(out)]) == 1  # the FIFO's row
+    rows = {r["path"].split("/")[-1]: r for r in csv.DictReader(out.read_text(encoding="utf-8").splitlines())}
+    assert all(rows[name]["label"] for name in ("stack.tif", "big.tiff", "thumbnail.tif", "one.tif"))
+    assert "note: 2 TIFF files hold several images (a z-stack, or several fields saved as pages; big.tiff: 3 pages): " \
+           "only the first page of each is read" in capsys.readouterr().err
+
+
 def test_archives_are_named_as_archives(trained, tmp_path, capsys):
     """A lab's images often come zipped: predict, count and train say "unpack it", not "unreadable image"."""
     import tarfile

@@ -8,13 +8,14 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from . import localise, stain
 from .io import not_found_hint, regular_file_stat
@@ -238,6 +239,32 @@ def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
     if arr.ndim != 3 or arr.shape[2] < 3 or min(arr.shape[:2]) < 1:
         raise ImageReadError(f"unreadable image: TIFF samples of shape {arr.shape} are not an RGB or grayscale picture")
     return to_uint8(arr[:, :, :3])
+
+
+def tiff_pages(path: str | os.PathLike) -> int:
+    """How many full-size images a TIFF file holds (a z-stack or several fields saved as pages; reduced-size pages,
+    thumbnails and pyramid levels, not counted); 1 for anything else. The first page's header says whether another
+    follows (three reads of a few bytes: about 10 us), so only a file with several pages is opened to compare sizes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO named .tif: not waited on (pread then fails)
+        try:
+            head = os.pread(fd, 16, 0)
+            if head[:4] not in TIFF_MAGIC:
+                return 1
+            order, big = ("<" if head[:2] == b"II" else ">"), head[2:4] in (b"+\x00", b"\x00+")
+            offset, count, entry, pointer = (struct.unpack(order + "Q", head[8:16])[0], "Q", 20, "Q") if big else \
+                (struct.unpack(order + "I", head[4:8])[0], "H", 12, "I")
+            (entries,) = struct.unpack(order + count, os.pread(fd, struct.calcsize(count), offset))
+            after = os.pread(fd, struct.calcsize(pointer), offset + struct.calcsize(count) + entries * entry)
+            if not struct.unpack(order + pointer, after)[0]:
+                return 1
+        finally:
+            os.close(fd)
+        with Image.open(path) as im:
+            size = im.size
+            return sum(1 for _ in ImageSequence.Iterator(im) if im.size == size)
+    except (OSError, struct.error, ValueError, SyntaxError, EOFError):  # unreadable: said when it is decoded
+        return 1
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
