@@ -86,6 +86,12 @@ def test_tiff_files_of_several_pages_are_named_with_the_page_read(trained, tmp_p
     assert all(rows[name]["label"] for name in ("stack.tif", "big.tiff", "thumbnail.tif", "one.tif"))
     assert "note: 2 TIFF files hold several images (a z-stack, or several fields saved as pages; big.tiff: 3 pages): " \
            "only the first page of each is read" in capsys.readouterr().err
+    (folder / "pipe.tif").unlink()
+    shutil.copytree(trained / "data", tmp_path / "data")
+    shutil.move(folder / "stack.tif", tmp_path / "data" / "blast")  # in training data too, as train and evaluate say
+    assert main(["check-data", str(tmp_path / "data")]) == 0
+    assert "warning: 1 TIFF file holds several images (a z-stack, or several fields saved as pages; stack.tif: 5 pages)" \
+           in capsys.readouterr().out
 
 
 def test_archives_are_named_as_archives(trained, tmp_path, capsys):

@@ -26,8 +26,8 @@ import numpy as np
 from .checkpoint import bundled_models
 from .classes import parse_classes, restrict_classes
 from .errors import LeukoscopeError
-from .images import ImageReadError, View, image_size, load_rgb
-from .inference import Predictor, load_model, note_pages, note_skipped
+from .images import ImageReadError, View, image_size, load_rgb, several_pages
+from .inference import Predictor, load_model, note_skipped
 from .io import (
     atomic_write,
     iter_image_files,
@@ -130,7 +130,8 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
     if repeated:
         note(f"{plural(repeated, 'image')} given more than once: counted once")
     note_skipped(skipped)
-    note_pages([path for _, path in pairs])
+    if pages := several_pages([path for _, path in pairs]):
+        note(f"note: {pages}")
     return pairs
 
 

@@ -10,7 +10,7 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from . import localise, stain
 from .io import not_found_hint, regular_file_stat
+from .progress import plural
 
 MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard), after reading the header
 
@@ -265,6 +266,18 @@ def tiff_pages(path: str | os.PathLike) -> int:
             return sum(1 for _ in ImageSequence.Iterator(im) if im.size == size)
     except (OSError, struct.error, ValueError, SyntaxError, EOFError):  # unreadable: said when it is decoded
         return 1
+
+
+def several_pages(paths: Sequence[Path]) -> str | None:
+    """What to say of the TIFF files among ``paths`` that hold several images (a z-stack, several fields saved as
+    pages), of which only the first is read, and how to read the others; None when there are none."""
+    stacks = [(path, pages) for path in paths if path.suffix.lower() in (".tif", ".tiff") and (pages := tiff_pages(path)) > 1]
+    if not stacks:
+        return None
+    (first, pages), verb = stacks[0], "holds" if len(stacks) == 1 else "hold"
+    return (f"{plural(len(stacks), 'TIFF file')} {verb} several images (a z-stack, or several fields saved as pages; "
+            f"{first.name}: {pages} pages): only the first page of each is read; save each page as its own file to read "
+            "them all (Fiji: Image > Stacks > Stack to Images)")
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from .checkpoint import (  # noqa: F401 (re-exported: where callers look for the
 )
 from .decoding import Decoder, Infer, worker_processes
 from .errors import LeukoscopeError, did_you_mean
-from .images import tiff_pages
+from .images import several_pages
 from .io import (
     ARCHIVE_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -404,17 +404,6 @@ def note_skipped(skipped: Counter[str]) -> None:
          f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)}){hint}")
 
 
-def note_pages(paths: Sequence[Path]) -> None:
-    """Say which TIFF files hold several images (a z-stack, several fields saved as pages), of which only the first
-    is read, and how to read the others."""
-    stacks = [(path, pages) for path in paths if path.suffix.lower() in (".tif", ".tiff") and (pages := tiff_pages(path)) > 1]
-    if stacks:
-        (first, pages), verb = stacks[0], "holds" if len(stacks) == 1 else "hold"
-        note(f"note: {plural(len(stacks), 'TIFF file')} {verb} several images (a z-stack, or several fields saved as pages; "
-             f"{first.name}: {pages} pages): only the first page of each is read; save each page as its own file to read them all "
-             "(Fiji: Image > Stacks > Stack to Images)")
-
-
 def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively) into a list of paths, each file once, failing on missing inputs."""
     inputs = list(inputs)
@@ -425,5 +414,6 @@ def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     if repeated:
         note(f"note: {plural(repeated, 'image')} given more than once: read once")
     note_skipped(skipped)
-    note_pages(paths)
+    if pages := several_pages(paths):
+        note(f"note: {pages}")
     return paths

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LeukoscopeError
-from ..images import archive_kind
+from ..images import archive_kind, several_pages
 from ..io import (
     ARCHIVE_EXTENSIONS,
     csv_delimiter,
@@ -106,8 +106,11 @@ def nested_classes(dataset: Dataset) -> list[tuple[str, str]]:
 
 
 def folder_warnings(dataset: Dataset) -> list[str]:
-    """What to say of how a dataset's folders are laid out: archives not read, class folders nested in one folder each."""
+    """What to say of how a dataset's folders are laid out: archives not read, class folders nested in one folder each,
+    TIFF files of several pages read by their first."""
     warnings = [archives_warning(dataset.archives)] if dataset.archives else []
+    if pages := several_pages([dataset.abspath(s) for s in dataset.samples]):
+        warnings.append(pages)
     if nested := nested_classes(dataset):
         named = ", ".join(f"{label!r} (in {top}/)" for top, label in nested[:3]) + (f" and {len(nested) - 3} more" if len(nested) > 3 else "")
         top, label = nested[0]
