@@ -306,3 +306,15 @@ def test_inputs_after_the_options_are_inputs_too(tmp_path, capsys):
     out = tmp_path / "p.csv"
     assert main(["predict", "pbc", str(first), "--out", str(out), *map(str, rest)]) == 0
     assert [row["path"] for row in _rows(out)] == [str(p) for p in [first, *rest]]
+
+
+def test_a_pattern_the_shell_left_as_it_is_reads_the_files_it_matches(tmp_path, capsys):
+    """`predict pbc "cells/*.png"` (quoted, or from Windows' shell, which leaves patterns as they are)."""
+    data = make_image_folder(tmp_path / "data", n_per_class=2)
+    out = tmp_path / "p.csv"
+    assert main(["predict", "pbc", str(data / "blast" / "*.png"), "--out", str(out)]) == 0
+    assert [row["path"] for row in _rows(out)] == sorted(map(str, (data / "blast").glob("*.png")))
+    assert main(["predict", "pbc", str(data / "**" / "normal_00?.png"), "--out", str(out)]) == 0
+    assert len(_rows(out)) == 2
+    assert main(["predict", "pbc", str(data / "*.jpg"), "--out", str(out)]) == 2
+    assert "does not exist; as a pattern it matches no file either" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from .images import ImageReadError, View, image_size, load_rgb, several_pages
 from .inference import Predictor, load_model, note_skipped
 from .io import (
     atomic_write,
+    expand_patterns,
     iter_image_files,
     missing_inputs,
     not_found_hint,
@@ -320,6 +321,7 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
 
     from .explain import unique_name
 
+    inputs = expand_patterns(inputs)
     missing = missing_inputs(inputs)
     if missing and missing[0].lower() in bundled_models():  # `count wbc FOLDER`, as predict is called
         name = missing[0].lower()

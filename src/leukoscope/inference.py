@@ -34,6 +34,7 @@ from .io import (
     ARCHIVE_EXTENSIONS,
     IMAGE_EXTENSIONS,
     SLIDE_EXTENSIONS,
+    expand_patterns,
     iter_image_files,
     missing_inputs,
     not_found_hint,
@@ -406,7 +407,7 @@ def note_skipped(skipped: Counter[str]) -> None:
 
 def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files and folders (recursively) into a list of paths, each file once, failing on missing inputs."""
-    inputs = list(inputs)
+    inputs = expand_patterns(inputs)
     if missing := missing_inputs(inputs):
         raise LeukoscopeError(f"input {missing[0]!r} does not exist{not_found_hint(missing[0])}")
     skipped: Counter[str] = Counter()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import errno
 import functools
+import glob
 import hashlib
 import io
 import os
@@ -26,6 +27,7 @@ IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vsi", ".czi", ".bif", ".isyntax", ".vms", ".vmu")  # whole-slide scans: not read
 COMPANION_EXTENSIONS = (".csv", ".tsv", ".txt", ".json", ".xml", ".md", ".yaml", ".yml", ".ini", ".db", ".log", ".html", ".pdf")
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")  # not read, named in predict's note
+GLOB_CHARACTERS = "*?["  # an input with these that names nothing is read as a pattern (see expand_patterns)
 # Files that leukoscope's own output folders hold: a training run, an evaluation, a count, explanations, segmentations.
 # A folder below the one given that holds one of these sets is results, not data: a run written inside its data
 # folder must not become a class of the next training (its report PNGs as "images"), nor a count's overlays fields.
@@ -43,7 +45,21 @@ def not_found_hint(text: str) -> str:
         return "; it is a URL, and leukoscope reads local files only (it downloads nothing): download it and give its path"
     if text.startswith("~") and (home := os.path.expanduser(text)) != text and os.path.exists(home):
         return f"; a quoted '~' is not expanded: did you mean {home!r}?"
+    if any(c in text for c in GLOB_CHARACTERS):
+        return "; as a pattern it matches no file either"
     return ""
+
+
+def expand_patterns(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLike]:
+    """Each input that names nothing but is a pattern (``cells/*.jpg``: quoted, or from a shell that leaves patterns
+    as they are, as Windows' does) replaced by the files and folders it matches, sorted; ``**`` matches subfolders.
+    A pattern that matches nothing stays, to be reported as missing."""
+    expanded: list[str | os.PathLike] = []
+    for item in inputs:
+        text = os.fspath(item)
+        matches = [] if os.path.lexists(text) or not any(c in text for c in GLOB_CHARACTERS) else sorted(glob.glob(text, recursive=True))
+        expanded.extend(matches or [item])
+    return expanded
 
 
 T = TypeVar("T")
