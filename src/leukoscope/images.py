@@ -60,7 +60,6 @@ def _readable(given: str | os.PathLike) -> Path:
     return path
 
 
-
 def decode_bytes(data: bytes, size: int | None = None, max_pixels: int = MAX_PIXELS, crop: float = 1.0) -> np.ndarray:
     """Like ``load_rgb`` for an image held in memory (an upload); refuses more than ``max_pixels``."""
     if not data:
