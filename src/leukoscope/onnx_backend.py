@@ -226,7 +226,6 @@ def cached_onnx_backend(checkpoint: dict[str, Any], checkpoint_path: str | os.Pa
     return OnnxBackend(data)
 
 
-
 def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32) -> bytes:
     """``model`` (from ``onnx_bytes``, best with ``raw_pixels``) in int8: ONNX Runtime static
     quantisation, QDQ format, per-channel weights and uint8 activations whose ranges are calibrated on
