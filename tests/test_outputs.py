@@ -289,3 +289,28 @@ def test_commands_that_write_a_folder_refuse_stdout(tiny_run, tmp_path, monkeypa
         assert main([command, *args, "--out", out]) == 2
         assert f"is standard output or a device, but {command} writes a folder" in capsys.readouterr().err
     assert not os.path.exists("-")
+
+
+def test_a_name_the_console_cannot_encode_is_printed_escaped(tmp_path, monkeypatch):
+    """Chinese file names under a console that cannot hold them (a Windows code page, LANG=C): the work was done, then
+    the last message raised UnicodeEncodeError; now it prints the name escaped. And no matplotlib warning per glyph."""
+    import shutil
+    import warnings
+
+    from conftest import DATA, require
+
+    data = tmp_path / "細胞"
+    data.mkdir()
+    for tile in sorted((require(DATA / "pbc") / "neutrophil").glob("*.jpg"))[:2]:  # real tiles: a white cell in each
+        shutil.copy(tile, data)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["predict", "pbc", str(data), "--out", str(data / "結果.csv")]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["count", str(data), "--out", str(data / "count")]) == 0
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("ascii")
+    assert "written to " + str(tmp_path) + "/\\u7d30\\u80de/\\u7d50\\u679c.csv" in printed
+    assert "\\u7d30\\u80de: 2 white cells" in printed
+    assert not [w for w in caught if "Glyph" in str(w.message)]

@@ -609,8 +609,18 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _escape_what_the_console_cannot_show() -> None:
+    """A file name that the console's encoding cannot hold (Chinese under a Windows code page, any non-ASCII name under
+    LANG=C) is printed escaped (``\\u7d30``) instead of raising UnicodeEncodeError after the work is done; lone
+    surrogates (names in another encoding than UTF-8) keep the stream's own handling."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _escape_what_the_console_cannot_show()
     parser = build_parser()
     commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if not argv:  # a first try with no arguments: what the commands are, not only that one is missing

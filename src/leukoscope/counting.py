@@ -263,6 +263,8 @@ def overlay(rgb: np.ndarray, cells: Sequence[CountedCell], class_names: Sequence
 def plot_differential(row: dict[str, Any], class_names: Sequence[str], path: Path) -> None:
     from matplotlib.figure import Figure
 
+    from .report import save_figure
+
     counted = [c for c in class_names if f"pct_{c}" in row]
     fig = Figure(figsize=(max(4.0, 0.8 * len(counted) + 1.5), 3.2))
     ax = fig.subplots()
@@ -271,8 +273,7 @@ def plot_differential(row: dict[str, Any], class_names: Sequence[str], path: Pat
     ax.bar_label(bars, labels=[str(row[f"n_{c}"]) for c in counted], fontsize=8)
     ax.set(ylabel="% of counted cells", title=f"{row['slide']}: {row['n_cells']} cells")
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def write_report(out: Path, summary: Sequence[dict[str, Any]], gallery: dict[str, list[np.ndarray]], class_names: Sequence[str],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,6 +14,15 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no back
 
 from .io import atomic_write
 from .metrics import expected_calibration_error, positive_index, reliability_bins, roc_curve
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Lay out and write a figure. A label that the font has no glyph for (a class or slide named in Chinese) is drawn
+    as boxes, without matplotlib's warning for each glyph, which buried the command's own messages."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
 
 
 def plot_confusion_matrices(metrics: dict, class_names: Sequence[str], path: Path) -> None:
@@ -33,8 +43,7 @@ def plot_confusion_matrices(metrics: dict, class_names: Sequence[str], path: Pat
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"{split} (acc {metrics[split]['accuracy']:.4f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_training_curves(history: list[dict], path: Path) -> None:
@@ -49,8 +58,7 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_roc(y_true, probs: np.ndarray, class_names: Sequence[str], path: Path) -> None:
@@ -68,8 +76,7 @@ def plot_roc(y_true, probs: np.ndarray, class_names: Sequence[str], path: Path) 
     ax.plot([0, 1], [0, 1], ":", color="gray")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC (test)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def plot_reliability(y_true, raw: np.ndarray, calibrated: np.ndarray, path: Path, bins: int = 15) -> None:
@@ -85,8 +92,7 @@ def plot_reliability(y_true, raw: np.ndarray, calibrated: np.ndarray, path: Path
     ax.set(xlabel="confidence", ylabel="accuracy", title="reliability (test)", xlim=(0, 1.02), ylim=(0, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def _gallery(out_dir: Path, items: Sequence[dict]) -> str:
