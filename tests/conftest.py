@@ -17,9 +17,10 @@ ARIA = DATA / "aria_all"
 
 @pytest.fixture(autouse=True, scope="session")
 def private_cache(tmp_path_factory: pytest.TempPathFactory):
-    """Tests never write cached features or ONNX graphs into the user's ~/.cache."""
+    """Tests never write cached features, ONNX graphs or ONNX Runtime's telemetry into the user's ~/.cache."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LEUKOSCOPE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        patch.setenv("ORT_DISABLE_TELEMETRY", os.environ.get("ORT_DISABLE_TELEMETRY", "1"))  # nor ONNX Runtime's usage events
         yield
 
 

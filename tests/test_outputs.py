@@ -314,3 +314,42 @@ def test_a_name_the_console_cannot_encode_is_printed_escaped(tmp_path, monkeypat
     assert "written to " + str(tmp_path) + "/\\u7d30\\u80de/\\u7d50\\u679c.csv" in printed
     assert "\\u7d30\\u80de: 2 white cells" in printed
     assert not [w for w in caught if "Glyph" in str(w.message)]
+
+
+def test_onnx_runtime_records_and_sends_nothing(tmp_path):
+    """ONNX Runtime (1.29 on) records usage events under ~/.cache/Microsoft for upload to Microsoft unless told not
+    to; predicting a lab's images must leave no such trace."""
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_per_class=1)
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env.update(HOME=str(tmp_path / "home"), LEUKOSCOPE_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "leukoscope", "predict", "pbc", str(data), "--out", "-"], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1 + 2 and list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # ONNX Runtime ran
+    assert not (tmp_path / "home" / ".cache" / "Microsoft").exists()
+
+
+def test_without_a_home_folder_the_cache_is_a_private_temporary_one(tmp_path, monkeypatch):
+    """A container run under a user id with no home (HOME unset, no passwd entry): predict raised RuntimeError in
+    Path.home(). The cache goes to a folder of the user's own in the temporary directory, never to one someone else
+    made there (it could feed a model their graphs)."""
+    import stat
+    import tempfile
+    from pathlib import Path
+
+    from leukoscope.io import cache_root
+
+    for name in ("LEUKOSCOPE_CACHE", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    own = cache_root()
+    assert own == tmp_path / f"leukoscope-cache-{os.getuid()}" and stat.S_IMODE(own.stat().st_mode) == 0o700
+    assert cache_root() == own  # reused from run to run
+    own.chmod(0o777)  # as a folder another user made would be
+    other = cache_root()
+    assert other != own and other.parent == tmp_path and stat.S_IMODE(other.stat().st_mode) == 0o700
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "leukoscope"

@@ -198,8 +198,33 @@ def regular_file_stat(path: str | os.PathLike) -> os.stat_result:
 
 
 def cache_root() -> Path:
-    """Where derived files (feature tables, ONNX graphs) are kept: ``$LEUKOSCOPE_CACHE`` or ~/.cache/leukoscope."""
-    return Path(os.environ.get("LEUKOSCOPE_CACHE", Path.home() / ".cache" / "leukoscope"))
+    """Where derived files (feature tables, ONNX graphs) are kept: ``$LEUKOSCOPE_CACHE``, ``$XDG_CACHE_HOME/leukoscope``
+    or ~/.cache/leukoscope; where no home folder is known (a container run under a user id without one, HOME unset),
+    a folder of this user's in the system's temporary directory."""
+    if os.environ.get("LEUKOSCOPE_CACHE"):
+        return Path(os.environ["LEUKOSCOPE_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "leukoscope"
+    try:
+        return Path.home() / ".cache" / "leukoscope"
+    except RuntimeError:
+        return _private_temp_folder()
+
+
+def _private_temp_folder() -> Path:
+    """``leukoscope-cache-UID`` in the temporary directory, made or found this user's and closed to others' writes,
+    reused from run to run; a new folder where that name is someone else's (a shared folder must not feed a model
+    graphs that another user put there)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = Path(tempfile.gettempdir()) / f"leukoscope-cache-{uid if uid is not None else 'user'}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        status = path.lstat()
+        if stat.S_ISDIR(status.st_mode) and uid in (None, status.st_uid) and not status.st_mode & 0o022:
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="leukoscope-cache-"))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

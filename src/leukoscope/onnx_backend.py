@@ -153,6 +153,19 @@ def onnx_bytes(checkpoint: dict[str, Any], opset: int = OPSET, raw_pixels: bool 
     return graph.SerializeToString()
 
 
+def onnxruntime():
+    """ONNX Runtime, imported with its telemetry off. From 1.29 on, on Linux and macOS too, it records usage events
+    (a device id, each session it runs) in ~/.cache/Microsoft/DeveloperTools/.onnxruntime and uploads them to
+    Microsoft; a tool that reads clinical images sends nothing anywhere. ORT_DISABLE_TELEMETRY is read when the
+    module is first imported, so it is set before (a user's own setting of it is kept); where something imported
+    ONNX Runtime earlier, its events after this point are turned off."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime as ort
+
+    ort.disable_telemetry_events()
+    return ort
+
+
 class OnnxBackend:
     """ONNX Runtime session taking uint8 batches, as exported by ``onnx_bytes``."""
 
@@ -160,7 +173,7 @@ class OnnxBackend:
 
     def __init__(self, model: bytes | str | os.PathLike, precision: str = "fp32", threads: int | None = None):
         self.precision = precision  # of the convolutions: fp32, or int8 for a quantised graph
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -208,6 +221,7 @@ def cached_onnx_backend(checkpoint: dict[str, Any], checkpoint_path: str | os.Pa
     The graph is cached under ``cache_root()/onnx``, keyed by the checkpoint's sha256 and the
     versions that shape the export; an unwritable cache only costs the export (~1 s) each time.
     """
+    onnxruntime()
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf
 
     key = f"{sha256_file(checkpoint_path)[:32]}-g{GRAPH_FORMAT}-o{OPSET}-v{__version__}-t{torch.__version__.split('+')[0]}"
@@ -246,6 +260,7 @@ def quantize_int8(model: bytes, calibration: torch.Tensor, batch_size: int = 32)
     import tempfile
 
     import onnx
+    onnxruntime()
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -329,8 +344,8 @@ def _patch_moments(source, first: Any, images: torch.Tensor, kernel: tuple[int, 
     model ``source``'s convolution ``first`` reads on ``images`` (one entry per weight, flattened as the
     weights are); summed a few images at a time, so 256 calibration images need tens of MB, not gigabytes."""
     import onnx
-    import onnxruntime as ort
 
+    ort = onnxruntime()
     probe = onnx.ModelProto()
     probe.CopyFrom(source)
     probe.graph.output.add(name=first.input[0])

@@ -29,7 +29,13 @@ from .data.dataset import decode_many
 from .errors import LeukoscopeError
 from .images import View
 from .io import atomic_write, sha256_file
-from .onnx_backend import INT8_RECIPE, OnnxBackend, onnx_bytes, quantize_int8
+from .onnx_backend import (
+    INT8_RECIPE,
+    OnnxBackend,
+    onnx_bytes,
+    onnxruntime,
+    quantize_int8,
+)
 from .progress import note
 
 PRECISIONS = ("auto", "fp32", "int8")
@@ -187,7 +193,7 @@ def load_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, bu
 def _runnable(path: Path, required: bool) -> OnnxBackend | None:
     """The int8 graph at ``path`` on this ONNX Runtime; one too old for its operators (SpaceToDepth on
     uint8 needs 1.28) is a one-line error when int8 was asked for, else a note and None (fp32 runs)."""
-    import onnxruntime as ort
+    ort = onnxruntime()
     from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph
     from onnxruntime.capi.onnxruntime_pybind11_state import (
         NotImplemented as Unsupported,
