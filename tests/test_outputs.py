@@ -353,3 +353,29 @@ def test_without_a_home_folder_the_cache_is_a_private_temporary_one(tmp_path, mo
     assert other != own and other.parent == tmp_path and stat.S_IMODE(other.stat().st_mode) == 0o700
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "leukoscope"
+
+
+def test_outputs_named_after_long_file_names_fit_the_file_system(tmp_path):
+    """A file name of 250 bytes, the most a file system holds with its extension: explain's `<name>_cam.png` and
+    segment's `<name>_cytoplasm.png` did not fit, and the whole run failed on it. Names cut at 160 bytes keep a hash
+    of the whole name, so two that begin alike stay apart."""
+    import shutil
+
+    from conftest import DATA, require
+
+    data = tmp_path / "cells"
+    data.mkdir()
+    tile = min((require(DATA / "pbc") / "neutrophil").glob("*.jpg"))
+    names = ["a" * 246 + ".jpg", "a" * 245 + "b.jpg", "細" * 82 + ".jpg"]  # 250 bytes each (a CJK character is 3)
+    for name in names:
+        shutil.copy(tile, data / name)
+    assert main(["explain", "pbc", str(data), "--out", str(tmp_path / "cams")]) == 0
+    assert main(["segment", str(data), "--out", str(tmp_path / "seg")]) == 0
+    assert main(["count", str(data), "--out", str(tmp_path / "count")]) == 0
+    written = [p.name for folder in ("cams", "seg", "count/overlays") for p in (tmp_path / folder).iterdir()]
+    assert len([n for n in written if n.endswith("_cam.png")]) == 3 and len(list((tmp_path / "count/overlays").iterdir())) == 3
+    assert max(len(n.encode()) for n in written) <= 160 + len("_cytoplasm.png")
+    from leukoscope.io import output_name
+
+    used: set[str] = set()
+    assert output_name("細" * 82, used).startswith("細" * 50 + "~") and output_name("x", used) == "x" and output_name("x", used) == "x_2"

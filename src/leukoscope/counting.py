@@ -35,6 +35,7 @@ from .io import (
     missing_inputs,
     not_found_hint,
     once_each,
+    output_name,
 )
 from .localise import Cell, as_slide, crop_square, find_cells
 from .progress import note, plural, progress
@@ -320,8 +321,6 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
     ``classes`` ("A,B,..."): every cell is called among those of the model's classes only (``restrict_classes``)."""
     from PIL import Image
 
-    from .explain import unique_name
-
     inputs = expand_patterns(inputs)
     missing = missing_inputs(inputs)
     if missing and missing[0].lower() in bundled_models():  # `count wbc FOLDER`, as predict is called
@@ -344,7 +343,7 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
         cells.extend(found)
         if rgb is None:
             continue
-        name = unique_name(f"{slide}_{path.stem}" if group_by == "parent" else path.stem, used)
+        name = output_name(f"{slide}_{path.stem}" if group_by == "parent" else path.stem, used)
         Image.fromarray(overlay(rgb, found, predictor.class_names, scale)).save(out / "overlays" / f"{name}.png")
         for c, window in zip(found, windows):
             if len(gallery.setdefault(c.label, [])) < GALLERY_SIZE:

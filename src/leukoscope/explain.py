@@ -26,7 +26,7 @@ from .classes import model_class
 from .errors import LeukoscopeError, did_you_mean
 from .images import ImageReadError, load_view
 from .inference import Predictor, alarm_cells
-from .io import atomic_write
+from .io import atomic_write, output_name
 from .models import CellNet
 from .transforms import eval_transform
 
@@ -126,7 +126,7 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
         called = names.index(prediction.label)
         cls = called if class_name is None else names.index(class_name)
         overlay = explainer.overlay(image, cls)
-        name = unique_name(Path(path).stem, used) + "_cam.png"
+        name = output_name(Path(path).stem, used) + "_cam.png"
         unlike = " | OUT OF DOMAIN" if prediction.in_domain is False else ""
         caption = f"{prediction.label} {prediction.confidence:.3f} | heatmap for {names[cls]} ({method}){unlike}"
         with atomic_write(out_dir / name, "wb") as handle:
@@ -139,10 +139,3 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
     return len(rows) - len(failed), failed
 
 
-def unique_name(stem: str, used: set[str]) -> str:
-    name, i = stem, 1
-    while name in used:
-        i += 1
-        name = f"{stem}_{i}"
-    used.add(name)
-    return name

@@ -62,6 +62,31 @@ def expand_patterns(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLi
     return expanded
 
 
+NAME_BYTES = 160  # an output named after an input keeps this much of its name, leaving room for a suffix and atomic_write's
+# temporary name (".NAME.xxxxxxxx") within the 255 bytes of a file name
+
+
+def output_name(stem: str, used: set[str]) -> str:
+    """A file name (without extension) for an output made from an input's ``stem``, unique among ``used`` (``_2``,
+    ``_3``, ...; added to it), and short enough for any suffix: a stem of over NAME_BYTES bytes (in UTF-8) is cut at a
+    character, with a hash of the whole stem after a ``~`` to keep apart names that begin alike."""
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) > NAME_BYTES:
+        kept, size = [], 0
+        for ch in stem:
+            size += len(ch.encode("utf-8", "surrogateescape"))
+            if size > NAME_BYTES - 9:
+                break
+            kept.append(ch)
+        stem = "".join(kept) + "~" + hashlib.sha1(raw).hexdigest()[:8]
+    name, i = stem, 1
+    while name in used:
+        i += 1
+        name = f"{stem}_{i}"
+    used.add(name)
+    return name
+
+
 T = TypeVar("T")
 
 

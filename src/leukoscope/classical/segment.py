@@ -151,7 +151,7 @@ def segment_files(paths, out_dir, mode: str = "auto", max_side: int = 512) -> li
     from PIL import Image
 
     from ..images import ImageReadError, load_rgb
-    from ..io import atomic_write
+    from ..io import atomic_write, output_name
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,10 +171,7 @@ def segment_files(paths, out_dir, mode: str = "auto", max_side: int = 512) -> li
             row["error"] = str(err)
             rows.append(row)
             continue
-        stem = Path(path).stem
-        while stem in used:
-            stem += "_"
-        used.add(stem)
+        stem = output_name(Path(path).stem, used)
         for suffix, array in (("nucleus", seg.nucleus.astype(np.uint8) * 255), ("cytoplasm", seg.cytoplasm.astype(np.uint8) * 255),
                               ("overlay", overlay(image, seg))):
             with atomic_write(out_dir / f"{stem}_{suffix}.png", "wb") as handle:
