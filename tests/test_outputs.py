@@ -372,6 +372,7 @@ def test_outputs_named_after_long_file_names_fit_the_file_system(tmp_path):
     assert main(["explain", "pbc", str(data), "--out", str(tmp_path / "cams")]) == 0
     assert main(["segment", str(data), "--out", str(tmp_path / "seg")]) == 0
     assert main(["count", str(data), "--out", str(tmp_path / "count")]) == 0
+    assert main(["predict", "pbc", str(data), "--out", str(tmp_path / ("p" * 246 + ".csv"))]) == 0  # its temporary name too
     written = [p.name for folder in ("cams", "seg", "count/overlays") for p in (tmp_path / folder).iterdir()]
     assert len([n for n in written if n.endswith("_cam.png")]) == 3 and len(list((tmp_path / "count/overlays").iterdir())) == 3
     assert max(len(n.encode()) for n in written) <= 160 + len("_cytoplasm.png")

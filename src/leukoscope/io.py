@@ -66,19 +66,24 @@ NAME_BYTES = 160  # an output named after an input keeps this much of its name, 
 # temporary name (".NAME.xxxxxxxx") within the 255 bytes of a file name
 
 
+def _first_bytes(text: str, limit: int) -> str:
+    """The longest start of ``text`` whose UTF-8 form holds at most ``limit`` bytes (cut at a character)."""
+    kept, size = [], 0
+    for ch in text:
+        size += len(ch.encode("utf-8", "surrogateescape"))
+        if size > limit:
+            break
+        kept.append(ch)
+    return "".join(kept)
+
+
 def output_name(stem: str, used: set[str]) -> str:
     """A file name (without extension) for an output made from an input's ``stem``, unique among ``used`` (``_2``,
     ``_3``, ...; added to it), and short enough for any suffix: a stem of over NAME_BYTES bytes (in UTF-8) is cut at a
     character, with a hash of the whole stem after a ``~`` to keep apart names that begin alike."""
     raw = stem.encode("utf-8", "surrogateescape")
     if len(raw) > NAME_BYTES:
-        kept, size = [], 0
-        for ch in stem:
-            size += len(ch.encode("utf-8", "surrogateescape"))
-            if size > NAME_BYTES - 9:
-                break
-            kept.append(ch)
-        stem = "".join(kept) + "~" + hashlib.sha1(raw).hexdigest()[:8]
+        stem = _first_bytes(stem, NAME_BYTES - 9) + "~" + hashlib.sha1(raw).hexdigest()[:8]
     name, i = stem, 1
     while name in used:
         i += 1
@@ -330,7 +335,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
     target = Path(os.path.realpath(path))  # through symlinks, dangling ones included
     target.parent.mkdir(parents=True, exist_ok=True)
     permissions = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644  # mkstemp's 0600 would hide outputs
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_first_bytes(target.name, 200)}.", dir=target.parent)  # a long name still fits
     os.chmod(tmp, permissions)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
