@@ -380,3 +380,16 @@ def test_outputs_named_after_long_file_names_fit_the_file_system(tmp_path):
 
     used: set[str] = set()
     assert output_name("細" * 82, used).startswith("細" * 50 + "~") and output_name("x", used) == "x" and output_name("x", used) == "x_2"
+
+
+def test_an_output_that_cannot_be_written_is_named_not_its_temporary_file(tmp_path, monkeypatch):
+    """A read-only folder said "Read-only file system: '.p.csv.hd68jh8a'": the temporary name, not the --out given."""
+    import tempfile
+
+    def refuse(**kwargs):
+        raise OSError(30, "Read-only file system", str(tmp_path / ".p.csv.hd68jh8a"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError, match="Read-only file system") as info, atomic_write(tmp_path / "p.csv"):
+        pass
+    assert info.value.filename == str(tmp_path / "p.csv") and info.value.errno == 30

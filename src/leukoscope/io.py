@@ -335,7 +335,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
     target = Path(os.path.realpath(path))  # through symlinks, dangling ones included
     target.parent.mkdir(parents=True, exist_ok=True)
     permissions = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644  # mkstemp's 0600 would hide outputs
-    fd, tmp = tempfile.mkstemp(prefix=f".{_first_bytes(target.name, 200)}.", dir=target.parent)  # a long name still fits
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{_first_bytes(target.name, 200)}.", dir=target.parent)  # a long name still fits
+    except OSError as err:  # read-only, no permission: said of the output, not of the temporary name beside it
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.chmod(tmp, permissions)
     try:
         with os.fdopen(fd, mode, **kwargs) as handle:
