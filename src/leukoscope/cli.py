@@ -576,6 +576,19 @@ def _discard_stdout() -> None:
         pass
 
 
+def _parse(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser], argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed. Inputs given after the options are inputs too (``predict wbc a/ --out p.csv b/``: argparse
+    takes only the first run of them); anything else left over is an error naming the option it likely meant."""
+    args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "inputs", None), list) and not any(e.startswith("-") for e in extras):
+        args.inputs += extras
+        extras = []
+    if extras:
+        raise LeukoscopeError(_unrecognised(commands[args.command], extras))
+    args.argv = argv
+    return args
+
+
 def _unrecognised(command: argparse.ArgumentParser, extras: list[str]) -> str:
     """argparse's 'unrecognized arguments', with the command's option its first flag likely meant
     (``--learning-rate`` -> ``--lr``, ``--batchsize`` -> ``--batch-size``)."""
@@ -636,13 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = None
     try:
-        args, extras = parser.parse_known_args(argv)
-        if extras and isinstance(getattr(args, "inputs", None), list) and not any(e.startswith("-") for e in extras):
-            args.inputs += extras  # more inputs after the options (`predict wbc a/ --out p.csv b/`): argparse stops at the first
-            extras = []
-        if extras:
-            raise LeukoscopeError(_unrecognised(commands[args.command], extras))
-        args.argv = argv
+        args = _parse(parser, commands, argv)
         with _sigterm_raises():
             return args.func(args)
     except LeukoscopeError as err:
