@@ -183,3 +183,40 @@ def test_a_view_of_the_reduced_size_is_the_dct_decode_itself_without_resampling(
     assert half.shape == (182, 180, 3)
     top, left = (182 - 126) // 2, (180 - 126) // 2
     assert np.array_equal(load_view(path, View(126, crop=0.7, reduce=True))[0], half[top : top + 126, left : left + 126])
+
+
+def _wide_rgb_profile() -> bytes:
+    """sRGB's profile with its red and blue primaries swapped and its name changed: a profile other than sRGB's, as a
+    camera's Adobe RGB or a phone's Display P3 is, whose effect cannot be missed."""
+    import struct
+
+    from PIL import ImageCms
+
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", icc[128:132])[0]
+    tags = {bytes(icc[132 + 12 * i : 136 + 12 * i]): struct.unpack(">II", icc[136 + 12 * i : 144 + 12 * i]) for i in range(count)}
+    (red, _), (blue, _), (desc, size) = tags[b"rXYZ"], tags[b"bXYZ"], tags[b"desc"]
+    icc[red + 8 : red + 20], icc[blue + 8 : blue + 20] = icc[blue + 8 : blue + 20], icc[red + 8 : red + 20]
+    icc[desc : desc + size] = bytes(icc[desc : desc + size]).replace("sRGB".encode("utf-16-be"), "wRGB".encode("utf-16-be"))
+    return bytes(icc)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+def test_an_embedded_colour_profile_is_applied_the_same_way_for_every_input_kind(tmp_path, fmt):
+    """Pixels saved with a colour profile other than sRGB's are read in sRGB, as a colour-managed viewer shows them,
+    whether given as a path, its bytes or a PIL image opened from it; sRGB's own profile changes nothing."""
+    from PIL import Image, ImageCms
+
+    from leukoscope.images import decode_jpeg_fast, load_rgb, load_view
+
+    path = tmp_path / f"cell.{fmt.lower()}"
+    Image.new("RGB", (64, 64), (200, 40, 60)).save(path, format=fmt, icc_profile=_wide_rgb_profile())
+    assert np.abs(load_rgb(path)[32, 32].astype(int) - (60, 40, 200)).max() <= 2  # its red primary is sRGB's blue
+    view = View(size=32)
+    views = [load_view(path, view)[0], load_view(path.read_bytes(), view)[0]]
+    views.append(decoding.decode_item(Image.open(path), view)[0])
+    assert all(np.array_equal(views[0], v) for v in views[1:])
+    srgb = tmp_path / "srgb.jpg"
+    Image.new("RGB", (64, 64), (200, 40, 60)).save(srgb, icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    assert decode_jpeg_fast(srgb.read_bytes()) is not None  # sRGB's profile keeps the fast decoder
+    assert np.abs(load_rgb(srgb)[32, 32].astype(int) - (200, 40, 60)).max() <= 2

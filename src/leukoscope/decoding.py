@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .images import ImageReadError, View, frame, load_view, to_rgb, to_uint8
+from .images import ImageReadError, View, frame, in_srgb, load_view, to_rgb, to_uint8
 from .runtime import usable_cores
 
 PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool costs ~30 ms to start)
@@ -44,8 +44,8 @@ def decode_item(item: Any, view: View) -> Decoded:
     """A file path, upload bytes, PIL image or image array (see array_to_rgb) as ``view`` shows it; one framing for
     every kind of input (see ``images.frame``). An unreadable one gives (None, its error, None, False)."""
     try:
-        if isinstance(item, Image.Image):
-            image, found, recoloured = frame(np.asarray(to_rgb(item)), view)
+        if isinstance(item, Image.Image):  # opened from a file with a colour profile: as that file would be read
+            image, found, recoloured = frame(np.asarray(to_rgb(in_srgb(item, item.info.get("icc_profile")))), view)
         elif isinstance(item, np.ndarray):
             image, found, recoloured = frame(array_to_rgb(item), view)
         else:

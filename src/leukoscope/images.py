@@ -5,6 +5,7 @@ export. Bottom layer: no torch; only the localise and stain helpers, and io's fi
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, ImageSequence, UnidentifiedImageError
 
 from . import localise, stain
 from .io import not_found_hint, regular_file_stat
@@ -91,8 +92,9 @@ def decode_jpeg_fast(data: bytes, size: int | None = None, crop: float = 1.0, ma
 
 def _jpeg_scaled(data: bytes, max_pixels: int, factor: Callable[[int, int], int]) -> np.ndarray | None:
     """A JPEG decoded by libjpeg-turbo (simplejpeg) at 1/``factor(height, width)`` of its size, in the
-    DCT (the sizes ``Image.reduce`` gives); None where that does not apply (see ``decode_jpeg_fast``)."""
-    if data[:2] != b"\xff\xd8" or b"Exif" in data[:65536]:
+    DCT (the sizes ``Image.reduce`` gives); None where that does not apply (see ``decode_jpeg_fast``; a colour
+    profile other than sRGB's, which PIL's path applies)."""
+    if data[:2] != b"\xff\xd8" or b"Exif" in data[:65536] or _jpeg_icc(data) not in (None, b""):
         return None
     try:
         import simplejpeg
@@ -104,6 +106,38 @@ def _jpeg_scaled(data: bytes, max_pixels: int, factor: Callable[[int, int], int]
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale))
     except (ImportError, ValueError, OSError):
         return None
+
+
+def _jpeg_icc(data: bytes) -> bytes | None:
+    """A JPEG's embedded colour profile where it needs applying (see ``_to_srgb``): None without one, b"" for sRGB's
+    own or one that cannot be read; a profile split over several markers is returned as its first, for PIL's path."""
+    at = data.find(b"ICC_PROFILE\x00", 0, 65536)
+    if at < 4:
+        return None
+    icc = data[at + 14 : at - 2 + int.from_bytes(data[at - 2 : at], "big")]
+    return icc if data[at + 13 : at + 14] != b"\x01" or _to_srgb(icc, "RGB") is not None else b""
+
+
+@functools.lru_cache(maxsize=16)
+def _to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """A transform from the embedded colour profile ``icc`` to sRGB for ``mode`` (RGB or RGBA) pixels. None where
+    none is needed: sRGB's own profile (what most cameras embed, and none of the datasets here), a profile of no RGB
+    space, or one that littleCMS cannot read (the pixels are then taken as sRGB, as any image without a profile)."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        name = ImageCms.getProfileDescription(source).lower().replace(" ", "").replace("-", "")
+        if "srgb" in name or source.profile.xcolor_space.strip() != "RGB":
+            return None
+        return ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), mode, mode, ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+
+
+def in_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    """``im`` in sRGB, by its embedded colour profile ``icc``: Adobe RGB from a camera, Display P3 from a phone,
+    whose numbers read as sRGB look duller than the slide (as every colour-managed viewer shows them otherwise)."""
+    transform = _to_srgb(icc, im.mode) if icc and im.mode in ("RGB", "RGBA") else None
+    return im if transform is None else ImageCms.applyTransform(im, transform)
 
 
 def jpeg_reduction(width: int, height: int, max_pixels: int) -> int | None:
@@ -143,8 +177,9 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
                 raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,}): cut it into tiles")
             if request := _draft_request(im, reduce, size if draft else None, crop):
                 im.draft("RGB", request)  # one call: PIL ignores a second one
+            icc = im.info.get("icc_profile")
             im = ImageOps.exif_transpose(im)
-            rgb = to_rgb(im)
+            rgb = to_rgb(in_srgb(im, icc))
     except Image.DecompressionBombError:  # larger still than PIL's own limit, refused while reading the header
         raise ImageReadError(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,}): cut it into tiles") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
