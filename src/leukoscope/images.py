@@ -238,7 +238,9 @@ def _heic(source, head: bytes, max_pixels: int) -> Image.Image | None:
         heif = _open_heic(source)
         if heif.size[0] * heif.size[1] > max_pixels:
             raise ImageReadError(f"image too large: {heif.size[0]}x{heif.size[1]} pixels (limit {max_pixels:,}): cut it into tiles")
-        return Image.frombytes(heif.mode, heif.size, heif.data, "raw", heif.mode, heif.stride)
+        im = Image.frombytes(heif.mode, heif.size, heif.data, "raw", heif.mode, heif.stride)
+        im.info["icc_profile"] = heif.info.get("icc_profile")  # a phone's Display P3, applied as any file's (in_srgb)
+        return im
     except (ValueError, OSError, RuntimeError) as err:
         raise ImageReadError(f"unreadable HEIC image: {err or type(err).__name__}"[:160]) from None
     finally:
