@@ -218,6 +218,7 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["predict", "https://lab.example/m.pt", "{data}", "--out", "{tmp}/p.csv"], "bundled model; it is a URL, and leukoscope"),
         (["count", "{tmp}/nowhere", "--out", "{tmp}/c"], "nowhere' does not exist"),  # was a field 'not counted'
         (["train", "{data}", "--out", "{tmp}/run", "--learning-rate", "0.1"], "unrecognized arguments: --learning-rate 0.1 (did you mean --lr?)"),
+        (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--batch-size", "100000"], "argument --batch-size: must be at most 1024, got 100000"),
         (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--batchsize=3"], "leukoscope predict: unrecognized arguments: --batchsize=3 (did you mean --batch-size?)"),
         (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/lr.yaml"], "lr.yaml: unknown option 'learning_rate' (did you mean 'lr'?)"),
         (["train", "{data}", "--out", "{tmp}/run", "--augment", "{{hu: 0.1}}"], "unknown option 'augment.hu' (did you mean 'hue'?); valid: "),
