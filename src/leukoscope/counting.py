@@ -14,6 +14,7 @@ Cells called ``platelet`` are listed but left out of the differential (they are 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,7 +27,15 @@ import numpy as np
 from .checkpoint import bundled_models
 from .classes import parse_classes, restrict_classes
 from .errors import LeukoscopeError
-from .images import ImageReadError, View, image_size, load_rgb, several_pages
+from .images import (
+    MAX_PIXELS,
+    ImageReadError,
+    View,
+    decode_bytes,
+    image_size,
+    load_rgb,
+    several_pages,
+)
 from .inference import Predictor, load_model, note_skipped
 from .io import (
     atomic_write,
@@ -145,19 +154,28 @@ def count(paths: str | os.PathLike | Iterable[str | os.PathLike], model: str | o
     return [cell for _, cells, _, _ in iter_counts(predictor, slides_of(paths, group_by)) for cell in cells]
 
 
-def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: str | None = None
-                ) -> Iterator[tuple[np.ndarray | None, list[CountedCell], list[np.ndarray], float]]:
-    """(decoded image or None, its cells in the file's pixels, their windows, the file's pixels per decoded pixel) per
-    image, in order."""
+Counted = tuple[np.ndarray | None, list[CountedCell], list[np.ndarray], float]  # see count_source
+
+
+def iter_counts(predictor: Predictor, pairs: Sequence[tuple[str, Path]], desc: str | None = None) -> Iterator[Counted]:
+    """``count_source`` of each image, in order."""
     for slide, path in progress(pairs, total=len(pairs), desc=desc, unit="field", disable=desc is None):
-        try:
-            rgb = load_rgb(path)
-        except ImageReadError as err:
-            yield None, [CountedCell(slide, str(path), error=str(err))], [], 1.0
-            continue
-        cells, windows = count_field(predictor, rgb, slide, str(path))
-        scale = file_pixels(path, rgb)
-        yield None if cells and cells[0].error else rgb, in_file_pixels(cells, scale), windows, scale
+        yield count_source(predictor, path, slide, str(path))
+
+
+def count_source(predictor: Predictor, source: Path | bytes, slide: str, name: str, max_pixels: int = MAX_PIXELS) -> Counted:
+    """One field, a file or an upload's bytes: (its decoded image, None where it was not counted; its cells in the
+    file's pixels; their windows; the file's pixels per decoded pixel). A field that cannot be read or counted
+    (unreadable, too large, grayscale) is one record with ``error``."""
+    try:
+        rgb = decode_bytes(source, None, max_pixels) if isinstance(source, bytes) else load_rgb(source)
+    except ImageReadError as err:
+        return None, [CountedCell(slide, name, error=str(err))], [], 1.0
+    cells, windows = count_field(predictor, rgb, slide, name)
+    if cells and cells[0].error:
+        return None, cells, [], 1.0
+    scale = file_pixels(io.BytesIO(source) if isinstance(source, bytes) else source, rgb)
+    return rgb, in_file_pixels(cells, scale), windows, scale
 
 
 def file_pixels(path: Path | BinaryIO, rgb: np.ndarray) -> float:

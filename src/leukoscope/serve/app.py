@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import io
 import socket
 import time
 from importlib import resources
@@ -168,29 +167,13 @@ def count_fields(uploads: list[tuple[str, bytes | UploadError]], predictor: Pred
 def _count_upload(filename: str, data: bytes | UploadError, predictor: Predictor, max_pixels: int
                   ) -> tuple[dict[str, Any] | UploadError, list[Any]]:
     """One field's result (cells and overlay) or its UploadError, and its records for the summary."""
-    from ..counting import (
-        CountedCell,
-        as_dicts,
-        count_field,
-        file_pixels,
-        in_file_pixels,
-        overlay,
-    )
-    from ..images import decode_bytes
+    from ..counting import CountedCell, as_dicts, count_source, overlay
 
-    problem = data if isinstance(data, UploadError) else None
-    if problem is None:
-        try:
-            rgb = decode_bytes(data, None, max_pixels)
-        except ImageReadError as err:
-            problem = _unreadable(filename, err)
-    if problem is not None:
-        return problem, [CountedCell("upload", filename, error=problem.reason)]
-    cells, _ = count_field(predictor, rgb, "upload", filename)
-    if cells and cells[0].error:  # grayscale: not a field "with 0 cells"
-        return UploadError(422, filename, cells[0].error), cells
-    scale = file_pixels(io.BytesIO(data), rgb)  # a JPEG over the pixel limit is decoded reduced: boxes in its own pixels
-    cells = in_file_pixels(cells, scale)
+    if isinstance(data, UploadError):
+        return data, [CountedCell("upload", filename, error=data.reason)]
+    rgb, cells, _, scale = count_source(predictor, data, "upload", filename, max_pixels)
+    if rgb is None:  # unreadable, too large or grayscale (not a field "with 0 cells")
+        return _unreadable(filename, cells[0].error), cells
     return {"filename": filename, "width": round(rgb.shape[1] * scale), "height": round(rgb.shape[0] * scale), "cells": as_dicts(cells),
             "overlay": _data_url(overlay(rgb, cells, predictor.class_names, scale))}, cells
 
@@ -208,8 +191,8 @@ def failed(err: UploadError) -> dict[str, Any]:
     return {"filename": err.filename, "error": err.reason, "status": err.status}
 
 
-def _unreadable(filename: str, err: ImageReadError) -> UploadError:
-    return UploadError(413 if "too large" in str(err) else 422, filename, str(err))
+def _unreadable(filename: str, reason: str) -> UploadError:
+    return UploadError(413 if "too large" in reason else 422, filename, reason)
 
 
 async def read_uploads(files: list[UploadFile], max_bytes: int) -> list[tuple[str, bytes | UploadError]]:
@@ -242,7 +225,7 @@ def decode_uploads(uploads: list[tuple[str, bytes | UploadError]], predictor: Pr
         try:
             images.append((name, data if isinstance(data, UploadError) else load_view(data, predictor.view, max_pixels)))
         except ImageReadError as err:
-            images.append((name, _unreadable(name, err)))
+            images.append((name, _unreadable(name, str(err))))
     return images
 
 
