@@ -34,20 +34,17 @@ from .images import (
     decode_bytes,
     image_size,
     load_rgb,
-    several_pages,
 )
-from .inference import Predictor, load_model, note_skipped
+from .inference import Predictor, given_inputs, load_model, note_inputs
 from .io import (
     atomic_write,
-    expand_patterns,
     iter_image_files,
     missing_inputs,
-    not_found_hint,
     once_each,
     output_name,
 )
 from .localise import Cell, as_slide, crop_square, find_cells
-from .progress import note, plural, progress
+from .progress import progress
 from .stain import apply as normalise_colour
 from .stain import colourless
 
@@ -132,17 +129,13 @@ def slides_of(inputs: Sequence[str | os.PathLike], group_by: str = "input") -> l
     if group_by not in ("input", "parent"):
         raise LeukoscopeError(f"--group-by must be input or parent, got {group_by!r}")
     found, skipped = [], Counter()
-    for item in inputs:
+    for item in given_inputs(inputs):
         path = Path(item)
         for image in iter_image_files([path], skipped):
             slide = image.parent if group_by == "parent" or not path.is_dir() else path
             found.append((slide.name or slide.resolve().name or str(slide), image))  # `count f.png`: its folder's name, not "."
     pairs, repeated = once_each(found, lambda pair: pair[1])  # a folder and its file, or one folder twice: a field counts once
-    if repeated:
-        note(f"{plural(repeated, 'image')} given more than once: counted once")
-    note_skipped(skipped)
-    if pages := several_pages([path for _, path in pairs]):
-        note(f"note: {pages}")
+    note_inputs([path for _, path in pairs], repeated, skipped, "counted")
     return pairs
 
 
@@ -339,17 +332,14 @@ def count_command(inputs: Sequence[str], model: str, out: str | os.PathLike, gro
     ``classes`` ("A,B,..."): every cell is called among those of the model's classes only (``restrict_classes``)."""
     from PIL import Image
 
-    inputs = expand_patterns(inputs)
     missing = missing_inputs(inputs)
     if missing and missing[0].lower() in bundled_models():  # `count wbc FOLDER`, as predict is called
         name = missing[0].lower()
         raise LeukoscopeError(f"{missing[0]!r} is not a file or folder; to count with the bundled model {name!r}, use --model {name}")
-    if missing:  # as predict: a typo in a path is not a field that could not be read
-        raise LeukoscopeError(f"input {missing[0]!r} does not exist{not_found_hint(missing[0])}")
+    pairs = slides_of(inputs, group_by)
     predictor = load_model(model)
     if classes:
         predictor = restrict_classes(predictor, parse_classes(classes, predictor.class_names))
-    pairs = slides_of(inputs, group_by)
     if not pairs:
         raise LeukoscopeError(f"no image files found in {', '.join(map(str, inputs))}")
     out = Path(out)

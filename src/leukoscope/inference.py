@@ -405,16 +405,28 @@ def note_skipped(skipped: Counter[str]) -> None:
          f"({kinds}); convert them to PNG or JPEG (it reads {', '.join(IMAGE_EXTENSIONS)}){hint}")
 
 
-def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively) into a list of paths, each file once, failing on missing inputs."""
+def given_inputs(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLike]:
+    """The inputs as given, patterns that a shell left as they are expanded (``io.expand_patterns``); a one-line error
+    for one that names nothing (a typo in a path is not a file that could not be read)."""
     inputs = expand_patterns(inputs)
     if missing := missing_inputs(inputs):
         raise LeukoscopeError(f"input {missing[0]!r} does not exist{not_found_hint(missing[0])}")
-    skipped: Counter[str] = Counter()
-    paths, repeated = once_each(iter_image_files(inputs, skipped), lambda path: path)
+    return inputs
+
+
+def note_inputs(paths: Sequence[Path], repeated: int, skipped: Counter[str], verb: str = "read") -> None:
+    """Say what listing the inputs merged or passed over: files given more than once (a folder and a file in it),
+    files of formats not read (``note_skipped``), TIFF files of several pages."""
     if repeated:
-        note(f"note: {plural(repeated, 'image')} given more than once: read once")
+        note(f"note: {plural(repeated, 'image')} given more than once: {verb} once")
     note_skipped(skipped)
     if pages := several_pages(paths):
         note(f"note: {pages}")
+
+
+def iter_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively) into a list of paths, each file once, failing on missing inputs."""
+    skipped: Counter[str] = Counter()
+    paths, repeated = once_each(iter_image_files(given_inputs(inputs), skipped), lambda path: path)
+    note_inputs(paths, repeated, skipped)
     return paths
