@@ -94,7 +94,7 @@ def _jpeg_scaled(data: bytes, max_pixels: int, factor: Callable[[int, int], int]
     """A JPEG decoded by libjpeg-turbo (simplejpeg) at 1/``factor(height, width)`` of its size, in the
     DCT (the sizes ``Image.reduce`` gives); None where that does not apply (see ``decode_jpeg_fast``; a colour
     profile other than sRGB's, which PIL's path applies)."""
-    if data[:2] != b"\xff\xd8" or b"Exif" in data[:65536] or _jpeg_icc(data) not in (None, b""):
+    if data[:2] != b"\xff\xd8" or data.find(b"Exif", 0, 65536) >= 0 or _jpeg_icc(data) not in (None, b""):
         return None
     try:
         import simplejpeg
