@@ -3,6 +3,7 @@ batching) against a plain reference path (one decode at a time, contiguous fp32)
 
 Both decode every image the same way (``images.load_view``): a path, its bytes, a PIL image and an array of it are one input."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,25 @@ def test_file_objects_are_images_and_other_objects_are_refused():
         predictor.predict([paths[0], 3.5])
     with pytest.raises(TypeError, match=r"cannot predict 'NoneType'"):
         predictor.predict(None)
+    with pytest.raises(TypeError, match=r"cannot predict 'dict'"):  # not its keys read as file names
+        predictor.predict({str(paths[0]): "neutrophil"})
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, "8", True, 1025])
+def test_a_bad_batch_size_is_refused_before_any_decoding(batch_size):
+    predictor = load_model("pbc", backend="torch")
+    with pytest.raises(LeukoscopeError, match=rf"batch_size must be a whole number from 1 to 1024, got {re.escape(repr(batch_size))}") as err:
+        predictor.predict(np.zeros((2, 8, 8, 3), np.uint8), batch_size=batch_size)
+    assert ("larger batches hold more memory" in str(err.value)) == (batch_size == 1025)
+    assert len(predictor.predict(np.zeros((3, 8, 8, 3), np.uint8), batch_size=2)) == 3
+
+
+def test_a_model_says_what_it_is():
+    """``print(model)`` in a notebook names the file, the classes, what the network sees and what runs it."""
+    assert repr(load_model("pbc", backend="torch")) == (
+        f"Predictor({str(bundled_models()['pbc'])!r}: cellnet, classes [basophil, eosinophil, erythroblast, ig, lymphocyte, "
+        "monocyte, neutrophil, platelet], sees the central 70% of each image at 126 px, runs on PyTorch, fp32)")
+    assert "sees 112 px windows centred on the white cell, runs on ONNX Runtime, fp32" in repr(load_model("wbc", backend="onnx"))
 
 
 def test_bundled_models_describe_themselves():

@@ -31,13 +31,12 @@ def _positive_int(text: str) -> int:
     return _whole_number(text, 1, ">= 1")
 
 
-MAX_PREDICT_BATCH = 1024  # predict's --batch-size: 100,000 held 13.7 GB for `predict wbc` on PBC's 6,843 images, and 1,024 was no faster than 64
-
-
 def _predict_batch(text: str) -> int:
+    from .io import MAX_BATCH
+
     value = _positive_int(text)
-    if value > MAX_PREDICT_BATCH:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_PREDICT_BATCH}, got {value}: larger batches hold more memory "
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH}, got {value}: larger batches hold more memory "
                                          "(three are in flight) and are not faster")
     return value
 
@@ -462,6 +461,8 @@ def _print_summary(metrics: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .io import MAX_BATCH
+
     parser = _Parser(prog="leukoscope", description="Blood-cell image classification with honest evaluation.")
     parser.add_argument("--version", action="version", version=f"leukoscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -506,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", required=True, help="CSV file to write, or - for standard output")
     p.add_argument("--batch-size", type=_predict_batch, default=64, metavar="N",
-                   help=f"images per batch, 1-{MAX_PREDICT_BATCH} (default 64; larger ones hold more memory, not faster)")
+                   help=f"images per batch, 1-{MAX_BATCH} (default 64; larger ones hold more memory, not faster)")
     p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
                    help="runs of 256+ files: decode (and run the network) in N forked processes (default: one per core, "
                         "shared among torchrun's ranks; each holds about 40 MB of its own); 0 or 1: threads in this process")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import os
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from .images import several_pages
 from .io import (
     ARCHIVE_EXTENSIONS,
     IMAGE_EXTENSIONS,
+    MAX_BATCH,
     SLIDE_EXTENSIONS,
     expand_patterns,
     iter_image_files,
@@ -124,6 +125,15 @@ class Predictor:
     def kind(self) -> str:
         return getattr(self.backend, "kind", "cnn")
 
+    def __repr__(self) -> str:
+        """What a notebook shows: which model, its classes, what it sees and what runs it."""
+        names = ", ".join(self.class_names[:8]) + (f", ... ({len(self.class_names)})" if len(self.class_names) > 8 else "")
+        sees = (f"{self.view.size} px windows centred on the white cell" if self.view.cell is not None
+                else f"the central {self.view.crop:.0%} of each image at {self.view.size} px")
+        runs = {"cnn": "PyTorch", "onnx": "ONNX Runtime"}.get(self.kind)
+        runs = f"{runs}, {getattr(self.backend, 'precision', 'fp32')}" if runs else f"scikit-learn ({self.kind})"
+        return f"Predictor({self.source!r}: {self.card.arch}, classes [{names}], sees {sees}, runs on {runs})"
+
     @property
     def meta(self) -> dict[str, Any]:
         return {k: v for k, v in self.checkpoint.items() if k != "state_dict"}
@@ -163,7 +173,7 @@ class Predictor:
             images = list(images) if images.ndim == 4 else [images]  # a batch (N images) or one image
         elif isinstance(images, ONE_IMAGE) or hasattr(images, "read"):
             images = [images]
-        elif not isinstance(images, Iterable):
+        elif not isinstance(images, Iterable) or isinstance(images, Mapping):  # a dict's keys are not images
             raise TypeError(f"cannot predict {type(images).__name__!r}: {_INPUT_KINDS}, or a list of them")
         items: list[Any] = []
         for item in images:
@@ -188,7 +198,8 @@ class Predictor:
         (ONNX Runtime); the first batch then runs here, so that ``--precision auto`` chooses once,
         before the copies are made.
         """
-        tta = self.default_tta if tta is None else tta_mode(tta)  # a bad mode fails before any decoding
+        tta = self.default_tta if tta is None else tta_mode(tta)  # a bad mode or batch size fails before any decoding
+        batch_size = check_batch_size(batch_size)
         files = all(isinstance(item, (str, os.PathLike)) for item in items)
         start, processes = 0, None  # None: the Decoder decides (decoding only in its workers)
         if files and hasattr(self.backend, "worker_copy") and (processes := worker_processes(len(items), self.view, True, workers)):
@@ -306,6 +317,14 @@ def _read_binary(file: Any) -> bytes:
 
 def _sources(chunk: Sequence[Any], start: int) -> list[str]:
     return [str(item) if isinstance(item, (str, os.PathLike)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
+
+
+def check_batch_size(value: Any) -> int:
+    """``value`` as a batch size, or a LeukoscopeError saying what it must be (three batches are in flight at once)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_BATCH:
+        why = ": larger batches hold more memory (three are in flight) and are not faster" if isinstance(value, int) and value > 1 else ""
+        raise LeukoscopeError(f"batch_size must be a whole number from 1 to {MAX_BATCH}, got {value!r}{why}")
+    return int(value)
 
 
 def tta_mode(value: bool | str | None) -> str:
