@@ -73,6 +73,30 @@ def test_an_image_given_twice_is_predicted_once(tiny_run, tmp_path, capsys):
     assert "note: 13 images given more than once: read once" in capsys.readouterr().err
 
 
+def test_a_folder_copied_from_a_mac_is_read_without_its_metadata_twins(tiny_run, tmp_path, capsys):
+    """macOS writes a ``._NAME`` twin beside every file copied to a USB drive or share, and a zip made on a Mac holds a
+    ``__MACOSX`` folder of them: predict reads the images, not those, and names one given on its own."""
+    import shutil
+
+    data, run = tiny_run
+    lab = tmp_path / "lab"
+    shutil.copytree(data / "blast", lab / "blast")
+    twin = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)  # an AppleDouble header
+    for image in sorted((lab / "blast").iterdir()):
+        (image.parent / f"._{image.name}").write_bytes(twin)
+        (lab / "__MACOSX" / "blast").mkdir(parents=True, exist_ok=True)
+        (lab / "__MACOSX" / "blast" / f"._{image.name}").write_bytes(twin)
+    (lab / ".Trashes" / "501").mkdir(parents=True)
+    shutil.copy(data / "normal" / "normal_000.png", lab / ".Trashes" / "501" / "deleted.png")
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), str(lab), "--out", str(out)]) == 0
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 12 and all("/blast/blast_" in r and r.split(",")[-1] == "" for r in rows)
+    assert "12 images predicted, 0 failed" in capsys.readouterr().out
+    predictions = load_model(run).predict(lab / "blast" / "._blast_000.png")
+    assert predictions[0].error.startswith("macOS's metadata for a file (an AppleDouble ._ file), not an image: leave it out")
+
+
 def test_class_map_sums_probabilities_many_to_one(tiny_run):
     _, run = tiny_run
     model = load_model(run, backend="torch")

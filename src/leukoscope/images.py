@@ -185,11 +185,15 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
         if (packed := archive_kind(head)) is not None:
             raise ImageReadError(f"{packed}, not an image: unpack it and give its images") from None
+        if head.startswith(APPLEDOUBLE_MAGIC):
+            raise ImageReadError("macOS's metadata for a file (an AppleDouble ._ file), not an image: leave it out "
+                                 "(folders' hidden files are)") from None
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
         raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
     return resize_center_crop(rgb, size, crop) if size is not None else np.asarray(rgb)
 
 
+APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"  # the ._NAME twin macOS writes beside a file on a drive that cannot hold its metadata
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 ARCHIVE_MAGIC = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive",
                  b"Rar!\x1a\x07": "a RAR archive", b"BZh": "a bzip2 archive", b"\xfd7zXZ\x00": "an xz archive"}

@@ -117,20 +117,21 @@ def missing_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
 def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] | None = None) -> Iterator[Path]:
     """Yield files given directly, and image files found recursively in folders (sorted).
 
-    With ``skipped``, count there by extension (lower case) the files of those folders passed over that
-    a user may have expected to be read (HEIC photos, camera raw files): not a dataset's usual
-    companions (CSV, text, JSON, ...), nor hidden files and folders (.git, .DS_Store)."""
+    Folders' hidden files and folders are passed over, as the dataset layouts do: the ``._NAME.jpg``
+    metadata twin that macOS writes beside every image on a USB drive or a network share (and into a
+    zip's ``__MACOSX`` folder) is no image, nor is anything under ``.git`` or ``.Trashes``.
+    With ``skipped``, count there by extension (lower case) the other files of those folders passed
+    over that a user may have expected to be read (HEIC photos, camera raw files): not a dataset's
+    usual companions (CSV, text, JSON, ...)."""
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            for root, dirs, files in walk(path):
-                hidden = any(part.startswith(".") for part in Path(root).relative_to(path).parts)
-                for name in sorted(files):
+            for root, dirs, files in walk(path, skip_hidden=True):
+                for name in sorted(n for n in files if not n.startswith(".")):
                     candidate = Path(root) / name
                     if is_image_file(candidate):
                         yield candidate
-                    elif skipped is not None and not hidden and not name.startswith(".") \
-                            and candidate.suffix.lower() not in COMPANION_EXTENSIONS:
+                    elif skipped is not None and candidate.suffix.lower() not in COMPANION_EXTENSIONS:
                         skipped[candidate.suffix.lower() or "(none)"] += 1
         else:
             yield path
