@@ -8,6 +8,7 @@ import pytest
 from conftest import CNMC, link_real_cnmc_tree, make_image_folder, require
 from leukoscope import load_model
 from leukoscope.cli import build_parser, main
+from leukoscope.errors import LeukoscopeError
 
 TINY = ["--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "2", "--batch-size", "8"]
 REPORT_FILES = ["metrics.json", "classification_report.txt", "confusion_matrix.png", "training_curves.png",
@@ -240,6 +241,33 @@ def test_bad_input_is_one_line_error(tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("leukoscope: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["predict", "pbc", "", "--out", "p.csv"], "INPUTS"),
+    (["predict", "pbc", "cells", "--out", ""], "--out"),
+    (["predict", "", "cells", "--out", "-"], "MODEL"),
+    (["segment", "cells", "--out", " "], "--out"),
+    (["explain", "pbc", "cells", "--out", ""], "--out"),
+    (["evaluate", "pbc", "cells", "--out", "", "--force"], "--out"),
+    (["count", "", "--out", "c"], "INPUTS"),
+    (["train", "cells", "--out", ""], "--out"),
+    (["check-data", ""], "DATA"),
+])
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, capsys, argv, name):
+    """``--out "$OUT"`` or an input ``"$DIR"`` with the variable unset: ``Path("")`` is the folder the command was started
+    in, which segment and explain wrote their files into, evaluate --force cleared and predict read."""
+    make_image_folder(tmp_path / "cells", n_per_class=2)
+    (tmp_path / "keep.txt").write_text("mine\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{name} is empty (an unset shell variable?)" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells", "keep.txt"]
+    with pytest.raises(LeukoscopeError, match="an empty path among the images"):
+        load_model("pbc", backend="torch").predict(["cells", ""])
+    with pytest.raises(LeukoscopeError, match="no model given"):
+        load_model("")
 
 
 def test_a_quoted_tilde_is_pointed_to_the_home_folder_it_meant(tmp_path, monkeypatch, capsys):

@@ -169,6 +169,8 @@ def bundled_models() -> dict[str, Path]:
 
 def resolve_model_path(model: str | os.PathLike) -> Path:
     """A run folder (its model.pt), a checkpoint file, or a bundled model name."""
+    if isinstance(model, str) and not model.strip():  # Path("") is the current folder
+        raise LeukoscopeError(f"no model given (an empty name); give a run folder, a checkpoint or one of: {', '.join(bundled_models())}")
     path = Path(model)
     if path.is_dir():
         for name in (CHECKPOINT_NAME, CLASSICAL_NAME):

@@ -598,8 +598,19 @@ def _parse(parser: argparse.ArgumentParser, commands: dict[str, argparse.Argumen
         extras = []
     if extras:
         raise LeukoscopeError(_unrecognised(commands[args.command], extras))
+    _refuse_empty(commands[args.command], args)
     args.argv = argv
     return args
+
+
+def _refuse_empty(command: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An empty argument is an error, not the current folder (``Path("")`` is ``.``): ``--out "$OUT"`` or an input
+    ``"$DIR"`` with the variable unset would otherwise read, or write into, wherever the command was started."""
+    for action in command._actions:
+        value = getattr(args, action.dest, None)
+        if any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list) else [value])):
+            name = action.option_strings[-1] if action.option_strings else (action.metavar or action.dest).upper()
+            raise LeukoscopeError(f"{command.prog}: {name} is empty (an unset shell variable?)" + (f"; {name}: {action.help}" if action.help else ""))
 
 
 def _unrecognised(command: argparse.ArgumentParser, extras: list[str]) -> str:
