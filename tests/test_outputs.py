@@ -150,6 +150,30 @@ def test_force_never_clears_a_folder_leukoscope_did_not_write(tmp_path):
     prepare_output_folder(tmp_path)  # only a given split: accepted as it is
 
 
+def test_the_refusal_names_what_the_folder_holds(tmp_path):
+    (tmp_path / "blast").mkdir()
+    (tmp_path / "normal").mkdir()
+    with pytest.raises(LeukoscopeError, match=r"already holds 2 folders \(e.g. blast/\); choose a new folder"):
+        prepare_output_folder(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LeukoscopeError, match=r"holds 3 files and folders \(e.g. blast/\) that leukoscope did not write"):
+        prepare_output_folder(tmp_path, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blast", "normal", "notes.txt"]
+
+
+@pytest.mark.parametrize("command", [["segment"], ["explain", "pbc"]])
+def test_images_are_not_written_into_the_folder_they_are_read_from(tmp_path, capsys, command):
+    """Heatmaps or masks among the lab's images would be read as images by the next run on that folder."""
+    from conftest import make_image_folder
+
+    cells = make_image_folder(tmp_path / "data", n_per_class=1) / "blast"
+    before = sorted(cells.iterdir())
+    assert main([*command, str(cells), "--out", str(tmp_path / "data" / "blast" / ".." / "blast")]) == 2
+    err = capsys.readouterr().err
+    assert f"is the folder of images given to {command[0]}: its outputs would be mixed with the images" in err
+    assert f"give a folder of its own, e.g. --out {command[0]}_results" in err and sorted(cells.iterdir()) == before
+
+
 def test_evaluate_refuses_earlier_results_and_training_runs(tiny_run, tmp_path, capsys):
     data, run = tiny_run
     out = tmp_path / "eval"

@@ -303,10 +303,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
     from .inference import iter_inputs, load_model
-    from .io import refuse_stream_folder
+    from .io import refuse_input_folder, refuse_stream_folder
     from .progress import plural
 
     refuse_stream_folder(args.out, "explain")
+    refuse_input_folder(args.out, args.inputs, "explain")
     predictor = load_model(args.model, backend="torch", purpose="explain (Grad-CAM reads the network's layers)")
     paths = iter_inputs(args.inputs)
     if not paths:
@@ -380,10 +381,11 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from .classical.segment import segment_files
     from .inference import iter_inputs
-    from .io import refuse_stream_folder
+    from .io import refuse_input_folder, refuse_stream_folder
     from .progress import plural, progress
 
     refuse_stream_folder(args.out, "segment")
+    refuse_input_folder(args.out, args.inputs, "segment")
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")

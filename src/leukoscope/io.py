@@ -293,6 +293,16 @@ def refuse_stream_folder(out: str | os.PathLike, command: str) -> None:
                               f"give a folder, e.g. --out {command}_results")
 
 
+def refuse_input_folder(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], command: str) -> None:
+    """A command that writes a folder of images (explain, segment) cannot write it into a folder it reads: its PNGs
+    would lie among the lab's images, and be read as images by the next run on that folder."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if Path(given).is_dir() and Path(given).resolve() == target:
+            raise LeukoscopeError(f"--out {str(out)!r} is the folder of images given to {command}: its outputs would be mixed with "
+                                  f"the images, and read as images next time; give a folder of its own, e.g. --out {command}_results")
+
+
 @functools.cache
 def _escape_bytes() -> str:
     """The name of a codec error handler that writes what ``_escape_undecodable`` does (``\\xNN``, what

@@ -40,6 +40,13 @@ MARKERS = ("run.json", "model.pt", "last.pt", "model.joblib", "metrics.json", "r
 MODELS = ("model.pt", "last.pt", "model.joblib")
 
 
+def _entries(folder: Path, names: list[str]) -> str:
+    """'3 files (e.g. a.png)', '2 folders (e.g. blast/)' or '4 files and folders (e.g. ...)': what ``names`` in ``folder`` are."""
+    folders = [(folder / name).is_dir() for name in names]
+    noun = "folder" if all(folders) else "file" if not any(folders) else "file and folder"
+    return f"{plural(len(names), noun, noun.replace('file and', 'files and') + 's')} (e.g. {names[0]}{'/' if folders[0] else ''})"
+
+
 def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_splits: bool = True, command: str = "train") -> None:
     """Refuse a non-empty ``out`` (nothing touched); with ``force`` clear it first.
 
@@ -57,12 +64,12 @@ def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_spli
         return
     if not force:
         resume = " or `leukoscope train --resume RUN` to continue it" if command == "train" and (out / "last.pt").is_file() else ""
-        raise LeukoscopeError(f"--out {str(out)!r} already holds {plural(len(others), 'file')} (e.g. {others[0]}); "
+        raise LeukoscopeError(f"--out {str(out)!r} already holds {_entries(out, others)}; "
                               f"choose a new folder, or add --force to replace them{resume}")
     if command != "train" and any((out / name).is_file() for name in MODELS):
         raise LeukoscopeError(f"--out {str(out)!r} is a training run (it holds a model); write the {command} outputs to another folder")
     if not any((out / marker).is_file() for marker in MARKERS):
-        raise LeukoscopeError(f"--out {str(out)!r} holds {plural(len(others), 'file')} that leukoscope did not write (e.g. {others[0]}); "
+        raise LeukoscopeError(f"--out {str(out)!r} holds {_entries(out, others)} that leukoscope did not write; "
                               "--force only clears a folder of leukoscope results: choose a new folder")
     for name in others:
         path = out / name
