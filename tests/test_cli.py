@@ -1,6 +1,7 @@
 import csv
 import json
 import shutil
+import unicodedata
 from collections import defaultdict
 
 import pytest
@@ -114,6 +115,15 @@ def test_match_class_names():
     own = ["band", "lymphocyte", "neutrophil"]  # a lab's model that tells band cells apart
     assert match_class_names(["Bands", "Neutrophils", "Lymphocytes"], own) == {"band": "Bands", "neutrophil": "Neutrophils",
                                                                                "lymphocyte": "Lymphocytes"}
+    spanish = ["Basófilos", "Eosinófilos", "Eritroblastos", "Granulocitos inmaduros", "Linfocitos", "Monocitos", "Neutrófilos",
+               "Plaquetas"]  # a lab's folders in its own language, accents as macOS (decomposed) or Windows writes them
+    assert match_class_names(spanish, wbc) == dict(zip(wbc, spanish))
+    assert match_class_names([unicodedata.normalize("NFD", c) for c in spanish], wbc) == {
+        m: unicodedata.normalize("NFD", c) for m, c in zip(wbc, spanish)}
+    assert match_class_names(["Lymphozyten", "Monozyten", "Thrombozyten", "Neutrophile"], wbc) == {
+        "lymphocyte": "Lymphozyten", "monocyte": "Monozyten", "platelet": "Thrombozyten", "neutrophil": "Neutrophile"}  # German
+    assert match_class_names(["Linfociti", "Piastrine", "éosinophiles"], wbc) == {
+        "lymphocyte": "Linfociti", "platelet": "Piastrine", "eosinophil": "éosinophiles"}  # Italian, French
 
 
 def test_subtype_merges():
@@ -124,6 +134,8 @@ def test_subtype_merges():
     assert subtype_merges(munich, wbc) == {"NGB": "neutrophil", "NGS": "neutrophil", "MMZ": "ig", "MYB": "ig", "PMO": "ig"}
     assert subtype_merges(["Neutrophils", "Bands", "lymphocyte"], wbc) == {"Bands": "Neutrophils"}
     assert subtype_merges(["neutrophil", "Myelocytes", "ig"], wbc) == {"Myelocytes": "ig"}
+    assert subtype_merges(["Neutrófilo en cayado", "Neutrófilo segmentado", "Mielocitos", "Granulocitos inmaduros"], wbc) == {
+        "Neutrófilo en cayado": "neutrophil", "Neutrófilo segmentado": "neutrophil", "Mielocitos": "Granulocitos inmaduros"}
     assert subtype_merges(["Neutrophils", "NEUTROPHIL", "band"], wbc) == {}  # two folders name the class itself: ambiguous
     assert subtype_merges(["band", "lymphocyte"], wbc) == {}  # one folder for the class: matched by name, nothing to merge
     assert subtype_merges(["NGB", "NGS"], ["blast", "normal"]) == {}  # not classes of this model

@@ -4,6 +4,7 @@ its classes (``--classes``). The mapped or restricted model is a ``Predictor`` l
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -61,13 +62,28 @@ CLASS_ALIASES = {"neu": "neutrophil", "neut": "neutrophil", "lym": "lymphocyte",
                  "lyt": "lymphocyte", "mon": "monocyte", "mono": "monocyte", "eos": "eosinophil", "eosi": "eosinophil",
                  "eosino": "eosinophil", "bas": "basophil", "baso": "basophil", "plt": "platelet", "thrombocyte": "platelet",
                  "nrbc": "erythroblast", "ebo": "erythroblast", "immaturegranulocyte": "ig"}
+# The same in the languages of the labs that publish blood-cell atlases (Spanish, Portuguese, Italian, French,
+# German), accents dropped; plurals other than a final s listed as they are.
+WORDS = {"neutrophil": "neutrofilo neutrofili neutrophile neutrophiler neutrophilen neutrofilos",
+         "lymphocyte": "linfocito linfocita linfociti lymphozyt lymphozyten",
+         "monocyte": "monocito monocita monociti monozyt monozyten",
+         "eosinophil": "eosinofilo eosinofili eosinophile eosinophiler eosinophilen",
+         "basophil": "basofilo basofili basophile basophiler basophilen",
+         "platelet": "plaqueta piastrina piastrine plaquette thrombozyt thrombozyten trombocito trombocita trombociti",
+         "erythroblast": "eritroblasto eritroblasti erythroblaste erythroblasten normoblasto normoblast normoblasten",
+         "ig": "granulocitoinmaduro granulocitosinmaduros granulocitoimaturo granulocitiimmaturi granulocyteimmature "
+               "granulocytesimmatures unreifegranulozyten"}
+CLASS_ALIASES.update({word: cls for cls, words in WORDS.items() for word in words.split()})
 # Subtypes that one of PBC's classes holds: its neutrophil folder holds band and segmented cells (its file names
 # start BNE_ and SNE_), its ig folder metamyelocytes, myelocytes and promyelocytes. Munich AML's NGB, NGS, MMZ,
 # MYB and PMO are these. A lab that keeps them apart is scored against the model's class (see subtype_merges).
 SUBTYPES = {"band": "neutrophil", "bandneutrophil": "neutrophil", "seg": "neutrophil", "segmented": "neutrophil",
             "segmentedneutrophil": "neutrophil", "ngb": "neutrophil", "ngs": "neutrophil", "bne": "neutrophil",
             "sne": "neutrophil", "metamyelocyte": "ig", "myelocyte": "ig", "promyelocyte": "ig", "mmz": "ig", "myb": "ig",
-            "pmo": "ig"}
+            "pmo": "ig", "cayado": "neutrophil", "neutrofiloencayado": "neutrophil", "segmentado": "neutrophil",
+            "neutrofilosegmentado": "neutrophil", "stabkernige": "neutrophil", "segmentkernige": "neutrophil",
+            "metamielocito": "ig", "mielocito": "ig", "promielocito": "ig", "metamyelozyt": "ig", "myelozyt": "ig",
+            "promyelozyt": "ig", "metamielocita": "ig", "mielocita": "ig", "promielocita": "ig"}
 
 
 def _is_subtype(name: str) -> bool:
@@ -98,7 +114,8 @@ def subtype_merges(data_classes: Iterable[str], class_names: Sequence[str]) -> d
 
 
 def _letters(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalpha())
+    """The name in lower case, letters only, accents dropped ("Eosinófilo" -> "eosinofilo")."""
+    return "".join(ch for ch in unicodedata.normalize("NFKD", name.lower()) if ch.isalpha())
 
 
 def _name_key(name: str, subtypes: bool = True) -> str:
