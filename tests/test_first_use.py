@@ -182,6 +182,7 @@ def test_restricting_the_classes_renormalises_the_kept_probabilities_and_keeps_t
     wbc = load_model("wbc")
     five = parse_classes("Neutrophils, basophil,eosinophil ,LYMPHOCYTE,monocytes", wbc.class_names)  # case, plurals, spaces
     assert five == ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]  # the model's order
+    assert parse_classes("Neutrófilos,Basófilos,eos,Linfocitos,MON", wbc.class_names) == five  # as labs name them
     restricted = restrict_classes(wbc, five)
     images = np.random.default_rng(0).integers(0, 256, (3, 150, 150, 3), dtype=np.uint8)
     for whole, kept in zip(wbc.predict(images), restricted.predict(images)):

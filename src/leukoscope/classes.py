@@ -170,10 +170,12 @@ def map_classes(predictor: Predictor, mapping: dict[str, str], tta: bool | str |
 
 
 def model_class(name: str, class_names: Sequence[str], option: str = "--class") -> str:
-    """The model's class that ``name`` names, its case and a plural's s ignored ('Eosinophils' -> 'eosinophil');
-    a one-line error naming ``option`` and the model's classes otherwise."""
+    """The model's class that ``name`` names, its case and a plural's s ignored ('Eosinophils' -> 'eosinophil'), or
+    a name labs give it (``CLASS_ALIASES``: 'Linfocitos', 'LYT'); a one-line error naming ``option`` and the model's
+    classes otherwise."""
     found = [c for c in class_names if c.lower() == name.lower()]
     found = found or [c for c in class_names if singular(c.lower()) == singular(name.lower())]
+    found = found or [c for c in class_names if _name_key(c, False) == _name_key(name, False)]
     if len(found) != 1:
         raise LeukoscopeError(f"{option}: the model has no class {name!r}{did_you_mean(name, class_names)}; "
                               f"its classes: {', '.join(class_names)}")
