@@ -14,22 +14,29 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn import metrics as skm
+
+
+def _skm():
+    """scikit-learn's metrics, imported on first use: importing scikit-learn takes about a second, which every
+    command (predict, serve, --help) would pay at start-up for metrics only evaluation and training compute."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     """Rows are true classes, columns predicted classes (scikit-learn's, with every class a row)."""
-    return skm.confusion_matrix(np.asarray(y_true, int), np.asarray(y_pred, int), labels=list(range(num_classes))).astype(np.int64)
+    return _skm().confusion_matrix(np.asarray(y_true, int), np.asarray(y_pred, int), labels=list(range(num_classes))).astype(np.int64)
 
 
 def per_class_prf(y_true, y_pred, num_classes: int) -> dict[str, np.ndarray]:
     """Precision, recall, F1 and support for each class."""
-    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=list(range(num_classes)), zero_division=0)
+    precision, recall, f1, support = _skm().precision_recall_fscore_support(y_true, y_pred, labels=list(range(num_classes)), zero_division=0)
     return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
 def accuracy(y_true, y_pred) -> float:
-    return float(skm.accuracy_score(y_true, y_pred)) if len(y_true) else 0.0
+    return float(_skm().accuracy_score(y_true, y_pred)) if len(y_true) else 0.0
 
 
 def balanced_accuracy(y_true, y_pred) -> float:
@@ -38,17 +45,17 @@ def balanced_accuracy(y_true, y_pred) -> float:
         return 0.0
     with warnings.catch_warnings():  # "y_pred contains classes not in y_true": exactly what we want it to ignore
         warnings.simplefilter("ignore", UserWarning)
-        return float(skm.balanced_accuracy_score(y_true, y_pred))
+        return float(_skm().balanced_accuracy_score(y_true, y_pred))
 
 
 def macro_f1(y_true, y_pred) -> float:
     """Unweighted mean F1 over classes that occur in y_true or y_pred (scikit-learn's default labels)."""
-    return float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)) if len(y_true) else 0.0
+    return float(_skm().f1_score(y_true, y_pred, average="macro", zero_division=0)) if len(y_true) else 0.0
 
 
 def weighted_f1(y_true, y_pred) -> float:
     """F1 averaged with class support as weights (the C-NMC 2019 challenge metric)."""
-    return float(skm.f1_score(y_true, y_pred, average="weighted", zero_division=0)) if len(y_true) else 0.0
+    return float(_skm().f1_score(y_true, y_pred, average="weighted", zero_division=0)) if len(y_true) else 0.0
 
 
 def binary_auc(y_true, scores) -> float:
@@ -56,7 +63,7 @@ def binary_auc(y_true, scores) -> float:
     y_true = np.asarray(y_true, bool)
     if y_true.all() or not y_true.any():
         return float("nan")
-    return float(skm.roc_auc_score(y_true, np.asarray(scores, float)))
+    return float(_skm().roc_auc_score(y_true, np.asarray(scores, float)))
 
 
 def roc_auc(y_true, probs: np.ndarray, positive: int = 1) -> float:
@@ -78,7 +85,7 @@ def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
     y_true = np.asarray(y_true, bool)
     if y_true.all() or not y_true.any():
         return np.array([0.0, 1.0]), np.array([0.0, 1.0]) if y_true.any() else np.array([0.0, 0.0])
-    fpr, tpr, _ = skm.roc_curve(y_true, np.asarray(scores, float), drop_intermediate=False)
+    fpr, tpr, _ = _skm().roc_curve(y_true, np.asarray(scores, float), drop_intermediate=False)
     return fpr, tpr
 
 
@@ -87,7 +94,7 @@ def log_loss(y_true, probs: np.ndarray) -> float:
     y_true, probs = np.asarray(y_true, int), np.asarray(probs, float)
     if len(y_true) == 0:
         return float("nan")
-    return float(skm.log_loss(y_true, probs, labels=list(range(probs.shape[1]))))
+    return float(_skm().log_loss(y_true, probs, labels=list(range(probs.shape[1]))))
 
 
 def _counts(y_true: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
@@ -320,5 +327,5 @@ def classification_report(summary: dict, class_names: Sequence[str], digits: int
     if len(y_true) == 0:
         return "no images\n"
     seen = np.flatnonzero(cm.sum(axis=0) + cm.sum(axis=1))  # classes never true nor called are left out, as in macro_f1
-    return skm.classification_report(y_true, y_pred, labels=seen.tolist(), target_names=[class_names[i] for i in seen], digits=digits,
+    return _skm().classification_report(y_true, y_pred, labels=seen.tolist(), target_names=[class_names[i] for i in seen], digits=digits,
                                      zero_division=0)

@@ -165,9 +165,19 @@ def load_int8(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike, bu
     current recipe, INT8_RECIPE), else, with ``build``, one built now from a run folder's own images;
     None when there is none and not ``build``."""
     path = int8_path(checkpoint_path)
-    meta = graph_meta(path) if path.is_file() else {}
-    if meta.get("checkpoint_sha256") == sha256_file(checkpoint_path) and meta.get("int8_recipe") == INT8_RECIPE:
-        return _runnable(path, build)
+    if path.is_file():  # its metadata read from the session that runs it: importing onnx to read them took 0.8 s
+        onnxruntime()  # telemetry off before anything of ONNX Runtime is imported
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
+
+        try:
+            backend = _runnable(path, build)
+        except InvalidProtobuf:  # a damaged file: not this checkpoint's graph
+            backend = False
+        if backend is None:  # this ONNX Runtime cannot run it (said so): a rebuilt graph would not run either
+            return None
+        meta = json.loads(backend.session.get_modelmeta().custom_metadata_map.get("leukoscope", "{}")) if backend else {}
+        if meta.get("checkpoint_sha256") == sha256_file(checkpoint_path) and meta.get("int8_recipe") == INT8_RECIPE:
+            return backend
     if not build:
         return None
     run = Path(checkpoint_path).parent
