@@ -114,6 +114,29 @@ def test_onnx_export_of_bundled_model_on_real_cells(tmp_path, capsys):
     assert "on 64 real images" in out
 
 
+def test_the_readme_s_code_runs_an_exported_graph_without_leukoscope(tmp_path, monkeypatch, capsys):
+    """The README's block for another program (ONNX Runtime and Pillow only) gives leukoscope's call and probability."""
+    import contextlib
+    import io
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- ONNX-ELSEWHERE:START -->\n```python\n(.*?)```\n<!-- ONNX-ELSEWHERE:END -->", readme, re.S).group(1)
+    cells = sorted(require(DATA / "pbc").rglob("*.jpg"))[::700][:10]
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "pbc", "--format", "onnx", "--out", "pbc.onnx"]) == 0
+    expected = load_model("pbc", backend="torch").predict(cells)
+    for cell, prediction in zip(cells, expected):
+        (tmp_path / "cell.jpg").write_bytes(cell.read_bytes())
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(compile(code, "README.md", "exec"), {})
+        label, probability, *domain = printed.getvalue().split()
+        assert label == prediction.label and abs(float(probability) - prediction.confidence) <= 0.04, (cell, printed.getvalue())
+        assert " ".join(domain) == ("in domain" if prediction.in_domain else "out of domain")
+
+
 def test_explain_bundled_model_on_real_cells(tmp_path):
     if "pbc" not in bundled_models():
         pytest.skip("bundled model pbc not built (make models)")
