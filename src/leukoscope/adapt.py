@@ -22,12 +22,12 @@ from torch import nn
 from .checkpoint import model_from_checkpoint
 from .errors import LeukoscopeError
 from .inference import Predictor
+from .options import ENTROPY_STEPS  # also where callers look for it
 from .progress import progress
 from .transforms import eval_transform
 
 MIN_IMAGES = 32  # fewer images give noisier statistics than the training lab's
 PURPOSE = "--adapt (it re-estimates the network's normalisation layers)"  # named when the model has no PyTorch network
-ENTROPY_STEPS = 40  # gradient steps of entropy minimisation after the statistics, for multi-class cell-window models
 ENTROPY_LR = 1e-3  # Adam; 3e-3 collapsed one of four models onto a few classes (docs/benchmarks.md)
 ENTROPY_BATCH = 64
 IN_DOMAIN_WARN = 0.5  # above this share of in-domain images, --adapt warns that it may hurt

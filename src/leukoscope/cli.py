@@ -69,7 +69,7 @@ def _positive_float(text: str) -> float:
 
 
 def _add_adapt_steps(p: argparse.ArgumentParser) -> None:
-    from .adapt import ENTROPY_STEPS
+    from .options import ENTROPY_STEPS
 
     p.add_argument("--adapt-steps", type=_non_negative_int, default=None, metavar="N",
                    help=f"with --adapt: gradient steps on the BatchNorm scales and shifts that make the predictions confident "
@@ -148,7 +148,7 @@ def _add_classes(p: argparse.ArgumentParser) -> None:
 
 
 def _add_tta(parser: argparse.ArgumentParser) -> None:
-    from .inference import TTA_MODES
+    from .options import TTA_MODES
 
     parser.add_argument("--tta", choices=TTA_MODES, metavar="MODE",
                         help="test-time augmentation: none, flip (the image and its mirror image: 2x the cost) or dihedral "
@@ -157,9 +157,7 @@ def _add_tta(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_backend(parser: argparse.ArgumentParser) -> None:
-    from .inference import BACKENDS
-    from .quantize import PRECISIONS
-    from .runtime import DEVICES
+    from .options import BACKENDS, DEVICES, PRECISIONS
 
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="what runs a CNN checkpoint: auto (default: ONNX Runtime for CellNet, else PyTorch), torch or onnx")

@@ -13,9 +13,8 @@ import yaml
 
 from .classical import METHODS, NEEDS_BACKBONE, check_method
 from .errors import LeukoscopeError, did_you_mean
-from .models import check_model_name
+from .options import AugmentConfig
 from .stain import MODES as COLOUR_MODES
-from .transforms import AugmentConfig
 
 OPTIMIZERS = ("adamw", "sgd")
 CELL_CONTEXT = 1.3  # cell windows decoded 1.3x wider for training augmentation (crop_context)
@@ -195,6 +194,9 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise LeukoscopeError(f"{source}: {message}")
+        # imported here: the CLI's parser reads this module, and PyTorch takes 2 s to import
+        from .models import check_model_name
+
         check_model_name(self.arch)
         check_method(self.method)
         if self.method in NEEDS_BACKBONE and not self.backbone:

@@ -44,12 +44,10 @@ from .io import (
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
+from .options import BACKENDS, TTA_MODES, TTA_VIEWS  # noqa: F401 (re-exported)
 from .progress import note, plural
 from .transforms import eval_transform
 
-TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # flip: image + mirror image; dihedral: 4 rotations x 2 flips
-TTA_MODES = tuple(TTA_VIEWS)
-BACKENDS = ("auto", "torch", "onnx")  # what runs a CNN checkpoint; see load_model
 PREFETCH = 2  # batches decoded ahead of the one the model runs (+5% images/s over one for `wbc`, docs/benchmarks.md)
 ONE_IMAGE = (str, os.PathLike, bytes, bytearray, Image.Image)  # what predict takes as one image, not a list of them
 _INPUT_KINDS = "give image paths, folders, bytes, binary file objects, PIL images, arrays or tensors"

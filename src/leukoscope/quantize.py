@@ -36,9 +36,9 @@ from .onnx_backend import (
     onnxruntime,
     quantize_int8,
 )
+from .options import PRECISIONS  # noqa: F401 (re-exported)
 from .progress import note
 
-PRECISIONS = ("auto", "fp32", "int8")
 CALIBRATION_IMAGES = 256  # calibrating on 256 training images kept `pbc` at parity on validation (docs/benchmarks.md, "int8")
 CHECK_IMAGES = 2048  # validation images the parity is measured on (all of them, up to this many)
 MAX_ACCURACY_LOSS = 0.002  # int8 may lose at most 0.2 points of validation accuracy

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from .options import DEVICES  # also where callers look for it
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
@@ -50,7 +52,6 @@ def cpu_info() -> tuple[str, set[str]]:
     return fields.get("model name", ""), set(fields.get("flags", "").split())
 
 
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(preference: str = "auto"):

@@ -11,42 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class AugmentConfig:
-    rotate: bool = True
-    flip: bool = True
-    scale: tuple[float, float] = (0.9, 1.1)
-    translate: float = 0.05
-    brightness: float = 0.15
-    contrast: float = 0.15
-    saturation: float = 0.15
-    stain: float = 0.05
-    hue: float = 0.0  # max hue rotation, as a fraction of the colour circle (0.05 = 18 degrees)
-    blur_p: float = 0.2
-    blur_sigma: tuple[float, float] = (0.3, 1.2)
-    hed: float = 0.0  # HED stain jitter: each stain's density scaled by U(1 - hed, 1 + hed) ...
-    hed_shift: float = 0.0  # ... and shifted by U(-hed_shift, hed_shift) (Tellez et al. 2019: 0.05 and 0.05 "light")
-    colour_p: float = 1.0  # the share of images whose colours are jittered (colour map and HED); the rest keep theirs
-    mixup: float = 0.0  # mixup (Zhang et al. 2018): blend each batch with a shuffled copy, weight ~ Beta(mixup, mixup); 0: off
-    cutmix: float = 0.0  # CutMix (Yun et al. 2019): paste a box of a shuffled copy, kept area ~ Beta(cutmix, cutmix); 0: off
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: dict | None) -> AugmentConfig:
-        values = dict(values or {})
-        for key in ("scale", "blur_sigma"):
-            if key in values:
-                values[key] = tuple(values[key])
-        return cls(**values)
+from .options import AugmentConfig  # also where callers look for it
 
 
 def to_float(batch_uint8: torch.Tensor) -> torch.Tensor:
