@@ -78,6 +78,11 @@ def test_predicting_imports_neither_scikit_learn_nor_onnx(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "['onnxruntime']"
+    field = next((data / "blast").iterdir())  # count's report: no Grad-CAM (its PNG helper cost 3 s of imports)
+    code = ("import sys; from leukoscope.cli import main; "
+            f"code = main(['count', {str(field)!r}, '--out', {str(tmp_path / 'count')!r}]); print('pytorch_grad_cam' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert done.stdout.splitlines()[-1] == "False", done.stderr
 
 
 def test_help_and_a_misspelt_command_answer_without_importing_pytorch():

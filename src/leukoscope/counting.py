@@ -294,7 +294,7 @@ def write_report(out: Path, summary: Sequence[dict[str, Any]], gallery: dict[str
     import base64
     import html
 
-    from .explain import png_bytes
+    from .images import png_bytes
     from .report import STYLE, _img, _table
 
     totals = [r for r in summary if r["image"] == "TOTAL"]

@@ -7,7 +7,6 @@ command: one PNG per image with the cell, the heatmap overlay and the predicted 
 from __future__ import annotations
 
 import csv
-import io
 import os
 import threading
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from torch import nn
 from .checkpoint import model_from_checkpoint
 from .classes import model_class
 from .errors import LeukoscopeError, did_you_mean
-from .images import ImageReadError, load_view
+from .images import ImageReadError, load_view, png_bytes
 from .inference import Predictor, alarm_cells
 from .io import atomic_write, output_name
 from .models import CellNet
@@ -79,12 +78,6 @@ class Explainer:
         batch = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)[None]
         cam = self.heatmaps(batch, [class_index])[0]
         return show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True, image_weight=0.55)
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def panel(image: np.ndarray, overlay: np.ndarray, caption: str = "", scale: int = 2) -> np.ndarray:

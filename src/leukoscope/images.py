@@ -354,6 +354,13 @@ def to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.round(values * (255.0 / white)).clip(0, 255).astype(np.uint8)
 
 
+def png_bytes(array: np.ndarray) -> bytes:
+    """An image array encoded as PNG (for a report's or a web page's inline images)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Convert any PIL mode (16-bit, palette, RGBA, CMYK, grayscale) to 8-bit RGB."""
     if im.width < 1 or im.height < 1:

@@ -27,8 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import LeukoscopeError
-from ..explain import Explainer, png_bytes
-from ..images import ImageReadError, load_view
+from ..explain import Explainer
+from ..images import ImageReadError, load_view, png_bytes
 from ..inference import Predictor
 
 MAX_BYTES = 10 * 1024 * 1024
