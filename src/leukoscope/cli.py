@@ -32,7 +32,7 @@ def _positive_int(text: str) -> int:
 
 
 def _predict_batch(text: str) -> int:
-    from .io import MAX_BATCH
+    from .options import MAX_BATCH
 
     value = _positive_int(text)
     if value > MAX_BATCH:
@@ -461,7 +461,7 @@ def _print_summary(metrics: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .io import MAX_BATCH
+    from .options import MAX_BATCH
 
     parser = _Parser(prog="leukoscope", description="Blood-cell image classification with honest evaluation.")
     parser.add_argument("--version", action="version", version=f"leukoscope {__version__}")

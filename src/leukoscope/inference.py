@@ -33,7 +33,6 @@ from .images import several_pages
 from .io import (
     ARCHIVE_EXTENSIONS,
     IMAGE_EXTENSIONS,
-    MAX_BATCH,
     SLIDE_EXTENSIONS,
     expand_patterns,
     iter_image_files,
@@ -44,7 +43,7 @@ from .io import (
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
-from .options import BACKENDS, TTA_MODES, TTA_VIEWS  # noqa: F401 (re-exported)
+from .options import BACKENDS, MAX_BATCH, TTA_MODES, TTA_VIEWS  # noqa: F401 (re-exported)
 from .progress import note, plural
 from .transforms import eval_transform
 

@@ -26,7 +26,6 @@ from .errors import LeukoscopeError
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".avif", ".heic", ".heif")
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vsi", ".czi", ".bif", ".isyntax", ".vms", ".vmu")  # whole-slide scans: not read
 COMPANION_EXTENSIONS = (".csv", ".tsv", ".txt", ".json", ".xml", ".md", ".yaml", ".yml", ".ini", ".db", ".log", ".html", ".pdf")
-MAX_BATCH = 1024  # images decoded per batch: 100,000 held 13.7 GB for `predict wbc` on PBC's 6,843 images; 1,024 was no faster than 64
 ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".7z", ".rar", ".bz2", ".xz")  # not read, named in predict's note
 GLOB_CHARACTERS = "*?["  # an input with these that names nothing is read as a pattern (see expand_patterns)
 # Files that leukoscope's own output folders hold: a training run, an evaluation, a count, explanations, segmentations.
