@@ -1,4 +1,5 @@
 import csv
+import io
 import json
 import shutil
 import unicodedata
@@ -280,6 +281,30 @@ def test_an_empty_argument_is_refused_not_read_as_the_current_folder(tmp_path, m
         load_model("pbc", backend="torch").predict(["cells", ""])
     with pytest.raises(LeukoscopeError, match="no model given"):
         load_model("")
+
+
+def test_an_image_piped_into_standard_input_is_the_input_dash(tiny_run, tmp_path, monkeypatch, capsys):
+    """``cat cell.png | leukoscope predict MODEL - --out -``: its row is named ``-`` and matches the file's."""
+    data, run = tiny_run
+    image = next((data / "blast").iterdir())
+    pipe = lambda content: io.TextIOWrapper(io.BytesIO(content))  # a pipe: not a terminal
+    monkeypatch.setattr("sys.stdin", pipe(image.read_bytes()))
+    assert main(["predict", str(run), "-", str(data / "normal"), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.reader((tmp_path / "p.csv").open()))
+    assert rows[1][0] == "-" and len(rows) == 1 + 1 + 12
+    assert main(["predict", str(run), str(image), "--out", str(tmp_path / "file.csv")]) == 0
+    assert rows[1][1:] == list(csv.reader((tmp_path / "file.csv").open()))[1][1:]
+    for content, message in [(b"", "standard input is empty"), (None, "but none is")]:
+        monkeypatch.setattr("sys.stdin", pipe(content) if content is not None else io.TextIOWrapper(_Terminal()))
+        assert main(["predict", str(run), "-", "--out", "-"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["predict", str(run), "-", "-", "--out", "-"]) == 2
+    assert "input '-' given twice" in capsys.readouterr().err
+
+
+class _Terminal(io.BytesIO):
+    def isatty(self) -> bool:
+        return True
 
 
 def test_a_quoted_tilde_is_pointed_to_the_home_folder_it_meant(tmp_path, monkeypatch, capsys):

@@ -274,10 +274,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = load_model(args.model, backend="torch" if args.adapt else args.backend, device=args.device, precision=args.precision,
                            purpose=ADAPT_PURPOSE if args.adapt else None)
     classes = parse_classes(args.classes, predictor.class_names) if args.classes else None
-    paths = iter_inputs(args.inputs)
+    piped = _piped_image(args.inputs, args.adapt)
+    files = [i for i in args.inputs if i != "-"]
+    paths = [*piped, *(iter_inputs(files) if files else [])]
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
-    _check_out(args.out, [*paths, predictor.source], "CSV", (".csv", ".tsv", ".txt"))
+    _check_out(args.out, [*paths[len(piped):], predictor.source], "CSV", (".csv", ".tsv", ".txt"))
     if args.adapt:
         from .adapt import adapt_to_files
 
@@ -296,6 +298,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     where = "standard output" if args.out == "-" else args.out
     print(f"{plural(len(paths) - len(failures), 'image')} predicted, {len(failures)} failed; written to {where}", file=log)
     return 1 if failures else 0
+
+
+def _piped_image(inputs: list[str], adapt: bool) -> list:
+    """The image piped into standard input where ``-`` is among the inputs (its row comes first), else nothing."""
+    from .io import read_standard_input
+
+    if "-" not in inputs:
+        return []
+    if inputs.count("-") > 1:
+        raise LeukoscopeError("input '-' given twice: standard input holds one image")
+    if adapt:
+        raise LeukoscopeError("--adapt learns from a folder of one lab's images (32 or more), not one piped into standard input")
+    return [read_standard_input()]
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -315,7 +315,8 @@ def _read_binary(file: Any) -> bytes:
 
 
 def _sources(chunk: Sequence[Any], start: int) -> list[str]:
-    return [str(item) if isinstance(item, (str, os.PathLike)) else f"<image {start + i}>" for i, item in enumerate(chunk)]
+    return [str(item) if isinstance(item, (str, os.PathLike)) else getattr(item, "name", None) or f"<image {start + i}>"
+            for i, item in enumerate(chunk)]
 
 
 def check_batch_size(value: Any) -> int:

@@ -113,6 +113,31 @@ def missing_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     return [str(item) for item in inputs if not Path(item).exists() and not Path(item).is_symlink()]
 
 
+STDIN_LIMIT = 512 * 1024 * 1024  # bytes read from standard input at most: a 40 Mpixel TIFF holds 120 MB
+
+
+class StandardInput(bytes):
+    """One image read from standard input (the input ``-``): bytes, as an upload is, named ``-`` in outputs."""
+
+    name = "-"
+
+
+def read_standard_input() -> StandardInput:
+    """The image piped into the command (``cat cell.jpg | leukoscope predict wbc - --out -``); a one-line error where
+    nothing is piped in (a terminal would wait for typing), it is empty, or it is larger than any image read."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None or sys.stdin.isatty():
+        raise LeukoscopeError("input '-' reads an image piped into standard input, but none is: "
+                              "`cat cell.jpg | leukoscope predict wbc - --out -`")
+    data = stream.read(STDIN_LIMIT + 1)
+    if not data:
+        raise LeukoscopeError("input '-': standard input is empty; pipe an image into it")
+    if len(data) > STDIN_LIMIT:
+        raise LeukoscopeError(f"input '-': standard input holds more than {STDIN_LIMIT // 2**20} MB, more than an image; "
+                              "give a file or folder instead")
+    return StandardInput(data)
+
+
 def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] | None = None) -> Iterator[Path]:
     """Yield files given directly, and image files found recursively in folders (sorted).
 
