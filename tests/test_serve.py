@@ -202,6 +202,26 @@ def test_port_0_announces_the_port_it_bound(tiny_run, capsys, monkeypatch):
     assert bound and bound[0] > 0 and f"at http://127.0.0.1:{bound[0]}/ " in capsys.readouterr().out  # not ":0"
 
 
+def test_serving_beyond_this_machine_is_said_to_have_no_login_and_no_encryption(tiny_run, capsys, monkeypatch):
+    import leukoscope.serve
+    from leukoscope.cli import main
+    from leukoscope.serve import addresses
+
+    assert addresses("127.0.0.1", 8000) == ("http://127.0.0.1:8000/", None)
+    assert addresses("localhost", 8000) == ("http://localhost:8000/", None)
+    assert addresses("::1", 8000) == ("http://[::1]:8000/", None)
+    url, warning = addresses("0.0.0.0", 8000)  # every interface: the address to open is this machine's name
+    assert url == f"http://{socket.gethostname()}:8000/" and "anyone who can reach port 8000 can send images" in warning
+    assert "plain HTTP and without a login" in addresses("192.168.1.20", 8000)[1]
+    assert addresses("::", 80)[0] == f"http://{socket.gethostname()}:80/"
+    monkeypatch.setattr(leukoscope.serve, "serve", lambda predictor, name, sock: sock.close())
+    assert main(["serve", str(tiny_run[1]), "--host", "0.0.0.0", "--port", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --host 0.0.0.0 serves beyond this machine" in captured.err and f"http://{socket.gethostname()}:" in captured.out
+    assert main(["serve", str(tiny_run[1]), "--port", "0"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

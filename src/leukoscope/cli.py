@@ -363,14 +363,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .classes import parse_classes, restrict_classes
     from .inference import load_model
-    from .serve import listen, serve
+    from .serve import addresses, listen, serve
 
     predictor = load_model(args.model, backend=args.backend, device=args.device, precision=args.precision)
     if args.classes:
         predictor = restrict_classes(predictor, parse_classes(args.classes, predictor.class_names))
     sock = listen(args.host, args.port)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {args.model} at http://{host}:{sock.getsockname()[1]}/ (API docs: /docs)")  # the port bound (--port 0: a free one)
+    url, warning = addresses(args.host, sock.getsockname()[1])  # the port bound (--port 0: a free one)
+    if warning:
+        print(warning, file=sys.stderr)
+    print(f"serving {args.model} at {url} (API docs: {url}docs)")
     serve(predictor, name=Path(str(args.model)).name, sock=sock)
     return 0
 

@@ -1,5 +1,5 @@
 """Web service: ``create_app`` (FastAPI) and ``serve`` (uvicorn)."""
 
-from .app import create_app, listen, serve
+from .app import addresses, create_app, listen, serve
 
-__all__ = ["create_app", "listen", "serve"]
+__all__ = ["addresses", "create_app", "listen", "serve"]

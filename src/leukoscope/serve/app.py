@@ -261,6 +261,26 @@ def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         raise LeukoscopeError(f"cannot listen on {host}:{port}: {reason}; choose another --port or --host") from None
 
 
+def addresses(host: str, port: int) -> tuple[str, str | None]:
+    """(the address to open, a warning or None) for a service on ``host``:``port``. Beyond this machine (any host but a
+    loopback one) anyone who reaches the port can send images and read the calls, over plain HTTP, without a login: said
+    once at start. Listening on every interface (0.0.0.0, ::), the address to open is this machine's name."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+        local, everywhere = address.is_loopback, address.is_unspecified
+    except ValueError:  # a host name
+        local, everywhere = host == "localhost", False
+    shown = socket.gethostname() if everywhere else f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/"
+    if local:
+        return url, None
+    return url, (f"warning: --host {host} serves beyond this machine: anyone who can reach port {port} can send images and "
+                 "read the calls, over plain HTTP and without a login; keep it on a network you trust, or behind a proxy "
+                 "with TLS and authentication (--host 127.0.0.1, the default, serves this machine only)")
+
+
 def serve(predictor: Predictor, name: str, sock: socket.socket) -> None:
     """Run the web app on a socket from ``listen`` until interrupted."""
     import uvicorn
