@@ -52,6 +52,22 @@ def test_flat_folder_gets_a_specific_message(tmp_path, capsys):
     from leukoscope.data import detect_layout
 
     assert sorted(s.label for s in detect_layout(flat).samples) == ["a"] * 3 + ["b"] * 3  # a manifest labels a flat folder
+    assert detect_layout(flat).loose == []
+
+
+def test_images_outside_the_class_folders_are_named_not_dropped_unsaid(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_per_class=6)
+    for name in ("stray.png", "another.png"):
+        next((data / "blast").iterdir()).rename(data / name)  # dropped into the dataset's top folder
+    assert main(["check-data", str(data)]) == 0
+    captured = capsys.readouterr()
+    err = captured.out + captured.err  # check-data's report is its output
+    assert "warning: 2 images directly in data/, in no class folder, are left out (e.g. 'another.png'): move them into their " \
+           "class's folder, or label them in manifest.csv" in err
+    (data / "manifest.csv").write_text("path,label\nstray.png,normal\n")
+    from leukoscope.data import detect_layout
+
+    assert detect_layout(data).loose == ["another.png"]  # the labelled one is read
 
 
 def test_predict_in_python_accepts_folders(tiny_run):

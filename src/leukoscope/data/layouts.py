@@ -55,6 +55,7 @@ class Dataset:
     classes: list[str]
     notes: list[str] = field(default_factory=list)
     archives: list[str] = field(default_factory=list)  # zip, tar.gz, ... files under root: images not read
+    loose: list[str] = field(default_factory=list)  # images directly in root, in no class folder and unlabelled: not read
 
     def abspath(self, sample: Sample) -> Path:
         return self.root / sample.path
@@ -106,9 +107,14 @@ def nested_classes(dataset: Dataset) -> list[tuple[str, str]]:
 
 
 def folder_warnings(dataset: Dataset) -> list[str]:
-    """What to say of how a dataset's folders are laid out: archives not read, class folders nested in one folder each,
-    TIFF files of several pages read by their first."""
+    """What to say of how a dataset's folders are laid out: archives and images outside any class folder not read,
+    class folders nested in one folder each, TIFF files of several pages read by their first."""
     warnings = [archives_warning(dataset.archives)] if dataset.archives else []
+    if dataset.loose:
+        one = len(dataset.loose) == 1
+        it, its, verb = ("it", "its", "is") if one else ("them", "their", "are")
+        warnings.append(f"{plural(len(dataset.loose), 'image')} directly in {dataset.root.name}/, in no class folder, {verb} left out "
+                        f"(e.g. {dataset.loose[0]!r}): move {it} into {its} class's folder, or label {it} in manifest.csv")
     if pages := several_pages([dataset.abspath(s) for s in dataset.samples]):
         warnings.append(pages)
     if nested := nested_classes(dataset):
@@ -164,6 +170,8 @@ def detect_layout(root: str | os.PathLike) -> Dataset:
                 "to classify unlabelled images use `leukoscope predict`")
         raise LeukoscopeError(f"no dataset layout recognised in {str(root)!r}: " + (archives_warning(archives) or f"expected {EXPECTED}"))
     dataset.archives = archives
+    used = {s.path for s in dataset.samples}
+    dataset.loose = [printable(f.as_posix()) for f in files if len(f.parts) == 1 and is_image_file(f) and f.as_posix() not in used]
     return dataset
 
 
