@@ -217,6 +217,10 @@ def test_evaluate_reports_the_precision_that_ran(run, monkeypatch, tmp_path):
         out = tmp_path / precision
         assert main(["evaluate", str(folder), str(data), "--out", str(out), "--precision", precision]) == 0
         assert f"Inference in <b>{precision}</b>" in (out / "report.html").read_text()
+    monkeypatch.setattr(AutoPrecision, "_choose", lambda self, batch: ("int8", "chosen"))  # as on a CPU where int8 is faster
+    monkeypatch.setattr(quantize, "AUTO_MIN_BATCH", 1)
+    assert main(["evaluate", str(folder), str(data), "--out", str(tmp_path / "default")]) == 0
+    assert "Inference in <b>fp32</b>" in (tmp_path / "default" / "report.html").read_text()  # scores that no CPU changes
 
 
 def _int8_weights_and_first_input(graph_bytes: bytes):

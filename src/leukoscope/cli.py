@@ -156,17 +156,19 @@ def _add_tta(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-tta", dest="tta", action="store_const", const="none", help="same as --tta none")
 
 
-def _add_backend(parser: argparse.ArgumentParser) -> None:
+def _add_backend(parser: argparse.ArgumentParser, precision: str = "auto") -> None:
+    """--backend, --device and --precision; ``precision``: the default (evaluate's is fp32: its scores must not depend on
+    the CPU it runs on, as auto's choice of int8 does)."""
     from .options import BACKENDS, DEVICES, PRECISIONS
 
     parser.add_argument("--backend", default="auto", choices=BACKENDS,
                         help="what runs a CNN checkpoint: auto (default: ONNX Runtime for CellNet, else PyTorch), torch or onnx")
     parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="auto (default: CUDA when available), cpu or cuda (PyTorch with bf16 autocast)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+    parser.add_argument("--precision", default=precision, choices=PRECISIONS,
                         help="CPU inference of a checkpoint: int8 (its int8 graph on ONNX Runtime, built from a run's own images if "
-                             "missing), fp32, or auto (default: int8 where that graph exists and, measured on the first batch, is "
-                             "faster here with the same calls)")
+                             "missing), fp32, or auto (int8 where that graph exists and, measured on the first batch, is "
+                             f"faster here with the same calls); default {precision}")
 
 
 def _yaml_mapping(text: str) -> dict:
@@ -516,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_non_negative_int, default=None, metavar="N",
                    help="cell-centric models, splits of 256+ files: decode in N forked processes (default: one per core); "
                         "0 or 1: threads in this process (central crops always decode in threads)")
-    _add_backend(p)
+    _add_backend(p, precision="fp32")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict image files and folders into a CSV")

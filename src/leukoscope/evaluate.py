@@ -273,7 +273,7 @@ def _never_test_if_seen(dataset: Dataset, splits: list[str], predictor: Predicto
 
 def evaluate_command(model: str, data: str, out: str, tta: bool | str | None = None, target_sensitivity: float | None = None,
                      backend: str = "auto", force: bool = False, class_map: str | None = None,
-                     split_file: str | None = None, adapt: bool = False, device: str = "auto", precision: str = "auto",
+                     split_file: str | None = None, adapt: bool = False, device: str = "auto", precision: str = "fp32",
                      adapt_steps: int | None = None, workers: int | None = None, skip_unknown: bool = False,
                      classes: str | None = None) -> dict[str, Any]:
     """``leukoscope evaluate MODEL DATA --out DIR``; a DIR with earlier results needs ``force``.
