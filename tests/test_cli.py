@@ -302,6 +302,17 @@ def test_an_image_piped_into_standard_input_is_the_input_dash(tiny_run, tmp_path
     assert "input '-' given twice" in capsys.readouterr().err
 
 
+def test_a_file_named_with_a_leading_dash_is_pointed_to_its_dot_slash_form(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-cell.png").write_bytes(b"")
+    for argv in (["predict", "pbc", "-cell.png", "--out", "-"], ["predict", "pbc", "a.png", "-cell.png", "--out", "-"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith("'-cell.png' is a file whose name starts with '-', read as an option: give it as './-cell.png'")
+    assert main(["predict", "pbc", "--out", "-", "-x"]) == 2  # no such file: argparse's message alone
+    assert "starts with '-'" not in capsys.readouterr().err
+
+
 class _Terminal(io.BytesIO):
     def isatty(self) -> bool:
         return True
