@@ -315,6 +315,22 @@ def test_commands_that_write_a_folder_refuse_stdout(tiny_run, tmp_path, monkeypa
     assert not os.path.exists("-")
 
 
+def test_an_ascii_console_of_the_c_locale_prints_names_escaped(tmp_path):
+    """LC_ALL=C with Python's UTF-8 mode off: the console is ASCII with surrogateescape, which raised UnicodeEncodeError
+    on 'ó' in a class name after check-data had read every image; a name's undecodable bytes are written back as bytes."""
+    from conftest import make_image_folder
+
+    data = make_image_folder(tmp_path / "data", n_per_class=2)
+    (data / "blast").rename(data / "Eosinófilo")
+    os.rename(os.fsencode(data / "normal"), os.path.join(os.fsencode(data), b"caf\xe9"))  # a Latin-1 name from an old archive
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    done = subprocess.run([sys.executable, "-m", "leukoscope", "check-data", str(data)], env=env, capture_output=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"Eosin\\xf3filo" in done.stdout and b"caf\\xe9" in done.stdout  # printable() escapes a label's bytes too
+
+
 def test_a_name_the_console_cannot_encode_is_printed_escaped(tmp_path, monkeypatch):
     """Chinese file names under a console that cannot hold them (a Windows code page, LANG=C): the work was done, then
     the last message raised UnicodeEncodeError; now it prints the name escaped. And no matplotlib warning per glyph."""

@@ -672,11 +672,22 @@ def _sigterm_raises() -> Iterator[None]:
 
 def _escape_what_the_console_cannot_show() -> None:
     """A file name that the console's encoding cannot hold (Chinese under a Windows code page, any non-ASCII name under
-    LANG=C) is printed escaped (``\\u7d30``) instead of raising UnicodeEncodeError after the work is done; lone
-    surrogates (names in another encoding than UTF-8) keep the stream's own handling."""
+    LANG=C or LC_ALL=C, as in many containers and cron jobs) is printed escaped (``\\u7d30``) instead of raising
+    UnicodeEncodeError after the work is done; lone surrogates (a name's bytes that are not text in the locale's
+    encoding) are written back as those bytes, as Python's own surrogateescape does for such a console."""
+    import codecs
+
+    def escape(err: UnicodeError) -> tuple[bytes, int]:
+        if not isinstance(err, UnicodeEncodeError):
+            raise err
+        text = err.object[err.start : err.end]
+        return b"".join(bytes([ord(c) - 0xDC00]) if 0xDC80 <= ord(c) <= 0xDCFF else c.encode("ascii", "backslashreplace")
+                        for c in text), err.end
+
+    codecs.register_error("leukoscope.console", escape)
     for stream in (sys.stdout, sys.stderr):
-        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+        if getattr(stream, "errors", None) in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="leukoscope.console")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
