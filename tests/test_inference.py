@@ -80,6 +80,7 @@ def test_file_objects_are_images_and_other_objects_are_refused():
         files = predictor.predict([first, *(io.BytesIO(p.read_bytes()) for p in paths[1:])])
     probs = lambda predictions: np.array([list(p.probabilities.values()) for p in predictions])
     assert np.abs(probs(files) - probs(by_path)).max() <= TOLERANCE and not any(f.error for f in files)
+    assert files[0].source == str(paths[0]) and files[1].source == "<image 1>"  # an open file by its name; a BytesIO has none
     with open(paths[0], "rb") as first:  # one file object alone (a batch of one: other kernels, same call)
         assert np.abs(probs(predictor.predict(first)) - probs(by_path[:1])).max() <= TOLERANCE
     with open(paths[0]) as text, pytest.raises(TypeError, match=r"is open in text mode: open images in binary mode"):

@@ -34,6 +34,7 @@ from .io import (
     ARCHIVE_EXTENSIONS,
     IMAGE_EXTENSIONS,
     SLIDE_EXTENSIONS,
+    EncodedImage,
     expand_patterns,
     iter_image_files,
     missing_inputs,
@@ -306,12 +307,14 @@ def _nchw(images: np.ndarray) -> torch.Tensor:
 
 
 def _read_binary(file: Any) -> bytes:
-    """An open file's contents, for a file object given to predict (an upload, ``open(path, "rb")``)."""
+    """An open file's contents, for a file object given to predict (an upload, ``open(path, "rb")``), under the file's
+    name where it has one (its predictions' ``source``)."""
     data = None if isinstance(file, io.TextIOBase) else file.read()
     if not isinstance(data, (bytes, bytearray)):
         name = getattr(file, "name", "a file object")
         raise TypeError(f"{name} is open in text mode: open images in binary mode, open(path, 'rb')")
-    return bytes(data)
+    name = getattr(file, "name", None)
+    return EncodedImage(data, os.fsdecode(name)) if isinstance(name, (str, bytes)) else bytes(data)
 
 
 def _sources(chunk: Sequence[Any], start: int) -> list[str]:

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from .errors import LeukoscopeError
 
@@ -116,13 +116,17 @@ def missing_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
 STDIN_LIMIT = 512 * 1024 * 1024  # bytes read from standard input at most: a 40 Mpixel TIFF holds 120 MB
 
 
-class StandardInput(bytes):
-    """One image read from standard input (the input ``-``): bytes, as an upload is, named ``-`` in outputs."""
+class EncodedImage(bytes):
+    """An image file's bytes in memory, as an upload is, with the name outputs give it: ``-`` for standard input, an
+    open file's own name."""
 
-    name = "-"
+    def __new__(cls, data: bytes, name: str) -> Self:
+        image = super().__new__(cls, data)
+        image.name = name
+        return image
 
 
-def read_standard_input() -> StandardInput:
+def read_standard_input() -> EncodedImage:
     """The image piped into the command (``cat cell.jpg | leukoscope predict wbc - --out -``); a one-line error where
     nothing is piped in (a terminal would wait for typing), it is empty, or it is larger than any image read."""
     stream = getattr(sys.stdin, "buffer", None)
@@ -135,7 +139,7 @@ def read_standard_input() -> StandardInput:
     if len(data) > STDIN_LIMIT:
         raise LeukoscopeError(f"input '-': standard input holds more than {STDIN_LIMIT // 2**20} MB, more than an image; "
                               "give a file or folder instead")
-    return StandardInput(data)
+    return EncodedImage(data, "-")
 
 
 def iter_image_files(inputs: Iterable[str | os.PathLike], skipped: Counter[str] | None = None) -> Iterator[Path]:
