@@ -40,6 +40,16 @@ def test_bundled_model_names_ignore_case(capsys):
     assert "did you mean 'pbc'?" in capsys.readouterr().err
 
 
+def test_a_split_by_image_for_want_of_patient_ids_is_said(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "data", n_per_class=12)
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), *TINY]) == 0
+    assert f"note: split by image: {data} gives no patient ids" in capsys.readouterr().err
+    rows = ["path,label,patient"] + [f"{p.relative_to(data).as_posix()},{p.parent.name},P{i % 6}" for i, p in enumerate(sorted(data.rglob("*.png")))]
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+    assert main(["train", str(data), "--out", str(tmp_path / "by_patient"), *TINY]) == 0
+    assert "split by image" not in capsys.readouterr().err
+
+
 def test_flat_folder_gets_a_specific_message(tmp_path, capsys):
     make_image_folder(tmp_path / "nested", n_per_class=3)
     flat = tmp_path / "flat"

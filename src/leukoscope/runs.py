@@ -114,6 +114,9 @@ def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig) -> tuple[li
                                   f"{len(found)} found; {example}): delete it to split again, or use a new --out folder")
         return (*run_splits(out, dataset.samples), False)
     splits, kind = make_splits(dataset, config.fractions, config.split_seed_value, config.split_by)
+    if config.split_by == "patient" and not dataset.has_patients:  # said, not only recorded: a patient can span the splits
+        note(f"note: split by image: {dataset.root} gives no patient ids, so one patient's cells may fall in train and test "
+             "alike; give a patient column in manifest.csv to split by patient")
     return splits, kind, True
 
 
