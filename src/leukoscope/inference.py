@@ -40,6 +40,7 @@ from .io import (
     missing_inputs,
     not_found_hint,
     once_each,
+    refuse_empty_paths,
 )
 from .metrics import positive_index, softmax
 from .models import CellNet
@@ -174,9 +175,7 @@ class Predictor:
         elif not isinstance(images, Iterable) or isinstance(images, Mapping):  # a dict's keys are not images
             raise TypeError(f"cannot predict {type(images).__name__!r}: {_INPUT_KINDS}, or a list of them")
         items: list[Any] = []
-        for item in images:
-            if isinstance(item, str) and not item.strip():  # Path("") is the current folder, not what was meant
-                raise LeukoscopeError("an empty path among the images: give image files or folders (an unset variable?)")
+        for item in refuse_empty_paths(images):
             if isinstance(item, (str, os.PathLike)) and Path(item).is_dir():
                 items.extend(iter_image_files([item]))
             elif isinstance(item, torch.Tensor):
@@ -430,10 +429,7 @@ def note_skipped(skipped: Counter[str]) -> None:
 def given_inputs(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLike]:
     """The inputs as given, patterns that a shell left as they are expanded (``io.expand_patterns``); a one-line error
     for one that names nothing (a typo in a path is not a file that could not be read)."""
-    inputs = list(inputs)
-    if any(isinstance(item, str) and not item.strip() for item in inputs):  # Path("") is the current folder
-        raise LeukoscopeError("an empty path among the inputs: give image files or folders (an unset variable?)")
-    inputs = expand_patterns(inputs)
+    inputs = expand_patterns(refuse_empty_paths(inputs))
     if missing := missing_inputs(inputs):
         raise LeukoscopeError(f"input {missing[0]!r} does not exist{not_found_hint(missing[0])}")
     return inputs

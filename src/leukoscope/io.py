@@ -113,6 +113,15 @@ def missing_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     return [str(item) for item in inputs if not Path(item).exists() and not Path(item).is_symlink()]
 
 
+def refuse_empty_paths(items: Iterable[T]) -> list[T]:
+    """``items`` as a list; a one-line error for an empty path among them, which ``Path("")`` would read as the current
+    folder (an unset variable in ``predict("$DIR")``)."""
+    items = list(items)
+    if any(isinstance(item, str) and not item.strip() for item in items):
+        raise LeukoscopeError("an empty path among the images: give image files or folders (an unset variable?)")
+    return items
+
+
 STDIN_LIMIT = 512 * 1024 * 1024  # bytes read from standard input at most: a 40 Mpixel TIFF holds 120 MB
 
 
