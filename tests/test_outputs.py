@@ -174,6 +174,28 @@ def test_images_are_not_written_into_the_folder_they_are_read_from(tmp_path, cap
     assert f"give a folder of its own, e.g. --out {command[0]}_results" in err and sorted(cells.iterdir()) == before
 
 
+@pytest.mark.parametrize("command, what", [(["segment"], "masks and overlays"), (["explain", "pbc"], "heatmaps")])
+def test_a_file_given_as_the_output_folder_is_named(tmp_path, capsys, command, what):
+    from conftest import make_image_folder
+
+    cells = make_image_folder(tmp_path / "data", n_per_class=1) / "blast"
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([*command, str(cells), "--out", str(tmp_path / "notes.txt")]) == 2  # segment: "[Errno 17] File exists"
+    assert f"is a file, not a folder; give a folder for the {what}" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "blocked").write_text("a file where a folder would go")
+    assert main([*command, str(cells), "--out", str(tmp_path / "blocked" / "out")]) == 2
+    assert "cannot create --out" in capsys.readouterr().err
+
+
+def test_a_file_where_the_output_s_folder_would_be_is_named(tmp_path):
+    (tmp_path / "results").write_text("a file, not a folder")
+    refused = pytest.raises(LeukoscopeError, match=r"cannot write '.*p.csv': '.*results' is a file, not a folder")  # was: [Errno 17]
+    with refused, atomic_write(tmp_path / "results" / "run 1" / "p.csv") as handle:
+        handle.write("path,label\n")
+    assert (tmp_path / "results").read_text() == "a file, not a folder"
+
+
 def test_evaluate_refuses_earlier_results_and_training_runs(tiny_run, tmp_path, capsys):
     data, run = tiny_run
     out = tmp_path / "eval"

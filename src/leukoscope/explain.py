@@ -25,7 +25,7 @@ from .classes import model_class
 from .errors import LeukoscopeError, did_you_mean
 from .images import ImageReadError, load_view, png_bytes
 from .inference import Predictor, alarm_cells
-from .io import atomic_write, output_name
+from .io import atomic_write, make_output_folder, output_name
 from .models import CellNet
 from .transforms import eval_transform
 
@@ -96,10 +96,7 @@ def explain_files(model: Predictor, paths: Sequence[os.PathLike], out_dir: str |
                   class_name: str | None = None) -> tuple[int, list[tuple[str, str]]]:
     """``leukoscope explain``: one ``<name>_cam.png`` per image plus ``explanations.csv``; returns (heatmaps written,
     (path, error) of each image that failed)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LeukoscopeError(f"--out {str(out_dir)!r} is a file, not a folder; give a folder for the heatmaps")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_folder(out_dir, "heatmaps")
     names = model.class_names
     if class_name is not None:
         class_name = model_class(class_name, names)

@@ -316,7 +316,7 @@ def is_stream_output(path: str | os.PathLike) -> bool:
         return True
     try:
         mode = os.stat(path).st_mode  # follows symlinks
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there yet (or a file where a folder of the path would be)
         return False
     if stat.S_ISDIR(mode):
         raise IsADirectoryError(f"{path} is a directory; give a file name")
@@ -328,6 +328,18 @@ def refuse_stream_folder(out: str | os.PathLike, command: str) -> None:
     if not Path(out).is_dir() and is_stream_output(out):
         raise LeukoscopeError(f"--out {str(out)!r} is standard output or a device, but {command} writes a folder of files; "
                               f"give a folder, e.g. --out {command}_results")
+
+
+def make_output_folder(out: str | os.PathLike, what: str) -> Path:
+    """The folder ``out``, created if needed; a one-line error naming --out where it is a file or cannot be made."""
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():
+        raise LeukoscopeError(f"--out {str(out)!r} is a file, not a folder; give a folder for the {what}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LeukoscopeError(f"cannot create --out {str(out)!r}: {err.strerror or err}; give a folder you can write") from None
+    return folder
 
 
 def refuse_input_folder(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], command: str) -> None:
@@ -382,6 +394,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
                 yield handle
         return
     target = Path(os.path.realpath(path))  # through symlinks, dangling ones included
+    if (blocking := next((p for p in target.parents if p.exists() and not p.is_dir()), None)) is not None:
+        raise LeukoscopeError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     permissions = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644  # mkstemp's 0600 would hide outputs
     try:

@@ -151,10 +151,9 @@ def segment_files(paths, out_dir, mode: str = "auto", max_side: int = 512) -> li
     from PIL import Image
 
     from ..images import ImageReadError, load_rgb
-    from ..io import atomic_write, output_name
+    from ..io import atomic_write, make_output_folder, output_name
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_output_folder(out_dir, "masks and overlays")
     rows, used = [], set()
     for path in paths:
         row = {"path": str(path), "mode": "", "leukocytes": "", "nucleus_area": "", "cell_area": "", "nucleus_ratio": "", "error": ""}
