@@ -11,6 +11,11 @@ class LeukoscopeError(Exception):
     """A problem with the user's input (path, option, data) rather than a bug."""
 
 
+class NotAFolderError(LeukoscopeError, NotADirectoryError):
+    """A file where an output's folder would be: the user's to fix (a one-line error), and an OSError to code that
+    falls back when it cannot write (the ONNX graph cache)."""
+
+
 # what loading a pickle (torch.load, joblib.load) of a file that is not one raised, on 300 random and 80 damaged files:
 # KeyError for a text file, IndexError for a cut one
 UNPICKLING_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, pickle.UnpicklingError)

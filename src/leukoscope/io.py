@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Self, TypeVar
 
-from .errors import LeukoscopeError
+from .errors import LeukoscopeError, NotAFolderError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".webp", ".jp2", ".avif", ".heic", ".heif")
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vsi", ".czi", ".bif", ".isyntax", ".vms", ".vmu")  # whole-slide scans: not read
@@ -395,7 +395,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
         return
     target = Path(os.path.realpath(path))  # through symlinks, dangling ones included
     if (blocking := next((p for p in target.parents if p.exists() and not p.is_dir()), None)) is not None:
-        raise LeukoscopeError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a folder")
+        raise NotAFolderError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     permissions = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644  # mkstemp's 0600 would hide outputs
     try:
