@@ -53,6 +53,16 @@ def test_only_long_runs_of_cell_centric_files_use_processes(monkeypatch):
     assert worker_processes(decoding.PROCESS_MIN - 1, cell, workers=3) == 0  # a short run stays in threads
 
 
+def test_a_worker_count_beyond_the_cores_is_capped_with_a_note(monkeypatch, capsys):
+    """``--workers 10000`` forked ten thousand processes of about 40 MB each."""
+    monkeypatch.setattr(decoding, "usable_cores", lambda: 2)
+    cells = View(112, cell=0.6)
+    assert decoding.worker_processes(300, cells, True, 10000) == 8
+    assert "--workers 10000 is more than 4 per core on this machine's 2: decoding in 8 processes" in capsys.readouterr().err
+    assert decoding.worker_processes(300, cells, True, 8) == 8 and decoding.worker_processes(10, cells, True, 10000) == 0
+    assert capsys.readouterr().err == ""  # within the cap, or too few files for processes: nothing to say
+
+
 def test_predict_workers_option_gives_the_same_csv(tmp_path, tiny_run):
     """--workers 2 (processes that run the network) and --workers 0 (threads) write the same rows."""
     from leukoscope.cli import main

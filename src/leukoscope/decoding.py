@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from .images import ImageReadError, View, frame, in_srgb, load_view, to_rgb, to_uint8
+from .progress import note
 from .runtime import usable_cores
 
 PROCESS_MIN = 256  # fewer files than this decode in threads (a process pool costs ~30 ms to start)
@@ -117,18 +118,27 @@ def array_to_rgb(array: np.ndarray) -> np.ndarray:
     return np.asarray(to_rgb(Image.fromarray(array)))
 
 
+MAX_WORKERS_PER_CORE = 4  # decoding processes per core at most: more only share the cores and hold memory
+
+
 def worker_processes(files: int, view: View, infer: bool = False, workers: int | None = None) -> int:
     """How many decoding processes a run of ``files`` files gets (0: use threads): ``workers``, or by
     default one per core. Cell-centric views, and central crops only where the workers also run the
     network (``infer``): a central crop frames without holding the GIL for long, so with the network
     in the parent threads were faster (`pbc`: 1,202 vs 1,063 images/s end to end in int8), and with
     the network in the workers processes are. Fewer than 2 means none (one would only make the
-    parent wait)."""
+    parent wait). At most MAX_WORKERS_PER_CORE per core: each holds about 40 MB, and ``--workers 10000`` forked
+    10,000 of them."""
     if workers is None:
         workers = usable_cores()
         workers //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun: the ranks of one machine share its cores
     wanted = view.cell is not None or infer
-    return workers if wanted and files >= PROCESS_MIN and workers >= 2 and sys.platform == "linux" else 0
+    if not (wanted and files >= PROCESS_MIN and workers >= 2 and sys.platform == "linux"):
+        return 0
+    if workers > (most := MAX_WORKERS_PER_CORE * usable_cores()):
+        note(f"note: --workers {workers} is more than {MAX_WORKERS_PER_CORE} per core on this machine's {usable_cores()}: "
+             f"decoding in {most} processes")
+    return min(workers, most)
 
 
 class Decoder:
