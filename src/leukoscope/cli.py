@@ -32,12 +32,11 @@ def _positive_int(text: str) -> int:
 
 
 def _predict_batch(text: str) -> int:
-    from .options import MAX_BATCH
+    from .options import BATCH_LIMIT_WHY, MAX_BATCH
 
     value = _positive_int(text)
     if value > MAX_BATCH:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH}, got {value}: larger batches hold more memory "
-                                         "(three are in flight) and are not faster")
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_BATCH}, got {value}: {BATCH_LIMIT_WHY}")
     return value
 
 

@@ -45,7 +45,7 @@ from .io import (
 from .metrics import positive_index, softmax
 from .models import CellNet
 from .ood import WithOOD
-from .options import BACKENDS, MAX_BATCH, TTA_MODES, TTA_VIEWS  # noqa: F401 (re-exported)
+from .options import BACKENDS, BATCH_LIMIT_WHY, MAX_BATCH, TTA_MODES, TTA_VIEWS  # noqa: F401 (re-exported)
 from .progress import note, plural
 from .transforms import eval_transform
 
@@ -324,7 +324,7 @@ def _sources(chunk: Sequence[Any], start: int) -> list[str]:
 def check_batch_size(value: Any) -> int:
     """``value`` as a batch size, or a LeukoscopeError saying what it must be (three batches are in flight at once)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_BATCH:
-        why = ": larger batches hold more memory (three are in flight) and are not faster" if isinstance(value, int) and value > 1 else ""
+        why = f": {BATCH_LIMIT_WHY}" if isinstance(value, int) and value > 1 else ""
         raise LeukoscopeError(f"batch_size must be a whole number from 1 to {MAX_BATCH}, got {value!r}{why}")
     return int(value)
 

@@ -330,11 +330,16 @@ def refuse_stream_folder(out: str | os.PathLike, command: str) -> None:
                               f"give a folder, e.g. --out {command}_results")
 
 
+def refuse_file_as_folder(out: str | os.PathLike, what: str) -> None:
+    """A one-line error where the folder --out names is a file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise LeukoscopeError(f"--out {str(out)!r} is a file, not a folder; give a folder for the {what}")
+
+
 def make_output_folder(out: str | os.PathLike, what: str) -> Path:
     """The folder ``out``, created if needed; a one-line error naming --out where it is a file or cannot be made."""
+    refuse_file_as_folder(out, what)
     folder = Path(out)
-    if folder.exists() and not folder.is_dir():
-        raise LeukoscopeError(f"--out {str(out)!r} is a file, not a folder; give a folder for the {what}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -394,9 +399,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
                 yield handle
         return
     target = Path(os.path.realpath(path))  # through symlinks, dangling ones included
-    if (blocking := next((p for p in target.parents if p.exists() and not p.is_dir()), None)) is not None:
-        raise NotAFolderError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # which part of the path is a file: looked for only when one is
+        blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        if blocking is None:
+            raise
+        raise NotAFolderError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a folder") from None
     permissions = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644  # mkstemp's 0600 would hide outputs
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{_first_bytes(target.name, 200)}.", dir=target.parent)  # a long name still fits

@@ -12,6 +12,7 @@ BACKENDS = ("auto", "torch", "onnx")  # what runs a CNN checkpoint; see inferenc
 PRECISIONS = ("auto", "fp32", "int8")  # see quantize
 DEVICES = ("auto", "cpu", "cuda")  # see runtime.resolve_device
 MAX_BATCH = 1024  # images per prediction batch: 100,000 held 13.7 GB for `predict wbc` on PBC's 6,843 images; 1,024 was no faster than 64
+BATCH_LIMIT_WHY = "larger batches hold more memory (three are in flight) and are not faster"
 ENTROPY_STEPS = 40  # --adapt's gradient steps of entropy minimisation after the statistics, for multi-class cell-window models (see adapt)
 
 

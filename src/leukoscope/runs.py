@@ -26,7 +26,7 @@ from .data.dataset import decode_many
 from .data.layouts import folder_warnings, look_alike_warning
 from .data.splits import check_split_leaks, label_conflicts
 from .errors import LeukoscopeError
-from .io import refuse_stream_folder
+from .io import refuse_file_as_folder, refuse_stream_folder
 from .images import View
 from .progress import note, plural
 
@@ -54,9 +54,8 @@ def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_spli
     re-train is evaluated on the same split); delete it to split again.
     """
     refuse_stream_folder(out, command)
+    refuse_file_as_folder(out, f"{command} outputs")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LeukoscopeError(f"--out {str(out)!r} is a file, not a folder; give a folder for the {command} outputs")
     kept = {SPLITS_FILE} if keep_splits else set()
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     others = [name for name in present if name not in kept]
