@@ -137,6 +137,9 @@ def test_subtype_merges():
     assert subtype_merges(["neutrophil", "Myelocytes", "ig"], wbc) == {"Myelocytes": "ig"}
     assert subtype_merges(["Neutrófilo en cayado", "Neutrófilo segmentado", "Mielocitos", "Granulocitos inmaduros"], wbc) == {
         "Neutrófilo en cayado": "neutrophil", "Neutrófilo segmentado": "neutrophil", "Mielocitos": "Granulocitos inmaduros"}
+    stages = ["ig_metamyelocyte", "ig_myelocyte", "ig_promyelocyte", "neutrophil_band", "neutrophil_segmented", "eosinophil"]
+    assert subtype_merges(stages, wbc) == {"ig_metamyelocyte": "ig", "ig_myelocyte": "ig", "ig_promyelocyte": "ig",
+                                           "neutrophil_band": "neutrophil", "neutrophil_segmented": "neutrophil"}  # make_wbc_data --subtypes
     assert subtype_merges(["Neutrophils", "NEUTROPHIL", "band"], wbc) == {}  # two folders name the class itself: ambiguous
     assert subtype_merges(["band", "lymphocyte"], wbc) == {}  # one folder for the class: matched by name, nothing to merge
     assert subtype_merges(["NGB", "NGS"], ["blast", "normal"]) == {}  # not classes of this model
@@ -346,7 +349,7 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
               "ema": "0.99", "refit_head": "2.0", "refit_views": "1", "method": "cnn", "backbone": "pbc", "augment": "{hue: 0.04}",
               "init": "pbc", "freeze_epochs": "2", "backbone_lr": "0.1", "cv": "3", "track": "mlruns", "cell": "0.6",
               "colour_norm": "white", "teacher": "pbc", "distill": "0.3", "distill_temperature": "3.0",
-              "reduce": None, "colour_cast": None}
+              "reduce": None, "colour_cast": None, "merge_classes": "{}"}
     assert set(values) == {f.name for f in fields(TrainConfig)}, "a new option needs a case here"
     argv = ["train", "data", "--out", "run"]
     for name, value in values.items():
@@ -363,6 +366,8 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
     assert from_flags.augment.hue == 0.04 and from_flags.augment.rotate is True and from_flags.arch_kwargs == {"dropout": 0.1}
     (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(from_flags.to_dict()))
     assert load_config(tmp_path / "c.yaml", {}) == from_flags  # the same options through YAML
+    args = build_parser().parse_args(["train", "data", "--out", "run", "--merge-classes", "{blast_a: blast}", "--refit-head", "1"])
+    assert load_config(None, {f.name: getattr(args, f.name) for f in fields(TrainConfig)}).merge_classes == {"blast_a": "blast"}
     merged = load_config(tmp_path / "c.yaml", {"augment": {"blur_p": 0.0}, "class_balance": False})
     assert merged.augment.hue == 0.04 and merged.augment.blur_p == 0.0 and merged.class_balance is False
 

@@ -52,3 +52,17 @@ def test_refit_head_with_augmented_views_is_seeded():
         assert accuracy >= 0.9
         heads.append(model.classifier.weight.detach().clone())
     assert torch.equal(heads[0], heads[1])
+
+
+def test_merged_classes_keep_the_training_order_and_refuse_unknown_names():
+    from leukoscope.refit import merged_classes
+
+    classes = ["basophil", "ig_metamyelocyte", "ig_myelocyte", "neutrophil_band", "neutrophil_segmented", "platelet"]
+    merge = {"ig_metamyelocyte": "ig", "ig_myelocyte": "ig", "neutrophil_band": "neutrophil", "neutrophil_segmented": "neutrophil"}
+    final, index = merged_classes(classes, merge)
+    assert final == ["basophil", "ig", "neutrophil", "platelet"]
+    assert index.tolist() == [0, 1, 1, 2, 2, 3]
+    final, index = merged_classes(["b", "a"], {})
+    assert final == ["b", "a"] and index.tolist() == [0, 1]  # nothing merged: unchanged
+    with pytest.raises(LeukoscopeError, match=r"'neutrophil_bands', which is not a class of the data \(did you mean 'neutrophil_band'\?\)"):
+        merged_classes(classes, {"neutrophil_bands": "neutrophil"})

@@ -230,3 +230,32 @@ def test_a_refused_split_is_not_recorded_so_the_same_command_works_once_the_data
         prepare_run(data, tmp_path / "run", TrainConfig(), "test")
     assert str(refused.value).endswith("(24 images listed, 23 found; it lists 'normal/normal_005.png', which is not there): "
                                        "delete it to split again, or use a new --out folder")
+
+
+def test_the_stage_folders_of_the_wbc_data_keep_each_image_in_the_split_of_the_wbc_model(tmp_path):
+    """tools/make_wbc_data.py --subtypes: PBC's neutrophil and immature-granulocyte stages, from its file names, in
+    folders of their own, each image in the part of configs/wbc.splits.csv it had under its type."""
+    import csv
+    import subprocess
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    from conftest import DATA, require
+
+    require(DATA / "pbc")
+    require(DATA / "bccd_wbc")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "tools" / "make_wbc_data.py"), "--shared", str(DATA), "--out", str(tmp_path / "stages"),
+                    "--splits", str(tmp_path / "run" / "splits.csv"), "--subtypes"], check=True, capture_output=True)
+    samples, splits = read_splits(tmp_path / "run" / "splits.csv")
+    folders = Counter(s.label for s in samples)
+    assert folders["neutrophil_band"] == 648 and folders["ig_metamyelocyte"] == 431 and folders["ig_promyelocyte"] == 231
+    assert "neutrophil" not in folders and "ig" not in folders and folders["eosinophil"] == 1349
+    band = [s.path for s in samples if s.label == "neutrophil_band"]
+    assert all(Path(p).name.startswith("pbc__BNE_") for p in band)
+    assert all(s.path.startswith("neutrophil_segmented/") for s in samples if "bccd_wbc__" in s.path and "neutrophil" in s.path)
+    with open(root / "configs" / "wbc.splits.csv", newline="") as handle:
+        split_of = {Path(r["path"]).name: r["split"] for r in csv.DictReader(handle)}
+    assert len(samples) == len(split_of) and all(split_of[Path(s.path).name] == k for s, k in zip(samples, splits))
+    assert {s.path for s in detect_layout(tmp_path / "stages").samples} == {s.path for s in samples}

@@ -294,3 +294,33 @@ def test_cnn_learns_a_separable_set_under_mixup_and_cutmix(tmp_path):
     metrics = train(data, tmp_path / "run", config)
     assert metrics["test"]["accuracy"] >= 0.9
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["augment"]["mixup"] == 0.2
+
+
+def test_a_network_trained_on_finer_classes_reports_the_merged_ones(tmp_path):
+    """Four folders (two kinds of blast, two of normal cell) merged into two classes: the checkpoint, the
+    evaluation and the predictions name only the merged classes."""
+    from leukoscope import load_model
+
+    data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
+    for label in ("blast", "normal"):
+        for i, path in enumerate(sorted((data / label).iterdir())):
+            (data / f"{label}_{'ab'[i % 2]}").mkdir(exist_ok=True)
+            path.rename(data / f"{label}_{'ab'[i % 2]}" / path.name)
+        (data / label).rmdir()
+    merge = {"blast_a": "blast", "blast_b": "blast", "normal_a": "normal", "normal_b": "normal"}
+    config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=12, batch_size=16, lr=1e-2, seed=0, patience=12,
+                         refit_head=1.0, refit_views=1, merge_classes=merge, augment=AugmentConfig(blur_p=0.0))
+    metrics = train(data, tmp_path / "run", config)
+    assert metrics["test"]["accuracy"] >= 0.9
+    model = load_model(tmp_path / "run")
+    assert model.class_names == ["blast", "normal"]
+    called = model.predict(sorted((data / "normal_a").iterdir())[:4] + sorted((data / "blast_b").iterdir())[:4])
+    assert [p.label for p in called] == ["normal"] * 4 + ["blast"] * 4 and set(called[0].probabilities) == {"blast", "normal"}
+    rows = (tmp_path / "run" / "predictions.csv").read_text().splitlines()[1:]
+    assert {row.split(",")[2] for row in rows} == {"blast", "normal"}
+    from leukoscope.checkpoint import class_index, load_checkpoint
+
+    checkpoint = load_checkpoint(tmp_path / "run" / "model.pt")  # a split's class folder counts as its merged class
+    assert [class_index(checkpoint, c) for c in ("blast_b", "normal_a", "normal")] == [0, 1, 1]
+    with pytest.raises(LeukoscopeError, match="merge_classes needs refit_head"):
+        TrainConfig.from_dict({"merge_classes": merge})

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from leukoscope.card import model_card
-from leukoscope.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+from leukoscope.checkpoint import ModelCard, class_index, load_checkpoint, save_checkpoint
 from leukoscope.data import read_splits
 from leukoscope.data.dataset import decode_many
 from leukoscope.errors import LeukoscopeError
@@ -51,7 +51,7 @@ def split_probs(predictor: Predictor, data: Path, run: Path, split: str) -> tupl
     if any(errors):
         raise SystemExit(f"unreadable {split} images: {[e for e in errors if e][:3]}")
     probs = softmax(predict_logits(predictor, images), predictor.temperature)
-    labels = np.array([predictor.class_names.index(s.label) for s in members])
+    labels = np.array([class_index(predictor.checkpoint, s.label) for s in members])
     return labels, probs, [s.path for s in members]
 
 
@@ -113,7 +113,7 @@ def main() -> None:
         samples, splits = read_splits(args.run / "splits.csv")
         val = [s for s, k in zip(samples, splits) if k == "val"]
         images, _ = decode_many([args.data / s.path for s in val], half.view)
-        labels = np.array([half.class_names.index(s.label) for s in val])
+        labels = np.array([class_index(checkpoint, s.label) for s in val])
         half.temperature = checkpoint["temperature"] = calibrate(half, images, labels)
     for split in ("val", "test"):
         labels, probs, paths = split_probs(half, args.data, args.run, split)

@@ -27,6 +27,7 @@ from leukoscope.card import model_card
 from leukoscope.checkpoint import (
     ModelCard,
     Preprocessing,
+    class_index,
     load_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
@@ -80,7 +81,7 @@ def refit_alarm(checkpoint: dict, data: Path, splits_file: Path, pre: Preprocess
         if any(errors):
             raise SystemExit(f"{data}: {sum(e is not None for e in errors)} {split} images unreadable ({next(e for e in errors if e)})")
         if split == "train":
-            labels = np.array([checkpoint["class_names"].index(s.label) for s in chosen])
+            labels = np.array([class_index(checkpoint, s.label) for s in chosen])
     alarm = fit_ood(model_from_checkpoint(checkpoint).eval(), images["train"], labels, images["val"], pre.mean, pre.std)
     checkpoint["ood_threshold"] = alarm.pop("threshold")
     checkpoint["ood"] = alarm

@@ -148,6 +148,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
+def class_index(checkpoint: dict[str, Any], label: str) -> int:
+    """The index among the model's classes of a training split's ``label``: a class folder that the
+    model's ``merge_classes`` merged into another counts as that one."""
+    merge = (checkpoint.get("config") or {}).get("merge_classes") or {}
+    return checkpoint["class_names"].index(merge.get(label, label))
+
+
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     model = create_model(checkpoint["arch"], len(checkpoint["class_names"]), **checkpoint.get("arch_kwargs", {}))
     state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}

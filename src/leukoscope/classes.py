@@ -83,7 +83,10 @@ SUBTYPES = {"band": "neutrophil", "bandneutrophil": "neutrophil", "seg": "neutro
             "pmo": "ig", "cayado": "neutrophil", "neutrofiloencayado": "neutrophil", "segmentado": "neutrophil",
             "neutrofilosegmentado": "neutrophil", "stabkernige": "neutrophil", "segmentkernige": "neutrophil",
             "metamielocito": "ig", "mielocito": "ig", "promielocito": "ig", "metamyelozyt": "ig", "myelozyt": "ig",
-            "promyelozyt": "ig", "metamielocita": "ig", "mielocita": "ig", "promielocita": "ig"}
+            "promyelozyt": "ig", "metamielocita": "ig", "mielocita": "ig", "promielocita": "ig",
+            # the stage folders of tools/make_wbc_data.py --subtypes
+            "neutrophilband": "neutrophil", "neutrophilsegmented": "neutrophil", "igmetamyelocyte": "ig", "igmyelocyte": "ig",
+            "igpromyelocyte": "ig"}
 
 
 def _is_subtype(name: str) -> bool:

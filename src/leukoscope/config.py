@@ -71,6 +71,10 @@ class TrainConfig:
     ema: float | None = option(None, "validate and save an exponential moving average of the weights with this per-step decay (e.g. 0.998)")
     refit_head: float | None = option(None, "after training, refit the linear classifier by logistic regression (inverse L2 strength C) "
                                             "on the training features, clean plus refit_views augmented views")
+    merge_classes: dict = option(None, "learn finer classes than the model reports: each class folder named here merges into the "
+                                       "class it maps to, e.g. '{neutrophil_band: neutrophil, neutrophil_segmented: neutrophil}'; "
+                                       "the network trains on the folders, then its classifier is refitted on the merged classes "
+                                       "(needs refit_head)", factory=dict)
     refit_views: int = option(3, "augmented views of each training image added to the clean ones for refit_head")
     init: str | None = option(None, "fine-tune from this model (run folder, checkpoint or bundled name): its backbone and input "
                                     "settings (architecture, size, crop, normalisation) with a new head")
@@ -173,6 +177,12 @@ class TrainConfig:
             (0 <= self.distill <= 1, f"distill must be between 0 and 1 (the teacher's share of a target), got {self.distill}"),
             (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
             (self.teacher is None or self.method == "cnn", "teacher applies to CNN training (method cnn)"),
+            (not self.merge_classes or self.refit_head is not None,
+             "merge_classes needs refit_head (the classifier of the merged classes is refitted on the network's features)"),
+            (not self.merge_classes or (self.method == "cnn" and self.teacher is None),
+             "merge_classes applies to CNN training (method cnn) without a teacher"),
+            (all(isinstance(k, str) and isinstance(v, str) and v for k, v in (self.merge_classes or {}).items()),
+             f"merge_classes must map class folder names to class names, e.g. '{{neutrophil_band: neutrophil}}', got {self.merge_classes!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (self.freeze_epochs >= 0, f"freeze_epochs must be >= 0, got {self.freeze_epochs}"),

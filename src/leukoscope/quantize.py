@@ -124,7 +124,9 @@ def build_for_run(checkpoint: dict[str, Any], checkpoint_path: str | os.PathLike
     unreadable = [e for e in errors + val_errors if e]
     if unreadable:
         raise LeukoscopeError(f"int8 needs the model's training images under {data}: {len(unreadable)} unreadable ({unreadable[0]})")
-    labels = np.array([checkpoint["class_names"].index(s.label) for s in val])
+    from .checkpoint import class_index
+
+    labels = np.array([class_index(checkpoint, s.label) for s in val])
     graph, parity = build_int8(checkpoint, calibration, images, labels)
     return parity, _with_meta(graph, {"checkpoint_sha256": sha256_file(checkpoint_path), "parity": parity})
 

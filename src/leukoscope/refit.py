@@ -19,7 +19,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from .errors import LeukoscopeError
+from .errors import LeukoscopeError, did_you_mean
 from .transforms import AugmentConfig, eval_transform, train_transform
 
 
@@ -73,3 +73,23 @@ def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
         head.weight.copy_(torch.from_numpy(weight).to(head.weight.dtype))
         head.bias.copy_(torch.from_numpy(bias).to(head.bias.dtype))
     return float(regression.score(x, labels))
+
+
+def merged_classes(classes: list[str], merge: dict[str, str]) -> tuple[list[str], np.ndarray]:
+    """The classes a model reports when ``merge`` maps some of the training ``classes`` onto others (in
+    the order they first appear), and each training class's index among them; an unknown name is refused."""
+    for name in merge:
+        if name not in classes:
+            raise LeukoscopeError(f"merge_classes names {name!r}, which is not a class of the data{did_you_mean(name, classes)}; "
+                                  f"its classes: {', '.join(classes)}")
+    final = list(dict.fromkeys(merge.get(c, c) for c in classes))
+    return final, np.array([final.index(merge.get(c, c)) for c in classes], dtype=int)
+
+
+def merge_classifier(model: nn.Module, num_classes: int) -> None:
+    """Give ``model`` a fresh linear classifier of ``num_classes`` outputs on the same features, for
+    ``refit_classifier`` to fit: how a network trained on finer classes reports the merged ones."""
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, nn.Linear):
+        raise LeukoscopeError(f"merge_classes needs a model with a linear classifier (the cellnet family), got {type(model).__name__}")
+    model.classifier = nn.Linear(head.in_features, num_classes).to(head.weight.device, head.weight.dtype)

@@ -39,7 +39,7 @@ from .images import ImageReadError, View, load_rgb
 from .localise import fill_masked_background
 from .metrics import wilson_interval
 from .progress import note, plural, progress
-from .refit import refit_classifier
+from .refit import merge_classifier, merged_classes, refit_classifier
 from .runs import calibrate, load_split_images, prepare_output_folder, prepare_run, seed_everything
 from .runtime import keep_freed_memory
 from .stain import fit_cast_range, fit_target
@@ -143,6 +143,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     rngs = seed_everything(config.seed, world.rank, world.size)
     dataset, splits, split_kind = prepare_run(data, out, config, command, write=world.is_main, given=given)
     model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs)
+    final_classes, merged_index = merged_classes(dataset.classes, config.merge_classes)
     parent, head = None, None
     if config.init:
         if world.distributed and config.freeze_epochs:
@@ -161,7 +162,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     bf16 = resolve_precision(config, device, model)
     if (why := precision_note(config, device, bf16)) is not None:
         note(why)
-    card = ModelCard(config.arch, dataset.classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
+    card = ModelCard(config.arch, final_classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
                                                                  config.cell, view.stain, view.colour, view.reduce, view.cast), config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
             "seen_images": seen_images(dataset, splits), **({"parent": record} if parent else {}),
@@ -180,6 +181,13 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     if not world.is_main:
         return {}
     model = unwrap(model)
+    if config.merge_classes:  # the network learnt the finer classes; the model reports the merged ones
+        merge_classifier(model, len(final_classes))
+        labels = {split: merged_index[values] for split, values in labels.items()}
+        dataset = replace(dataset, samples=[replace(s, label=final_classes[merged_index[dataset.classes.index(s.label)]]) for s in dataset.samples],
+                          classes=final_classes)
+        note(f"{plural(len(merged_index), 'trained class', 'trained classes')} merged into {plural(len(final_classes), 'class', 'classes')}: "
+             + ", ".join(f"{c} -> {config.merge_classes[c]}" for c in sorted(config.merge_classes)))
     if config.refit_head is not None:
         accuracy = refit_classifier(model.cpu(), tensors["train"], labels["train"], *stats, config.refit_head,
                                     config.augment, config.refit_views, config.seed, context)
