@@ -299,6 +299,8 @@ def test_cnn_learns_a_separable_set_under_mixup_and_cutmix(tmp_path):
 def test_a_network_trained_on_finer_classes_reports_the_merged_ones(tmp_path):
     """Four folders (two kinds of blast, two of normal cell) merged into two classes: the checkpoint, the
     evaluation and the predictions name only the merged classes."""
+    from dataclasses import replace
+
     from leukoscope import load_model
 
     data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
@@ -310,7 +312,9 @@ def test_a_network_trained_on_finer_classes_reports_the_merged_ones(tmp_path):
     merge = {"blast_a": "blast", "blast_b": "blast", "normal_a": "normal", "normal_b": "normal"}
     config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=12, batch_size=16, lr=1e-2, seed=0, patience=12,
                          refit_head=1.0, refit_views=1, merge_classes=merge, augment=AugmentConfig(blur_p=0.0))
-    metrics = train(data, tmp_path / "run", config)
+    with pytest.raises(LeukoscopeError, match="merge_classes names 'blast_c', which is not a class of the data"):
+        train(data, tmp_path / "run", replace(config, merge_classes={**merge, "blast_c": "blast"}))
+    metrics = train(data, tmp_path / "run", config)  # the refused run left nothing that asks for --force
     assert metrics["test"]["accuracy"] >= 0.9
     model = load_model(tmp_path / "run")
     assert model.class_names == ["blast", "normal"]

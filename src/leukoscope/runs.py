@@ -29,6 +29,7 @@ from .errors import LeukoscopeError
 from .io import refuse_file_as_folder, refuse_stream_folder
 from .images import View
 from .progress import note, plural
+from .refit import merged_classes
 
 if TYPE_CHECKING:
     from .inference import Predictor
@@ -142,6 +143,7 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
         dataset = detect_layout(data)
         splits, split_kind, new = prepare_splits(dataset, out, config)
     check_classes(dataset, splits)
+    merged_classes(dataset.classes, config.merge_classes)  # a class name it does not know, refused before anything is written
     check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
     if new and write:  # a refused split is not recorded, so that the same command works once the data is fixed
         write_splits(out / SPLITS_FILE, dataset.samples, splits)
