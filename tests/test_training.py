@@ -328,3 +328,23 @@ def test_a_network_trained_on_finer_classes_reports_the_merged_ones(tmp_path):
     assert [class_index(checkpoint, c) for c in ("blast_b", "normal_a", "normal")] == [0, 1, 1]
     with pytest.raises(LeukoscopeError, match="merge_classes needs refit_head"):
         TrainConfig.from_dict({"merge_classes": merge})
+
+
+def test_a_training_refused_during_set_up_leaves_its_output_folder_as_it_was(tmp_path):
+    """A teacher that does not exist is found after the run recorded its split and config: those are removed
+    again, so that the corrected command needs no --force; a split kept by --force stays."""
+    data = make_image_folder(tmp_path / "cells", n_per_class=10, size=40)
+    config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1, batch_size=8, teacher="no-such-model")
+    with pytest.raises(LeukoscopeError, match="'no-such-model' is neither a run folder"):
+        train(data, tmp_path / "run", config)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LeukoscopeError, match="'no-such-model' is neither a run folder"):
+        train(data, tmp_path / "empty", config)
+    assert list((tmp_path / "empty").iterdir()) == []
+    train(data, tmp_path / "empty", TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1, batch_size=8))
+    split = (tmp_path / "empty" / "splits.csv").read_text()
+    with pytest.raises(LeukoscopeError, match="'no-such-model' is neither a run folder"):
+        train(data, tmp_path / "empty", config, force=True)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["splits.csv"]
+    assert (tmp_path / "empty" / "splits.csv").read_text() == split

@@ -81,6 +81,21 @@ def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_spli
     note(f"--force: cleared {plural(len(others), 'file')} of the earlier results in {out}{kept_note}")
 
 
+def undo_refused_run(out: str | os.PathLike, before: set[str] | None) -> None:
+    """Remove what a training refused during its set-up wrote into ``out`` (config.yaml, run.json, a new
+    splits.csv; the folder, if it made it), so that the corrected command needs no --force. ``before``:
+    the names ``out`` held when the run started (None: no folder). A run with a saved epoch or model is
+    left whole, for --resume."""
+    out = Path(out)
+    if not out.is_dir() or any((out / name).exists() for name in MODELS):
+        return
+    for name in ("config.yaml", "run.json", SPLITS_FILE):
+        if before is None or name not in before:
+            (out / name).unlink(missing_ok=True)
+    if before is None and not any(out.iterdir()):
+        out.rmdir()
+
+
 def seed_everything(seed: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Generator]:
     """Seed the global RNGs; returns the batch-order and augmentation generators.
 

@@ -40,7 +40,7 @@ from .localise import fill_masked_background
 from .metrics import wilson_interval
 from .progress import note, plural, progress
 from .refit import merge_classifier, merged_classes, refit_classifier
-from .runs import calibrate, load_split_images, prepare_output_folder, prepare_run, seed_everything
+from .runs import calibrate, load_split_images, prepare_output_folder, prepare_run, seed_everything, undo_refused_run
 from .runtime import keep_freed_memory
 from .stain import fit_cast_range, fit_target
 from .tracking import log_run, require_mlflow
@@ -63,12 +63,19 @@ def train(data: str | os.PathLike, out: str | os.PathLike, config: TrainConfig, 
         raise LeukoscopeError("--cv runs CNN trainings from scratch: give no --resume and no classical --method")
     if config.track:
         require_mlflow()  # before hours of training, not after
-    if not resume and int(os.environ.get("RANK", "0")) == 0:  # refusals first: --force clears nothing on a bad command
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not resume and main:  # refusals first: --force clears nothing on a bad command
         prepare_output_folder(out, force=force)
-    if config.cv:
-        metrics = cross_validate(data, Path(out), config, command)
-    else:
-        metrics = TRAINERS[config.method](data, Path(out), config, command, resume)
+    before = {p.name for p in Path(out).iterdir()} if Path(out).is_dir() else None
+    try:
+        if config.cv:
+            metrics = cross_validate(data, Path(out), config, command)
+        else:
+            metrics = TRAINERS[config.method](data, Path(out), config, command, resume)
+    except LeukoscopeError:  # a bad --init, an unreadable data folder, ...: leave out as it was
+        if main and not resume:
+            undo_refused_run(out, before)
+        raise
     if config.track and metrics:  # rank 0 only: other ranks return no metrics
         history = read_history(Path(out) / "history.csv")
         run_id = log_run(config.track, Path(out), data, config.to_dict(), metrics, history)
