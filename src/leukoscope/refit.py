@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from .errors import LeukoscopeError, did_you_mean
@@ -59,6 +58,9 @@ def refit_classifier(model: nn.Module, images: torch.Tensor, labels: np.ndarray,
     num_classes = head.out_features
     if len(np.unique(labels)) < num_classes:
         raise LeukoscopeError("refit_head needs training images of every class")
+    # imported here: evaluate reads merged_classes, and scikit-learn takes 0.5 s to import
+    from sklearn.linear_model import LogisticRegression
+
     x = pooled_features(model, images, mean, std)
     generator = torch.Generator().manual_seed(seed)
     source, fraction = context if context is not None else (images, 1.0)
