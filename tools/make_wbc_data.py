@@ -10,10 +10,11 @@ images) and splits BCCD by image, stratified by class and seeded: 60% train, 20%
 With ``--subtypes`` the neutrophils and immature granulocytes go into folders of their stages, which
 PBC's file names give (``BNE_`` band, ``SNE_`` segmented; ``MMY_`` metamyelocyte, ``MY_`` myelocyte,
 ``PMY_`` promyelocyte): ``neutrophil_band``, ``ig_myelocyte``, ... A name without a stage (PBC's
-``NEUTROPHIL_`` and ``IG_``, BCCD's neutrophils) goes to the commonest stage of its kind in a smear
-(segmented, myelocyte). A model trained on this tree with configs/wbc.yaml's ``merge_classes`` learns
-the stages and reports the 8 types. Its split is configs/wbc.splits.csv's, each image in the same
-part (``--splits`` writes it with the new paths).
+``NEUTROPHIL_`` and ``IG_``, BCCD's neutrophils) goes to segmented (the commonest neutrophil in blood)
+or myelocyte (PBC's largest ig stage). A model trained on this tree with ``--merge-classes`` learns the
+stages and reports the 8 types (docs/benchmarks.md, "A third lab", has the command; it won no PBC
+images). Its split is configs/wbc.splits.csv's, each image in the same part (``--splits`` writes it
+with the new paths).
 
 Usage: python tools/make_wbc_data.py --shared ../shared/data --out runs/data/wbc [--splits configs/wbc.splits.csv] [--subtypes]
 """
