@@ -333,6 +333,8 @@ def test_a_network_trained_on_finer_classes_reports_the_merged_ones(tmp_path):
 def test_a_training_refused_during_set_up_leaves_its_output_folder_as_it_was(tmp_path):
     """A teacher that does not exist is found after the run recorded its split and config: those are removed
     again, so that the corrected command needs no --force; a split kept by --force stays."""
+    from dataclasses import replace
+
     data = make_image_folder(tmp_path / "cells", n_per_class=10, size=40)
     config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1, batch_size=8, teacher="no-such-model")
     with pytest.raises(LeukoscopeError, match="'no-such-model' is neither a run folder"):
@@ -348,3 +350,6 @@ def test_a_training_refused_during_set_up_leaves_its_output_folder_as_it_was(tmp
         train(data, tmp_path / "empty", config, force=True)
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["splits.csv"]
     assert (tmp_path / "empty" / "splits.csv").read_text() == split
+    with pytest.raises(LeukoscopeError, match="'no-such-model' is neither a run folder"):  # refused in the first fold
+        train(data, tmp_path / "folds", replace(config, cv=2))
+    assert not (tmp_path / "folds").exists()

@@ -83,15 +83,19 @@ def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_spli
 
 def undo_refused_run(out: str | os.PathLike, before: set[str] | None) -> None:
     """Remove what a training refused during its set-up wrote into ``out`` (config.yaml, run.json, a new
-    splits.csv; the folder, if it made it), so that the corrected command needs no --force. ``before``:
-    the names ``out`` held when the run started (None: no folder). A run with a saved epoch or model is
-    left whole, for --resume."""
+    splits.csv, a cross-validation's cv folder without a model; the folder, if it made it), so that the
+    corrected command needs no --force. ``before``: the names ``out`` held when the run started (None: no
+    folder). A run with a saved epoch or model is left whole, for --resume."""
     out = Path(out)
     if not out.is_dir() or any((out / name).exists() for name in MODELS):
         return
     for name in ("config.yaml", "run.json", SPLITS_FILE):
         if before is None or name not in before:
             (out / name).unlink(missing_ok=True)
+    folds = out / "cv"
+    if (before is None or "cv" not in before) and folds.is_dir() and not folds.is_symlink() \
+            and not any(p.name in MODELS for p in folds.rglob("*")):
+        shutil.rmtree(folds)
     if before is None and not any(out.iterdir()):
         out.rmdir()
 
