@@ -610,17 +610,19 @@ def _discard_stdout() -> None:
 def _parse(parser: argparse.ArgumentParser, commands: dict[str, argparse.ArgumentParser], argv: list[str]) -> argparse.Namespace:
     """``argv`` parsed. Inputs given after the options are inputs too (``predict wbc a/ --out p.csv b/``: argparse
     takes only the first run of them); anything else left over is an error naming the option it likely meant."""
-    dashed = next((a for a in argv if a.startswith("-") and a != "-" and os.path.exists(a)), None)
-    hint = f"; {dashed!r} is a file whose name starts with '-', read as an option: give it as {'./' + dashed!r}" if dashed else ""
+    def hint() -> str:  # looked for only when parsing fails: a stat per argument is not every command's cost
+        dashed = next((a for a in argv if a.startswith("-") and a != "-" and os.path.exists(a)), None)
+        return f"; {dashed!r} is a file whose name starts with '-', read as an option: give it as {'./' + dashed!r}" if dashed else ""
+
     try:
         args, extras = parser.parse_known_args(argv)
     except LeukoscopeError as err:
-        raise LeukoscopeError(f"{err}{hint}") from None
+        raise LeukoscopeError(f"{err}{hint()}") from None
     if extras and isinstance(getattr(args, "inputs", None), list) and not any(e.startswith("-") for e in extras):
         args.inputs += extras
         extras = []
     if extras:
-        raise LeukoscopeError(_unrecognised(commands[args.command], extras) + hint)
+        raise LeukoscopeError(_unrecognised(commands[args.command], extras) + hint())
     _refuse_empty(commands[args.command], args)
     args.argv = argv
     return args

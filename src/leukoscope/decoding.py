@@ -135,8 +135,9 @@ def worker_processes(files: int, view: View, infer: bool = False, workers: int |
     wanted = view.cell is not None or infer
     if not (wanted and files >= PROCESS_MIN and workers >= 2 and sys.platform == "linux"):
         return 0
-    if workers > (most := MAX_WORKERS_PER_CORE * usable_cores()):
-        note(f"note: --workers {workers} is more than {MAX_WORKERS_PER_CORE} per core on this machine's {usable_cores()}: "
+    cores = usable_cores()
+    if workers > (most := MAX_WORKERS_PER_CORE * cores):
+        note(f"note: --workers {workers} is more than {MAX_WORKERS_PER_CORE} per core on this machine's {cores}: "
              f"decoding in {most} processes")
     return min(workers, most)
 
