@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -194,6 +195,17 @@ def test_a_file_where_the_output_s_folder_would_be_is_named(tmp_path):
     with refused, atomic_write(tmp_path / "results" / "run 1" / "p.csv") as handle:
         handle.write("path,label\n")
     assert (tmp_path / "results").read_text() == "a file, not a folder"
+
+
+def test_check_data_refuses_an_unwritable_json_before_checking(tiny_run, tmp_path, capsys):
+    data, _ = tiny_run
+    (tmp_path / "results").write_text("a file, not a folder")
+    assert main(["check-data", str(data), "--json", str(tmp_path / "results" / "check.json")]) == 2
+    captured = capsys.readouterr()
+    assert "'results' is a file, not a folder" in captured.err.replace(str(tmp_path) + os.sep, "")
+    assert "result:" not in captured.out + captured.err  # refused before the (long) check, not after printing it
+    assert main(["check-data", str(data), "--json", str(tmp_path / "check.json")]) == 0
+    assert json.loads((tmp_path / "check.json").read_text())["ok"] is True and "result: OK" in capsys.readouterr().out
 
 
 def test_evaluate_refuses_earlier_results_and_training_runs(tiny_run, tmp_path, capsys):
