@@ -353,3 +353,32 @@ def test_a_training_refused_during_set_up_leaves_its_output_folder_as_it_was(tmp
     with pytest.raises(LeukoscopeError, match="'no-such-model' is neither a run folder"):  # refused in the first fold
         train(data, tmp_path / "folds", replace(config, cv=2))
     assert not (tmp_path / "folds").exists()
+
+
+def test_a_batch_too_large_for_memory_is_refused_before_training_with_one_that_fits(tmp_path, monkeypatch, capsys):
+    """What the step's kept tensors say one more image costs grows with the window's area, the estimate leaves the
+    network's BatchNorm statistics alone, and a batch over the free memory is refused naming one that fits."""
+    import leukoscope.train as train_module
+    from leukoscope.cli import main
+    from leukoscope.models import create_model
+    from leukoscope.trainer import refuse_oversized_batch, step_bytes_per_image
+
+    model = create_model("cellnet", 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small, large = (step_bytes_per_image(model, size, torch.device("cpu"), False) for size in (56, 112))
+    assert 3.5 < large / small < 4.5 and 2e6 < large < 6e6  # measured peaks: 2.4-3.3 MB per 112 px image
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    config = TrainConfig(arch="cellnet", image_size=112, batch_size=6400)
+    refuse_oversized_batch(config, 3.4e6, 500, int(4e9))  # a split of 500 trains in batches of 500: 1.7 GB
+    with pytest.raises(LeukoscopeError, match=r"--batch-size 6400: a training step of cellnet at 112 px on 5,000 images needs about "
+                                              r"17.0 GB \(3.4 MB per image\), more than the 3.2 GB it may take of the 4.0 GB free: give --batch-size 941 or less"):
+        refuse_oversized_batch(config, 3.4e6, 5000, int(4e9))
+    with pytest.raises(LeukoscopeError, match="needs about 3400 MB per image, but 4.0 GB are free: give a smaller --image-size"):
+        refuse_oversized_batch(config, 3.4e9, 5000, int(4e9))
+    data = make_image_folder(tmp_path / "cells", n_per_class=20, size=40)
+    monkeypatch.setattr(train_module, "free_memory", lambda device: 1_000_000)  # 1 MB free
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--arch", "cellnet_tiny", "--image-size", "32",
+                 "--epochs", "1", "--batch-size", "64"]) == 2
+    assert "--batch-size 64: a training step of cellnet_tiny at 32 px on 28 images needs about" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused in set-up: nothing asks for --force next time
+

@@ -45,7 +45,8 @@ from .runtime import keep_freed_memory
 from .stain import fit_cast_range, fit_target
 from .tracking import log_run, require_mlflow
 from .train_classical import train_classical
-from .trainer import Trainer, channel_stats, class_weights, load_context, precision_note, resolve_precision
+from .trainer import (Trainer, channel_stats, class_weights, free_memory, load_context, precision_note, refuse_oversized_batch,
+                      resolve_precision, step_bytes_per_image)
 from .transfer import describe, head_name, init_from_parent, load_parent, parent_stats
 
 
@@ -169,6 +170,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     bf16 = resolve_precision(config, device, model)
     if (why := precision_note(config, device, bf16)) is not None:
         note(why)
+    refuse_oversized_batch(config, step_bytes_per_image(model, config.image_size, device, bf16), len(tensors["train"]), free_memory(device))
     card = ModelCard(config.arch, final_classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
                                                                  config.cell, view.stain, view.colour, view.reduce, view.cast), config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,

@@ -64,6 +64,55 @@ def precision_note(config: TrainConfig, device: torch.device, bf16: bool) -> str
             "1.5-1.8x faster, so expect longer than the documented training times")
 
 
+def step_bytes_per_image(model: nn.Module, image_size: int, device: torch.device, bf16: bool) -> float:
+    """About how many bytes one more image adds to a training step's peak: twice what autograd keeps for the
+    backward pass of one more image (counted with ``saved_tensors_hooks`` on a copy of the network, whose
+    BatchNorm statistics the two forward passes would move). Measured peaks per image on the CPU: 1.4-1.9x the
+    kept tensors (cellnet and cellnet_deep at 112 px about 2.4-3.3 MB, resnet18 7.5 MB)."""
+    import copy
+
+    probe = copy.deepcopy(unwrap(model)).train()
+
+    def kept(n: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()  # a view counts once
+            return tensor
+
+        x = torch.zeros(n, 3, image_size, image_size, device=device).contiguous(memory_format=training_memory_format(probe, device))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            probe(x)
+        return sum(storages.values())
+
+    return 2.0 * (kept(4) - kept(2)) / 2
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def refuse_oversized_batch(config: TrainConfig, per_image: float, n_train: int, free: int) -> None:
+    """A batch whose training step would not fit in memory is refused before the first epoch, with the largest
+    that fits, instead of the system killing the run (or swapping) minutes later: ``--batch-size 6400`` for 64."""
+    batch = min(config.batch_size, max(n_train, 2))  # a split smaller than the batch trains in one batch of all of it
+    if batch * per_image <= 0.8 * free:
+        return
+    step = f"--batch-size {config.batch_size}: a training step of {config.arch} at {config.image_size} px"
+    fits = int(0.8 * free // per_image)
+    if fits < 2:
+        raise LeukoscopeError(f"{step} needs about {per_image / 1e6:.0f} MB per image, but {free / 1e9:.1f} GB are free: "
+                              "give a smaller --image-size or --arch")
+    raise LeukoscopeError(f"{step} on {batch:,} images needs about {batch * per_image / 1e9:.1f} GB ({per_image / 1e6:.1f} MB "
+                          f"per image), more than the {0.8 * free / 1e9:.1f} GB it may take of the {free / 1e9:.1f} GB free: "
+                          f"give --batch-size {fits} or less (the bundled recipes train with 64)")
+
+
 def load_context(dataset: Dataset, splits: list[str], config: TrainConfig, view: View) -> tuple[torch.Tensor, float] | None:
     """With ``crop_context``: the training images decoded wider than ``view``, at its scale.
 
