@@ -234,6 +234,7 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["evaluate", "pbc", "https://lab.example/cells", "--out", "{tmp}/e"], "data path 'https://lab.example/cells' does not exist; it is a URL"),
         (["predict", "https://lab.example/m.pt", "{data}", "--out", "{tmp}/p.csv"], "bundled model; it is a URL, and leukoscope"),
         (["count", "{tmp}/nowhere", "--out", "{tmp}/c"], "nowhere' does not exist"),  # was a field 'not counted'
+        (["count", "-", "--out", "{tmp}/c"], "'-' (an image piped into standard input) is read by predict only"),
         (["train", "{data}", "--out", "{tmp}/run", "--learning-rate", "0.1"], "unrecognized arguments: --learning-rate 0.1 (did you mean --lr?)"),
         (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--batch-size", "100000"], "argument --batch-size: must be at most 1024, got 100000"),
         (["predict", "pbc", "{data}", "--out", "{tmp}/p.csv", "--batchsize=3"], "leukoscope predict: unrecognized arguments: --batchsize=3 (did you mean --batch-size?)"),

@@ -41,6 +41,9 @@ def is_image_file(path: Path) -> bool:
 def not_found_hint(text: str) -> str:
     """Why a path that names nothing was likely meant otherwise: a URL (nothing is downloaded), or a '~' that the
     shell did not expand because it was quoted. '' when neither."""
+    if text == "-":
+        return ("; '-' (an image piped into standard input) is read by predict only: save it to a file for this command, or "
+                "`leukoscope predict MODEL - --out -`")
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
         return "; it is a URL, and leukoscope reads local files only (it downloads nothing): download it and give its path"
     if text.startswith("~") and (home := os.path.expanduser(text)) != text and os.path.exists(home):
