@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -32,6 +33,26 @@ def test_no_arguments_or_help_show_the_commands(capsys):
         main(["help", "predict"])  # as git and pip take it
     assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: leukoscope predict")
     assert main(["help", "predcit"]) == 2 and "did you mean 'predict'?" in capsys.readouterr().err
+
+
+def test_the_readme_s_command_synopsis_matches_the_parser():
+    """Each command's line in the README's synopsis names every option it takes (train's ends with '...': `train
+    --help` lists its config fields), and no option that it does not take."""
+    import re
+
+    from leukoscope.cli import build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme[readme.index("## Command line") : readme.index("Every training option")]
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, parser in commands.items():
+        lines = re.findall(rf"^leukoscope {re.escape(name)} (.*(?:\n {{8,}}.*)*)", block, re.M)
+        assert lines, f"the README's synopsis has no line for {name}"
+        written = set(re.findall(r"--[a-z][a-z0-9-]*", " ".join(lines)))
+        taken = {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+        assert written <= taken, f"{name}: the README names {sorted(written - taken)}, which it does not take"
+        if name != "train":
+            assert taken - {o for o in taken if o.startswith("--no-")} <= written, f"{name}: {sorted(taken - written)} missing"
 
 
 def test_bundled_model_names_ignore_case(capsys):
