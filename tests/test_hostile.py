@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import psutil
 import pytest
-from conftest import FIXTURES, make_hostile_corpus, make_image_folder
+from conftest import FIXTURES, make_hostile_corpus, make_image_folder, synthetic_cell
 from PIL import Image
 
 from leukoscope import load_model
@@ -92,6 +92,28 @@ def test_tiff_files_of_several_pages_are_named_with_the_page_read(trained, tmp_p
     assert main(["check-data", str(tmp_path / "data")]) == 0
     assert "warning: 1 TIFF file holds several images (a z-stack, or several fields saved as pages; stack.tif: 5 pages)" \
            in capsys.readouterr().out
+
+
+def test_a_tiff_whose_pages_are_its_colour_channels_is_read_as_one_rgb_image(tmp_path, capsys):
+    """Fiji saves a 3-channel image, and OME-TIFF a CYX one, as three grey pages: read as the RGB picture (in 8 or
+    16 bits, from a file or its bytes), not as its red page with a note about a stack. Pages without such axes
+    (a z-stack of grey pages) stay a stack whose first page is read."""
+    import tifffile
+
+    from leukoscope.images import several_pages
+
+    rgb = synthetic_cell(np.random.default_rng(0), 64, 0.5, 20)
+    planes = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+    tifffile.imwrite(tmp_path / "fiji.tif", planes, imagej=True, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "scope.ome.tif", planes.astype(np.uint16) * 257, metadata={"axes": "CYX"})
+    tifffile.imwrite(tmp_path / "focus.tif", planes, imagej=True, metadata={"axes": "ZYX"})
+    for name in ("fiji.tif", "scope.ome.tif"):
+        np.testing.assert_array_equal(load_rgb(tmp_path / name), rgb)
+        np.testing.assert_array_equal(decode_bytes((tmp_path / name).read_bytes()), rgb)
+    np.testing.assert_array_equal(load_rgb(tmp_path / "focus.tif"), np.repeat(rgb[..., :1], 3, axis=2))
+    paths = sorted(tmp_path.glob("*.tif"))
+    assert several_pages(paths).startswith("1 TIFF file holds several images (a z-stack, or several fields saved as pages; "
+                                           "focus.tif: 3 pages)")
 
 
 def test_archives_are_named_as_archives(trained, tmp_path, capsys):

@@ -263,11 +263,12 @@ def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
     try:
         with tifffile.TiffFile(source) as tif:
             page = tif.pages[0]
-            if page.bitspersample <= 8 and page.sampleformat != 3:  # 3: IEEE float
+            stack = rgb_channel_pages(tif)
+            if page.bitspersample <= 8 and page.sampleformat != 3 and not stack:  # 3: IEEE float
                 return None
             if page.imagewidth * page.imagelength > max_pixels:
                 raise ImageReadError(f"image too large: {page.imagewidth}x{page.imagelength} pixels (limit {max_pixels:,}): cut it into tiles")
-            arr = page.asarray()
+            arr = np.moveaxis(tif.series[0].asarray().reshape(3, page.imagelength, page.imagewidth), 0, -1) if stack else page.asarray()
     except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as err:
         raise ImageReadError(f"unreadable image: {err or type(err).__name__}"[:160]) from None
     finally:
@@ -280,6 +281,17 @@ def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
     if arr.ndim != 3 or arr.shape[2] < 3 or min(arr.shape[:2]) < 1:
         raise ImageReadError(f"unreadable image: TIFF samples of shape {arr.shape} are not an RGB or grayscale picture")
     return to_uint8(arr[:, :, :3])
+
+
+def rgb_channel_pages(tif) -> bool:
+    """True for a TIFF whose colour channels are its pages: red, green and blue as three grey pages, as ImageJ/Fiji
+    saves a 3-channel image and OME-TIFF a CYX one (their metadata names the axes). Read as one RGB picture; any other
+    file of several pages (a z-stack, several fields) is read by its first page."""
+    if len(tif.pages) < 3:
+        return False
+    series = tif.series[0]
+    shown = [(axis, n) for axis, n in zip(series.axes, series.shape) if n > 1]
+    return [axis for axis, _ in shown] == ["C", "Y", "X"] and shown[0][1] == 3
 
 
 def tiff_pages(path: str | os.PathLike) -> int:
@@ -301,10 +313,15 @@ def tiff_pages(path: str | os.PathLike) -> int:
                 return 1
         finally:
             os.close(fd)
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            if rgb_channel_pages(tif):
+                return 1
         with Image.open(path) as im:
             size = im.size
             return sum(1 for _ in ImageSequence.Iterator(im) if im.size == size)
-    except (OSError, struct.error, ValueError, SyntaxError, EOFError):  # unreadable: said when it is decoded
+    except (OSError, struct.error, ValueError, SyntaxError, EOFError, KeyError, IndexError):  # unreadable: said when decoded
         return 1
 
 
