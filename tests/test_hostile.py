@@ -157,6 +157,8 @@ def test_heic_photos_decode_to_their_pixels():
     assert decoded.shape == (80, 120, 3)  # width 120, height 80: not transposed
     assert np.abs(decoded.astype(int) - np.asarray(drawn)).mean() < 2  # HEVC is lossy: chroma edges differ
     assert np.array_equal(decode_bytes((FIXTURES / "cell.heic").read_bytes()), decoded)
+    halved = decode_bytes((FIXTURES / "cell.heic").read_bytes(), max_pixels=3_000)  # a 48 Mpixel photo, scaled down
+    assert np.abs(halved.astype(int) - np.asarray(Image.fromarray(decoded).reduce(2), int)).max() <= 1
 
 
 def test_python_api_reports_per_file_errors(trained, tmp_path):
@@ -250,8 +252,11 @@ def test_fast_jpeg_decoding_gives_the_pixels_of_pil_draft_mode(tmp_path):
 
 def test_a_jpeg_too_large_to_decode_whole_is_read_at_a_reduced_scale(tmp_path):
     """A phone's 48 Mpixel photo through the eyepiece: the JPEG decoder's 1/2, 1/4 or 1/8 scale brings it within the
-    pixel limit without decoding it whole (with or without EXIF, so by simplejpeg or PIL); other formats are refused."""
+    pixel limit without decoding it whole (with or without EXIF, so by simplejpeg or PIL); other formats are decoded
+    whole up to 4x the limit (a 48 Mpixel HEIC photo), then averaged over blocks of 2 or 4, and refused beyond it."""
     import io as bytes_io
+
+    import tifffile
 
     from conftest import synthetic_cell
 
@@ -271,15 +276,21 @@ def test_a_jpeg_too_large_to_decode_whole_is_read_at_a_reduced_scale(tmp_path):
         assert half.shape == (150, 200, 3)
         assert np.abs(half.astype(int) - np.asarray(Image.fromarray(whole).resize((200, 150), Image.BOX), int)).mean() < 3
         assert decode_bytes(data, max_pixels=8_000).shape == (75, 100, 3)  # 1/4
-        with pytest.raises(ImageReadError, match=r"image too large: 400x300 pixels \(limit 1,000\)"):
+        with pytest.raises(ImageReadError, match=r"image too large: 400x300 pixels \(limit 64,000\)"):
             decode_bytes(data, max_pixels=1_000)  # beyond 1/8
     odd = bytes_io.BytesIO()
     image.resize((401, 301)).save(odd, format="JPEG", quality=95, exif=exif)  # odd sides, by PIL: 1/2 still, not whole
     assert decode_bytes(odd.getvalue(), max_pixels=40_000).shape == (151, 201, 3)
-    png = bytes_io.BytesIO()
+    png, tiff = bytes_io.BytesIO(), bytes_io.BytesIO()  # formats decoded whole: up to 4x the limit, then averaged
     image.save(png, format="PNG")
-    with pytest.raises(ImageReadError, match="image too large"):
-        decode_bytes(png.getvalue(), max_pixels=40_000)
+    tifffile.imwrite(tiff, np.asarray(image, np.uint16) * 16, photometric="rgb")  # 12 bits, by tifffile
+    for data in (png.getvalue(), tiff.getvalue()):
+        assert np.abs(decode_bytes(data, max_pixels=40_000).astype(int) - np.asarray(image.reduce(2), int)).max() <= 1
+        with pytest.raises(ImageReadError, match=r"image too large: 400x300 pixels \(limit 100,000\)"):
+            decode_bytes(data, max_pixels=25_000)
+    odd_png = bytes_io.BytesIO()
+    image.resize((401, 301)).save(odd_png, format="PNG")  # 120,701 pixels; 1/2: 201 x 151 = 30,351, over 30,200: 1/4
+    assert decode_bytes(odd_png.getvalue(), max_pixels=30_200).shape == (76, 101, 3)
 
 
 @pytest.mark.parametrize("name, samples", [

@@ -96,7 +96,7 @@ def test_serve_refuses_classes_the_model_lacks_before_listening(capsys):
     ("cells.jpg", b"PK\x03\x04" + bytes(60), "image/jpeg", 422, "a zip archive, not an image: unpack it"),
     ("page.html", b"<html></html>", "text/html", 415, "unsupported content type"),
     ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png", 413, "larger than"),
-    ("wide.png", _png(np.zeros((2, 600_000, 3), np.uint8)), "image/png", 413, "too large"),
+    ("wide.png", _png(np.zeros((2, 2_100_000, 3), np.uint8)), "image/png", 413, "too large"),  # over 4x the limit
 ])
 def test_bad_uploads_get_4xx_json(client, name, data, content_type, status, message):
     response = client.post("/predict", files=[("files", (name, data, content_type))])

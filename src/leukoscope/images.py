@@ -22,7 +22,8 @@ from . import localise, stain
 from .io import not_found_hint, regular_file_stat
 from .progress import plural
 
-MAX_PIXELS = 40_000_000  # larger images are refused (decompression-bomb guard), after reading the header
+MAX_PIXELS = 40_000_000  # images are read within this many pixels (decompression-bomb guard, checked on the header):
+WHOLE_DECODE = 4  # a JPEG at its decoder's 1/2-1/8 scale; other formats, which decode whole, up to 4x it, then halved
 
 
 class ImageReadError(Exception):
@@ -140,6 +141,23 @@ def in_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     return im if transform is None else ImageCms.applyTransform(im, transform)
 
 
+def reduction_factor(width: int, height: int, max_pixels: int, jpeg: bool) -> int | None:
+    """1/scale of each side that brings ``width x height`` within ``max_pixels``: a JPEG's decoder scale
+    (``jpeg_reduction``), or for a format without one (PNG, TIFF, HEIC, WebP), which is decoded whole, 2 or 4 for an
+    image of up to ``WHOLE_DECODE`` times the limit (a phone's 48 Mpixel HEIC photo, a stitched 100 Mpixel field: at
+    most 480 MB decoded for a moment), averaged over blocks; None for larger ones."""
+    if jpeg:
+        return jpeg_reduction(width, height, max_pixels)
+    if width * height > WHOLE_DECODE * max_pixels:
+        return None
+    return next((scale for scale in (1, 2, 4) if -(-width // scale) * -(-height // scale) <= max_pixels), None)
+
+
+def too_large(width: int, height: int, max_pixels: int, jpeg: bool) -> ImageReadError:
+    limit = max_pixels * (8 * 8 if jpeg else WHOLE_DECODE)
+    return ImageReadError(f"image too large: {width}x{height} pixels (limit {limit:,}): cut it into tiles")
+
+
 def jpeg_reduction(width: int, height: int, max_pixels: int) -> int | None:
     """The JPEG decoder's scale (1, 2, 4 or 8: 1/scale of each side, in the DCT, without decoding the whole image)
     that brings ``width x height`` within ``max_pixels``; None when even 1/8 does not. Such a JPEG is read at that
@@ -172,14 +190,17 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
             if im is None:
                 im = Image.open(source)
         with im:
-            reduce = jpeg_reduction(im.width, im.height, max_pixels) if im.format == "JPEG" else None
-            if im.width * im.height > max_pixels and reduce is None:
-                raise ImageReadError(f"image too large: {im.width}x{im.height} pixels (limit {max_pixels:,}): cut it into tiles")
+            jpeg = im.format == "JPEG"
+            reduce = reduction_factor(im.width, im.height, max_pixels, jpeg)
+            if reduce is None:
+                raise too_large(im.width, im.height, max_pixels, jpeg)
             if request := _draft_request(im, reduce, size if draft else None, crop):
                 im.draft("RGB", request)  # one call: PIL ignores a second one
             icc = im.info.get("icc_profile")
             im = ImageOps.exif_transpose(im)
             rgb = to_rgb(in_srgb(im, icc))
+            if reduce > 1 and not jpeg:  # a JPEG's decoder reduced it already
+                rgb = rgb.reduce(reduce)
     except Image.DecompressionBombError:  # larger still than PIL's own limit, refused while reading the header
         raise ImageReadError(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,}): cut it into tiles") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
@@ -240,8 +261,8 @@ def _heic(source, head: bytes, max_pixels: int) -> Image.Image | None:
         return None
     try:
         heif = _open_heic(source)
-        if heif.size[0] * heif.size[1] > max_pixels:
-            raise ImageReadError(f"image too large: {heif.size[0]}x{heif.size[1]} pixels (limit {max_pixels:,}): cut it into tiles")
+        if reduction_factor(*heif.size, max_pixels, jpeg=False) is None:  # within it, reduced after decoding (_decode)
+            raise too_large(*heif.size, max_pixels, jpeg=False)
         im = Image.frombytes(heif.mode, heif.size, heif.data, "raw", heif.mode, heif.stride)
         im.info["icc_profile"] = heif.info.get("icc_profile")  # a phone's Display P3, applied as any file's (in_srgb)
         return im
@@ -266,8 +287,8 @@ def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
             stack = rgb_channel_pages(tif)
             if page.bitspersample <= 8 and page.sampleformat != 3 and not stack:  # 3: IEEE float
                 return None
-            if page.imagewidth * page.imagelength > max_pixels:
-                raise ImageReadError(f"image too large: {page.imagewidth}x{page.imagelength} pixels (limit {max_pixels:,}): cut it into tiles")
+            if (reduce := reduction_factor(page.imagewidth, page.imagelength, max_pixels, jpeg=False)) is None:
+                raise too_large(page.imagewidth, page.imagelength, max_pixels, jpeg=False)
             arr = np.moveaxis(tif.series[0].asarray().reshape(3, page.imagelength, page.imagewidth), 0, -1) if stack else page.asarray()
     except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as err:
         raise ImageReadError(f"unreadable image: {err or type(err).__name__}"[:160]) from None
@@ -280,7 +301,18 @@ def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] < 3 or min(arr.shape[:2]) < 1:
         raise ImageReadError(f"unreadable image: TIFF samples of shape {arr.shape} are not an RGB or grayscale picture")
-    return to_uint8(arr[:, :, :3])
+    return to_uint8(arr[:, :, :3] if reduce == 1 else block_mean(arr[:, :, :3], reduce))
+
+
+def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
+    """``arr`` (H x W x C, any depth) averaged over ``factor`` x ``factor`` blocks, as PIL's ``Image.reduce`` does for
+    8-bit images (edge blocks cut by the border averaged over the pixels they hold), in float32: a deep TIFF is
+    reduced before its samples are scaled to 8 bits (``to_uint8`` works in float64)."""
+    height, width = arr.shape[:2]
+    rows, cols = -(-height // factor), -(-width // factor)
+    sums = np.add.reduceat(np.add.reduceat(arr, np.arange(0, height, factor), axis=0, dtype=np.float32), np.arange(0, width, factor), axis=1)
+    counts = np.minimum(factor, height - factor * np.arange(rows))[:, None] * np.minimum(factor, width - factor * np.arange(cols))[None, :]
+    return sums / counts[:, :, None]
 
 
 def rgb_channel_pages(tif) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LeukoscopeError
-from ..images import MAX_PIXELS, ImageReadError, load_rgb
+from ..images import MAX_PIXELS, ImageReadError, load_rgb, reduction_factor
 from ..io import atomic_write, csv_delimiter, printable, regular_file_stat, sha256_file
 from .layouts import Dataset, Sample
 
@@ -96,7 +96,7 @@ def _perceptual_hash(path: str, size: int, mtime_ns: int) -> bytes | None:
 
     try:
         with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
+            if reduction_factor(im.width, im.height, MAX_PIXELS, im.format == "JPEG") is None:
                 return None  # refused when images are decoded
             im.draft("RGB", (64, 64))  # pHash looks at 64x64: decode small
             return np.packbits(imagehash.phash(im, hash_size=16).hash.ravel()).tobytes()
