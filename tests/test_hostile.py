@@ -116,6 +116,48 @@ def test_a_tiff_whose_pages_are_its_colour_channels_is_read_as_one_rgb_image(tmp
                                            "focus.tif: 3 pages)")
 
 
+def test_damaged_files_of_every_format_are_unreadable_images_not_crashes(tmp_path):
+    """Bytes flipped in the headers of real encodings (TIFF, ImageJ and OME-TIFF, HEIC, PNG, JPEG, WebP): the parsers
+    raise errors of many kinds (tifffile a ZeroDivisionError or an AssertionError, pi-heif an IndexError); each must
+    be the file's one-line ImageReadError, so that a run goes on to the next file."""
+    import io as bytes_io
+    import logging
+    import warnings
+
+    import tifffile
+
+    from leukoscope.images import ImageReadError
+
+    rgb = synthetic_cell(np.random.default_rng(0), 64, 0.5, 20)
+    planes = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+    encodings = {"heic": (FIXTURES / "cell.heic").read_bytes()}
+    for name, kwargs in {"imagej": {"imagej": True, "metadata": {"axes": "CYX"}}, "ome": {"metadata": {"axes": "CYX"}, "ome": True},
+                         "lzw": {"compression": "zlib"}}.items():
+        buffer = bytes_io.BytesIO()
+        tifffile.imwrite(buffer, planes if name != "lzw" else rgb, **kwargs)
+        encodings[name] = buffer.getvalue()
+    for fmt in ("PNG", "JPEG", "WEBP"):
+        buffer = bytes_io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format=fmt)
+        encodings[fmt] = buffer.getvalue()
+    rng = np.random.default_rng(1)
+    outcomes = {"read": 0, "unreadable": 0}
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)  # its warnings about the damage, not what is tested
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, data in encodings.items():
+            for _ in range(120):
+                damaged = bytearray(data)
+                for _ in range(rng.integers(1, 8)):
+                    damaged[int(rng.integers(0, min(len(damaged), 1024)))] = int(rng.integers(0, 256))
+                try:
+                    decode_bytes(bytes(damaged))
+                    outcomes["read"] += 1
+                except ImageReadError:
+                    outcomes["unreadable"] += 1
+    assert min(outcomes.values()) > 50, outcomes  # both happen: the damage is neither always harmless nor always fatal
+
+
 def test_archives_are_named_as_archives(trained, tmp_path, capsys):
     """A lab's images often come zipped: predict, count and train say "unpack it", not "unreadable image"."""
     import tarfile

@@ -26,6 +26,12 @@ MAX_PIXELS = 40_000_000  # images are read within this many pixels (decompressio
 WHOLE_DECODE = 4  # a JPEG at its decoder's 1/2-1/8 scale; other formats, which decode whole, up to 4x it, then halved
 
 
+# What the decoders' parsers (tifffile, pi-heif, PIL's plugins) raise on a damaged file, found by flipping bytes of real
+# TIFF, ImageJ, OME-TIFF, HEIC, PNG, JPEG and WebP files: errors of many kinds, each a file that cannot be read.
+PARSER_ERRORS = (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, ZeroDivisionError, AssertionError,
+                 AttributeError, OverflowError, SyntaxError, EOFError, struct.error)
+
+
 class ImageReadError(Exception):
     """A single file could not be turned into an RGB image; the message is short."""
 
@@ -203,7 +209,7 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
                 rgb = rgb.reduce(reduce)
     except Image.DecompressionBombError:  # larger still than PIL's own limit, refused while reading the header
         raise ImageReadError(f"image too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels (limit {max_pixels:,}): cut it into tiles") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+    except PARSER_ERRORS as err:  # UnidentifiedImageError is an OSError
         if (packed := archive_kind(head)) is not None:
             raise ImageReadError(f"{packed}, not an image: unpack it and give its images") from None
         if head.startswith(APPLEDOUBLE_MAGIC):
@@ -266,11 +272,13 @@ def _heic(source, head: bytes, max_pixels: int) -> Image.Image | None:
         im = Image.frombytes(heif.mode, heif.size, heif.data, "raw", heif.mode, heif.stride)
         im.info["icc_profile"] = heif.info.get("icc_profile")  # a phone's Display P3, applied as any file's (in_srgb)
         return im
-    except (ValueError, OSError, RuntimeError) as err:
+    except PARSER_ERRORS as err:
         raise ImageReadError(f"unreadable HEIC image: {err or type(err).__name__}"[:160]) from None
     finally:
         if isinstance(source, io.BytesIO):
             source.seek(0)
+
+
 
 
 def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
@@ -290,7 +298,7 @@ def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
             if (reduce := reduction_factor(page.imagewidth, page.imagelength, max_pixels, jpeg=False)) is None:
                 raise too_large(page.imagewidth, page.imagelength, max_pixels, jpeg=False)
             arr = np.moveaxis(tif.series[0].asarray().reshape(3, page.imagelength, page.imagewidth), 0, -1) if stack else page.asarray()
-    except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as err:
+    except PARSER_ERRORS as err:  # tifffile.TiffFileError is a ValueError
         raise ImageReadError(f"unreadable image: {err or type(err).__name__}"[:160]) from None
     finally:
         if isinstance(source, io.BytesIO):
@@ -319,9 +327,12 @@ def rgb_channel_pages(tif) -> bool:
     """True for a TIFF whose colour channels are its pages: red, green and blue as three grey pages, as ImageJ/Fiji
     saves a 3-channel image and OME-TIFF a CYX one (their metadata names the axes). Read as one RGB picture; any other
     file of several pages (a z-stack, several fields) is read by its first page."""
-    if len(tif.pages) < 3:
+    try:
+        if len(tif.pages) < 3:
+            return False
+        series = tif.series[0]
+    except PARSER_ERRORS:  # metadata it cannot parse: then the pages are read as any file's
         return False
-    series = tif.series[0]
     shown = [(axis, n) for axis, n in zip(series.axes, series.shape) if n > 1]
     return [axis for axis, _ in shown] == ["C", "Y", "X"] and shown[0][1] == 3
 
@@ -353,7 +364,7 @@ def tiff_pages(path: str | os.PathLike) -> int:
         with Image.open(path) as im:
             size = im.size
             return sum(1 for _ in ImageSequence.Iterator(im) if im.size == size)
-    except (OSError, struct.error, ValueError, SyntaxError, EOFError, KeyError, IndexError):  # unreadable: said when decoded
+    except PARSER_ERRORS:  # unreadable: said when it is decoded
         return 1
 
 
@@ -378,7 +389,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
         if _is_heic(_head(path, 64)):
             try:
                 return tuple(_open_heic(path).size)
-            except (ValueError, OSError, RuntimeError):
+            except PARSER_ERRORS:
                 raise ImageReadError("unreadable HEIC image: no size in its header") from None
         import tifffile
 
@@ -386,7 +397,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 return page.imagewidth, page.imagelength
-        except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError):
+        except PARSER_ERRORS:
             raise ImageReadError("unreadable image: no size in its header") from None
 
 
