@@ -143,6 +143,14 @@ def test_a_manifest_saved_by_excel_with_semicolons_is_read(tmp_path):
     assert {s.path: (s.label, s.patient) for s in ds.samples} == {"imgs/a.png": ("blast", "P1"), "imgs/b.png": ("normal", "P2")}
 
 
+def test_a_manifest_that_is_not_a_table_is_a_one_line_error(tmp_path):
+    """A field beyond the csv module's limit (a log or an image saved as manifest.csv) was a csv.Error traceback."""
+    _tiny(tmp_path / "blast" / "a.png", "PNG")
+    (tmp_path / "manifest.csv").write_text("path,label\n" + "x" * 200_000 + ",blast\n", encoding="utf-8")
+    with pytest.raises(LeukoscopeError, match=r"manifest.csv: not a readable table \(field larger than field limit"):
+        detect_layout(tmp_path)
+
+
 def test_names_decomposed_by_macos_and_composed_by_windows_are_one_class_and_match_the_manifest(tmp_path):
     import unicodedata
 

@@ -258,6 +258,13 @@ def _read_manifest(path: Path) -> dict[str, tuple[str | None, str]]:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:  # Excel's "CSV (Comma delimited)" on Windows writes cp1252
         text = path.read_bytes().decode("cp1252", errors="replace")
+    try:
+        return _manifest_rows(path, text)
+    except csv.Error as err:  # a field over the csv module's limit (a file that is not a table), a NUL byte
+        raise LeukoscopeError(f"{path}: not a readable table ({err}); save it from a spreadsheet as CSV") from None
+
+
+def _manifest_rows(path: Path, text: str) -> dict[str, tuple[str | None, str]]:
     with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle, delimiter=csv_delimiter(text))
         fields = {name.lower(): name for name in reader.fieldnames or []}
