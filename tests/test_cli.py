@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import re
 import shutil
 import unicodedata
 from collections import defaultdict
@@ -207,7 +208,7 @@ def test_predict_real_cells_plus_broken_file(cnmc_run, tmp_path, capsys):
         (["train", "{data}", "--out", "{tmp}/run", "--arch", "resnet19"], "did you mean 'resnet18'"),
         (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/bad.yaml"], "did you mean 'epochs'"),
         (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/typed.yaml"], "typed.yaml: epochs must be a whole number, got 'three'"),
-        (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/aug.yaml"], "aug.yaml: augment.hue must be a number, got 'lots'"),
+        (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/aug.yaml"], "aug.yaml: augment.hue must be a finite number, got 'lots'"),
         (["train", "{data}", "--out", "{tmp}/run", "--config", "{tmp}/fr.yaml"], "fractions must be a list of 3 numbers, got [0.7, 0.3]"),
         (["train", "{data}", "--out", "{tmp}/run", "--config", "{image}"], "not a YAML text file (it holds binary data)"),
         (["predict", "{tmp}/no_model", "{data}", "--out", "{tmp}/p.csv"], "neither a run folder"),
@@ -401,3 +402,30 @@ def test_a_pattern_the_shell_left_as_it_is_reads_the_files_it_matches(tmp_path, 
     assert len(_rows(out)) == 2
     assert main(["predict", "pbc", str(data / "*.jpg"), "--out", str(out)]) == 2
     assert "does not exist; as a pattern it matches no file either" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: .nan\n", "lr must be a finite number, got nan"),  # NaN passed every bound
+    ("weight_decay: .inf\n", "weight_decay must be a finite number, got inf"),
+    ("weight_decay: -0.5\n", "weight_decay must be >= 0, got -0.5"),
+    ("label_smoothing: 1.5\n", "label_smoothing must be at least 0 and below 1, got 1.5"),  # was PyTorch's error mid-run
+    ("seed: -1\n", "seed and split_seed must be whole numbers from 0 to 4294967295, got -1"),  # was numpy's, after decoding
+    ("split_seed: 99999999999999999999\n", "got 0 and 99999999999999999999"),
+    ("target_sensitivity: 2\n", "target_sensitivity must be between 0 and 1 (e.g. 0.98), got 2"),
+    ("image_size: 100000\n", "image_size must be between 16 and 4096, got 100000"),
+    ("arch_kwargs: 5\n", "arch_kwargs must be a mapping (YAML {key: value}), got 5"),  # was a TypeError in training
+    ("merge_classes: [a, b]\n", "merge_classes must be a mapping (YAML {key: value}) or empty (null), got ['a', 'b']"),  # AttributeError
+    ("init: 3\n", "init must be a string or empty (null), got 3"),  # was a TypeError traceback
+    ("augment: {brightness: 1.5}\n", "augment.brightness must be at least 0 and below 1, got 1.5"),  # negative pixels
+    ("augment: {hue: -0.1}\n", "augment.hue must be between 0 and 0.5 (a fraction of the colour circle), got -0.1"),
+    ("augment: {blur_p: 2}\n", "augment.blur_p must be between 0 and 1, got 2"),
+    ("augment: {scale: [1.2, 0.8]}\n", "augment.scale must be [low, high] with 0 < low <= high, got [1.2, 0.8]"),
+    ("augment: {hed: .nan}\n", "augment.hed must be a finite number, got nan"),
+])
+def test_a_config_value_out_of_its_range_is_refused_before_training(tmp_path, text, message):
+    from leukoscope.config import load_config
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(LeukoscopeError, match=re.escape(message)):
+        load_config(tmp_path / "c.yaml", {})
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import types
 import typing
@@ -71,7 +72,7 @@ class TrainConfig:
     ema: float | None = option(None, "validate and save an exponential moving average of the weights with this per-step decay (e.g. 0.998)")
     refit_head: float | None = option(None, "after training, refit the linear classifier by logistic regression (inverse L2 strength C) "
                                             "on the training features, clean plus refit_views augmented views")
-    merge_classes: dict = option(None, "learn finer classes than the model reports: each class folder named here merges into the "
+    merge_classes: dict | None = option(None, "learn finer classes than the model reports: each class folder named here merges into the "
                                        "class it maps to, e.g. '{neutrophil_band: neutrophil, neutrophil_segmented: neutrophil}'; "
                                        "the network trains on the folders, then its classifier is refitted on the merged classes "
                                        "(needs refit_head)", factory=dict)
@@ -159,7 +160,7 @@ class TrainConfig:
 
     def validate(self, source: str = "config") -> None:
         checks = [
-            (self.image_size >= 16, f"image_size must be >= 16, got {self.image_size}"),
+            (16 <= self.image_size <= 4096, f"image_size must be between 16 and 4096, got {self.image_size}"),
             (self.min_image_size is None or 16 <= self.min_image_size <= self.image_size,
              f"min_image_size must be between 16 and image_size ({self.image_size}), got {self.min_image_size}"),
             (self.ema is None or 0 < self.ema < 1, f"ema must be between 0 and 1 (a per-step decay such as 0.998), got {self.ema}"),
@@ -194,6 +195,13 @@ class TrainConfig:
              "freeze_epochs and backbone_lr need init (a model to fine-tune)"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be at least 0 and below 1, got {self.label_smoothing}"),
+            (all(0 <= seed < 2**32 for seed in (self.seed, self.split_seed_value)),  # numpy's seeds are 32-bit
+             f"seed and split_seed must be whole numbers from 0 to 4294967295, got {self.seed} and {self.split_seed}"),
+            (self.target_sensitivity is None or 0 < self.target_sensitivity < 1,
+             f"target_sensitivity must be between 0 and 1 (e.g. 0.98), got {self.target_sensitivity}"),
+            *augment_checks(self.augment),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"),
             (self.split_by in ("patient", "image"), f"split_by must be 'patient' or 'image', got {self.split_by!r}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
@@ -211,6 +219,19 @@ class TrainConfig:
         check_method(self.method)
         if self.method in NEEDS_BACKBONE and not self.backbone:
             raise LeukoscopeError(f"{source}: --method {self.method} needs --backbone RUN_OR_BUNDLED_MODEL (a CNN trained on the same split)")
+
+
+def augment_checks(augment: AugmentConfig) -> list[tuple[bool, str]]:
+    """The augmentation's bounds: a jitter of 1 or more (brightness 1.5: a factor U(-0.5, 2.5)) makes negative or
+    black images, a probability is at most 1, a hue rotation beyond half the circle repeats itself."""
+    checks = [(0 <= getattr(augment, key) < 1, f"augment.{key} must be at least 0 and below 1, got {getattr(augment, key)}")
+              for key in ("translate", "brightness", "contrast", "saturation", "stain", "hed", "hed_shift")]
+    (low, high), (blur_low, blur_high) = augment.scale, augment.blur_sigma
+    return [*checks,
+            (0 <= augment.hue <= 0.5, f"augment.hue must be between 0 and 0.5 (a fraction of the colour circle), got {augment.hue}"),
+            (0 <= augment.blur_p <= 1, f"augment.blur_p must be between 0 and 1, got {augment.blur_p}"),
+            (0 < low <= high, f"augment.scale must be [low, high] with 0 < low <= high, got {list(augment.scale)}"),
+            (0 <= blur_low <= blur_high, f"augment.blur_sigma must be [low, high] with 0 <= low <= high, got {list(augment.blur_sigma)}")]
 
 
 def check_keys(cls: type, values: dict[str, Any], source: str, prefix: str = "") -> None:
@@ -240,8 +261,10 @@ def _fits(value: Any, hint: Any) -> bool:
         return isinstance(value, (list, tuple)) and len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
     if hint is type(None):
         return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:  # NaN or infinity: no option means them, and NaN passes every bound below
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint in (bool, str):
@@ -255,7 +278,7 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in args)
     if origin is tuple:
         return f"a list of {len(args)} numbers"
-    return {float: "a number", int: "a whole number", bool: "true or false", str: "a string", type(None): "empty (null)"}.get(hint, str(hint))
+    return {float: "a finite number", int: "a whole number", dict: "a mapping (YAML {key: value})", bool: "true or false", str: "a string", type(None): "empty (null)"}.get(hint, str(hint))
 
 
 def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -281,6 +304,7 @@ def load_config(path: str | os.PathLike | None, overrides: dict[str, Any]) -> Tr
             value = {**values[key], **value}  # --augment '{hue: 0.05}' changes one key of the file's augment block
         values[key] = value
     if values.get("init"):  # a fine-tuned model keeps its parent's input settings unless told otherwise
+        check_types(TrainConfig, {"init": values["init"]}, str(path) if path else "options")
         values = {**inherited_settings(values["init"]), **values}
     return TrainConfig.from_dict(values, source=str(path) if path else "options")
 
