@@ -46,7 +46,7 @@ def test_the_readme_s_command_synopsis_matches_the_parser():
     block = readme[readme.index("## Command line") : readme.index("Every training option")]
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     for name, parser in commands.items():
-        lines = re.findall(rf"^leukoscope {re.escape(name)} (.*(?:\n {{8,}}.*)*)", block, re.M)
+        lines = re.findall(rf"^leukoscope {re.escape(name)} (.*(?:\n {{8,}}.*)*)", block, re.MULTILINE)
         assert lines, f"the README's synopsis has no line for {name}"
         written = set(re.findall(r"--[a-z][a-z0-9-]*", " ".join(lines)))
         taken = {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}

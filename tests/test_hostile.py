@@ -299,7 +299,6 @@ def test_a_jpeg_too_large_to_decode_whole_is_read_at_a_reduced_scale(tmp_path):
     import io as bytes_io
 
     import tifffile
-
     from conftest import synthetic_cell
 
     from leukoscope.images import ImageReadError, jpeg_reduction
