@@ -378,6 +378,7 @@ def test_arrays_tensors_and_bytes_in_every_common_form_are_one_image(trained):
         "float 0-1": rgb / 255.0, "float 0-255": rgb.astype(np.float32), "16-bit": rgb.astype(np.uint16) * 257,
         "channels first": rgb.transpose(2, 0, 1).copy(), "tensor": torch.from_numpy(rgb.transpose(2, 0, 1) / 255.0),
         "bytes": encoded.getvalue(), "bytearray": bytearray(encoded.getvalue()),
+        "memoryview": encoded.getbuffer(),  # a buffer shared without a copy
     }
     reference = model.predict(rgb)[0].probabilities
     for name, form in forms.items():

@@ -50,7 +50,7 @@ from .progress import note, plural
 from .transforms import eval_transform
 
 PREFETCH = 2  # batches decoded ahead of the one the model runs (+5% images/s over one for `wbc`, docs/benchmarks.md)
-ONE_IMAGE = (str, os.PathLike, bytes, bytearray, Image.Image)  # what predict takes as one image, not a list of them
+ONE_IMAGE = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)  # what predict takes as one image, not a list of them
 _INPUT_KINDS = "give image paths, folders, bytes, binary file objects, PIL images, arrays or tensors"
 
 
@@ -183,7 +183,7 @@ class Predictor:
             elif hasattr(item, "read"):
                 items.append(_read_binary(item))
             elif isinstance(item, (*ONE_IMAGE, np.ndarray)):
-                items.append(bytes(item) if isinstance(item, bytearray) else item)
+                items.append(bytes(item) if isinstance(item, (bytearray, memoryview)) else item)
             else:
                 raise TypeError(f"cannot predict an item of type {type(item).__name__!r}: {_INPUT_KINDS}")
         return list(self.predict_iter(items, batch_size=batch_size, tta=tta))
