@@ -368,6 +368,9 @@ def test_a_batch_too_large_for_memory_is_refused_before_training_with_one_that_f
     small, large = (step_bytes_per_image(model, size, torch.device("cpu"), False) for size in (56, 112))
     assert 3.5 < large / small < 4.5 and 2e6 < large < 6e6  # measured peaks: 2.4-3.3 MB per 112 px image
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    state = torch.get_rng_state()
+    step_bytes_per_image(model, 112, torch.device("cpu"), False)
+    assert torch.equal(torch.get_rng_state(), state)  # dropout's draws would change every later one: training's too
     config = TrainConfig(arch="cellnet", image_size=112, batch_size=6400)
     refuse_oversized_batch(config, 3.4e6, 500, int(4e9))  # a split of 500 trains in batches of 500: 1.7 GB
     with pytest.raises(LeukoscopeError, match=r"--batch-size 6400: a training step of cellnet at 112 px on 5,000 images needs about "

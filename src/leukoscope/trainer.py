@@ -81,9 +81,10 @@ def step_bytes_per_image(model: nn.Module, image_size: int, device: torch.device
             return tensor
 
         x = torch.zeros(n, 3, image_size, image_size, device=device).contiguous(memory_format=training_memory_format(probe, device))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            probe(x)
+            probe(x)  # dropout draws from the global generator: restored after, so training is the same with or without this
         return sum(storages.values())
 
     kept_per_image = (kept(4) - kept(2)) / 2  # what the network's own weights and buffers add cancels
