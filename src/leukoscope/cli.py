@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shlex
@@ -384,15 +385,14 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import check_data, format_report
     from .io import atomic_write, is_stream_output
 
-    if not args.json:
+    if args.json:
+        _check_out(args.json, [], "JSON", (".json",))
+    # the JSON output is opened first: an unwritable --json fails before the check, not after its report
+    with atomic_write(args.json) if args.json else contextlib.nullcontext() as handle:
         report = check_data(args.data)
-        print(format_report(report))
-        return 0 if report["ok"] else 1
-    _check_out(args.json, [], "JSON", (".json",))
-    with atomic_write(args.json) as handle:  # opened first: an unwritable --json fails before the check, not after it
-        report = check_data(args.data)
-        print(format_report(report), file=sys.stderr if is_stream_output(args.json) else sys.stdout)
-        json.dump(report, handle, indent=2)
+        print(format_report(report), file=sys.stderr if args.json and is_stream_output(args.json) else sys.stdout)
+        if handle is not None:
+            json.dump(report, handle, indent=2)
     return 0 if report["ok"] else 1
 
 

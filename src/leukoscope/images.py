@@ -154,9 +154,12 @@ def reduction_factor(width: int, height: int, max_pixels: int, jpeg: bool) -> in
     most 480 MB decoded for a moment), averaged over blocks; None for larger ones."""
     if jpeg:
         return jpeg_reduction(width, height, max_pixels)
-    if width * height > WHOLE_DECODE * max_pixels:
-        return None
-    return next((scale for scale in (1, 2, 4) if -(-width // scale) * -(-height // scale) <= max_pixels), None)
+    return None if width * height > WHOLE_DECODE * max_pixels else _scale_within(width, height, max_pixels, (1, 2, 4))
+
+
+def _scale_within(width: int, height: int, max_pixels: int, scales: tuple[int, ...]) -> int | None:
+    """The first of ``scales`` at which ``width x height`` (sides rounded up) is within ``max_pixels``; None if none is."""
+    return next((scale for scale in scales if -(-width // scale) * -(-height // scale) <= max_pixels), None)
 
 
 def too_large(width: int, height: int, max_pixels: int, jpeg: bool) -> ImageReadError:
@@ -168,7 +171,7 @@ def jpeg_reduction(width: int, height: int, max_pixels: int) -> int | None:
     """The JPEG decoder's scale (1, 2, 4 or 8: 1/scale of each side, in the DCT, without decoding the whole image)
     that brings ``width x height`` within ``max_pixels``; None when even 1/8 does not. Such a JPEG is read at that
     scale: a model frames every image to about 112 px, and ``count`` gives its cells' boxes in the file's pixels."""
-    return next((scale for scale in (1, 2, 4, 8) if -(-width // scale) * -(-height // scale) <= max_pixels), None)
+    return _scale_within(width, height, max_pixels, (1, 2, 4, 8))
 
 
 def _draft_request(im: Image.Image, reduce: int | None, size: int | None, crop: float) -> tuple[int, int] | None:
@@ -277,8 +280,6 @@ def _heic(source, head: bytes, max_pixels: int) -> Image.Image | None:
     finally:
         if isinstance(source, io.BytesIO):
             source.seek(0)
-
-
 
 
 def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:

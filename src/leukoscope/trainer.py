@@ -7,6 +7,7 @@ rank holds a Trainer over its DDP-wrapped network and takes its share of every g
 
 from __future__ import annotations
 
+import copy
 import csv
 import time
 from dataclasses import dataclass, field
@@ -69,8 +70,6 @@ def step_bytes_per_image(model: nn.Module, image_size: int, device: torch.device
     backward pass of one more image (counted with ``saved_tensors_hooks`` on a copy of the network, whose
     BatchNorm statistics the two forward passes would move). Measured peaks per image on the CPU: 1.4-1.9x the
     kept tensors (cellnet and cellnet_deep at 112 px about 2.4-3.3 MB, resnet18 7.5 MB)."""
-    import copy
-
     probe = copy.deepcopy(unwrap(model)).train()
 
     def kept(n: int) -> int:
