@@ -32,3 +32,34 @@ def test_device_choice_and_a_clear_error_without_cuda(tiny_run, tmp_path, capsys
     if not torch.cuda.is_available():
         assert main(["predict", str(run), str(data), "--out", str(tmp_path / "q.csv"), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_torchrun_ranks_find_their_gpu_and_training_refuses_more_ranks_than_gpus(monkeypatch):
+    """Checked with the GPU count simulated: a node's ranks spread over its GPUs (prediction may share one), and training,
+    which takes one GPU per process, refuses a rank without its own before it joins the process group."""
+    from leukoscope.distributed import init_world
+    from leukoscope.errors import LeukoscopeError
+    from leukoscope.runtime import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda")  # one process: PyTorch's current GPU
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    for local, gpu in ((0, 0), (1, 1), (3, 1)):
+        monkeypatch.setenv("LOCAL_RANK", str(local))
+        assert resolve_device("auto") == torch.device("cuda", gpu)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(LeukoscopeError, match="local rank 2, but PyTorch sees 2 GPU.*--nproc_per_node 2 or less"):
+        init_world("cuda")
+
+
+def test_the_eval_preset_normalises_on_the_images_device():
+    """The mean and standard deviation go where the batch is: on a GPU, CPU constants crashed every prediction's first
+    batch (PyTorch's meta device stands in for the GPU; a mix of devices is refused there as on CUDA)."""
+    from leukoscope.transforms import eval_transform
+
+    batch = torch.zeros(2, 3, 8, 8, dtype=torch.uint8, device="meta")
+    out = eval_transform(batch, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    assert out.device.type == "meta" and out.shape == (2, 3, 8, 8) and out.dtype == torch.float32

@@ -21,7 +21,7 @@ from torch import nn
 
 from .checkpoint import model_from_checkpoint
 from .errors import LeukoscopeError
-from .inference import Predictor
+from .inference import Predictor, TorchBackend
 from .options import ENTROPY_STEPS  # also where callers look for it
 from .progress import progress
 from .transforms import eval_transform
@@ -80,7 +80,8 @@ def adapt_batchnorm(predictor: Predictor, images: torch.Tensor, batch_size: int 
     # BCCD fields), so an adapted model has none (ood_score NaN, in_domain empty)
     checkpoint = {**predictor.checkpoint, "state_dict": model.state_dict(), "adapted_on_images": len(images),
                   "adapted_steps": steps, "ood": None, "ood_threshold": None}
-    adapted = Predictor(checkpoint, source=f"{predictor.source} ({how} on {len(images)} images)")
+    adapted = Predictor(checkpoint, source=f"{predictor.source} ({how} on {len(images)} images)",
+                        backend=TorchBackend(checkpoint, getattr(predictor.backend, "device", "cpu")))  # on the GPU it was loaded on
     adapted.temperature, adapted.threshold = predictor.temperature, predictor.threshold
     return adapted
 

@@ -323,7 +323,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     refuse_stream_folder(args.out, "explain")
     refuse_input_folder(args.out, args.inputs, "explain")
-    predictor = load_model(args.model, backend="torch", purpose="explain (Grad-CAM reads the network's layers)")
+    predictor = load_model(args.model, backend="torch", device="cpu", purpose="explain (Grad-CAM reads the network's layers)")
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
@@ -340,7 +340,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .io import is_stream_output
     from .quantize import CALIBRATION_IMAGES
 
-    predictor = load_model(args.model, backend="torch", purpose="export")
+    predictor = load_model(args.model, backend="torch", device="cpu", purpose="export")  # checked in fp32 against the graph, also beside a GPU
     paths = iter_inputs(args.images) if args.images else []
     calibration_paths = iter_inputs(args.calibration) if args.calibration else []
     _check_out(args.out, [*paths, predictor.source, *calibration_paths], "an ONNX graph", (".onnx",))

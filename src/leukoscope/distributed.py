@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import LeukoscopeError
+
 
 @dataclass(frozen=True)
 class World:
@@ -41,10 +43,15 @@ def init_world(device_preference: str = "auto") -> tuple[World, torch.device]:
     if size <= 1:
         return World(), device
     world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda and world.local_rank >= torch.cuda.device_count():
+        raise LeukoscopeError(f"torchrun started local rank {world.local_rank}, but PyTorch sees {torch.cuda.device_count()} GPU(s) on "
+                              f"this node and training takes one per process: give --nproc_per_node {torch.cuda.device_count()} or "
+                              "less (or --device cpu)")
     if cuda:
         torch.cuda.set_device(world.local_rank)
+    if not dist.is_initialized():  # NCCL told its GPU up front: no guess from the global rank
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device("cuda", world.local_rank) if cuda else None)
+    if cuda:
         return world, torch.device("cuda", world.local_rank)
     return world, torch.device("cpu")
 
@@ -127,10 +134,15 @@ def shard(indices: torch.Tensor, world: World) -> torch.Tensor:
     return indices[world.rank :: world.size]
 
 
+def _carrier() -> torch.device:
+    """Where a tensor sent between ranks must live: NCCL moves only GPU tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_sum(values: list[float], world: World) -> list[float]:
     if not world.distributed:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_carrier())
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -150,7 +162,7 @@ def broadcast_flag(value: bool, world: World) -> bool:
     """Rank 0's ``value`` on every rank: decisions such as early stopping are taken once."""
     if not world.distributed:
         return value
-    tensor = torch.tensor([int(value)])
+    tensor = torch.tensor([int(value)], device=_carrier())
     dist.broadcast(tensor, src=0)
     return bool(tensor.item())
 

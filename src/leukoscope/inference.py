@@ -91,7 +91,7 @@ class TorchBackend:
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         x = eval_transform(batch_uint8.to(self.device, non_blocking=True), self.mean, self.std)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return self.model(x).float().cpu()
 
 

@@ -65,4 +65,8 @@ def resolve_device(preference: str = "auto"):
         raise LeukoscopeError(f"unknown device {preference!r}; choose from {', '.join(DEVICES)}")
     if preference == "cuda" and not torch.cuda.is_available():
         raise LeukoscopeError("--device cuda: no CUDA device is available to PyTorch here; use --device cpu (or auto)")
-    return torch.device("cuda" if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()) else "cpu")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: this process's GPU of the node, shared round-robin
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cuda")

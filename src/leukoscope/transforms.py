@@ -25,8 +25,8 @@ def to_float(batch_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    mean = torch.as_tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
