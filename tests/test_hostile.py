@@ -106,14 +106,38 @@ def test_a_tiff_whose_pages_are_its_colour_channels_is_read_as_one_rgb_image(tmp
     planes = np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
     tifffile.imwrite(tmp_path / "fiji.tif", planes, imagej=True, metadata={"axes": "CYX"})
     tifffile.imwrite(tmp_path / "scope.ome.tif", planes.astype(np.uint16) * 257, metadata={"axes": "CYX"})
-    tifffile.imwrite(tmp_path / "focus.tif", planes, imagej=True, metadata={"axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "pages.tif", planes, photometric="minisblack")  # three grey pages, no metadata: a stack whose first page is read
     for name in ("fiji.tif", "scope.ome.tif"):
         np.testing.assert_array_equal(load_rgb(tmp_path / name), rgb)
         np.testing.assert_array_equal(decode_bytes((tmp_path / name).read_bytes()), rgb)
-    np.testing.assert_array_equal(load_rgb(tmp_path / "focus.tif"), np.repeat(rgb[..., :1], 3, axis=2))
+    np.testing.assert_array_equal(load_rgb(tmp_path / "pages.tif"), np.repeat(rgb[..., :1], 3, axis=2))
     paths = sorted(tmp_path.glob("*.tif"))
     assert several_pages(paths).startswith("1 TIFF file holds several images (a z-stack, or several fields saved as pages; "
-                                           "focus.tif: 3 pages)")
+                                           "pages.tif: 3 pages)")
+
+
+def test_a_focal_stack_named_by_its_metadata_is_read_by_its_sharpest_plane(tmp_path):
+    """A microscope's z-stack saved by Fiji (RGB planes, or three channel pages per plane) or as OME-TIFF: the plane in
+    best focus is read, whichever it is, from a file or its bytes, with no note; the same planes saved without
+    metadata (pages that may as well be fields) keep their first page and the note."""
+    import tifffile
+    from scipy import ndimage
+
+    from leukoscope.images import several_pages
+
+    rgb = synthetic_cell(np.random.default_rng(1), 96, 0.5, 24)
+    blurred = lambda sigma: ndimage.gaussian_filter(rgb.astype(np.float32), (sigma, sigma, 0)).round().astype(np.uint8)
+    stack = np.stack([blurred(3.0), blurred(1.5), rgb, blurred(1.0), blurred(2.0)])  # in focus at the third plane
+    tifffile.imwrite(tmp_path / "fiji.tif", stack, imagej=True, metadata={"axes": "ZYXS"}, photometric="rgb")
+    tifffile.imwrite(tmp_path / "scope.ome.tif", stack, metadata={"axes": "ZYXS"}, photometric="rgb")
+    tifffile.imwrite(tmp_path / "channels.tif", np.ascontiguousarray(np.moveaxis(stack, -1, 1)), imagej=True, metadata={"axes": "ZCYX"})
+    tifffile.imwrite(tmp_path / "plain.tif", stack, photometric="rgb")
+    for name in ("fiji.tif", "scope.ome.tif", "channels.tif"):
+        np.testing.assert_array_equal(load_rgb(tmp_path / name), rgb)
+        np.testing.assert_array_equal(decode_bytes((tmp_path / name).read_bytes()), rgb)
+    np.testing.assert_array_equal(load_rgb(tmp_path / "plain.tif"), stack[0])
+    assert several_pages(sorted(tmp_path.glob("*.tif"))).startswith("1 TIFF file holds several images (a z-stack, or several "
+                                                                      "fields saved as pages; plain.tif: 5 pages)")
 
 
 def test_damaged_files_of_every_format_are_unreadable_images_not_crashes(tmp_path):

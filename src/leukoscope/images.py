@@ -293,12 +293,15 @@ def _deep_tiff(source, head: bytes, max_pixels: int) -> np.ndarray | None:
     try:
         with tifffile.TiffFile(source) as tif:
             page = tif.pages[0]
-            stack = rgb_channel_pages(tif)
-            if page.bitspersample <= 8 and page.sampleformat != 3 and not stack:  # 3: IEEE float
+            stack, planes = rgb_channel_pages(tif), z_stack(tif)
+            if page.bitspersample <= 8 and page.sampleformat != 3 and not stack and planes is None:  # 3: IEEE float
                 return None
             if (reduce := reduction_factor(page.imagewidth, page.imagelength, max_pixels, jpeg=False)) is None:
                 raise too_large(page.imagewidth, page.imagelength, max_pixels, jpeg=False)
-            arr = np.moveaxis(tif.series[0].asarray().reshape(3, page.imagelength, page.imagewidth), 0, -1) if stack else page.asarray()
+            if planes is not None:
+                arr = sharpest_plane(tif, *planes)
+            else:
+                arr = np.moveaxis(tif.series[0].asarray().reshape(3, page.imagelength, page.imagewidth), 0, -1) if stack else page.asarray()
     except PARSER_ERRORS as err:  # tifffile.TiffFileError is a ValueError
         raise ImageReadError(f"unreadable image: {err or type(err).__name__}"[:160]) from None
     finally:
@@ -326,8 +329,9 @@ def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
 
 def rgb_channel_pages(tif) -> bool:
     """True for a TIFF whose colour channels are its pages: red, green and blue as three grey pages, as ImageJ/Fiji
-    saves a 3-channel image and OME-TIFF a CYX one (their metadata names the axes). Read as one RGB picture; any other
-    file of several pages (a z-stack, several fields) is read by its first page."""
+    saves a 3-channel image and OME-TIFF a CYX one (their metadata names the axes). Read as one RGB picture; a focal
+    stack that its metadata names (``z_stack``) by its sharpest plane; any other file of several pages (several fields,
+    a stack without such metadata) by its first page."""
     try:
         if len(tif.pages) < 3:
             return False
@@ -336,6 +340,41 @@ def rgb_channel_pages(tif) -> bool:
         return False
     shown = [(axis, n) for axis, n in zip(series.axes, series.shape) if n > 1]
     return [axis for axis, _ in shown] == ["C", "Y", "X"] and shown[0][1] == 3
+
+
+def z_stack(tif) -> tuple[int, int] | None:
+    """(planes, pages per plane) of a focal stack whose ImageJ or OME metadata names its Z axis: RGB or grey pages
+    (axes ZYX, ZYXS) or three channel pages per plane (ZCYX); None for anything else, a plain multi-page TIFF
+    included (its pages may as well be several fields: its metadata does not say)."""
+    try:
+        if len(tif.pages) < 2 or not (tif.is_imagej or tif.is_ome):
+            return None
+        series = tif.series[0]
+    except PARSER_ERRORS:
+        return None
+    shown = [(axis, n) for axis, n in zip(series.axes, series.shape) if n > 1]
+    axes = "".join(axis for axis, _ in shown)
+    if axes in ("ZYX", "ZYXS"):
+        return shown[0][1], 1
+    return (shown[0][1], 3) if axes == "ZCYX" and shown[1][1] == 3 else None
+
+
+def sharpest_plane(tif, planes: int, per_plane: int) -> np.ndarray:
+    """The plane of a focal stack in best focus: the largest variance of the Laplacian of its grey levels (Pech-Pacheco
+    et al. 2000), each plane judged at most 512 px wide, so that a stack of large planes costs one read of each."""
+    from scipy import ndimage
+
+    best, best_focus = None, -1.0
+    for z in range(planes):
+        pages = [tif.asarray(key=z * per_plane + c) for c in range(per_plane)]
+        plane = np.stack(pages, -1) if per_plane > 1 else pages[0]
+        grey = plane.astype(np.float32) if plane.ndim == 2 else plane[..., :3].astype(np.float32).mean(-1)
+        factor = max(1, -(-max(grey.shape) // 512))
+        small = block_mean(grey[..., None], factor)[..., 0] if factor > 1 else grey
+        focus = float(ndimage.laplace(small / max(float(small.max()), 1e-12)).var())
+        if focus > best_focus:
+            best, best_focus = plane, focus
+    return best
 
 
 def tiff_pages(path: str | os.PathLike) -> int:
@@ -360,7 +399,7 @@ def tiff_pages(path: str | os.PathLike) -> int:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            if rgb_channel_pages(tif):
+            if rgb_channel_pages(tif) or z_stack(tif) is not None:  # read as one picture: the RGB image, the sharpest plane
                 return 1
         with Image.open(path) as im:
             size = im.size
@@ -377,7 +416,8 @@ def several_pages(paths: Sequence[Path]) -> str | None:
         return None
     (first, pages), verb = stacks[0], "holds" if len(stacks) == 1 else "hold"
     return (f"{plural(len(stacks), 'TIFF file')} {verb} several images (a z-stack, or several fields saved as pages; "
-            f"{first.name}: {pages} pages): only the first page of each is read; save each page as its own file to read "
+            f"{first.name}: {pages} pages): only the first page of each is read (a z-stack saved by Fiji or as OME-TIFF is "
+            "read by its sharpest plane); save each page as its own file to read "
             "them all (Fiji: Image > Stacks > Stack to Images)")
 
 
