@@ -63,3 +63,17 @@ def test_the_eval_preset_normalises_on_the_images_device():
     batch = torch.zeros(2, 3, 8, 8, dtype=torch.uint8, device="meta")
     out = eval_transform(batch, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     assert out.device.type == "meta" and out.shape == (2, 3, 8, 8) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["wbc", "pbc"])
+def test_the_bundled_networks_run_where_their_batches_are(name):
+    """The GPU path without a GPU: the network, its OOD head and the eval preset on the meta device (shapes only), so
+    that no constant left on the CPU can crash a prediction on CUDA again."""
+    from leukoscope.inference import TorchBackend, load_model
+    from leukoscope.transforms import eval_transform
+
+    predictor = load_model(name, backend="torch", device="cpu")
+    backend = TorchBackend(predictor.checkpoint, "meta")
+    batch = torch.zeros(4, 3, predictor.image_size, predictor.image_size, dtype=torch.uint8, device="meta")
+    out = backend.model(eval_transform(batch, backend.mean, backend.std))
+    assert out.device.type == "meta" and out.shape == (4, len(predictor.class_names) + 1)  # the classes and the OOD score
