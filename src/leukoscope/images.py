@@ -327,32 +327,32 @@ def block_mean(arr: np.ndarray, factor: int) -> np.ndarray:
     return sums / counts[:, :, None]
 
 
+def _stack_axes(tif, named: bool = False) -> list[tuple[str, int]]:
+    """The axes longer than 1 of a TIFF's first series, with their lengths, as its metadata names them; [] for a file
+    of one page, one whose metadata cannot be parsed, or (``named``) one without ImageJ or OME metadata."""
+    try:
+        if len(tif.pages) < 2 or (named and not (tif.is_imagej or tif.is_ome)):
+            return []
+        series = tif.series[0]
+    except PARSER_ERRORS:  # metadata it cannot parse: then the pages are read as any file's
+        return []
+    return [(axis, n) for axis, n in zip(series.axes, series.shape) if n > 1]
+
+
 def rgb_channel_pages(tif) -> bool:
     """True for a TIFF whose colour channels are its pages: red, green and blue as three grey pages, as ImageJ/Fiji
     saves a 3-channel image and OME-TIFF a CYX one (their metadata names the axes). Read as one RGB picture; a focal
     stack that its metadata names (``z_stack``) by its sharpest plane; any other file of several pages (several fields,
     a stack without such metadata) by its first page."""
-    try:
-        if len(tif.pages) < 3:
-            return False
-        series = tif.series[0]
-    except PARSER_ERRORS:  # metadata it cannot parse: then the pages are read as any file's
-        return False
-    shown = [(axis, n) for axis, n in zip(series.axes, series.shape) if n > 1]
-    return [axis for axis, _ in shown] == ["C", "Y", "X"] and shown[0][1] == 3
+    shown = _stack_axes(tif)
+    return "".join(axis for axis, _ in shown) == "CYX" and shown[0][1] == 3
 
 
 def z_stack(tif) -> tuple[int, int] | None:
     """(planes, pages per plane) of a focal stack whose ImageJ or OME metadata names its Z axis: RGB or grey pages
     (axes ZYX, ZYXS) or three channel pages per plane (ZCYX); None for anything else, a plain multi-page TIFF
     included (its pages may as well be several fields: its metadata does not say)."""
-    try:
-        if len(tif.pages) < 2 or not (tif.is_imagej or tif.is_ome):
-            return None
-        series = tif.series[0]
-    except PARSER_ERRORS:
-        return None
-    shown = [(axis, n) for axis, n in zip(series.axes, series.shape) if n > 1]
+    shown = _stack_axes(tif, named=True)
     axes = "".join(axis for axis, _ in shown)
     if axes in ("ZYX", "ZYXS"):
         return shown[0][1], 1
