@@ -77,3 +77,26 @@ def test_the_bundled_networks_run_where_their_batches_are(name):
     batch = torch.zeros(4, 3, predictor.image_size, predictor.image_size, dtype=torch.uint8, device="meta")
     out = backend.model(eval_transform(batch, backend.mean, backend.std))
     assert out.device.type == "meta" and out.shape == (4, len(predictor.class_names) + 1)  # the classes and the OOD score
+
+
+def test_a_resumed_gpu_run_continues_the_gpus_random_stream(monkeypatch):
+    """Dropout draws its masks from the GPU's generator there: a resume restores it (simulated: no GPU needed)."""
+    from leukoscope.config import TrainConfig
+    from leukoscope.models import create_model
+    from leukoscope.runs import seed_everything
+    from leukoscope.trainer import Trainer
+
+    saved, restored = torch.tensor([7, 8, 9], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": saved.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
+    config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=1)
+    trainer = Trainer(create_model("cellnet_tiny", 2), config, ([0.5] * 3, [0.2] * 3), seed_everything(0))
+    state = {"epoch": 1, "history": [], "best_key": None, "best_epoch": 1, "stale": 0, "best_state": {}}
+    assert trainer.snapshot(state)["cuda_rng"] is None  # a CPU run has no GPU stream
+    trainer.restore(trainer.snapshot(state))
+    assert restored == []
+    trainer.device = torch.device("cuda", 1)
+    snapshot = trainer.snapshot(state)
+    assert torch.equal(snapshot["cuda_rng"], saved)
+    trainer.restore(snapshot)
+    assert len(restored) == 1 and torch.equal(restored[0][0], saved) and restored[0][1] == torch.device("cuda", 1)

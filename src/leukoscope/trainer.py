@@ -335,6 +335,7 @@ class Trainer:
         """Everything besides the weights that an exact resume needs (weights_only-loadable)."""
         return {**state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": {name: g.get_state() for name, g in self.rngs.items()}, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,  # dropout's masks there
                 "ema": None if self.ema is None else self.ema.state_dict()}
 
     def restore(self, resume: dict) -> dict:
@@ -347,5 +348,7 @@ class Trainer:
         for name, g in self.rngs.items():
             g.set_state(resume["rng"][name])
         torch.set_rng_state(resume["torch_rng"])
+        if self.device.type == "cuda" and resume.get("cuda_rng") is not None:  # a run resumed on another device draws anew there
+            torch.cuda.set_rng_state(resume["cuda_rng"], self.device)
         state = {k: resume[k] for k in ("epoch", "history", "best_key", "best_epoch", "stale", "best_state")}
         return {**state, "best_loss": resume.get("best_loss")}
