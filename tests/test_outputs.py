@@ -189,6 +189,30 @@ def test_a_file_given_as_the_output_folder_is_named(tmp_path, capsys, command, w
     assert "cannot create --out" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, own", [(["segment"], "blast_000_overlay.png"), (["explain", "pbc"], "blast_000_cam.png")])
+def test_heatmaps_and_masks_never_replace_a_folder_s_own_files(tmp_path, capsys, command, own):
+    """explain and segment name their PNGs after the images: written into any folder, they replaced a file of the same
+    name there, and a second run replaced the first's index. Like count, they refuse a folder that holds files."""
+    from conftest import make_image_folder
+
+    cells = make_image_folder(tmp_path / "data", n_per_class=1) / "blast"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / own).write_text("a picture of mine")
+    assert main([*command, str(cells), "--out", str(mine)]) == 2
+    assert "already holds 1 file" in capsys.readouterr().err and sorted(p.name for p in mine.iterdir()) == [own]
+    assert main([*command, str(cells), "--out", str(mine), "--force"]) == 2
+    assert "that leukoscope did not write" in capsys.readouterr().err and (mine / own).read_text() == "a picture of mine"
+    out = tmp_path / "results"
+    assert main([*command, str(cells), "--out", str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert own in written
+    assert main([*command, str(cells), "--out", str(out)]) == 2
+    assert "add --force to replace them" in capsys.readouterr().err
+    assert main([*command, str(cells), "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == written
+
+
 def test_a_file_where_the_output_s_folder_would_be_is_named(tmp_path):
     (tmp_path / "results").write_text("a file, not a folder")
     refused = pytest.raises(LeukoscopeError, match=r"cannot write '.*p.csv': '.*results' is a file, not a folder")  # was: [Errno 17]

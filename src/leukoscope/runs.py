@@ -35,9 +35,10 @@ if TYPE_CHECKING:
     from .inference import Predictor
 
 SPLITS_FILE = "splits.csv"
-# Files that only leukoscope writes at the top of a run or evaluation folder: their presence
-# marks a folder as ours, safe to clear with --force.
-MARKERS = ("run.json", "model.pt", "last.pt", "model.joblib", "metrics.json", "report.html", "cells.csv")
+# Files that only leukoscope writes at the top of a run, evaluation, count, explain or segment folder:
+# their presence marks a folder as ours, safe to clear with --force.
+MARKERS = ("run.json", "model.pt", "last.pt", "model.joblib", "metrics.json", "report.html", "cells.csv", "explanations.csv",
+           "segmentation.csv")
 MODELS = ("model.pt", "last.pt", "model.joblib")
 
 
