@@ -193,6 +193,19 @@ def test_check_data_warns_of_a_class_the_default_split_leaves_without_test_image
     assert report["ok"] and "1 class (blast): train needs at least 2; evaluate can still score a model's calls on it" in report["warnings"]
 
 
+def test_check_data_says_what_train_does_when_the_default_split_leaves_no_test_images(tmp_path):
+    """Too few images for any test image: train runs and reports training and validation numbers; check-data had said it
+    would refuse (it refuses a test split that lacks some classes, not an empty one)."""
+    from leukoscope.cli import main
+    from leukoscope.data.check import check_data
+
+    data = make_image_folder(tmp_path / "data", n_per_class=2, size=40)
+    warnings = check_data(data)["warnings"]
+    assert any("leaves no test images: train reports training and validation numbers only" in w for w in warnings), warnings
+    assert not any("train refuses it" in w for w in warnings), warnings
+    assert main(["train", str(data), "--out", str(tmp_path / "run"), "--arch", "cellnet_tiny", "--image-size", "32", "--epochs", "1"]) == 0
+
+
 def test_class_names_spelt_two_ways_are_named_by_check_data_and_train(tmp_path, capsys):
     from leukoscope.config import TrainConfig
     from leukoscope.data.check import check_data

@@ -74,14 +74,19 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
 
 def _short_classes(dataset) -> list[str]:
     """The classes that train's default split (70/15/15, by patient where known, seed 0) leaves without
-    validation or test images: train refuses a class without test images, so say it before."""
+    validation or test images: train refuses a class without test images, so say it before. A split
+    without any test (or validation) image is not refused: train reports what it can, and so says this."""
     splits, _ = make_splits(dataset)
+    units = "patients" if dataset.has_patients else "images"
     lines = []
     for split in ("val", "test"):
         present = {s.label for s, k in zip(dataset.samples, splits) if k == split}
         missing = [c for c in dataset.classes if c not in present]
-        if missing:
-            units = "patients" if dataset.has_patients else "images"
+        if not present:
+            lines.append(f"the default split (70/15/15) leaves no {split} images: train "
+                         f"{'reports training and validation numbers only' if split == 'test' else 'chooses the epoch on training accuracy'}"
+                         f"; add {units}, or give train --fractions")
+        elif missing:
             lines.append(f"the default split (70/15/15) leaves {', '.join(missing)} without {split} images: train "
                          f"{'refuses it' if split == 'test' else 'cannot validate them'}; add {units} of those classes, "
                          "or give train --fractions")
