@@ -105,6 +105,21 @@ def test_export_fails_loudly_beyond_tolerance(run, tmp_path, capsys, monkeypatch
     assert "argument --tolerance: must be > 0, got -1.0" in capsys.readouterr().err
 
 
+def test_export_leaves_out_unreadable_check_images_and_refuses_when_none_can_be_read(run, tmp_path, capsys):
+    """An empty or broken file among --images ended export with a traceback."""
+    data, folder = run
+    image = min((data / "blast").glob("*.png"))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not a png")
+    assert main(["export", str(folder), "--out", str(tmp_path / "m.onnx"), "--images", str(image), str(tmp_path / "empty.png")]) == 0
+    captured = capsys.readouterr()
+    assert "on 1 real image (tolerance" in captured.out and (tmp_path / "m.onnx").is_file()
+    assert f"--images: 1 unreadable image left out of the check (e.g. {tmp_path / 'empty.png'}: empty file)" in captured.err
+    bad = [str(tmp_path / "empty.png"), str(tmp_path / "text.png")]
+    assert main(["export", str(folder), "--out", str(tmp_path / "n.onnx"), "--images", *bad]) == 2
+    assert "--images: none of the 2 images could be read" in capsys.readouterr().err and not (tmp_path / "n.onnx").exists()
+
+
 def test_onnx_export_of_bundled_model_on_real_cells(tmp_path, capsys):
     if "pbc" not in bundled_models():
         pytest.skip("bundled model pbc not built (make models)")

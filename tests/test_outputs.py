@@ -118,9 +118,16 @@ def test_predict_through_a_symlink_and_into_a_fifo(tiny_run, tmp_path):
 
 
 def test_output_that_is_a_folder_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    """A folder, or a new name ending in '/' (which was written as a file of that name), is bad input: exit 2, nothing written."""
     data, run = tiny_run
-    assert main(["predict", str(run), str(data), "--out", str(tmp_path)]) == 1
-    assert "is a directory" in capsys.readouterr().err
+    assert main(["predict", str(run), str(data), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} names a folder, but this writes CSV to a file: give a file name (e.g. {tmp_path}/predictions.csv)" \
+        in capsys.readouterr().err
+    results = str(tmp_path / "results") + "/"
+    for command in (["predict", str(run), str(data), "--out", results], ["export", str(run), "--out", results],
+                    ["check-data", str(data), "--json", results]):
+        assert main(command) == 2
+        assert "names a folder, but this writes" in capsys.readouterr().err and not (tmp_path / "results").exists()
 
 
 def test_train_refuses_a_run_with_results_and_force_replaces_it(tiny_run, tmp_path, capsys):

@@ -107,6 +107,10 @@ def _check_out(out: str, inputs: list, kind: str, suffixes: tuple[str, ...]) -> 
     a model's extension, which is a mix-up of arguments: ``predict wbc a.jpg --out b.jpg`` wrote CSV over b.jpg."""
     from .io import IMAGE_EXTENSIONS, is_stream_output
 
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):  # `results/` was written as a file named `results`
+        name = {".csv": "predictions", ".onnx": "model"}.get(suffixes[0], "report") + suffixes[0]
+        raise LeukoscopeError(f"--out {out} names a folder, but this writes {kind} to a file: give a file name "
+                              f"(e.g. {os.path.join(out, name)})")
     if is_stream_output(out):
         return
     if os.path.exists(out) and any(os.path.samefile(item, out) for item in inputs if os.path.exists(item)):  # inputs exist
@@ -270,7 +274,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import out_of_domain_warning, predict_csv
     from .progress import plural
 
-    log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     tta = None if args.tta is None else tta_mode(args.tta)
     _check_adapt_steps(args)
     predictor = load_model(args.model, backend="torch" if args.adapt else args.backend, device=args.device, precision=args.precision,
@@ -282,6 +285,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
     _check_out(args.out, [*paths[len(piped):], predictor.source], "CSV", (".csv", ".tsv", ".txt"))
+    log = sys.stderr if is_stream_output(args.out) else sys.stdout  # the CSV may be going to stdout
     if args.adapt:
         from .adapt import adapt_to_files
 
@@ -341,6 +345,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_images, export_onnx
     from .inference import iter_inputs, load_model
     from .io import is_stream_output
+    from .progress import plural
     from .quantize import CALIBRATION_IMAGES
 
     predictor = load_model(args.model, backend="torch", device="cpu", purpose="export")  # checked in fp32 against the graph, also beside a GPU
@@ -348,11 +353,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     calibration_paths = iter_inputs(args.calibration) if args.calibration else []
     _check_out(args.out, [*paths, predictor.source, *calibration_paths], "an ONNX graph", (".onnx",))
     images = check_images(paths, predictor.view)
-    what = f"{len(images)} real images" if paths else f"{len(images)} random images (pass --images for real cells)"
+    what = plural(len(images), "real image") if paths else f"{len(images)} random images (pass --images for real cells)"
     stream = sys.stderr if is_stream_output(args.out) else sys.stdout
     if args.precision == "int8":
         if args.calibration:
-            calibration = check_images(calibration_paths, predictor.view, limit=CALIBRATION_IMAGES)
+            calibration = check_images(calibration_paths, predictor.view, limit=CALIBRATION_IMAGES, option="--calibration")
             source = f"calibrated on {len(calibration)} images"
         else:  # the checkpoint's own int8 graph (bundled, or built from a run's training images)
             calibration, source = None, "the model's own int8 graph"

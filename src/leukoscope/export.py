@@ -13,25 +13,34 @@ import numpy as np
 import torch
 
 from .errors import LeukoscopeError
-from .images import View, load_view
+from .images import ImageReadError, View, load_view
 from .inference import Predictor, TorchBackend
 from .io import atomic_write
 from .onnx_backend import OnnxBackend, onnx_bytes
+from .progress import note, plural
 
 TOLERANCE = 1e-3  # max absolute difference of any class probability, ONNX Runtime vs PyTorch
 INT8_AGREEMENT = 0.99  # an int8 graph must make the fp32 model's call on at least this share of the check images
 
 
-def check_images(paths: Sequence[os.PathLike], view: View, limit: int = 64) -> torch.Tensor:
+def check_images(paths: Sequence[os.PathLike], view: View, limit: int = 64, option: str = "--images") -> torch.Tensor:
     """Real images as the model sees them, to compare the export on; random images when none are given.
+    Unreadable ones are left out with a note; none readable is an error naming ``option``.
 
     The graph starts after framing (cell location, stain normalisation): those stay in Python, as
     ``leukoscope.images.frame``, before the graph."""
-    arrays = []
+    arrays, unreadable = [], []
     size = view.size
     paths = list(paths)
     for path in paths[:: max(1, len(paths) // limit)][:limit]:  # spread over the folder (its classes), not its first files
-        arrays.append(load_view(path, view)[0])
+        try:
+            arrays.append(load_view(path, view)[0])
+        except (ImageReadError, ValueError) as err:
+            unreadable.append(f"{path}: {err}")
+    if unreadable and not arrays:
+        raise LeukoscopeError(f"{option}: none of the {plural(len(unreadable), 'image')} could be read (e.g. {unreadable[0]})")
+    if unreadable:
+        note(f"{option}: {plural(len(unreadable), 'unreadable image')} left out of the check (e.g. {unreadable[0]})")
     if not arrays:
         generator = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (8, 3, size, size), dtype=torch.uint8, generator=generator)
