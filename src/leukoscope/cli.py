@@ -322,18 +322,16 @@ def _piped_image(inputs: list[str], adapt: bool) -> list:
 def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explain_files
     from .inference import iter_inputs, load_model
-    from .io import refuse_file_as_folder, refuse_input_folder, refuse_stream_folder
+    from .io import refuse_input_folder
     from .progress import plural
     from .runs import prepare_output_folder
 
-    refuse_stream_folder(args.out, "explain")
     refuse_input_folder(args.out, args.inputs, "explain")
-    refuse_file_as_folder(args.out, "heatmaps")
+    prepare_output_folder(args.out, force=args.force, keep_splits=False, command="explain", what="heatmaps")
     predictor = load_model(args.model, backend="torch", device="cpu", purpose="explain (Grad-CAM reads the network's layers)")
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
-    prepare_output_folder(args.out, force=args.force, keep_splits=False, command="explain")  # a folder's own files are never replaced
     done, failed = explain_files(predictor, paths, args.out, method=args.method, class_name=args.target_class)
     index = Path(args.out) / "explanations.csv"
     _tell_failures(failed, f"the error column of {index}")
@@ -407,17 +405,15 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from .classical.segment import segment_files
     from .inference import iter_inputs
-    from .io import refuse_file_as_folder, refuse_input_folder, refuse_stream_folder
+    from .io import refuse_input_folder
     from .progress import plural, progress
     from .runs import prepare_output_folder
 
-    refuse_stream_folder(args.out, "segment")
     refuse_input_folder(args.out, args.inputs, "segment")
-    refuse_file_as_folder(args.out, "masks and overlays")
+    prepare_output_folder(args.out, force=args.force, keep_splits=False, command="segment", what="masks and overlays")
     paths = iter_inputs(args.inputs)
     if not paths:
         raise LeukoscopeError(f"no image files found in {', '.join(args.inputs)}")
-    prepare_output_folder(args.out, force=args.force, keep_splits=False, command="segment")
     rows = segment_files(progress(paths, desc="segment", unit="image"), args.out, mode=args.mode)
     for row in rows:
         if row["mode"] == "field" and not row["error"]:

@@ -49,14 +49,16 @@ def _entries(folder: Path, names: list[str]) -> str:
     return f"{plural(len(names), noun, noun.replace('file and', 'files and') + 's')} (e.g. {names[0]}{'/' if folders[0] else ''})"
 
 
-def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_splits: bool = True, command: str = "train") -> None:
-    """Refuse a non-empty ``out`` (nothing touched); with ``force`` clear it first.
+def prepare_output_folder(out: str | os.PathLike, force: bool = False, keep_splits: bool = True, command: str = "train",
+                          what: str | None = None) -> None:
+    """Refuse a non-empty ``out`` (nothing touched); with ``force`` clear it first. ``what``: the outputs, as an
+    error names them (default: the command's outputs).
 
     With ``keep_splits`` a ``splits.csv`` already there stays (train reuses it, so a forced
     re-train is evaluated on the same split); delete it to split again.
     """
     refuse_stream_folder(out, command)
-    refuse_file_as_folder(out, f"{command} outputs")
+    refuse_file_as_folder(out, what or f"{command} outputs")
     out = Path(out)
     kept = {SPLITS_FILE} if keep_splits else set()
     present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
