@@ -404,6 +404,32 @@ def test_a_pattern_the_shell_left_as_it_is_reads_the_files_it_matches(tmp_path, 
     assert "does not exist; as a pattern it matches no file either" in capsys.readouterr().err
 
 
+def test_a_list_file_given_as_at_list_reads_the_images_it_names(tmp_path, capsys, monkeypatch):
+    """`predict pbc @cells.txt`: one path per line, blank lines skipped, relative to the current folder; the list given
+    without '@' is an error row that says how, and a list that names a missing file is a one-line error."""
+    data = make_image_folder(tmp_path / "data", n_per_class=2)
+    images = sorted(data.rglob("*.png"))
+    monkeypatch.chdir(tmp_path)
+    listed = [str(images[0]), str(images[1].relative_to(tmp_path)), "data/normal"]
+    (tmp_path / "cells.txt").write_text(f"{listed[0]}\r\n\n  {listed[1]}  \n{listed[2]}\n")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "pbc", "@cells.txt", "--out", str(out)]) == 0
+    expected = [listed[0], listed[1], *sorted(str(p.relative_to(tmp_path)) for p in (data / "normal").glob("*.png"))]
+    assert [row["path"] for row in _rows(out)] == expected
+    assert main(["predict", "pbc", "cells.txt", "--out", str(out)]) == 1
+    assert _rows(out)[0]["error"] == "unreadable image: a text file (a list of images? give it as @cells.txt: one image or folder per line)"
+    (tmp_path / "bad.txt").write_text("data/normal/missing.png\n")
+    capsys.readouterr()
+    assert main(["predict", "pbc", "@bad.txt", "--out", str(out)]) == 2
+    assert "list @bad.txt: 'data/normal/missing.png' does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n \n")
+    assert main(["predict", "pbc", "@empty.txt", "--out", str(out)]) == 2
+    assert "list @empty.txt names no images" in capsys.readouterr().err
+    shutil.copy(images[2], tmp_path / "@cell.png")  # an image whose name begins with '@' is that image
+    assert main(["predict", "pbc", "@cell.png", "--out", str(out)]) == 0
+    assert [row["path"] for row in _rows(out)] == ["@cell.png"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("lr: .nan\n", "lr must be a finite number, got nan"),  # NaN passed every bound
     ("weight_decay: .inf\n", "weight_decay must be a finite number, got inf"),

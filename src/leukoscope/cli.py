@@ -531,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict image files and folders into a CSV")
     p.add_argument("model", help="run folder, checkpoint file or bundled model name")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively); - for an image piped into standard input")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively); @LIST for those a text file names, one per "
+                                                  "line; - for an image piped into standard input")
     p.add_argument("--out", required=True, help="CSV file to write, or - for standard output")
     p.add_argument("--batch-size", type=_predict_batch, default=64, metavar="N",
                    help=f"images per batch, 1-{MAX_BATCH} (default 64; larger ones hold more memory, not faster)")
@@ -549,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="write Grad-CAM heatmaps of why each image got its class")
     p.add_argument("model", help="run folder, checkpoint file or bundled model name")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders; @LIST for those a text file names, one per line")
     p.add_argument("--out", required=True, help="folder for the heatmap PNGs and explanations.csv")
     p.add_argument("--method", default="gradcam", help="gradcam (default), gradcam++ or layercam")
     p.add_argument("--class", dest="target_class", help="explain this class instead of the predicted one")
@@ -578,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("segment", help="segment nucleus and cytoplasm (k-means colour clustering)")
-    p.add_argument("inputs", nargs="+", help="image files and/or folders")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders; @LIST for those a text file names, one per line")
     p.add_argument("--out", required=True, help="folder for masks, overlays and segmentation.csv")
     p.add_argument("--mode", choices=["auto", "single", "field"], default="auto",
                    help="single cell, smear field with several leukocytes, or auto (default)")
@@ -589,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Detect every white cell in each field, classify it, and write cells.csv, summary.csv (per image, "
                                    "per slide and in total, with blast_percent for a model with a blast class), overlay PNGs and "
                                    "report.html into --out.")
-    p.add_argument("inputs", nargs="+", help="field images and/or folders (a folder is one slide)")
+    p.add_argument("inputs", nargs="+", help="field images and/or folders (a folder is one slide); @LIST for those a text file "
+                                                  "names, one per line")
     p.add_argument("--model", default="wbc", help="bundled name (wbc for a differential, blast for the blast percentage), run folder "
                                                  "or checkpoint (default: wbc)")
     p.add_argument("--out", required=True, help="folder for cells.csv, summary.csv, overlays/ and report.html")

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, ImageSequence, UnidentifiedImageError
 
 from . import localise, stain
-from .io import not_found_hint, regular_file_stat
+from .io import IMAGE_EXTENSIONS, not_found_hint, regular_file_stat
 from .progress import plural
 
 MAX_PIXELS = 40_000_000  # images are read within this many pixels (decompression-bomb guard, checked on the header):
@@ -218,6 +218,10 @@ def _decode(source, size: int | None, draft: bool, name: str, max_pixels: int = 
         if head.startswith(APPLEDOUBLE_MAGIC):
             raise ImageReadError("macOS's metadata for a file (an AppleDouble ._ file), not an image: leave it out "
                                  "(folders' hidden files are)") from None
+        if _is_text(head):  # named as a list or a note: it may be a list of images, which @NAME reads
+            listed = name and Path(name).suffix.lower() not in IMAGE_EXTENSIONS
+            hint = f" (a list of images? give it as @{name}: one image or folder per line)" if listed else ""
+            raise ImageReadError(f"unreadable image: a text file{hint}") from None
         text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err).replace(name, "") if name else str(err)).strip(" :'\"")
         raise ImageReadError(f"unreadable image: {text or type(err).__name__}"[:160]) from None
     return resize_center_crop(rgb, size, crop) if size is not None else np.asarray(rgb)
@@ -227,6 +231,18 @@ APPLEDOUBLE_MAGIC = b"\x00\x05\x16\x07"  # the ._NAME twin macOS writes beside a
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 ARCHIVE_MAGIC = {b"PK\x03\x04": "a zip archive", b"\x1f\x8b": "a gzip archive", b"7z\xbc\xaf\x27\x1c": "a 7z archive",
                  b"Rar!\x1a\x07": "a RAR archive", b"BZh": "a bzip2 archive", b"\xfd7zXZ\x00": "an xz archive"}
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether a file's first bytes are text (UTF-8, no control characters but whitespace): a list or a note, which a
+    user may give where images go."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a character cut by the end of the head is still text
+        if err.start < len(head) - 3:
+            return False
+        text = head[:err.start].decode("utf-8")
+    return bool(text.strip()) and all(ch.isprintable() or ch in "\t\r\n" for ch in text)
 
 
 def archive_kind(path_or_head: str | os.PathLike | bytes) -> str | None:

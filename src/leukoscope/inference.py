@@ -35,6 +35,7 @@ from .io import (
     IMAGE_EXTENSIONS,
     SLIDE_EXTENSIONS,
     EncodedImage,
+    expand_lists,
     expand_patterns,
     iter_image_files,
     missing_inputs,
@@ -427,9 +428,10 @@ def note_skipped(skipped: Counter[str]) -> None:
 
 
 def given_inputs(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLike]:
-    """The inputs as given, patterns that a shell left as they are expanded (``io.expand_patterns``); a one-line error
-    for one that names nothing (a typo in a path is not a file that could not be read)."""
-    inputs = expand_patterns(refuse_empty_paths(inputs))
+    """The inputs as given, lists (``@LIST``) and patterns that a shell left as they are expanded (``io.expand_lists``,
+    ``io.expand_patterns``); a one-line error for one that names nothing (a typo in a path is not a file that could not
+    be read)."""
+    inputs = expand_patterns(expand_lists(refuse_empty_paths(inputs)))
     if missing := missing_inputs(inputs):
         raise LeukoscopeError(f"input {missing[0]!r} does not exist{not_found_hint(missing[0])}")
     return inputs

@@ -53,6 +53,54 @@ def not_found_hint(text: str) -> str:
     return ""
 
 
+LIST_PREFIX = "@"  # "@cells.txt": the images and folders that text file names, one per line
+
+
+def list_file(text: str) -> Path | None:
+    """The text file an input of the form ``@LIST`` names, or None: when ``text`` names a file itself (an image whose
+    name begins with '@'), it is that file."""
+    if not text.startswith(LIST_PREFIX) or os.path.lexists(text):
+        return None
+    return Path(text[len(LIST_PREFIX):])
+
+
+def read_list(path: Path) -> list[str]:
+    """The non-blank lines of a list file, stripped; relative paths stay relative to the current folder, as paths
+    typed on the command line are. A one-line error for a list that cannot be read or names nothing."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            head = handle.read(1 << 16)
+            if "\0" in head:
+                raise LeukoscopeError(f"{LIST_PREFIX}{path} is not a text file (one image or folder per line)")
+            lines = [line.strip() for line in (head + handle.read()).splitlines()]
+    except (FileNotFoundError, NotADirectoryError):
+        raise LeukoscopeError(f"list {LIST_PREFIX}{path}: {os.fspath(path)!r} does not exist (an input of the form @FILE "
+                              "is a text file naming one image or folder per line)") from None
+    except IsADirectoryError:
+        raise LeukoscopeError(f"list {LIST_PREFIX}{path}: {os.fspath(path)!r} is a folder: give the folder itself, "
+                              "without '@'") from None
+    except OSError as err:
+        raise LeukoscopeError(f"list {LIST_PREFIX}{path}: {err.strerror or err}") from None
+    if not (entries := [line for line in lines if line]):
+        raise LeukoscopeError(f"list {LIST_PREFIX}{path} names no images (it should hold one image or folder per line)")
+    return entries
+
+
+def expand_lists(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLike]:
+    """Each input of the form ``@LIST`` replaced by the images and folders its text file names, one per line."""
+    expanded: list[str | os.PathLike] = []
+    for item in inputs:
+        if (listed := list_file(item) if isinstance(item, str) else None) is None:
+            expanded.append(item)
+            continue
+        entries = expand_patterns(read_list(listed))
+        if missing := missing_inputs(entries):
+            raise LeukoscopeError(f"list {item}: {missing[0]!r} does not exist{not_found_hint(missing[0])} (relative "
+                                  "paths in a list are read from the current folder, as on the command line)")
+        expanded.extend(entries)
+    return expanded
+
+
 def expand_patterns(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLike]:
     """Each input that names nothing but is a pattern (``cells/*.jpg``: quoted, or from a shell that leaves patterns
     as they are, as Windows' does) replaced by the files and folders it matches, sorted; ``**`` matches subfolders.
