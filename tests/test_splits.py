@@ -272,3 +272,36 @@ def test_the_stage_folders_of_the_wbc_data_keep_each_image_in_the_split_of_the_w
         split_of = {Path(r["path"]).name: r["split"] for r in csv.DictReader(handle)}
     assert len(samples) == len(split_of) and all(split_of[Path(s.path).name] == k for s, k in zip(samples, splits))
     assert {s.path for s in detect_layout(tmp_path / "stages").samples} == {s.path for s in samples}
+
+
+def test_a_dataset_shared_already_split_keeps_its_train_and_test_folders_unless_they_leak(tmp_path, capsys):
+    """DATA/train/<class>/, DATA/test/<class>/ (Kaggle's usual layout): train keeps that split, dealing validation
+    images from train/; where the folders share a picture it warns and splits the pooled images anew."""
+    from dataclasses import replace
+
+    from leukoscope.config import TrainConfig
+    from leukoscope.data.check import check_data
+    from leukoscope.runs import prepare_run
+
+    data = tmp_path / "data"
+    make_image_folder(data / "Train", n_per_class=10, size=40)
+    make_image_folder(data / "test", n_per_class=4, size=40, seed=1)
+    dataset, splits, kind = prepare_run(data, tmp_path / "run", TrainConfig(), "test")
+    assert dataset.classes == ["blast", "normal"] and kind == "image (no patient ids known), from the dataset's own folders"
+    by_folder = defaultdict(set)
+    for sample, split in zip(dataset.samples, splits):
+        by_folder[sample.path.split("/")[0]].add(split)
+    assert by_folder == {"Train": {"train", "val"}, "test": {"test"}}
+    assert splits.count("test") == 8 and splits.count("val") == 4  # 0.15 / 0.85 of train/'s 20 images, per class
+    assert "note: split as the dataset's own folders give it: train 16, val 4, test 8 images (validation dealt from train/)" in capsys.readouterr().err
+    assert any(n.startswith("split as the dataset's own folders give it") for n in check_data(data)["notes"])
+    _, pooled, kind = prepare_run(data, tmp_path / "pooled", replace(TrainConfig(), split_folders=False), "test")
+    assert kind == "image (no patient ids known)" and any(k != "test" for s, k in zip(dataset.samples, pooled) if s.path.startswith("test/"))
+
+    Image.open(data / "Train" / "blast" / "blast_003.png").save(data / "test" / "blast" / "again.png")  # one picture in both
+    dataset, splits, kind = prepare_run(data, tmp_path / "run2", TrainConfig(), "test")
+    assert kind == "image (no patient ids known)"
+    assert ("warning: the dataset's train and test folders share identical or near-identical images (e.g. "
+            "Train/blast/blast_003.png, test/blast/again.png): that split would not be honest") in capsys.readouterr().err
+    assert len({k for s, k in zip(dataset.samples, splits) if s.path in ("Train/blast/blast_003.png", "test/blast/again.png")}) == 1
+    assert any("pools the images and splits them anew" in w for w in check_data(data)["warnings"])

@@ -64,6 +64,9 @@ class TrainConfig:
     split_seed: int | None = option(None, "seed of the train/val/test split (default: seed), to vary training on a fixed split")
     split_by: str = option("patient", "group the split by patient (when ids are known) or split by image", ("patient", "image"))
     fractions: tuple[float, float, float] = option((0.7, 0.15, 0.15), "train,val,test fractions, e.g. 0.7,0.15,0.15")
+    split_folders: bool = option(True, "a dataset whose images sit in train/, val/ (or valid/) and test/ folders keeps that split, "
+                                       "validation dealt from train/ when it has no val/ (refused, with a warning, where a patient "
+                                       "or near-identical images span two folders); --no-split-folders pools them and splits anew")
     precision: str = option("auto", "auto (bf16 on CUDA or where the CPU computes it natively and exactly), fp32 or bf16", ("auto", "fp32", "bf16"))
     device: str = option("auto", "auto (CUDA when available), cpu or cuda", ("auto", "cpu", "cuda"))
     sync_bn: bool | None = option(None, "under torchrun, BatchNorm statistics over the global batch (default: when a rank's share "

@@ -21,10 +21,10 @@ import torch
 
 from .calibration import MIN_IMAGES, fit_temperature, temperature_warning
 from .config import TrainConfig, save_config
-from .data import SPLITS, Dataset, detect_layout, make_splits, read_splits, run_splits, write_splits
+from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits, write_splits
 from .data.dataset import decode_many
 from .data.layouts import folder_warnings, look_alike_warning
-from .data.splits import check_split_leaks, label_conflicts
+from .data.splits import check_split_leaks, choose_split, label_conflicts
 from .errors import LeukoscopeError
 from .io import refuse_file_as_folder, refuse_stream_folder
 from .images import View
@@ -135,7 +135,9 @@ def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig) -> tuple[li
             raise LeukoscopeError(f"{path} lists other images than {dataset.root} ({plural(len(listed), 'image')} listed, "
                                   f"{len(found)} found; {example}): delete it to split again, or use a new --out folder")
         return (*run_splits(out, dataset.samples), False)
-    splits, kind = make_splits(dataset, config.fractions, config.split_seed_value, config.split_by)
+    splits, kind, said = choose_split(dataset, config.fractions, config.split_seed_value, config.split_by, config.split_folders)
+    for line in said:
+        note(line)
     if config.split_by == "patient" and not dataset.has_patients:  # said, not only recorded: a patient can span the splits
         note(f"note: split by image: {dataset.root} gives no patient ids, so one patient's cells may fall in train and test "
              "alike; give a patient column in manifest.csv to split by patient")

@@ -13,7 +13,7 @@ import numpy as np
 from ..images import ImageReadError, image_size, load_rgb
 from ..stain import colourless
 from .layouts import detect_layout, folder_warnings, look_alike_warning
-from .splits import duplicate_groups, make_splits, near_duplicate_pairs
+from .splits import choose_split, duplicate_groups, near_duplicate_pairs
 
 
 def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None, bool]:
@@ -46,6 +46,7 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         if s.patient:
             patients[s.label].add(s.patient)
     conflicts = [d for d in duplicates if d["conflict"]]
+    notes: list[str] = []
     near_conflicts = [d for d in near if len(d["labels"]) > 1]
     errors = [f"{len(unreadable)} unreadable file(s)"] * bool(unreadable) + [f"{len(conflicts)} duplicate(s) with different labels"] * bool(conflicts)
     warnings = [f"{len(duplicates) - len(conflicts)} duplicate group(s) within one class"] * bool(len(duplicates) - len(conflicts))
@@ -59,12 +60,15 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         warnings.append(f"{len(dataset.classes)} class ({', '.join(dataset.classes) or 'none'}): train needs at least 2; "
                         "evaluate can still score a model's calls on it")
     else:
-        warnings += _short_classes(dataset)
+        splits, _, said = choose_split(dataset)
+        notes += [line.removeprefix("note: ") for line in said if line.startswith("note: ")]
+        warnings += [line.removeprefix("warning: ") for line in said if line.startswith("warning: ")]
+        warnings += _short_classes(dataset, splits, own=not said or said[0].startswith("warning: "))
     if look_alike := look_alike_warning(dataset.classes):
         warnings.append(look_alike)
     warnings += folder_warnings(dataset)
     return {
-        "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes, "images": len(dataset.samples),
+        "root": str(dataset.root), "layout": dataset.layout, "notes": dataset.notes + notes, "images": len(dataset.samples),
         "classes": {c: {"images": counts[c], "patients": len(patients[c])} for c in dataset.classes},
         "sizes": _size_stats(sizes), "unreadable": unreadable, "duplicates": duplicates, "near_duplicates": near,
         "grayscale": dict(sorted(grayscale.items())), "errors": errors, "warnings": warnings,
@@ -72,24 +76,25 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def _short_classes(dataset) -> list[str]:
-    """The classes that train's default split (70/15/15, by patient where known, seed 0) leaves without
-    validation or test images: train refuses a class without test images, so say it before. A split
-    without any test (or validation) image is not refused: train reports what it can, and so says this."""
-    splits, _ = make_splits(dataset)
+def _short_classes(dataset, splits: list[str], own: bool) -> list[str]:
+    """The classes that train's split (``own``: its default 70/15/15, by patient where known, seed 0; else the
+    dataset's own folders') leaves without validation or test images: train refuses a class without test images, so
+    say it before. A split without any test (or validation) image is not refused: train reports what it can, and so
+    says this."""
     units = "patients" if dataset.has_patients else "images"
+    which = "the default split (70/15/15)" if own else "the dataset's own split folders"
     lines = []
     for split in ("val", "test"):
         present = {s.label for s, k in zip(dataset.samples, splits) if k == split}
         missing = [c for c in dataset.classes if c not in present]
         if not present:
-            lines.append(f"the default split (70/15/15) leaves no {split} images: train "
+            lines.append(f"{which} leave{'s' * own} no {split} images: train "
                          f"{'reports training and validation numbers only' if split == 'test' else 'chooses the epoch on training accuracy'}"
-                         f"; add {units}, or give train --fractions")
+                         f"; add {units}, {'or give train --fractions' if own else f'or put some in a {split}/ folder'}")
         elif missing:
-            lines.append(f"the default split (70/15/15) leaves {', '.join(missing)} without {split} images: train "
-                         f"{'refuses it' if split == 'test' else 'cannot validate them'}; add {units} of those classes, "
-                         "or give train --fractions")
+            lines.append(f"{which} leave{'s' * own} {', '.join(missing)} without {split} images: train "
+                         f"{'refuses it' if split == 'test' else 'cannot validate them'}; add {units} of those classes"
+                         f"{', or give train --fractions' if own else f' to {split}/'}")
     return lines
 
 

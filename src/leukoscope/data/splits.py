@@ -150,6 +150,64 @@ def make_splits(
     return assignment, kind
 
 
+SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                      "test": "test", "testing": "test"}
+
+
+def folder_split_names(dataset: Dataset) -> list[str] | None:
+    """Each sample's split as the dataset's own folders give it (``train/``, ``val/`` or ``valid/``, ``test/``, in any
+    case, anywhere above the image), or None unless every image sits under exactly one such folder, some under
+    ``train/`` and some under another: a dataset shared already split (Kaggle's usual layout) keeps its split."""
+    named = []
+    for sample in dataset.samples:
+        found = [SPLIT_FOLDER_NAMES[part.lower()] for part in sample.path.split("/")[:-1] if part.lower() in SPLIT_FOLDER_NAMES]
+        if len(found) != 1:
+            return None
+        named.append(found[0])
+    return named if "train" in named and len(set(named)) > 1 else None
+
+
+def split_from_folders(dataset: Dataset, named: list[str], fractions: tuple[float, float, float], seed: int = 0,
+                       by: str = "patient") -> tuple[list[str] | None, str]:
+    """The folders' split (``folder_split_names``) checked for leaks: (splits, kind), or (None, why not) when a patient,
+    byte-identical or near-identical images sit in two of the folders, which an honest split never allows. Without
+    a ``val/`` folder, validation images are dealt from ``train/``'s groups in the ratio of ``fractions``' first two."""
+    groups, use_patients = split_groups(dataset, by)
+    for group in groups:
+        if len(where := [k for k in SPLITS if k in {named[i] for i in group}]) > 1:
+            shared = "a patient" if use_patients and len({dataset.samples[i].patient for i in group}) == 1 else "identical or near-identical images"
+            example = ", ".join(dataset.samples[i].path for i in group[:2])
+            return None, f"the dataset's {' and '.join(where)} folders share {shared} (e.g. {example})"
+    splits = list(named)
+    if "val" not in named and fractions[1] > 0:
+        pool = [g for g in groups if named[g[0]] == "train"]
+        share = fractions[1] / (fractions[0] + fractions[1])
+        dealt = _deal_groups(pool, dataset.samples, (1 - share, share, 0.0), np.random.default_rng(seed))
+        for group in pool:
+            for i in group:
+                splits[i] = dealt[i]
+    kind = "patient" if use_patients else ("image" if by == "image" else "image (no patient ids known)")
+    return splits, f"{kind}, from the dataset's own folders"
+
+
+def choose_split(dataset: Dataset, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0,
+                 by: str = "patient", folders: bool = True) -> tuple[list[str], str, list[str]]:
+    """The split a new run makes: the dataset's own folders' (``folders``, when they are an honest split), else
+    ``make_splits``'. Returns (splits, kind, what to tell the user of the folders, as 'note: ...' / 'warning: ...')."""
+    said = []
+    if folders and (named := folder_split_names(dataset)) is not None:
+        splits, kind_or_why = split_from_folders(dataset, named, fractions, seed, by)
+        if splits is not None:
+            counts = ", ".join(f"{k} {splits.count(k)}" for k in SPLITS if k in splits)
+            dealt = "" if "val" in named or "val" not in splits else " (validation dealt from train/)"
+            said.append(f"note: split as the dataset's own folders give it: {counts} images{dealt}; "
+                        "train --no-split-folders pools them and splits anew")
+            return splits, kind_or_why, said
+        said.append(f"warning: {kind_or_why}: that split would not be honest, so train pools the images and splits them "
+                    "anew (fix the folders to keep yours)")
+    return (*make_splits(dataset, fractions, seed, by), said)
+
+
 def split_groups(dataset: Dataset, by: str = "patient") -> tuple[list[list[int]], bool]:
     """Indices that must stay together in any split: one patient's images (when splitting by patient
     and ids are known), byte-identical files and near-identical pictures (``near_duplicate_pairs``).
