@@ -267,3 +267,16 @@ def test_metrics_agree_with_scikit_learn(seed, k):
     for name in names:
         for ours, theirs in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
             assert summary["per_class"][name][ours] == pytest.approx(report[name][theirs])
+
+
+def test_the_roc_figure_of_a_one_class_test_split_says_why_it_has_no_curve(tmp_path):
+    """A lab's folder of one cell type: no ROC curve exists, and matplotlib's warning about an empty legend reached
+    the user's terminal."""
+    import warnings
+
+    from leukoscope.report import plot_roc
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_roc([1, 1, 1], np.array([[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]]), ["blast", "normal"], tmp_path / "roc.png")
+    assert (tmp_path / "roc.png").stat().st_size > 0

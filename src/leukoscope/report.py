@@ -75,7 +75,10 @@ def plot_roc(y_true, probs: np.ndarray, class_names: Sequence[str], path: Path) 
         ax.plot(fpr, tpr, label=class_names[c])
     ax.plot([0, 1], [0, 1], ":", color="gray")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC (test)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    else:  # every test image of one class: no curve can be drawn
+        ax.text(0.5, 0.5, "no curve: the test images\nare all of one class", ha="center", va="center", color="gray")
     save_figure(fig, path)
 
 
