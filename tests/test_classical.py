@@ -54,6 +54,7 @@ def test_shape_features_of_hand_built_shapes():
     assert seg.nucleus_ratio == pytest.approx(0.25)
 
 
+@pytest.mark.filterwarnings("error::sklearn.exceptions.ConvergenceWarning")  # a flat image: an empty nucleus, said by no warning
 def test_feature_vector_is_finite_and_named():
     image = synthetic_cell(np.random.default_rng(3), 64, 0.5, 20)
     values = cell_features(image)
@@ -125,6 +126,7 @@ def wbc(tmp_path_factory):
     return data, root
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # scikit-learn's deprecation of SVC(probability=True) filled the terminal
 @pytest.mark.parametrize("method", ["svm", "mlp", "cnn-rf", "wbc-two-stage"])
 def test_each_method_end_to_end(wbc, method, tmp_path):
     data, root = wbc

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Any
 
 import joblib
@@ -98,7 +99,11 @@ class ClassicalModel:
 
     # fit / predict ---------------------------------------------------------------------------
     def fit(self, images: torch.Tensor, labels: np.ndarray) -> ClassicalModel:
-        labels = np.asarray(labels)
+        with warnings.catch_warnings():  # the deprecation (build_estimator) is ours to handle, not the user's to read
+            warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated", category=FutureWarning)
+            return self._fit(np.asarray(labels), images)
+
+    def _fit(self, labels: np.ndarray, images: torch.Tensor) -> ClassicalModel:
         if self.method in ("svm", "mlp"):
             self.estimators["main"] = build_estimator(self.method, self.seed).fit(self.handcrafted(images), labels).best_estimator_
         elif self.method == "cnn-rf":

@@ -9,12 +9,14 @@ Morphology and labelling come from scikit-image; k-means from scikit-learn.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 from skimage import color, measure, morphology
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 
@@ -35,7 +37,10 @@ def cluster_labels(image: np.ndarray, k: int = 3, seed: int = 0, sample: int = 3
     lab = color.rgb2lab(image).reshape(-1, 3)
     rng = np.random.default_rng(seed)
     fit = lab[rng.choice(len(lab), min(sample, len(lab)), replace=False)]
-    with threadpool_limits(1):  # tiny problems: threads cost more than they give
+    with threadpool_limits(1), warnings.catch_warnings():  # tiny problems: threads cost more than they give
+        # An image of fewer than k colours (a drawing, a blank field) leaves clusters empty: an empty nucleus, not a
+        # warning for the user
+        warnings.simplefilter("ignore", ConvergenceWarning)
         km = KMeans(n_clusters=k, n_init=2, max_iter=100, random_state=seed).fit(fit)
         return km.predict(lab).reshape(image.shape[:2]), km.cluster_centers_
 
