@@ -298,6 +298,15 @@ def test_a_dataset_shared_already_split_keeps_its_train_and_test_folders_unless_
     _, pooled, kind = prepare_run(data, tmp_path / "pooled", replace(TrainConfig(), split_folders=False), "test")
     assert kind == "image (no patient ids known)" and any(k != "test" for s, k in zip(dataset.samples, pooled) if s.path.startswith("test/"))
 
+    moved = [data / "test" / "normal" / p.name for p in sorted((data / "test" / "normal").iterdir())]
+    for path in moved:
+        path.rename(data / "Train" / "normal" / f"from_test_{path.name}")
+    with pytest.raises(LeukoscopeError, match=r"classes \['normal'\] have no test images, so they could not be evaluated; add "
+                                              r"images of those classes \(patients\) to the dataset's test/ folder, or give train --no-split-folders"):
+        prepare_run(data, tmp_path / "run3", TrainConfig(), "test")
+    for path in moved:
+        (data / "Train" / "normal" / f"from_test_{path.name}").rename(path)
+
     Image.open(data / "Train" / "blast" / "blast_003.png").save(data / "test" / "blast" / "again.png")  # one picture in both
     dataset, splits, kind = prepare_run(data, tmp_path / "run2", TrainConfig(), "test")
     assert kind == "image (no patient ids known)"

@@ -168,7 +168,7 @@ def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool 
         splits, split_kind, new = prepare_splits(dataset, out, config)
     check_classes(dataset, splits)
     merged_classes(dataset.classes, config.merge_classes)  # a class name it does not know, refused before anything is written
-    check_split_leaks(dataset, splits, by_patient=config.split_by == "patient")
+    check_split_leaks(dataset, splits, by_patient=config.split_by == "patient", kind=split_kind)
     if new and write:  # a refused split is not recorded, so that the same command works once the data is fixed
         write_splits(out / SPLITS_FILE, dataset.samples, splits)
     if given is None and write:  # once per run, not per cross-validation fold or process

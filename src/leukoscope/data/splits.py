@@ -150,6 +150,7 @@ def make_splits(
     return assignment, kind
 
 
+FROM_FOLDERS = ", from the dataset's own folders"  # the end of the split kind of split_from_folders
 SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                       "test": "test", "testing": "test"}
 
@@ -187,7 +188,7 @@ def split_from_folders(dataset: Dataset, named: list[str], fractions: tuple[floa
             for i in group:
                 splits[i] = dealt[i]
     kind = "patient" if use_patients else ("image" if by == "image" else "image (no patient ids known)")
-    return splits, f"{kind}, from the dataset's own folders"
+    return splits, kind + FROM_FOLDERS
 
 
 def choose_split(dataset: Dataset, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0,
@@ -340,8 +341,9 @@ def label_conflicts(dataset: Dataset) -> list[list[str]]:
     return [[dataset.samples[i].path for i in g] for g in groups if len({dataset.samples[i].label for i in g}) > 1]
 
 
-def check_split_leaks(dataset: Dataset, splits: list[str], by_patient: bool = True) -> None:
-    """Refuse a split where a patient or byte-identical images sit in two splits, or test lacks a class."""
+def check_split_leaks(dataset: Dataset, splits: list[str], by_patient: bool = True, kind: str = "") -> None:
+    """Refuse a split where a patient or byte-identical images sit in two splits, or test lacks a class (``kind``: the
+    split's, to name the fix)."""
     if by_patient and dataset.has_patients:
         seen: dict[str, str] = {}
         for s, k in zip(dataset.samples, splits):
@@ -359,8 +361,10 @@ def check_split_leaks(dataset: Dataset, splits: list[str], by_patient: bool = Tr
         in_test = {s.label for s, k in zip(dataset.samples, splits) if k == "test"}
         missing = [c for c in dataset.classes if c not in in_test]
         if missing:
+            fix = ("to the dataset's test/ folder, or give train --no-split-folders" if kind.endswith(FROM_FOLDERS)
+                   else "or change --fractions")
             raise LeukoscopeError(f"classes {missing} have no test images, so they could not be evaluated; add images "
-                                  "of those classes (patients) or change --fractions")
+                                  f"of those classes (patients) {fix}")
 
 
 FINGERPRINT_CHARS = 16  # a 64-bit prefix of the sha256: collisions are negligible for any cell archive
