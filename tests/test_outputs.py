@@ -498,3 +498,29 @@ def test_an_output_that_cannot_be_written_is_named_not_its_temporary_file(tmp_pa
     with pytest.raises(OSError, match="Read-only file system") as info, atomic_write(tmp_path / "p.csv"):
         pass
     assert info.value.filename == str(tmp_path / "p.csv") and info.value.errno == 30
+
+
+def test_the_next_write_of_an_output_removes_the_temporary_file_a_killed_process_left_for_it(tmp_path):
+    """kill -9 (or the out-of-memory killer) leaves atomic_write's hidden temporary file beside the output; the next write
+    of that output removes it, but never one a live process, another host or a recent writer may still own."""
+    from leukoscope import io as lio
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        names = {"stale": f".p.csv.{lio._TEMP_OWNER}-{dead.pid}-abcd_123", "recent": f".p.csv.{lio._TEMP_OWNER}-{dead.pid}-efgh_456",
+                 "live": f".p.csv.{lio._TEMP_OWNER}-{live.pid}-ijkl_789", "other host": f".p.csv.ffffff-{dead.pid}-mnop_000",
+                 "other output": f".q.csv.{lio._TEMP_OWNER}-{dead.pid}-qrst_111", "user's": ".p.csv.notes"}
+        old = os.stat(tmp_path).st_mtime - 2 * lio.STALE_SECONDS
+        for key, name in names.items():
+            (tmp_path / name).write_text("half a CSV")
+            if key != "recent":
+                os.utime(tmp_path / name, (old, old))
+        with atomic_write(tmp_path / "p.csv") as handle:
+            handle.write("path,label\n")
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {"p.csv", *(name for key, name in names.items() if key != "stale")}
+    finally:
+        live.kill()
+        live.wait()

@@ -4,6 +4,7 @@ outputs safely (atomic renames, streams, devices). Bottom layer: no torch, no im
 from __future__ import annotations
 
 import codecs
+import contextlib
 import errno
 import functools
 import glob
@@ -11,9 +12,11 @@ import hashlib
 import io
 import os
 import re
+import socket
 import stat
 import sys
 import tempfile
+import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -416,6 +419,47 @@ def _escape_bytes() -> str:
     return "leukoscope.escape_bytes"
 
 
+# A temporary output is named .NAME.<host>-<pid>-<random>: a process killed outright (kill -9, the out-of-memory
+# killer) cannot remove its own, so the next write of NAME removes those of processes of this host that have ended.
+_TEMP_OWNER = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _hidden_names(folder: Path) -> tuple[str, ...]:
+    """The names starting with a dot in ``folder``, listed once per process: a command writing thousands of overlays
+    into one folder lists it once, not once per file."""
+    try:
+        return tuple(name for name in os.listdir(folder) if name.startswith("."))
+    except OSError:
+        return ()
+
+
+STALE_SECONDS = 900  # a temporary file untouched this long, of a process that has ended, is left over
+
+
+def remove_stale_temporaries(folder: Path, prefix: str) -> None:
+    """Remove the temporary files (see atomic_write) that processes of this host which have ended left for one output:
+    only names of the exact pattern, untouched for STALE_SECONDS, never one that a live process, another host (a
+    shared drive) or a process of another PID namespace with this host's name (a container) may still be writing."""
+    pattern = re.compile(re.escape(prefix + _TEMP_OWNER) + r"-(\d+)-[A-Za-z0-9_]{8}")
+    for name in _hidden_names(folder):
+        if not name.startswith(prefix) or not (match := pattern.fullmatch(name)) or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if time.time() - (folder / name).stat().st_mtime > STALE_SECONDS:
+                (folder / name).unlink()
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
     """Open an output file so that a failure never leaves it half-written and nothing else is clobbered.
@@ -458,8 +502,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
             raise
         raise NotAFolderError(f"cannot write {str(path)!r}: {str(blocking)!r} is a file, not a folder") from None
     permissions = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o644  # mkstemp's 0600 would hide outputs
+    prefix = f".{_first_bytes(target.name, 200)}."  # a long name still fits
+    remove_stale_temporaries(target.parent, prefix)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{_first_bytes(target.name, 200)}.", dir=target.parent)  # a long name still fits
+        fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{_TEMP_OWNER}-{os.getpid()}-", dir=target.parent)
     except OSError as err:  # read-only, no permission: said of the output, not of the temporary name beside it
         raise OSError(err.errno, err.strerror, str(path)) from None
     os.chmod(tmp, permissions)
