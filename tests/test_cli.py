@@ -406,13 +406,14 @@ def test_a_pattern_the_shell_left_as_it_is_reads_the_files_it_matches(tmp_path, 
 
 
 def test_a_list_file_given_as_at_list_reads_the_images_it_names(tmp_path, capsys, monkeypatch):
-    """`predict pbc @cells.txt`: one path per line, blank lines skipped, relative to the current folder; the list given
+    """`predict pbc @cells.txt`: one path per line, blank lines skipped, relative to the current folder (a byte-order mark
+    ignored); the list given
     without '@' is an error row that says how, and a list that names a missing file is a one-line error."""
     data = make_image_folder(tmp_path / "data", n_per_class=2)
     images = sorted(data.rglob("*.png"))
     monkeypatch.chdir(tmp_path)
     listed = [str(images[0]), str(images[1].relative_to(tmp_path)), "data/normal"]
-    (tmp_path / "cells.txt").write_text(f"{listed[0]}\r\n\n  {listed[1]}  \n{listed[2]}\n")
+    (tmp_path / "cells.txt").write_text(f"{listed[0]}\r\n\n  {listed[1]}  \n{listed[2]}\n", encoding="utf-8-sig")  # as Notepad saves
     out = tmp_path / "p.csv"
     assert main(["predict", "pbc", "@cells.txt", "--out", str(out)]) == 0
     expected = [listed[0], listed[1], *sorted(str(p.relative_to(tmp_path)) for p in (data / "normal").glob("*.png"))]

@@ -242,6 +242,7 @@ def _is_text(head: bytes) -> bool:
         if err.start < len(head) - 3:
             return False
         text = head[:err.start].decode("utf-8")
+    text = text.removeprefix("\ufeff")  # the byte-order mark Windows' Notepad writes
     return bool(text.strip()) and all(ch.isprintable() or ch in "\t\r\n" for ch in text)
 
 

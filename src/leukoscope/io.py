@@ -71,7 +71,7 @@ def read_list(path: Path) -> list[str]:
     """The non-blank lines of a list file, stripped; relative paths stay relative to the current folder, as paths
     typed on the command line are. A one-line error for a list that cannot be read or names nothing."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:  # -sig: Notepad's byte-order mark
             head = handle.read(1 << 16)
             if "\0" in head:
                 raise LeukoscopeError(f"{LIST_PREFIX}{path} is not a text file (one image or folder per line)")

@@ -13,7 +13,7 @@ import numpy as np
 from ..images import ImageReadError, image_size, load_rgb
 from ..stain import colourless
 from .layouts import detect_layout, folder_warnings, look_alike_warning
-from .splits import choose_split, duplicate_groups, near_duplicate_pairs
+from .splits import FROM_FOLDERS, choose_split, duplicate_groups, near_duplicate_pairs
 
 
 def _probe(path: Path) -> tuple[tuple[int, int] | None, str | None, bool]:
@@ -46,7 +46,6 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         if s.patient:
             patients[s.label].add(s.patient)
     conflicts = [d for d in duplicates if d["conflict"]]
-    notes: list[str] = []
     near_conflicts = [d for d in near if len(d["labels"]) > 1]
     errors = [f"{len(unreadable)} unreadable file(s)"] * bool(unreadable) + [f"{len(conflicts)} duplicate(s) with different labels"] * bool(conflicts)
     warnings = [f"{len(duplicates) - len(conflicts)} duplicate group(s) within one class"] * bool(len(duplicates) - len(conflicts))
@@ -56,14 +55,15 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
         per_class = ", ".join(f"{c}: {n} of {counts[c]}" for c, n in sorted(grayscale.items()))
         warnings.append(f"{sum(grayscale.values())} grayscale image(s) among colour ones ({per_class}): a class that holds "
                         "more of them than the others lets a model learn the colour mode instead of the cells")
+    notes: list[str] = []
     if len(dataset.classes) < 2:
         warnings.append(f"{len(dataset.classes)} class ({', '.join(dataset.classes) or 'none'}): train needs at least 2; "
                         "evaluate can still score a model's calls on it")
     else:
-        splits, _, said = choose_split(dataset)
-        notes += [line.removeprefix("note: ") for line in said if line.startswith("note: ")]
+        splits, kind, said = choose_split(dataset)  # the split train would make: the folders' or its own
+        notes = [line.removeprefix("note: ") for line in said if line.startswith("note: ")]
         warnings += [line.removeprefix("warning: ") for line in said if line.startswith("warning: ")]
-        warnings += _short_classes(dataset, splits, own=not said or said[0].startswith("warning: "))
+        warnings += _short_classes(dataset, splits, own=not kind.endswith(FROM_FOLDERS))
     if look_alike := look_alike_warning(dataset.classes):
         warnings.append(look_alike)
     warnings += folder_warnings(dataset)
