@@ -427,6 +427,9 @@ def test_a_list_file_given_as_at_list_reads_the_images_it_names(tmp_path, capsys
     (tmp_path / "empty.txt").write_text("\n \n")
     assert main(["predict", "pbc", "@empty.txt", "--out", str(out)]) == 2
     assert "list @empty.txt names no images" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(f"{listed[0]}\n{listed[1]}\n".encode())))  # find ... | predict @-
+    assert main(["predict", "pbc", "@-", "--out", str(out)]) == 0
+    assert [row["path"] for row in _rows(out)] == listed[:2]
     shutil.copy(images[2], tmp_path / "@cell.png")  # an image whose name begins with '@' is that image
     assert main(["predict", "pbc", "@cell.png", "--out", str(out)]) == 0
     assert [row["path"] for row in _rows(out)] == ["@cell.png"]

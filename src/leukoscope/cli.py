@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict image files and folders into a CSV")
     p.add_argument("model", help="run folder, checkpoint file or bundled model name")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively); @LIST for those a text file names, one per "
-                                                  "line; - for an image piped into standard input")
+                                                  "line (@-: a list piped into standard input); - for an image piped into it")
     p.add_argument("--out", required=True, help="CSV file to write, or - for standard output")
     p.add_argument("--batch-size", type=_predict_batch, default=64, metavar="N",
                    help=f"images per batch, 1-{MAX_BATCH} (default 64; larger ones hold more memory, not faster)")

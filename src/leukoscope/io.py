@@ -68,8 +68,17 @@ def list_file(text: str) -> Path | None:
 
 
 def read_list(path: Path) -> list[str]:
-    """The non-blank lines of a list file, stripped; relative paths stay relative to the current folder, as paths
-    typed on the command line are. A one-line error for a list that cannot be read or names nothing."""
+    """The non-blank lines of a list file (``-``: standard input, as ``find ... | leukoscope predict MODEL @-``),
+    stripped; relative paths stay relative to the current folder, as paths typed on the command line are. A one-line
+    error for a list that cannot be read or names nothing."""
+    if os.fspath(path) == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise LeukoscopeError("@- reads the list of images from standard input, but nothing is piped into it "
+                                  "(e.g. find cells -name '*.jpg' | leukoscope predict wbc @- --out predictions.csv)")
+        text = sys.stdin.buffer.read().decode("utf-8-sig", "surrogateescape") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        if not (entries := [line.strip() for line in text.splitlines() if line.strip()]):
+            raise LeukoscopeError("list @- (standard input) names no images (it should hold one image or folder per line)")
+        return entries
     try:
         with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:  # -sig: Notepad's byte-order mark
             head = handle.read(1 << 16)
