@@ -12,9 +12,11 @@ Usage (the light-jitter bundle is in the history of src/leukoscope/weights/wbc.p
     python benchmarks/average_models.py /tmp/wbc_light.pt
 
 With several models (runs of the `wbc` recipe, say), it prints each one's images right and the
-mean of all their probabilities with `wbc`'s; with --print, or several models, docs/benchmarks.md is left as it is:
+mean of all their probabilities with `wbc`'s (with --without-wbc, of theirs alone: an ensemble that would replace
+`wbc`); with --print, or several models, docs/benchmarks.md is left as it is:
     python benchmarks/average_models.py runs/deep runs/wide
     python benchmarks/average_models.py runs/deep --print
+    python benchmarks/average_models.py runs/e40s0 runs/e40s1 --without-wbc
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ def load_all(paths: list[str]) -> dict:
 
 
 def main() -> None:
-    paths = [a for a in sys.argv[1:] if a != "--print"]
+    flags = {"--print", "--without-wbc"}
+    paths = [a for a in sys.argv[1:] if a not in flags]
+    alone = "--without-wbc" in sys.argv[1:]
+    if alone and len(paths) < 2:
+        sys.exit("average_models: --without-wbc averages two or more models")
     write = len(paths) == 1 and "--print" not in sys.argv[1:]  # the block holds the table of one model against `wbc`
     if not paths or any(p.startswith("-") for p in paths):
         sys.exit(__doc__)
@@ -52,13 +58,13 @@ def main() -> None:
     names = models["`wbc`"].class_names
     single = len(paths) == 1
     columns = ["other", "mean", "geometric mean", "other where its alarm finds the image in domain, else `wbc` (taken)"] if single else \
-        [*paths, "mean of all"]
+        [*paths, "mean of those" if alone else "mean of all"]
     lines = ["| images | n | `wbc` | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
     for name, (images, labels) in image_sets().items():
         predictions = [m.predict(images) for m in models.values()]
         probs = [np.array([[p.probabilities[c] for c in names] for p in ps]) for ps in predictions]
         y = np.array([names.index(label) for label in labels])
-        calls = [*probs, sum(probs)]
+        calls = [*probs, sum(probs[1:]) if alone else sum(probs)]
         taken = ""
         if single:
             in_domain = np.array([bool(p.in_domain) for p in predictions[1]])
