@@ -314,3 +314,22 @@ def test_a_dataset_shared_already_split_keeps_its_train_and_test_folders_unless_
             "Train/blast/blast_003.png, test/blast/again.png): that split would not be honest") in capsys.readouterr().err
     assert len({k for s, k in zip(dataset.samples, splits) if s.path in ("Train/blast/blast_003.png", "test/blast/again.png")}) == 1
     assert any("pools the images and splits them anew" in w for w in check_data(data)["warnings"])
+
+
+def test_a_class_that_cannot_be_split_says_why_instead_of_asking_for_other_fractions(tmp_path):
+    """A class folder of empty files (a failed copy or sync) or of one picture copied: train said "no training images
+    after splitting; add data or change --fractions", which no fraction fixes."""
+    from leukoscope.config import TrainConfig
+    from leukoscope.runs import prepare_run
+
+    data = make_image_folder(tmp_path / "data", n_per_class=12, size=40)
+    (data / "rare").mkdir()
+    for i in range(6):
+        (data / "rare" / f"cell_{i}.png").write_bytes(b"")
+    with pytest.raises(LeukoscopeError, match=r"class 'rare' cannot be trained: all 6 of its files are unreadable \(e\.g\. cell_0\.png: "):
+        prepare_run(data, tmp_path / "run", TrainConfig(), "test")
+    for i in range(6):
+        (data / "rare" / f"cell_{i}.png").write_bytes((data / "blast" / "blast_000.png").read_bytes())
+    (data / "blast" / "blast_000.png").unlink()
+    with pytest.raises(LeukoscopeError, match="class 'rare' cannot be trained: its 6 images are copies of one picture"):
+        prepare_run(data, tmp_path / "run", TrainConfig(), "test")

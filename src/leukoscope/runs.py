@@ -24,10 +24,10 @@ from .config import TrainConfig, save_config
 from .data import SPLITS, Dataset, detect_layout, read_splits, run_splits, write_splits
 from .data.dataset import decode_many
 from .data.layouts import folder_warnings, look_alike_warning
-from .data.splits import check_split_leaks, choose_split, label_conflicts
+from .data.splits import check_split_leaks, choose_split, label_conflicts, split_groups
 from .errors import LeukoscopeError
 from .io import refuse_file_as_folder, refuse_stream_folder
-from .images import View
+from .images import ImageReadError, View, load_rgb
 from .progress import note, plural
 from .refit import merged_classes
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .inference import Predictor
 
 SPLITS_FILE = "splits.csv"
+MAX_PROBED = 200  # files of a class without training images read to tell why (a class that large is not all unreadable)
 # Files that only leukoscope writes at the top of a run, evaluation, count, explain or segment folder:
 # their presence marks a folder as ours, safe to clear with --force.
 MARKERS = ("run.json", "model.pt", "last.pt", "model.joblib", "metrics.json", "report.html", "cells.csv", "explanations.csv",
@@ -148,9 +149,31 @@ def check_classes(dataset: Dataset, splits: list[str]) -> None:
     if len(dataset.classes) < 2:
         raise LeukoscopeError(f"{dataset.root}: need at least 2 classes to train, found {dataset.classes}")
     train_classes = {s.label for s, k in zip(dataset.samples, splits) if k == "train"}
+    test_classes = {s.label for s, k in zip(dataset.samples, splits) if k == "test"}
     missing = [c for c in dataset.classes if c not in train_classes]
+    for label in [c for c in dataset.classes if c not in train_classes or (test_classes and c not in test_classes)]:
+        if why := _unusable_class(dataset, label):
+            raise LeukoscopeError(f"class {label!r} cannot be trained: {why} (`leukoscope check-data {dataset.root}` lists them)")
     if missing:
         raise LeukoscopeError(f"classes {missing} have no training images after splitting; add data or change --fractions")
+
+
+def _unusable_class(dataset: Dataset, label: str) -> str | None:
+    """Why a class that the split left without training or test images has none to give: every file unreadable (a
+    failed copy or sync leaves empty files), or every file one picture, which a split keeps together; None otherwise."""
+    paths = [dataset.abspath(s) for s in dataset.samples if s.label == label]
+    errors = []
+    for path in paths[:MAX_PROBED]:
+        try:
+            load_rgb(path, size=32)
+        except ImageReadError as err:
+            errors.append(f"{path.name}: {err}")
+    if len(paths) <= MAX_PROBED and len(errors) == len(paths):
+        return f"all {len(paths)} of its files are unreadable (e.g. {errors[0]})" if len(paths) > 1 else f"its only file is unreadable ({errors[0]})"
+    if len(paths) > 1 and len(split_groups(Dataset(dataset.root, dataset.layout, [s for s in dataset.samples if s.label == label],
+                                                   [label]))[0]) == 1:
+        return f"its {len(paths)} images are copies of one picture (identical or near-identical), which a split keeps together"
+    return None
 
 
 def prepare_run(data, out: Path, config: TrainConfig, command: str, write: bool = True,
