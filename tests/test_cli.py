@@ -406,8 +406,8 @@ def test_a_pattern_the_shell_left_as_it_is_reads_the_files_it_matches(tmp_path, 
 
 
 def test_a_list_file_given_as_at_list_reads_the_images_it_names(tmp_path, capsys, monkeypatch):
-    """`predict pbc @cells.txt`: one path per line, blank lines skipped, relative to the current folder (a byte-order mark
-    ignored); the list given
+    """`predict pbc @cells.txt`: one path per line, blank lines skipped, relative to the current folder or else to the
+    list's (a byte-order mark ignored); the list given
     without '@' is an error row that says how, and a list that names a missing file is a one-line error."""
     data = make_image_folder(tmp_path / "data", n_per_class=2)
     images = sorted(data.rglob("*.png"))
@@ -420,6 +420,9 @@ def test_a_list_file_given_as_at_list_reads_the_images_it_names(tmp_path, capsys
     assert [row["path"] for row in _rows(out)] == expected
     assert main(["predict", "pbc", "cells.txt", "--out", str(out)]) == 1
     assert _rows(out)[0]["error"] == "unreadable image: a text file (a list of images? give it as @cells.txt: one image or folder per line)"
+    (data / "blast" / "here.txt").write_text("blast_000.png\n")  # `ls > here.txt` beside the images, run from elsewhere
+    assert main(["predict", "pbc", "@data/blast/here.txt", "--out", str(out)]) == 0
+    assert [row["path"] for row in _rows(out)] == ["data/blast/blast_000.png"]
     (tmp_path / "bad.txt").write_text("data/normal/missing.png\n")
     capsys.readouterr()
     assert main(["predict", "pbc", "@bad.txt", "--out", str(out)]) == 2

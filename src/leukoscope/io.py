@@ -69,8 +69,7 @@ def list_file(text: str) -> Path | None:
 
 def read_list(path: Path) -> list[str]:
     """The non-blank lines of a list file (``-``: standard input, as ``find ... | leukoscope predict MODEL @-``),
-    stripped; relative paths stay relative to the current folder, as paths typed on the command line are. A one-line
-    error for a list that cannot be read or names nothing."""
+    stripped. A one-line error for a list that cannot be read or names nothing."""
     if os.fspath(path) == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise LeukoscopeError("@- reads the list of images from standard input, but nothing is piped into it "
@@ -98,6 +97,15 @@ def read_list(path: Path) -> list[str]:
     return entries
 
 
+def _beside(entry: str, listed: Path) -> str:
+    """A list's relative entry as found from the current folder, or else from the list's own folder (``ls > list.txt``
+    in the images' folder, the command run from elsewhere)."""
+    if os.path.isabs(entry) or os.path.lexists(entry) or os.fspath(listed) == "-":
+        return entry
+    there = listed.parent / entry
+    return os.fspath(there) if os.path.lexists(there) else entry
+
+
 def expand_lists(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLike]:
     """Each input of the form ``@LIST`` replaced by the images and folders its text file names, one per line."""
     expanded: list[str | os.PathLike] = []
@@ -105,10 +113,10 @@ def expand_lists(inputs: Iterable[str | os.PathLike]) -> list[str | os.PathLike]
         if (listed := list_file(item) if isinstance(item, str) else None) is None:
             expanded.append(item)
             continue
-        entries = expand_patterns(read_list(listed))
+        entries = expand_patterns([_beside(entry, listed) for entry in read_list(listed)])
         if missing := missing_inputs(entries):
             raise LeukoscopeError(f"list {item}: {missing[0]!r} does not exist{not_found_hint(missing[0])} (relative "
-                                  "paths in a list are read from the current folder, as on the command line)")
+                                  "paths in a list are read from the current folder, or else from the list's own)")
         expanded.extend(entries)
     return expanded
 
