@@ -1,3 +1,4 @@
+import shutil
 from collections import defaultdict
 
 import numpy as np
@@ -306,6 +307,11 @@ def test_a_dataset_shared_already_split_keeps_its_train_and_test_folders_unless_
         prepare_run(data, tmp_path / "run3", TrainConfig(), "test")
     for path in moved:
         (data / "Train" / "normal" / f"from_test_{path.name}").rename(path)
+
+    make_image_folder(data / "TEST_SIMPLE", n_per_class=2, size=40, seed=2)  # images in no split folder: pooled, said
+    _, _, kind = prepare_run(data, tmp_path / "run4", TrainConfig(), "test")
+    assert kind == "image (no patient ids known)" and "but also images in none of them (e.g. TEST_SIMPLE/" in capsys.readouterr().err
+    shutil.rmtree(data / "TEST_SIMPLE")
 
     Image.open(data / "Train" / "blast" / "blast_003.png").save(data / "test" / "blast" / "again.png")  # one picture in both
     dataset, splits, kind = prepare_run(data, tmp_path / "run2", TrainConfig(), "test")

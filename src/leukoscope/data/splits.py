@@ -159,13 +159,24 @@ def folder_split_names(dataset: Dataset) -> list[str] | None:
     """Each sample's split as the dataset's own folders give it (``train/``, ``val/`` or ``valid/``, ``test/``, in any
     case, anywhere above the image), or None unless every image sits under exactly one such folder, some under
     ``train/`` and some under another: a dataset shared already split (Kaggle's usual layout) keeps its split."""
-    named = []
-    for sample in dataset.samples:
-        found = [SPLIT_FOLDER_NAMES[part.lower()] for part in sample.path.split("/")[:-1] if part.lower() in SPLIT_FOLDER_NAMES]
-        if len(found) != 1:
-            return None
-        named.append(found[0])
-    return named if "train" in named and len(set(named)) > 1 else None
+    named = [_split_folder(sample) for sample in dataset.samples]
+    if None in named or "train" not in named or len(set(named)) < 2:
+        return None
+    return [k for k in named if k is not None]
+
+
+def _split_folder(sample: Sample) -> str | None:
+    found = [SPLIT_FOLDER_NAMES[part.lower()] for part in sample.path.split("/")[:-1] if part.lower() in SPLIT_FOLDER_NAMES]
+    return found[0] if len(found) == 1 else None
+
+
+def partly_split(dataset: Dataset) -> str | None:
+    """An image outside the split folders of a dataset that has some (Kaggle's blood-cell set keeps ``TEST_SIMPLE/``
+    beside ``TRAIN/`` and ``TEST/``): its path, to say why the folders' split is not kept; None otherwise."""
+    named = [_split_folder(sample) for sample in dataset.samples]
+    if "train" not in named or len(set(named) - {None}) < 2:
+        return None
+    return next((s.path for s, k in zip(dataset.samples, named) if k is None), None)
 
 
 def split_from_folders(dataset: Dataset, named: list[str], fractions: tuple[float, float, float], seed: int = 0,
@@ -206,6 +217,10 @@ def choose_split(dataset: Dataset, fractions: tuple[float, float, float] = (0.7,
             return splits, kind_or_why, said
         said.append(f"warning: {kind_or_why}: that split would not be honest, so train pools the images and splits them "
                     "anew (fix the folders to keep yours)")
+    elif folders and (outside := partly_split(dataset)) is not None:
+        said.append(f"note: the dataset has train/ and test/ (or val/) folders, but also images in none of them (e.g. "
+                    f"{outside}): train pools them all and splits anew; to keep the folders' split, move those images "
+                    "into one of them or out of the dataset")
     return (*make_splits(dataset, fractions, seed, by), said)
 
 
