@@ -70,30 +70,26 @@ def list_file(text: str) -> Path | None:
 def read_list(path: Path) -> list[str]:
     """The non-blank lines of a list file (``-``: standard input, as ``find ... | leukoscope predict MODEL @-``),
     stripped. A one-line error for a list that cannot be read or names nothing."""
+    name = f"{LIST_PREFIX}{path}" + (" (standard input)" if os.fspath(path) == "-" else "")
     if os.fspath(path) == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise LeukoscopeError("@- reads the list of images from standard input, but nothing is piped into it "
                                   "(e.g. find cells -name '*.jpg' | leukoscope predict wbc @- --out predictions.csv)")
         text = sys.stdin.buffer.read().decode("utf-8-sig", "surrogateescape") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
-        if not (entries := [line.strip() for line in text.splitlines() if line.strip()]):
-            raise LeukoscopeError("list @- (standard input) names no images (it should hold one image or folder per line)")
-        return entries
-    try:
-        with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:  # -sig: Notepad's byte-order mark
-            head = handle.read(1 << 16)
-            if "\0" in head:
-                raise LeukoscopeError(f"{LIST_PREFIX}{path} is not a text file (one image or folder per line)")
-            lines = [line.strip() for line in (head + handle.read()).splitlines()]
-    except (FileNotFoundError, NotADirectoryError):
-        raise LeukoscopeError(f"list {LIST_PREFIX}{path}: {os.fspath(path)!r} does not exist (an input of the form @FILE "
-                              "is a text file naming one image or folder per line)") from None
-    except IsADirectoryError:
-        raise LeukoscopeError(f"list {LIST_PREFIX}{path}: {os.fspath(path)!r} is a folder: give the folder itself, "
-                              "without '@'") from None
-    except OSError as err:
-        raise LeukoscopeError(f"list {LIST_PREFIX}{path}: {err.strerror or err}") from None
-    if not (entries := [line for line in lines if line]):
-        raise LeukoscopeError(f"list {LIST_PREFIX}{path} names no images (it should hold one image or folder per line)")
+    else:
+        try:  # -sig: the byte-order mark Windows' Notepad writes
+            text = Path(path).read_bytes().decode("utf-8-sig", "surrogateescape")
+        except (FileNotFoundError, NotADirectoryError):
+            raise LeukoscopeError(f"list {name}: {os.fspath(path)!r} does not exist (an input of the form @FILE is a text "
+                                  "file naming one image or folder per line)") from None
+        except IsADirectoryError:
+            raise LeukoscopeError(f"list {name}: {os.fspath(path)!r} is a folder: give the folder itself, without '@'") from None
+        except OSError as err:
+            raise LeukoscopeError(f"list {name}: {err.strerror or err}") from None
+    if "\0" in text:
+        raise LeukoscopeError(f"{name} is not a text file (one image or folder per line)")
+    if not (entries := [line.strip() for line in text.splitlines() if line.strip()]):
+        raise LeukoscopeError(f"list {name} names no images (it should hold one image or folder per line)")
     return entries
 
 

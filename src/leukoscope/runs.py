@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,8 +138,8 @@ def prepare_splits(dataset: Dataset, out: Path, config: TrainConfig) -> tuple[li
                                   f"{len(found)} found; {example}): delete it to split again, or use a new --out folder")
         return (*run_splits(out, dataset.samples), False)
     splits, kind, said = choose_split(dataset, config.fractions, config.split_seed_value, config.split_by, config.split_folders)
-    for line in said:
-        note(line)
+    for level, text in said:
+        note(f"{level}: {text}")
     if config.split_by == "patient" and not dataset.has_patients:  # said, not only recorded: a patient can span the splits
         note(f"note: split by image: {dataset.root} gives no patient ids, so one patient's cells may fall in train and test "
              "alike; give a patient column in manifest.csv to split by patient")
@@ -169,9 +170,11 @@ def _unusable_class(dataset: Dataset, label: str) -> str | None:
         except ImageReadError as err:
             errors.append(f"{path.name}: {err}")
     if len(paths) <= MAX_PROBED and len(errors) == len(paths):
-        return f"all {len(paths)} of its files are unreadable (e.g. {errors[0]})" if len(paths) > 1 else f"its only file is unreadable ({errors[0]})"
-    if len(paths) > 1 and len(split_groups(Dataset(dataset.root, dataset.layout, [s for s in dataset.samples if s.label == label],
-                                                   [label]))[0]) == 1:
+        if len(paths) == 1:
+            return f"its only file is unreadable ({errors[0]})"
+        return f"all {len(paths)} of its files are unreadable (e.g. {errors[0]})"
+    alone = replace(dataset, samples=[s for s in dataset.samples if s.label == label], classes=[label])
+    if len(paths) > 1 and len(split_groups(alone)[0]) == 1:
         return f"its {len(paths)} images are copies of one picture (identical or near-identical), which a split keeps together"
     return None
 

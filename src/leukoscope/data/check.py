@@ -61,8 +61,8 @@ def check_data(root: str | os.PathLike) -> dict[str, Any]:
                         "evaluate can still score a model's calls on it")
     else:
         splits, kind, said = choose_split(dataset)  # the split train would make: the folders' or its own
-        notes = [line.removeprefix("note: ") for line in said if line.startswith("note: ")]
-        warnings += [line.removeprefix("warning: ") for line in said if line.startswith("warning: ")]
+        notes = [text for level, text in said if level == "note"]
+        warnings += [text for level, text in said if level == "warning"]
         warnings += _short_classes(dataset, splits, own=not kind.endswith(FROM_FOLDERS))
     if look_alike := look_alike_warning(dataset.classes):
         warnings.append(look_alike)

@@ -155,14 +155,12 @@ SPLIT_FOLDER_NAMES = {"train": "train", "training": "train", "val": "val", "vali
                       "test": "test", "testing": "test"}
 
 
-def folder_split_names(dataset: Dataset) -> list[str] | None:
+def folder_split_names(dataset: Dataset) -> list[str | None] | None:
     """Each sample's split as the dataset's own folders give it (``train/``, ``val/`` or ``valid/``, ``test/``, in any
-    case, anywhere above the image), or None unless every image sits under exactly one such folder, some under
-    ``train/`` and some under another: a dataset shared already split (Kaggle's usual layout) keeps its split."""
+    case, anywhere above the image; None for an image in none of them), or None when the dataset is not one shared
+    already split (Kaggle's usual layout): no ``train/``, or no other split folder beside it."""
     named = [_split_folder(sample) for sample in dataset.samples]
-    if None in named or "train" not in named or len(set(named)) < 2:
-        return None
-    return [k for k in named if k is not None]
+    return named if "train" in named and len(set(named) - {None}) > 1 else None
 
 
 def _split_folder(sample: Sample) -> str | None:
@@ -170,16 +168,7 @@ def _split_folder(sample: Sample) -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def partly_split(dataset: Dataset) -> str | None:
-    """An image outside the split folders of a dataset that has some (Kaggle's blood-cell set keeps ``TEST_SIMPLE/``
-    beside ``TRAIN/`` and ``TEST/``): its path, to say why the folders' split is not kept; None otherwise."""
-    named = [_split_folder(sample) for sample in dataset.samples]
-    if "train" not in named or len(set(named) - {None}) < 2:
-        return None
-    return next((s.path for s, k in zip(dataset.samples, named) if k is None), None)
-
-
-def split_from_folders(dataset: Dataset, named: list[str], fractions: tuple[float, float, float], seed: int = 0,
+def split_from_folders(dataset: Dataset, named: list[str | None], fractions: tuple[float, float, float], seed: int = 0,
                        by: str = "patient") -> tuple[list[str] | None, str]:
     """The folders' split (``folder_split_names``) checked for leaks: (splits, kind), or (None, why not) when a patient,
     byte-identical or near-identical images sit in two of the folders, which an honest split never allows. Without
@@ -187,7 +176,8 @@ def split_from_folders(dataset: Dataset, named: list[str], fractions: tuple[floa
     groups, use_patients = split_groups(dataset, by)
     for group in groups:
         if len(where := [k for k in SPLITS if k in {named[i] for i in group}]) > 1:
-            shared = "a patient" if use_patients and len({dataset.samples[i].patient for i in group}) == 1 else "identical or near-identical images"
+            one_patient = use_patients and len({dataset.samples[i].patient for i in group}) == 1
+            shared = "a patient" if one_patient else "identical or near-identical images"
             example = ", ".join(dataset.samples[i].path for i in group[:2])
             return None, f"the dataset's {' and '.join(where)} folders share {shared} (e.g. {example})"
     splits = list(named)
@@ -202,26 +192,31 @@ def split_from_folders(dataset: Dataset, named: list[str], fractions: tuple[floa
     return splits, kind + FROM_FOLDERS
 
 
+Said = list[tuple[str, str]]  # ("note" or "warning", text): what to tell the user of a split
+
+
 def choose_split(dataset: Dataset, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0,
-                 by: str = "patient", folders: bool = True) -> tuple[list[str], str, list[str]]:
-    """The split a new run makes: the dataset's own folders' (``folders``, when they are an honest split), else
-    ``make_splits``'. Returns (splits, kind, what to tell the user of the folders, as 'note: ...' / 'warning: ...')."""
-    said = []
-    if folders and (named := folder_split_names(dataset)) is not None:
-        splits, kind_or_why = split_from_folders(dataset, named, fractions, seed, by)
-        if splits is not None:
-            counts = ", ".join(f"{k} {splits.count(k)}" for k in SPLITS if k in splits)
-            dealt = "" if "val" in named or "val" not in splits else " (validation dealt from train/)"
-            said.append(f"note: split as the dataset's own folders give it: {counts} images{dealt}; "
-                        "train --no-split-folders pools them and splits anew")
-            return splits, kind_or_why, said
-        said.append(f"warning: {kind_or_why}: that split would not be honest, so train pools the images and splits them "
-                    "anew (fix the folders to keep yours)")
-    elif folders and (outside := partly_split(dataset)) is not None:
-        said.append(f"note: the dataset has train/ and test/ (or val/) folders, but also images in none of them (e.g. "
-                    f"{outside}): train pools them all and splits anew; to keep the folders' split, move those images "
-                    "into one of them or out of the dataset")
-    return (*make_splits(dataset, fractions, seed, by), said)
+                 by: str = "patient", folders: bool = True) -> tuple[list[str], str, Said]:
+    """The split a new run makes: the dataset's own folders' (``folders``, when they hold every image and are an honest
+    split), else ``make_splits``'. Returns (splits, kind, what to tell the user of the folders)."""
+    named = folder_split_names(dataset) if folders else None
+    if named is None:
+        return (*make_splits(dataset, fractions, seed, by), [])
+    if None in named:  # Kaggle's blood-cell set keeps TEST_SIMPLE/ beside TRAIN/ and TEST/
+        outside = next(s.path for s, k in zip(dataset.samples, named) if k is None)
+        return (*make_splits(dataset, fractions, seed, by), [("note", (
+            f"the dataset has train/ and test/ (or val/) folders, but also images in none of them (e.g. {outside}): train "
+            "pools them all and splits anew; to keep the folders' split, move those images into one of them or out of the "
+            "dataset"))])
+    splits, kind_or_why = split_from_folders(dataset, named, fractions, seed, by)
+    if splits is None:
+        return (*make_splits(dataset, fractions, seed, by), [("warning", (
+            f"{kind_or_why}: that split would not be honest, so train pools the images and splits them anew (fix the "
+            "folders to keep yours)"))])
+    counts = ", ".join(f"{k} {splits.count(k)}" for k in SPLITS if k in splits)
+    dealt = "" if "val" in named or "val" not in splits else " (validation dealt from train/)"
+    said = f"split as the dataset's own folders give it: {counts} images{dealt}; train --no-split-folders pools them and splits anew"
+    return splits, kind_or_why, [("note", said)]
 
 
 def split_groups(dataset: Dataset, by: str = "patient") -> tuple[list[list[int]], bool]:
