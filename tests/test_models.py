@@ -254,6 +254,7 @@ def test_instance_batch_norm_keeps_the_memory_format_training_chose():
     assert len(seen) > 10 and all(seen)  # no convolution was handed a channels_last tensor
 
 
+@pytest.mark.filterwarnings("error")  # a user exporting an IBN model sees no tracer warnings
 def test_instance_batch_norm_exports_to_onnx_with_the_same_probabilities(tmp_path):
     from leukoscope.inference import load_model
 

@@ -142,6 +142,8 @@ def onnx_bytes(checkpoint: dict[str, Any], opset: int = OPSET, raw_pixels: bool 
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")  # the padding's reversed pad list; harmless
         warnings.filterwarnings("ignore", message=".*'instance_norm' is set to train=True")  # IBN's instance half: right in eval too
+        # instance norm's shape checks, traced as constants: its channels are fixed, and its batch stays dynamic
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.nn\.(modules\.instancenorm|functional)$")
         torch.onnx.export(wrapped, (example,), buffer, dynamo=False, opset_version=opset, input_names=[INPUT],
                           output_names=["logits"], dynamic_axes={INPUT: {0: "batch"}, "logits": {0: "batch"}})
     import onnx
