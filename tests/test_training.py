@@ -385,3 +385,55 @@ def test_a_batch_too_large_for_memory_is_refused_before_training_with_one_that_f
     assert "--batch-size 64: a training step of cellnet_tiny at 32 px on 28 images needs about" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused in set-up: nothing asks for --force next time
 
+
+
+def test_auxiliary_norms_take_the_jittered_half_and_blend_into_one_plain_network():
+    from torch import nn
+
+    from leukoscope.models import create_model
+    from leukoscope.models.cellnet import AuxBatchNorm2d, blend_aux_norms
+
+    norm = AuxBatchNorm2d(2).train()
+    norm.route_aux = True
+    norm(torch.full((4, 2, 3, 3), 5.0) + torch.randn(4, 2, 3, 3))
+    assert torch.equal(norm.running_mean, torch.zeros(2)) and norm.aux.running_mean.min() > 0.4  # only the twin learnt
+    norm.route_aux = False
+    norm(torch.full((4, 2, 3, 3), -5.0) + torch.randn(4, 2, 3, 3))
+    assert norm.running_mean.max() < -0.4
+    with torch.no_grad():
+        norm.weight.fill_(1.0), norm.aux.weight.fill_(3.0)
+    main_mean, aux_mean = norm.running_mean.clone(), norm.aux.running_mean.clone()
+    holder = nn.Sequential(norm)
+    blend_aux_norms(holder, 0.25)
+    plain = holder[0]
+    assert type(plain) is nn.BatchNorm2d
+    assert torch.allclose(plain.weight, torch.full((2,), 1.5))  # 0.75 * 1 + 0.25 * 3
+    assert torch.allclose(plain.running_mean, 0.75 * main_mean + 0.25 * aux_mean)
+    model = create_model("cellnet_tiny", 3, aux_bn=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = model(x)
+    assert torch.allclose(blend_aux_norms(model, 0.0)(x), before, atol=1e-6)  # share 0: the main norms, as predicted before
+    assert not any(isinstance(m, AuxBatchNorm2d) for m in model.modules())
+
+
+def test_training_with_auxiliary_norms_saves_a_plain_network_that_learnt(tmp_path):
+    from leukoscope.checkpoint import load_checkpoint, model_from_checkpoint
+
+    data = make_image_folder(tmp_path / "cells", n_per_class=40, size=40)
+    config = TrainConfig(arch="cellnet_tiny", image_size=32, epochs=12, batch_size=16, lr=1e-2, seed=0, patience=12,
+                         aux_norms=0.5, augment=AugmentConfig(blur_p=0.0, hue=0.1, main_colour=0.2))
+    assert config.augment.lighter().hue == pytest.approx(0.02) and config.augment.lighter().scale == config.augment.scale
+    metrics = train(data, tmp_path / "run", config)
+    assert metrics["test"]["accuracy"] >= 0.9
+    final = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert "aux_bn" not in final["arch_kwargs"] and not any(".aux." in k for k in final["state_dict"])
+    last = load_checkpoint(tmp_path / "run" / "last.pt")  # kept whole for resume, and still loadable as one network
+    assert last["arch_kwargs"]["aux_bn"] is True and any(".aux." in k for k in last["state_dict"])
+    assert model_from_checkpoint(last)(torch.zeros(1, 3, 32, 32)).shape == (1, len(final["class_names"]))
+
+
+def test_auxiliary_norms_need_a_cellnet():
+    with pytest.raises(LeukoscopeError, match="aux_norms needs a CellNet"):
+        TrainConfig(arch="resnet18", aux_norms=0.5).validate()
+    with pytest.raises(LeukoscopeError, match="aux_norms must be between 0 and 1"):
+        TrainConfig(aux_norms=1.5).validate()
