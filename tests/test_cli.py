@@ -351,7 +351,7 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
               "ema": "0.99", "refit_head": "2.0", "refit_views": "1", "method": "cnn", "backbone": "pbc", "augment": "{hue: 0.04}",
               "init": "pbc", "freeze_epochs": "2", "backbone_lr": "0.1", "cv": "3", "track": "mlruns", "cell": "0.6",
               "colour_norm": "white", "teacher": "pbc", "distill": "0.3", "distill_temperature": "3.0",
-              "reduce": None, "colour_cast": None, "merge_classes": "{}", "split_folders": None, "aux_norms": "0.5"}
+              "reduce": None, "colour_cast": None, "merge_classes": "{}", "split_folders": None}
     assert set(values) == {f.name for f in fields(TrainConfig)}, "a new option needs a case here"
     argv = ["train", "data", "--out", "run"]
     for name, value in values.items():
@@ -365,7 +365,7 @@ def test_every_training_option_is_a_flag_and_a_yaml_key(tmp_path):
     assert from_flags.arch == "cellnet_tiny" and from_flags.image_size == 48  # given options win over the parent's
     assert from_flags.crop_context is True and from_flags.sync_bn is True and from_flags.fractions == (0.6, 0.2, 0.2)
     assert from_flags.cell == 0.6 and from_flags.colour_norm == "white" and from_flags.context == 1.3 and from_flags.reduce is False
-    assert from_flags.colour_cast is True and from_flags.split_folders is False and from_flags.aux_norms == 0.5
+    assert from_flags.colour_cast is True and from_flags.split_folders is False
     assert from_flags.augment.hue == 0.04 and from_flags.augment.rotate is True and from_flags.arch_kwargs == {"dropout": 0.1}
     (tmp_path / "c.yaml").write_text(__import__("yaml").safe_dump(from_flags.to_dict()))
     assert load_config(tmp_path / "c.yaml", {}) == from_flags  # the same options through YAML

@@ -26,7 +26,6 @@ from .io import atomic_write, is_image_file, not_found_hint
 from .images import View
 from .stain import MODES as COLOUR_MODES
 from .models import create_model
-from .models.cellnet import blend_aux_norms
 
 FORMAT_VERSION = 1
 REQUIRED = ("arch", "class_names", "image_size", "mean", "std", "state_dict")
@@ -160,8 +159,6 @@ def model_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
     model = create_model(checkpoint["arch"], len(checkpoint["class_names"]), **checkpoint.get("arch_kwargs", {}))
     state = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
     model.load_state_dict(state)
-    if checkpoint.get("arch_kwargs", {}).get("aux_bn"):  # a checkpoint saved while training with aux_norms
-        model = blend_aux_norms(model, (checkpoint.get("config") or {}).get("aux_norms") or 0.0)
     return model.eval()
 
 

@@ -73,10 +73,6 @@ class TrainConfig:
                                         "of a batch is under 32 images)")
     target_sensitivity: float | None = option(None, "binary tasks: choose the decision threshold on val for this sensitivity (e.g. 0.98)")
     ema: float | None = option(None, "validate and save an exponential moving average of the weights with this per-step decay (e.g. 0.998)")
-    aux_norms: float | None = option(None, "CellNet: train with a second set of BatchNorms for the fully colour-jittered half of each "
-                                           "batch, the other half getting augment.main_colour of the jitter through the main ones "
-                                           "(AdvProp, Xie et al. 2020); after training the two sets are blended into one plain "
-                                           "network, this share from the second set (0-1, e.g. 0.5)")
     refit_head: float | None = option(None, "after training, refit the linear classifier by logistic regression (inverse L2 strength C) "
                                             "on the training features, clean plus refit_views augmented views")
     merge_classes: dict | None = option(None, "learn finer classes than the model reports: each class folder named here merges into the "
@@ -101,11 +97,6 @@ class TrainConfig:
     backbone: str | None = option(None, "cnn-rf / wbc-two-stage: CNN run folder or bundled model trained on the same split")
     augment: AugmentConfig = option(None, "augmentation options as YAML, e.g. '{hue: 0.03, blur_p: 0.1}' (unnamed ones keep their defaults)",
                                     factory=AugmentConfig)
-
-    @property
-    def network_kwargs(self) -> dict:
-        """What the network is built with in training: arch_kwargs, and the second set of norms of aux_norms."""
-        return {**self.arch_kwargs, "aux_bn": True} if self.aux_norms is not None else dict(self.arch_kwargs)
 
     @property
     def context(self) -> float:
@@ -184,10 +175,6 @@ class TrainConfig:
             (not self.reduce or self.cell is None, "reduce applies to central crops, not to cell windows (cell is set): drop one of them"),
             (self.colour_norm in COLOUR_MODES, f"colour_norm must be one of {', '.join(COLOUR_MODES)}, got {self.colour_norm!r}"),
             (self.cell is None or 0.1 <= self.cell <= 1.0, f"cell must be between 0.1 and 1.0 (the cell's share of the window), got {self.cell}"),
-            (self.aux_norms is None or 0 <= self.aux_norms <= 1, f"aux_norms must be between 0 and 1 (the second set's share), got {self.aux_norms}"),
-            (self.aux_norms is None or (self.arch.startswith("cellnet") and self.method == "cnn"),
-             f"aux_norms needs a CellNet architecture (method cnn), got {self.arch!r}"),
-            (0 < self.augment.main_colour <= 1, f"augment.main_colour must be in (0, 1], got {self.augment.main_colour}"),
             (0 <= self.augment.colour_p <= 1, f"augment.colour_p must be between 0 and 1, got {self.augment.colour_p}"),
             (self.augment.mixup >= 0 and self.augment.cutmix >= 0,
              f"augment.mixup and augment.cutmix must be >= 0 (a Beta parameter, 0: off), got {self.augment.mixup} and {self.augment.cutmix}"),

@@ -4,7 +4,7 @@ import. The modules that act on them re-export them (``inference.TTA_MODES``, ``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}  # flip: image + mirror image; dihedral: 4 rotations x 2 flips
 TTA_MODES = tuple(TTA_VIEWS)
@@ -34,13 +34,6 @@ class AugmentConfig:
     colour_p: float = 1.0  # the share of images whose colours are jittered (colour map and HED); the rest keep theirs
     mixup: float = 0.0  # mixup (Zhang et al. 2018): blend each batch with a shuffled copy, weight ~ Beta(mixup, mixup); 0: off
     cutmix: float = 0.0  # CutMix (Yun et al. 2019): paste a box of a shuffled copy, kept area ~ Beta(cutmix, cutmix); 0: off
-    main_colour: float = 0.5  # with aux_norms: the share of the colour jitter given to the half of each batch through the main norms
-
-    def lighter(self) -> AugmentConfig:
-        """The same geometry with the colour jitter's strengths scaled by ``main_colour``."""
-        f = self.main_colour
-        return replace(self, brightness=self.brightness * f, contrast=self.contrast * f, saturation=self.saturation * f,
-                       hue=self.hue * f, hed=self.hed * f, hed_shift=self.hed_shift * f)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -33,7 +33,6 @@ from .errors import LeukoscopeError
 from .evaluate import evaluate, headline
 from .inference import Predictor
 from .models import create_model, training_memory_format
-from .models.cellnet import blend_aux_norms
 from .ood import fit_ood, supports_ood
 from .io import atomic_write
 from .images import ImageReadError, View, load_rgb
@@ -151,9 +150,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
         out.mkdir(parents=True, exist_ok=True)
     rngs = seed_everything(config.seed, world.rank, world.size)
     dataset, splits, split_kind = prepare_run(data, out, config, command, write=world.is_main, given=given)
-    if world.distributed and config.aux_norms is not None:
-        raise LeukoscopeError("--aux-norms cannot run under torchrun (its second set of norms is routed per half batch on one process)")
-    model = create_model(config.arch, len(dataset.classes), **config.network_kwargs)
+    model = create_model(config.arch, len(dataset.classes), **config.arch_kwargs)
     final_classes, merged_index = merged_classes(dataset.classes, config.merge_classes)
     parent, head = None, None
     if config.init:
@@ -175,7 +172,7 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
         note(why)
     refuse_oversized_batch(config, step_bytes_per_image(model, config.image_size, device, bf16), len(tensors["train"]), free_memory(device))
     card = ModelCard(config.arch, final_classes, Preprocessing(config.image_size, config.crop, tuple(stats[0]), tuple(stats[1]),
-                                                                 config.cell, view.stain, view.colour, view.reduce, view.cast), config.network_kwargs)
+                                                                 config.cell, view.stain, view.colour, view.reduce, view.cast), config.arch_kwargs)
     meta = {**card.to_meta(), "config": config.to_dict(), "train_command": command, "split_kind": split_kind,
             "seen_images": seen_images(dataset, splits), **({"parent": record} if parent else {}),
             "recoloured_training_images": sum(r for r, k in zip(recoloured, split_of) if k == "train")}  # see Predictor.mark_recoloured
@@ -193,9 +190,6 @@ def _train_cnn(data, out: Path, config: TrainConfig, command: str, resume: bool,
     if not world.is_main:
         return {}
     model = unwrap(model)
-    if config.aux_norms is not None:  # one plain network from here on
-        model = blend_aux_norms(model, config.aux_norms)
-        meta["arch_kwargs"] = dict(config.arch_kwargs)
     if config.merge_classes:  # the network learnt the finer classes; the model reports the merged ones
         merge_classifier(model, len(final_classes))
         labels = {split: merged_index[values] for split, values in labels.items()}

@@ -28,7 +28,6 @@ from .errors import LeukoscopeError
 from .images import View
 from .metrics import accuracy, balanced_accuracy
 from .models import cpu_bf16_safe, training_memory_format
-from .models.cellnet import AuxBatchNorm2d
 from .progress import note, progress
 from .runtime import cpu_info
 from .transfer import is_head
@@ -226,7 +225,6 @@ class Trainer:
         self.ema = make_ema(unwrap(self.model), self.config.ema)
         self.layout = training_memory_format(unwrap(self.model), self.device)
         self.frozen = False
-        self.aux_norms = [m for m in unwrap(self.model).modules() if isinstance(m, AuxBatchNorm2d)]
 
     def freeze_backbone(self, frozen: bool) -> None:
         """Train the head alone (``frozen``): the backbone's weights get no gradient and its BatchNorm
@@ -261,17 +259,14 @@ class Trainer:
         weights = None if self.class_weights is None else self.class_weights.to(self.device)
         for batch in progress(batches, desc="batches", leave=False, disable=not world.is_main):
             idx = shard(batch, world)
+            x = train_transform(images[idx], *self.stats, config.augment, self.rngs["augment"], size, view)
+            x, partner, lam = mix_batch(x, config.augment, self.rngs["augment"])
+            x = x.to(self.device, memory_format=self.layout)
             y = targets_all[idx].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                logits = self.model(x)
             target = y if self.targets is None else self.targets[idx].to(self.device)
-            if self.aux_norms:
-                logits, loss = self._aux_step(images, idx, target, weights, size, view)
-            else:
-                x = train_transform(images[idx], *self.stats, config.augment, self.rngs["augment"], size, view)
-                x, partner, lam = mix_batch(x, config.augment, self.rngs["augment"])
-                x = x.to(self.device, memory_format=self.layout)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    logits = self.model(x)
-                loss = mixed_cross_entropy(logits.float(), target, partner, lam, weights, config.label_smoothing)
+            loss = mixed_cross_entropy(logits.float(), target, partner, lam, weights, config.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -283,24 +278,6 @@ class Trainer:
             seen += len(idx)
         total_loss, correct, seen = all_sum([total_loss, correct, seen], world)
         return total_loss / max(seen, 1), correct / max(seen, 1)
-
-    def _aux_step(self, images: torch.Tensor, idx: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
-                  size: int | None, view: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """A step of a network with auxiliary norms: the first half of the batch lightly colour-jittered through
-        the main norms, the second with the full jitter through the auxiliary ones; returns the logits in batch
-        order and the loss over the whole batch."""
-        augment, g, half = self.config.augment, self.rngs["augment"], len(idx) // 2
-        outputs = []
-        for part, chosen, aux in ((slice(0, half), augment.lighter(), False), (slice(half, None), augment, True)):
-            x = train_transform(images[idx[part]], *self.stats, chosen, g, size, view).to(self.device, memory_format=self.layout)
-            for norm in self.aux_norms:
-                norm.route_aux = aux
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                outputs.append(self.model(x))
-        for norm in self.aux_norms:
-            norm.route_aux = False
-        logits = torch.cat(outputs)
-        return logits, mixed_cross_entropy(logits.float(), target, None, 1.0, weights, self.config.label_smoothing)
 
     def fit(self, tensors: dict[str, torch.Tensor], labels: dict[str, np.ndarray], meta: dict, out: Path,
             resume: dict | None = None, context: tuple[torch.Tensor, float] | None = None) -> tuple[list[dict], int]:

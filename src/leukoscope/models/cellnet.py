@@ -23,7 +23,6 @@ class CellNetConfig:
     se: bool = False  # squeeze-and-excitation gate in each block
     mixstyle: float = 0.0  # training only: probability per batch of mixing feature statistics between images (MixStyle)
     ibn: bool = False  # instance-batch normalisation (IBN-a) in the first norm of the first three stages' blocks
-    aux_bn: bool = False  # training only: a second set of BatchNorms for the strongly jittered half of each batch (AuxBatchNorm2d)
 
     def __post_init__(self) -> None:
         if not 0 <= self.mixstyle <= 1:
@@ -33,43 +32,11 @@ class CellNetConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3, ibn: bool = False, aux_bn: bool = False) -> nn.Sequential:
-    norm = InstanceBatchNorm(c_out) if ibn else AuxBatchNorm2d(c_out) if aux_bn else nn.BatchNorm2d(c_out)
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), norm)
-
-
-class AuxBatchNorm2d(nn.BatchNorm2d):
-    """A BatchNorm with an auxiliary twin for differently augmented images (AdvProp, Xie et al. 2020).
-
-    In training, the strongly colour-jittered half of each batch goes through ``aux`` (``route_aux``
-    set by the trainer) and the lightly jittered half through the main statistics and scales, so
-    that the convolutions learn from both while the main norms describe images like the lab's own.
-    Prediction always uses the main norms: the network then is a plain CellNet."""
-
-    def __init__(self, channels: int):
-        super().__init__(channels)
-        self.aux = nn.BatchNorm2d(channels)
-        self.route_aux = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.aux(x) if self.route_aux and self.training else super().forward(x)
-
-
-def blend_aux_norms(model: nn.Module, aux_share: float) -> nn.Module:
-    """``model`` with each AuxBatchNorm2d replaced, in place, by a plain BatchNorm2d whose statistics, scales and
-    shifts are ``aux_share`` of the auxiliary norms' plus the rest of the main norms': one network for every
-    image, without a second pass (0: the main norms alone; 1: the auxiliary ones)."""
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, AuxBatchNorm2d):
-                plain = nn.BatchNorm2d(child.num_features).to(child.weight.device).train(child.training)
-                main, aux = nn.BatchNorm2d.state_dict(child), child.aux.state_dict()
-                plain.load_state_dict({k: (1 - aux_share) * v + aux_share * aux[k] if v.is_floating_point() else v
-                                       for k, v in main.items() if not k.startswith("aux.")})
-                setattr(module, name, plain)
-    if isinstance(getattr(model, "config", None), CellNetConfig):
-        model.config.aux_bn = False
-    return model
+def conv_bn(c_in: int, c_out: int, stride: int = 1, kernel: int = 3, ibn: bool = False) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
+        InstanceBatchNorm(c_out) if ibn else nn.BatchNorm2d(c_out),
+    )
 
 
 class InstanceBatchNorm(nn.Module):
@@ -145,15 +112,13 @@ class MixStyle(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, se: bool = False, ibn: bool = False, aux_bn: bool = False):
+    def __init__(self, c_in: int, c_out: int, stride: int, se: bool = False, ibn: bool = False):
         super().__init__()
-        self.conv1 = conv_bn(c_in, c_out, stride, ibn=ibn, aux_bn=aux_bn)
-        self.conv2 = conv_bn(c_out, c_out, aux_bn=aux_bn)
+        self.conv1 = conv_bn(c_in, c_out, stride, ibn=ibn)
+        self.conv2 = conv_bn(c_out, c_out)
         self.gate = SqueezeExcite(c_out) if se else nn.Identity()
         nn.init.zeros_(self.conv2[1].weight)  # each block starts as identity: stabler from scratch
-        if aux_bn:
-            nn.init.zeros_(self.conv2[1].aux.weight)
-        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else conv_bn(c_in, c_out, stride, 1, aux_bn=aux_bn)
+        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else conv_bn(c_in, c_out, stride, 1)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,17 +129,14 @@ class CellNet(nn.Module):
     def __init__(self, config: CellNetConfig):
         super().__init__()
         self.config = config
-        if config.aux_bn and config.ibn:
-            raise ValueError("aux_bn and ibn cannot be combined: choose one")
-        layers: list[nn.Module] = [conv_bn(3, config.stem_width, stride=2, aux_bn=config.aux_bn), nn.ReLU(inplace=True)]
+        layers: list[nn.Module] = [conv_bn(3, config.stem_width, stride=2), nn.ReLU(inplace=True)]
         taps = []
         c_in = config.stem_width
         for stage, (width, depth) in enumerate(zip(config.widths, config.depths, strict=True)):
             if config.mixstyle and stage < 3:  # after the stem and the first two stages, where style lives (none: same layers as before)
                 layers.append(MixStyle(config.mixstyle))
             for i in range(depth):
-                layers.append(BasicBlock(c_in, width, stride=2 if i == 0 else 1, se=config.se, ibn=config.ibn and stage < 3,
-                                         aux_bn=config.aux_bn))
+                layers.append(BasicBlock(c_in, width, stride=2 if i == 0 else 1, se=config.se, ibn=config.ibn and stage < 3))
                 c_in = width
             if stage < 2:
                 taps.append(len(layers) - 1)
